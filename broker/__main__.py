@@ -1,0 +1,3 @@
+from cortex.broker.ctl import main
+
+main()

@@ -1,0 +1,249 @@
+"""The narrow verbs the gateway, the worker and cortexctl use to talk to NATS.
+
+`Bus` owns one connection and its JetStream context. nats-py exceptions are
+translated into `cortex.broker.errors` here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import nats.errors
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
+from nats.js.errors import APIError, NoStreamResponseError
+from nats.js.kv import KeyValue
+
+from cortex.broker import provision
+from cortex.broker.connection import connect
+from cortex.broker.errors import BrokerUnavailable, NotProvisioned, PayloadTooLarge, QueueFull
+from cortex.protocol import names
+
+log = logging.getLogger("cortex.broker")
+
+# JetStream API error codes (nats-server errors.json) that mean "queue full".
+_QUEUE_FULL_CODES = frozenset({10077, 10054, 10026})
+_KV_DELETE_OPS = frozenset({"DEL", "PURGE"})
+
+ReplyHandler = Callable[[str, bytes], None]
+FleetHandler = Callable[[str, bytes | None], None]
+"""Called with (key, value) for a put and (key, None) for a delete or expiry."""
+
+
+class Delivery:
+    """One request taken from a pull consumer, with JetStream's ack verbs."""
+
+    __slots__ = ("_msg",)
+
+    def __init__(self, msg: Msg) -> None:
+        self._msg = msg
+
+    @property
+    def data(self) -> bytes:
+        return self._msg.data
+
+    @property
+    def num_delivered(self) -> int:
+        return int(self._msg.metadata.num_delivered or 1)
+
+    async def ack(self) -> None:
+        await self._quietly(self._msg.ack())
+
+    async def nak(self, delay: float | None = None) -> None:
+        await self._quietly(self._msg.nak(delay=delay))
+
+    async def in_progress(self) -> None:
+        await self._quietly(self._msg.in_progress())
+
+    async def term(self) -> None:
+        await self._quietly(self._msg.term())
+
+    @staticmethod
+    async def _quietly(call: Awaitable[None]) -> None:
+        # An ack that cannot be delivered (broker away) is redelivered by
+        # JetStream later; the caller has nothing better to do than log it.
+        try:
+            await call
+        except Exception as exc:
+            log.warning("ack verb failed: %s", exc)
+
+
+@dataclass
+class PullQueue:
+    """A worker's handle on one model's durable pull consumer."""
+
+    model: str
+    _sub: JetStreamContext.PullSubscription
+
+    async def fetch(self, batch: int, timeout: float) -> list[Delivery]:
+        """Up to `batch` requests; an empty list when none came within `timeout`."""
+        try:
+            msgs = await self._sub.fetch(batch, timeout=timeout)
+        except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            return []
+        except nats.errors.ConnectionClosedError as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+        return [Delivery(m) for m in msgs]
+
+    async def close(self) -> None:
+        try:
+            await self._sub.unsubscribe()
+        except Exception as exc:
+            log.debug("pull unsubscribe: %s", exc)
+
+
+class Bus:
+    """A NATS connection with Cortex's objects provisioned.
+
+    ::
+
+        bus = await Bus.open("nats://127.0.0.1:4222", name="cortex-gateway")
+        await bus.publish_request("m", b"...", msg_id="req-1")
+        await bus.close()
+    """
+
+    def __init__(self, nc: NATS, js: JetStreamContext, fleet: KeyValue) -> None:
+        self._nc = nc
+        self._js = js
+        self._fleet = fleet
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @classmethod
+    async def open(cls, url: str, *, name: str) -> Bus:
+        nc = await connect(url, name=name)
+        js = nc.jetstream(timeout=5.0)
+        try:
+            fleet = await provision.ensure_all(js)
+        except Exception as exc:
+            await nc.close()
+            raise BrokerUnavailable(f"cannot provision JetStream at {url} (is JetStream enabled?): {exc}") from exc
+        return cls(nc, js, fleet)
+
+    @property
+    def connected(self) -> bool:
+        return bool(self._nc.is_connected)
+
+    @property
+    def max_payload(self) -> int:
+        return int(self._nc.max_payload)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        try:
+            await self._nc.drain()
+        except Exception as exc:
+            log.debug("drain: %s", exc)
+            await self._nc.close()
+
+    # -- requests -----------------------------------------------------------
+
+    async def publish_request(self, model: str, payload: bytes, *, msg_id: str) -> None:
+        """Queue a request durably; raises QueueFull, PayloadTooLarge or BrokerUnavailable."""
+        if len(payload) > self.max_payload:
+            raise PayloadTooLarge(f"request is {len(payload)} bytes; the broker accepts at most {self.max_payload}")
+        try:
+            await self._js.publish(names.request_subject(model), payload, headers={"Nats-Msg-Id": msg_id})
+        except APIError as exc:
+            if exc.err_code in _QUEUE_FULL_CODES:
+                raise QueueFull(f"the request queue for {model} is full") from exc
+            raise BrokerUnavailable(f"JetStream refused the request: {exc.description}") from exc
+        except NoStreamResponseError as exc:
+            raise NotProvisioned(f"stream {names.REQUEST_STREAM} is missing") from exc
+        except nats.errors.MaxPayloadError as exc:
+            raise PayloadTooLarge(str(exc)) from exc
+        except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
+            raise BrokerUnavailable(f"broker did not accept the request: {exc!r}") from exc
+
+    async def pull_queue(self, model: str) -> PullQueue:
+        durable = await provision.ensure_model_consumer(self._js, model)
+        sub = await self._js.pull_subscribe_bind(durable, stream=names.REQUEST_STREAM)
+        return PullQueue(model=model, _sub=sub)
+
+    # -- core messages ------------------------------------------------------
+
+    async def publish(self, subject: str, payload: bytes) -> None:
+        try:
+            await self._nc.publish(subject, payload)
+        except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+
+    async def subscribe(self, subject: str, handler: ReplyHandler) -> Subscription:
+        """Subscribe with a synchronous handler of (subject, payload)."""
+
+        async def on_msg(msg: Msg) -> None:
+            handler(msg.subject, msg.data)
+
+        return await self._nc.subscribe(subject, cb=on_msg, pending_msgs_limit=1_000_000, pending_bytes_limit=-1)
+
+    async def flush(self, timeout: float = 5.0) -> None:
+        try:
+            await self._nc.flush(timeout=timeout)
+        except Exception as exc:
+            raise BrokerUnavailable(str(exc)) from exc
+
+    # -- fleet bucket -------------------------------------------------------
+
+    async def put_advert(self, key: str, value: bytes) -> None:
+        try:
+            await self._fleet.put(key, value)
+        except Exception as exc:
+            raise BrokerUnavailable(f"cannot write {key}: {exc}") from exc
+
+    async def delete_advert(self, key: str) -> None:
+        try:
+            await self._fleet.delete(key)
+        except Exception as exc:
+            raise BrokerUnavailable(f"cannot delete {key}: {exc}") from exc
+
+    async def read_fleet(self) -> dict[str, bytes]:
+        """Every live key of the fleet bucket and its value."""
+        out: dict[str, bytes] = {}
+        watcher = await self._fleet.watchall()
+        try:
+            while True:
+                entry = await watcher.updates(timeout=5.0)
+                if entry is None:
+                    break
+                if entry.operation in _KV_DELETE_OPS or entry.value is None:
+                    out.pop(entry.key, None)
+                else:
+                    out[entry.key] = entry.value
+                if entry.delta == 0:
+                    break
+        except nats.errors.TimeoutError:
+            pass
+        finally:
+            await watcher.stop()
+        return out
+
+    async def watch_fleet(self, handler: FleetHandler) -> None:
+        """Start calling `handler` for every change of the fleet bucket, in the background."""
+        watcher = await self._fleet.watchall()
+
+        async def pump() -> None:
+            try:
+                async for entry in watcher:
+                    if entry is None:
+                        continue
+                    if entry.operation in _KV_DELETE_OPS:
+                        handler(entry.key, None)
+                    else:
+                        handler(entry.key, entry.value)
+            finally:
+                try:
+                    await watcher.stop()
+                except Exception:
+                    pass
+
+        self._tasks.append(asyncio.create_task(pump(), name="cortex-fleet-watch"))

@@ -1,0 +1,100 @@
+"""Idempotent creation of the stream, consumers and bucket Cortex needs.
+
+Every function may run at every start of every process: it creates what is
+missing and brings an existing object's configuration up to date.
+"""
+
+from __future__ import annotations
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DiscardPolicy,
+    KeyValueConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.kv import KeyValue
+
+from cortex.protocol import names
+
+MAX_QUEUED_PER_MODEL = 10_000
+"""Requests waiting per model before new ones are refused (HTTP 429)."""
+
+MAX_REQUEST_BYTES = 8 * 1024 * 1024
+DUPLICATE_WINDOW_S = 120.0
+ACK_WAIT_S = 30.0
+"""A worker that neither acks nor reports progress for this long loses the request to another."""
+MAX_DELIVER = 5
+
+
+def request_stream_config() -> StreamConfig:
+    return StreamConfig(
+        name=names.REQUEST_STREAM,
+        description="Cortex generation requests, one subject per model",
+        subjects=[names.request_subject_wildcard()],
+        retention=RetentionPolicy.WORK_QUEUE,
+        storage=StorageType.FILE,
+        discard=DiscardPolicy.NEW,
+        discard_new_per_subject=True,
+        max_msgs_per_subject=MAX_QUEUED_PER_MODEL,
+        max_msg_size=MAX_REQUEST_BYTES,
+        max_age=24 * 3600.0,
+        duplicate_window=DUPLICATE_WINDOW_S,
+        num_replicas=1,
+    )
+
+
+async def ensure_request_stream(js: JetStreamContext) -> None:
+    config = request_stream_config()
+    try:
+        await js.stream_info(names.REQUEST_STREAM)
+    except NotFoundError:
+        await js.add_stream(config)
+        return
+    await js.update_stream(config)
+
+
+async def ensure_model_consumer(js: JetStreamContext, model: str) -> str:
+    """Create the durable pull consumer for `model`; return its name."""
+    durable = names.consumer_name(model)
+    config = ConsumerConfig(
+        durable_name=durable,
+        description=f"workers serving {model}",
+        filter_subject=names.request_subject(model),
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ACK_WAIT_S,
+        max_deliver=MAX_DELIVER,
+        max_ack_pending=-1,
+        max_waiting=512,
+    )
+    try:
+        await js.add_consumer(names.REQUEST_STREAM, config)
+    except BadRequestError:
+        # An existing consumer with an older configuration: keep it (its
+        # pending acks live there) rather than failing the worker's start.
+        await js.consumer_info(names.REQUEST_STREAM, durable)
+    return durable
+
+
+async def ensure_fleet_bucket(js: JetStreamContext) -> KeyValue:
+    try:
+        return await js.key_value(names.FLEET_BUCKET)
+    except Exception:  # nats-py raises BucketNotFoundError or NotFoundError by version
+        return await js.create_key_value(
+            KeyValueConfig(
+                bucket=names.FLEET_BUCKET,
+                description="Cortex worker adverts (expire by TTL)",
+                history=1,
+                ttl=names.ADVERT_TTL_S,
+                storage=StorageType.FILE,
+            )
+        )
+
+
+async def ensure_all(js: JetStreamContext) -> KeyValue:
+    await ensure_request_stream(js)
+    return await ensure_fleet_bucket(js)

@@ -1,0 +1,3 @@
+from cortex.gateway.main import main
+
+main()

@@ -1,0 +1,69 @@
+"""The gateway's Starlette application, assembled from lists in one factory."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import msgspec
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from cortex.broker.bus import Bus
+from cortex.gateway import routes_openai
+from cortex.gateway.fleet import FleetView
+from cortex.gateway.metrics import Metrics
+from cortex.gateway.relay import Relay
+from cortex.gateway.services import Services, Settings
+
+log = logging.getLogger("cortex.gateway")
+
+
+async def health(request: Request) -> Response:
+    svc: Services = request.app.state.services
+    workers = svc.fleet.workers()
+    ok = svc.bus.connected
+    body = {
+        "status": "ok" if ok else "degraded",
+        "nats": "connected" if ok else "disconnected",
+        "workers": len(workers),
+        "models_ready": sorted({m for w in workers for m in w.ready_models()}),
+    }
+    return Response(msgspec.json.encode(body), status_code=200 if ok else 503, media_type="application/json")
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Unknown routes and wrong methods still answer in OpenAI's envelope."""
+    assert isinstance(exc, HTTPException)
+    body = {"error": {"message": f"{exc.detail}: {request.method} {request.url.path}", "type": "invalid_request_error",
+                      "param": None, "code": None}}  # fmt: skip
+    return Response(msgspec.json.encode(body), status_code=exc.status_code, media_type="application/json")
+
+
+def create_app(settings: Settings, metrics: Metrics | None = None) -> Starlette:
+    metrics = metrics or Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        bus = await Bus.open(settings.nats_url, name="cortex-gateway")
+        fleet = FleetView()
+        relay = Relay(bus)
+        await relay.start()
+        await bus.watch_fleet(fleet.on_change)
+        app.state.services = Services(settings=settings, bus=bus, relay=relay, fleet=fleet, metrics=metrics)
+        log.info("gateway %s connected to %s", relay.gateway_id, settings.nats_url)
+        try:
+            yield
+        finally:
+            await bus.close()
+
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/v1/models", routes_openai.list_models, methods=["GET"]),
+        Route("/v1/chat/completions", routes_openai.chat_completions, methods=["POST"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})

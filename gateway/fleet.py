@@ -1,0 +1,89 @@
+"""The gateway's view of the fleet, fed by a watch on the fleet bucket.
+
+An advert counts as live while it keeps being refreshed: the gateway records
+when it last saw each one (its own clock, so host clock skew doesn't matter).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from cortex.gateway.errors import ModelNotFound, NoCapacity
+from cortex.protocol import ModelCard, WorkerAdvert, codec, names
+from cortex.protocol import messages as m
+
+log = logging.getLogger("cortex.gateway")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model as /v1/models shows it."""
+
+    id: str
+    card: ModelCard
+    ready_on: list[str]
+    loading_on: list[str]
+    failed: list[str]
+
+
+@dataclass
+class FleetView:
+    stale_after: float = names.ADVERT_TTL_S
+    _adverts: dict[str, tuple[WorkerAdvert, float]] = field(default_factory=dict)
+
+    def on_change(self, key: str, value: bytes | None) -> None:
+        if not names.is_worker_key(key):
+            return
+        if value is None:
+            self._adverts.pop(key, None)
+            return
+        try:
+            self._adverts[key] = (codec.decode_advert(value), time.monotonic())
+        except codec.DecodeError as exc:
+            log.warning("ignoring malformed advert %s: %s", key, exc)
+
+    def workers(self) -> list[WorkerAdvert]:
+        now = time.monotonic()
+        return [advert for advert, seen in self._adverts.values() if now - seen <= self.stale_after]
+
+    def models(self) -> dict[str, ModelEntry]:
+        cards: dict[str, ModelCard] = {}
+        ready: dict[str, list[str]] = {}
+        loading: dict[str, list[str]] = {}
+        failed: dict[str, list[str]] = {}
+        for advert in self.workers():
+            for card in advert.catalogue:
+                cards.setdefault(card.id, card)
+            for state in advert.models:
+                cards.setdefault(state.id, ModelCard(id=state.id, context_length=state.context_length))
+                bucket = {m.MODEL_READY: ready, m.MODEL_LOADING: loading}.get(state.state, failed)
+                detail = advert.worker_id if state.state != m.MODEL_FAILED else f"{advert.worker_id}: {state.error}"
+                bucket.setdefault(state.id, []).append(detail)
+        return {
+            model_id: ModelEntry(
+                id=model_id,
+                card=card,
+                ready_on=ready.get(model_id, []),
+                loading_on=loading.get(model_id, []),
+                failed=failed.get(model_id, []),
+            )
+            for model_id, card in sorted(cards.items())
+        }
+
+    def resolve(self, name: str) -> ModelEntry:
+        """The model a request names (id or alias); raises 404 or 503 when it can't be served."""
+        entries = self.models()
+        entry = entries.get(name)
+        if entry is None:
+            entry = next((e for e in entries.values() if name in e.card.aliases), None)
+        if entry is None:
+            raise ModelNotFound(f"The model `{name}` does not exist or no live worker offers it.", param="model")
+        if not entry.ready_on and not entry.loading_on:
+            reason = f" Loading failed: {'; '.join(entry.failed)}." if entry.failed else ""
+            raise NoCapacity(
+                f"No worker is serving the model `{entry.id}` right now.{reason} "
+                f"Start one with `cortex-worker --model {entry.id}`."
+            )
+        return entry

@@ -1,0 +1,54 @@
+"""``cortex-gateway``: serve the HTTP API on uvicorn, metrics on their own port.
+
+::
+
+    cortex-gateway --host 0.0.0.0 --port 31313 --metrics-port 31314 --nats nats://127.0.0.1:4222
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import uvicorn
+
+from cortex.broker.connection import DEFAULT_URL
+from cortex.gateway.app import create_app
+from cortex.gateway.metrics import Metrics
+from cortex.gateway.services import Settings
+
+log = logging.getLogger("cortex.gateway")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="cortex-gateway", description="OpenAI-compatible HTTP API over NATS.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=31313)
+    parser.add_argument("--metrics-host", default=None, help="default: same as --host")
+    parser.add_argument("--metrics-port", type=int, default=31314, help="Prometheus /metrics port (-1 disables)")
+    parser.add_argument("--nats", default=DEFAULT_URL, help=f"NATS server URL (default {DEFAULT_URL})")
+    parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request gets a 504")
+    parser.add_argument("--log-level", default="INFO")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    metrics = Metrics()
+    if args.metrics_port >= 0:
+        port = metrics.serve(args.metrics_host or args.host, args.metrics_port)
+        log.info("metrics on http://%s:%d/metrics", args.metrics_host or args.host, port)
+    app = create_app(Settings(nats_url=args.nats, request_timeout=args.request_timeout), metrics)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level.lower(),
+        timeout_graceful_shutdown=10,
+        access_log=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Prometheus metrics of one gateway process, served on their own listener.
+
+Names match what operators of the original Rust cortex already graph. Labels are
+bounded: the model (a catalogue id, or ``_unknown``), the dialect and the status.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+UNKNOWN_MODEL = "_unknown"
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("cortex_requests", "Requests answered", ["model", "dialect", "status"], registry=r)
+        self.errors = Counter("cortex_request_errors", "Requests that ended in an error", ["model", "dialect", "code"], registry=r)
+        self.prompt_tokens = Counter("cortex_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
+        self.completion_tokens = Counter("cortex_completion_tokens", "Tokens generated", ["model"], registry=r)
+        self.ttft = Histogram(
+            "cortex_time_to_first_token_seconds", "Request received to first generated token", ["model"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.duration = Histogram(
+            "cortex_request_duration_seconds", "Request received to end of answer", ["model"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.tokens_per_second = Histogram(
+            "cortex_tokens_per_second", "Generation speed of one request after its first token", ["model"],
+            buckets=_RATE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.in_flight = Gauge("cortex_requests_in_flight", "Requests being answered", ["model"], registry=r)
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the /metrics listener in a thread; returns the bound port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(server.server_port)
+
+
+@dataclass
+class RequestTimer:
+    """Collects one request's timings and token counts, then records them once."""
+
+    metrics: Metrics
+    model: str
+    dialect: str
+    started: float = field(default_factory=time.monotonic)
+    first_token: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self.metrics.in_flight.labels(self.model).inc()
+
+    def saw_tokens(self, n: int) -> None:
+        if n and self.first_token is None:
+            self.first_token = time.monotonic()
+            self.metrics.ttft.labels(self.model).observe(self.first_token - self.started)
+
+    def done(self, status: int, error_code: str | None = None) -> None:
+        end = time.monotonic()
+        labels = self.metrics
+        labels.in_flight.labels(self.model).dec()
+        labels.requests.labels(self.model, self.dialect, str(status)).inc()
+        if error_code is not None:
+            labels.errors.labels(self.model, self.dialect, error_code).inc()
+        if self.prompt_tokens:
+            labels.prompt_tokens.labels(self.model).inc(self.prompt_tokens)
+        if self.completion_tokens:
+            labels.completion_tokens.labels(self.model).inc(self.completion_tokens)
+        if status < 400:
+            labels.duration.labels(self.model).observe(end - self.started)
+            if self.first_token is not None and self.completion_tokens > 1 and end > self.first_token:
+                labels.tokens_per_second.labels(self.model).observe((self.completion_tokens - 1) / (end - self.first_token))

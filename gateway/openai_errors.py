@@ -1,0 +1,36 @@
+"""OpenAI's error envelope: ``{"error": {"message", "type", "param", "code"}}``."""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+from starlette.responses import Response
+
+from cortex.gateway.errors import ApiError, InvalidRequest
+
+_PATH = re.compile(r"at `\$\.?([^`]*)`")
+
+
+def error_body(exc: ApiError) -> dict[str, object]:
+    return {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
+
+
+def error_response(exc: ApiError) -> Response:
+    return Response(msgspec.json.encode(error_body(exc)), status_code=exc.status, media_type="application/json")
+
+
+def internal_error_response(request_id: str) -> Response:
+    body = {"error": {"message": f"Internal error (request {request_id}); it has been logged.", "type": "server_error",
+                      "param": None, "code": None}}  # fmt: skip
+    return Response(msgspec.json.encode(body), status_code=500, media_type="application/json")
+
+
+def from_decode_error(exc: msgspec.DecodeError) -> InvalidRequest:
+    """A 400 naming the offending field, e.g. ``max_tokens`` from `` at `$.max_tokens` ``."""
+    text = str(exc)
+    match = _PATH.search(text)
+    param = match.group(1) if match else None
+    if isinstance(exc, msgspec.ValidationError):
+        return InvalidRequest(f"Invalid request body: {text}", param=param or None)
+    return InvalidRequest(f"The request body is not valid JSON: {text}")

@@ -1,0 +1,136 @@
+"""Requests out, chunks back: the gateway's half of the broker hop.
+
+One wildcard subscription per gateway process receives every chunk for every
+request it has in flight; chunks are routed by the request id in the reply
+subject to that request's queue, and checked for order so a lost chunk becomes
+an error, never a silently shorter answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from cortex.broker import errors as broker_errors
+from cortex.broker.bus import Bus
+from cortex.gateway import errors
+from cortex.protocol import Chunk, GenerateRequest, codec, names
+
+log = logging.getLogger("cortex.gateway")
+
+
+class Relay:
+    def __init__(self, bus: Bus, gateway_id: str | None = None) -> None:
+        self.bus = bus
+        self.gateway_id = gateway_id or f"gw-{uuid.uuid4().hex[:12]}"
+        self._queues: dict[str, asyncio.Queue[bytes]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        await self.bus.subscribe(names.reply_wildcard(self.gateway_id), self._on_reply)
+
+    def _on_reply(self, subject: str, data: bytes) -> None:
+        queue = self._queues.get(names.request_id_from_reply(subject))
+        if queue is not None:
+            queue.put_nowait(data)
+
+    def reply_subject(self, request_id: str) -> str:
+        return names.reply_subject(self.gateway_id, request_id)
+
+    async def submit(self, request: GenerateRequest) -> ReplyStream:
+        """Queue `request` durably and return the stream of its chunks."""
+        queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self._queues[request.request_id] = queue
+        try:
+            await self.bus.publish_request(request.model, codec.encode(request), msg_id=request.request_id)
+        except broker_errors.PayloadTooLarge as exc:
+            self._queues.pop(request.request_id, None)
+            raise errors.PayloadTooLarge(f"The request is too large: {exc}") from exc
+        except broker_errors.QueueFull as exc:
+            self._queues.pop(request.request_id, None)
+            raise errors.QueueFull(f"Too many requests are waiting for `{request.model}`; retry later.") from exc
+        except broker_errors.BrokerError as exc:
+            self._queues.pop(request.request_id, None)
+            raise errors.NoCapacity(f"The request broker is unavailable: {exc}") from exc
+        return ReplyStream(self, request, queue)
+
+    def _close(self, request_id: str) -> None:
+        self._queues.pop(request_id, None)
+
+    def _cancel_soon(self, request_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._cancel(request_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _cancel(self, request_id: str) -> None:
+        try:
+            await self.bus.publish(names.cancel_subject(), request_id.encode())
+        except broker_errors.BrokerError as exc:
+            log.warning("cancel of %s not sent: %s", request_id, exc)
+
+
+class ReplyStream:
+    """The chunks of one request, in order, until the final one or the deadline."""
+
+    def __init__(self, relay: Relay, request: GenerateRequest, queue: asyncio.Queue[bytes]) -> None:
+        self._relay = relay
+        self.request = request
+        self._queue = queue
+        self._next_seq = 0
+        self.finished = False
+        self.worker_id = ""
+
+    async def next(self) -> Chunk:
+        """The next chunk; raises DeadlineExceeded or UpstreamError."""
+        remaining = self.request.deadline - time.time() if self.request.deadline else None
+        if remaining is not None and remaining <= 0:
+            raise errors.DeadlineExceeded("The request did not complete before its deadline.")
+        try:
+            data = await asyncio.wait_for(self._queue.get(), timeout=remaining)
+        except TimeoutError:
+            raise errors.DeadlineExceeded("The request did not complete before its deadline.") from None
+        try:
+            chunk = codec.decode_chunk(data)
+        except codec.DecodeError as exc:
+            raise errors.UpstreamError(f"A worker sent a malformed chunk: {exc}") from exc
+        if chunk.seq != self._next_seq:
+            raise errors.UpstreamError(
+                f"The answer was interrupted: expected chunk {self._next_seq}, got {chunk.seq} "
+                f"(worker {chunk.worker_id or self.worker_id or 'unknown'} restarted or lost messages)."
+            )
+        self._next_seq += 1
+        if chunk.worker_id:
+            self.worker_id = chunk.worker_id
+        if chunk.final:
+            self.finished = True
+        return chunk
+
+    async def __aiter__(self) -> AsyncIterator[Chunk]:
+        while not self.finished:
+            yield await self.next()
+
+    def close(self) -> None:
+        """Forget the request; tell the workers to stop if it had not finished."""
+        self._relay._close(self.request.request_id)
+        if not self.finished:
+            self.finished = True
+            self._relay._cancel_soon(self.request.request_id)
+
+
+def raise_for_chunk(chunk: Chunk) -> None:
+    """Turn a worker's error chunk into the gateway's exception for it."""
+    if chunk.error is None:
+        return
+    code, message = chunk.error.code, chunk.error.message
+    if code == "context_length_exceeded":
+        raise errors.InvalidRequest(message, param="messages", code=code)
+    if code == "invalid_request":
+        raise errors.InvalidRequest(message, param="messages")
+    if code == "deadline_exceeded":
+        raise errors.DeadlineExceeded(message)
+    if code == "model_not_loaded":
+        raise errors.NoCapacity(message)
+    raise errors.UpstreamError(f"The worker failed: {message}")

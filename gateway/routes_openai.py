@@ -1,0 +1,209 @@
+"""OpenAI routes: ``GET /v1/models`` and ``POST /v1/chat/completions``.
+
+A streamed request waits for its first chunk before sending headers, so an error
+the worker finds at once (prompt too long, model gone) is a proper HTTP status;
+after the headers, errors travel inside the stream as ``data: {"error": ...}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from cortex.gateway import openai_chat
+from cortex.gateway.errors import ApiError, PayloadTooLarge
+from cortex.gateway.metrics import UNKNOWN_MODEL, RequestTimer
+from cortex.gateway.openai_errors import error_body, error_response, internal_error_response
+from cortex.gateway.relay import ReplyStream, raise_for_chunk
+from cortex.gateway.services import Services
+from cortex.protocol import Chunk, GenerateRequest
+
+log = logging.getLogger("cortex.gateway")
+_encoder = msgspec.json.Encoder()
+DIALECT = "openai"
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services  # type: ignore[no-any-return]
+
+
+async def list_models(request: Request) -> Response:
+    entries = services(request).fleet.models()
+    data = [
+        {
+            "id": entry.id,
+            "object": "model",
+            "created": entry.card.created,
+            "owned_by": "cortex",
+            "aliases": entry.card.aliases,
+            "context_length": entry.card.context_length,
+            "ready": bool(entry.ready_on),
+            "loaded_on": entry.ready_on,
+            "loading_on": entry.loading_on,
+        }
+        for entry in entries.values()
+    ]
+    return Response(_encoder.encode({"object": "list", "data": data}), media_type="application/json")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"The request body is {declared} bytes; at most {limit} are accepted.")
+    body = await request.body()
+    if len(body) > limit:
+        raise PayloadTooLarge(f"The request body is {len(body)} bytes; at most {limit} are accepted.")
+    return body
+
+
+async def chat_completions(request: Request) -> Response:
+    svc = services(request)
+    request_id = uuid.uuid4().hex
+    timer: RequestTimer | None = None
+    try:
+        body = await _read_body(request, svc.bus.max_payload)
+        req = openai_chat.parse(body)
+        entry = svc.fleet.resolve(req.model)
+        timer = RequestTimer(svc.metrics, entry.id, DIALECT)
+        now = time.time()
+        canonical = GenerateRequest(
+            request_id=request_id,
+            model=entry.id,
+            messages=openai_chat.canonical_messages(req),
+            sampling=openai_chat.sampling(req),
+            stream=bool(req.stream),
+            deadline=now + svc.settings.request_timeout,
+            reply_subject=svc.relay.reply_subject(request_id),
+            created=now,
+        )
+        stream = await svc.relay.submit(canonical)
+        if req.stream:
+            return await _stream(request, stream, timer, include_usage=bool(req.stream_options and req.stream_options.include_usage))
+        return await _until_disconnected(request, _complete(stream, timer), stream)
+    except ApiError as exc:
+        _record_error(svc, timer, exc)
+        return error_response(exc)
+    except Exception:
+        log.exception("request %s failed", request_id)
+        if timer is not None:
+            timer.done(500, "internal")
+        return internal_error_response(request_id)
+
+
+def _record_error(svc: Services, timer: RequestTimer | None, exc: ApiError) -> None:
+    if timer is None:
+        timer = RequestTimer(svc.metrics, UNKNOWN_MODEL, DIALECT)
+    timer.done(exc.status, exc.code or exc.type)
+
+
+def _account(timer: RequestTimer, chunk: Chunk) -> None:
+    if chunk.prompt_tokens:
+        timer.prompt_tokens = chunk.prompt_tokens
+    timer.completion_tokens = max(timer.completion_tokens, chunk.completion_tokens)
+    timer.saw_tokens(chunk.tokens)
+
+
+async def _complete(stream: ReplyStream, timer: RequestTimer) -> Response:
+    parts: list[str] = []
+    try:
+        while True:
+            chunk = await stream.next()
+            raise_for_chunk(chunk)
+            _account(timer, chunk)
+            parts.append(chunk.text)
+            if chunk.final:
+                break
+    finally:
+        stream.close()
+    body = openai_chat.completion_body(
+        completion_id=f"chatcmpl-{stream.request.request_id}",
+        model=stream.request.model,
+        created=int(stream.request.created),
+        text="".join(parts),
+        finish_reason=chunk.finish_reason or "stop",
+        usage=chunk.usage,
+    )
+    timer.done(200)
+    return Response(body, media_type="application/json")
+
+
+async def _until_disconnected(request: Request, work: Awaitable[Response], stream: ReplyStream) -> Response:
+    """Run `work`, but give up (and cancel the generation) if the client goes away."""
+    work_task = asyncio.ensure_future(work)
+    gone_task = asyncio.ensure_future(_wait_disconnect(request))
+    done, _ = await asyncio.wait({work_task, gone_task}, return_when=asyncio.FIRST_COMPLETED)
+    if work_task in done:
+        gone_task.cancel()
+        return work_task.result()
+    work_task.cancel()
+    stream.close()
+    return Response(status_code=499)
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _stream(request: Request, stream: ReplyStream, timer: RequestTimer, *, include_usage: bool) -> Response:
+    try:
+        first = await stream.next()
+        raise_for_chunk(first)
+    except BaseException:
+        stream.close()
+        raise
+    _account(timer, first)
+    fmt = openai_chat.ChunkFormatter(
+        completion_id=f"chatcmpl-{stream.request.request_id}", model=stream.request.model, include_usage=include_usage
+    )
+    return StreamingResponse(_events(first, stream, timer, fmt), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+
+
+async def _events(
+    first: Chunk, stream: ReplyStream, timer: RequestTimer, fmt: openai_chat.ChunkFormatter
+) -> AsyncIterator[bytes]:
+    chunk = first
+    status, code = 200, None
+    try:
+        yield fmt.delta("")  # the role, at once
+        while True:
+            if chunk.final:
+                if chunk.text:
+                    yield fmt.delta(chunk.text)
+                yield fmt.delta("", finish_reason=_finish(chunk.finish_reason))
+                if fmt.include_usage:
+                    yield fmt.usage(chunk.usage)
+                yield openai_chat.DONE
+                return
+            if chunk.text:
+                yield fmt.delta(chunk.text)
+            chunk = await stream.next()
+            raise_for_chunk(chunk)
+            _account(timer, chunk)
+    except ApiError as exc:
+        status, code = exc.status, exc.code or exc.type
+        yield b"data: " + _encoder.encode(error_body(exc)) + b"\n\n"
+    except asyncio.CancelledError:
+        status, code = 499, "client_closed"
+        raise
+    except Exception:
+        log.exception("stream %s failed", stream.request.request_id)
+        status, code = 500, "internal"
+        yield b'data: {"error": {"message": "internal error", "type": "server_error", "param": null, "code": null}}\n\n'
+    finally:
+        stream.close()
+        timer.done(status, code)
+
+
+def _finish(reason: str | None) -> str:
+    return "length" if reason == "length" else "stop"

@@ -1,0 +1,36 @@
+"""The broker codec: one JSON encoder and one typed decoder per message kind.
+
+JSON (not MessagePack) keeps every stream and bucket readable with the ``nats``
+CLI; msgspec's JSON is fast enough that the encoding is not the bottleneck.
+Encoders and decoders are created once and reused, as msgspec recommends.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from cortex.protocol.messages import Chunk, GenerateRequest, WorkerAdvert
+
+_encoder = msgspec.json.Encoder()
+_request_decoder = msgspec.json.Decoder(GenerateRequest)
+_chunk_decoder = msgspec.json.Decoder(Chunk)
+_advert_decoder = msgspec.json.Decoder(WorkerAdvert)
+
+DecodeError = msgspec.DecodeError
+"""Raised by every ``decode_*`` function on a malformed or mistyped message."""
+
+
+def encode(message: GenerateRequest | Chunk | WorkerAdvert) -> bytes:
+    return _encoder.encode(message)
+
+
+def decode_request(data: bytes) -> GenerateRequest:
+    return _request_decoder.decode(data)
+
+
+def decode_chunk(data: bytes) -> Chunk:
+    return _chunk_decoder.decode(data)
+
+
+def decode_advert(data: bytes) -> WorkerAdvert:
+    return _advert_decoder.decode(data)

@@ -1,0 +1,144 @@
+"""Messages on the wire between gateways and workers.
+
+All broker messages are frozen, kw-only msgspec Structs with an explicit string
+tag (``"type"``), so renaming a class never changes the wire. Schemas evolve by
+appending fields with defaults; decoders ignore unknown fields so an older peer
+keeps working beside a newer one.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+FINISH_ERROR = "error"
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One turn of a conversation, in canonical form (dialects convert to it)."""
+
+    role: str
+    content: str = ""
+    name: str | None = None
+
+
+class Sampling(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """How to pick tokens. ``temperature == 0`` means greedy decoding."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int | None = None
+    stop: list[str] = []
+    seed: int | None = None
+
+
+class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type", tag="generate"):
+    """A generation request, published to ``cortex.req.<model-token>``."""
+
+    request_id: str
+    model: str
+    messages: list[Message]
+    sampling: Sampling = Sampling()
+    stream: bool = False
+    deadline: float = 0.0
+    """Unix time (seconds) after which nobody waits for the answer; 0 means none."""
+    reply_subject: str = ""
+    created: float = 0.0
+
+
+class Usage(msgspec.Struct, frozen=True, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChunkError(msgspec.Struct, frozen=True, kw_only=True):
+    """Why a request failed on the worker. ``code`` is one of `ERROR_CODES`."""
+
+    code: str
+    message: str
+
+
+ERROR_INVALID_REQUEST = "invalid_request"
+ERROR_CONTEXT_LENGTH = "context_length_exceeded"
+ERROR_DEADLINE = "deadline_exceeded"
+ERROR_MODEL_NOT_LOADED = "model_not_loaded"
+ERROR_INTERNAL = "internal"
+ERROR_CODES = frozenset(
+    {ERROR_INVALID_REQUEST, ERROR_CONTEXT_LENGTH, ERROR_DEADLINE, ERROR_MODEL_NOT_LOADED, ERROR_INTERNAL}
+)
+
+
+class Chunk(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type", tag="chunk"):
+    """A slice of one request's output, sent on the request's reply subject.
+
+    ``seq`` starts at 0 and increases by one per chunk, so the gateway can tell a
+    lost chunk from the end of a stream. The first chunk names the worker and the
+    prompt's token count; the last one carries ``finish_reason`` and ``usage``
+    (or ``error``).
+    """
+
+    request_id: str
+    seq: int
+    text: str = ""
+    tokens: int = 0
+    """Generated tokens covered by this chunk (0 for a pure status chunk)."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    """Generated tokens so far, this chunk included."""
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    worker_id: str = ""
+    error: ChunkError | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+class ModelCard(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """What a catalogue says about a model a worker can serve."""
+
+    id: str
+    aliases: list[str] = []
+    context_length: int = 0
+    source: str = ""
+    created: int = 0
+
+
+MODEL_LOADING = "loading"
+MODEL_READY = "ready"
+MODEL_FAILED = "failed"
+
+
+class ModelState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A model on a worker: loading, ready, or failed (with the reason)."""
+
+    id: str
+    state: str
+    in_flight: int = 0
+    context_length: int = 0
+    error: str = ""
+
+
+class WorkerAdvert(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type", tag="advert"):
+    """A worker's capacity, kept fresh in the fleet bucket under `worker_key`."""
+
+    worker_id: str
+    host: str
+    device: str
+    device_name: str = ""
+    memory_total: int = 0
+    memory_free: int = 0
+    models: list[ModelState] = []
+    catalogue: list[ModelCard] = []
+    slots_total: int = 0
+    slots_free: int = 0
+    version: str = ""
+    started_at: float = 0.0
+    updated_at: float = 0.0
+    pid: int = 0
+
+    def ready_models(self) -> list[str]:
+        return [m.id for m in self.models if m.state == MODEL_READY]

@@ -1,0 +1,121 @@
+"""Every subject, stream, consumer, bucket and key name Cortex uses.
+
+Call sites never build names with f-strings: they call these functions, so the
+names operators see in `nats stream info` and `nats kv ls` are defined once.
+
+Model names such as ``org/Model-1.5B.Q4`` contain characters that are not valid
+in a subject token (``.``, ``*``, ``>``, whitespace) or in a KV key, so they are
+escaped reversibly: ASCII letters, digits and ``-`` pass through, every other
+byte of the UTF-8 encoding becomes ``_XX`` (two upper-case hex digits). The
+result uses only ``[A-Za-z0-9_-]``, which is valid both as a subject token and
+as a KV key, and ``decode_model_token`` undoes it exactly.
+"""
+
+from __future__ import annotations
+
+import re
+
+REQUEST_STREAM = "CORTEX_REQUESTS"
+"""JetStream stream holding pending generation requests (work-queue retention)."""
+
+FLEET_BUCKET = "cortex-fleet"
+"""KV bucket with one advert per live worker (entries expire by TTL)."""
+
+_REQUEST_PREFIX = "cortex.req"
+_REPLY_PREFIX = "cortex.reply"
+_CONSUMER_PREFIX = "cortex-"
+_WORKER_KEY_PREFIX = "workers."
+
+_PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-")
+_TOKEN_RE = re.compile(r"(?:[A-Za-z0-9-]|_[0-9A-F]{2})+")
+_ID_RE = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def encode_model_token(model: str) -> str:
+    """Escape a model name into a subject token / KV key segment.
+
+    >>> encode_model_token("org/Model-1.5B.Q4")
+    'org_2FModel-1_2E5B_2EQ4'
+    """
+    if not model:
+        raise ValueError("model name must not be empty")
+    out: list[str] = []
+    for byte in model.encode("utf-8"):
+        if byte in _PLAIN:
+            out.append(chr(byte))
+        else:
+            out.append(f"_{byte:02X}")
+    return "".join(out)
+
+
+def decode_model_token(token: str) -> str:
+    """Invert `encode_model_token`; raises ValueError on a malformed token."""
+    if not _TOKEN_RE.fullmatch(token):
+        raise ValueError(f"not a model token: {token!r}")
+    raw = bytearray()
+    i = 0
+    while i < len(token):
+        if token[i] == "_":
+            raw.append(int(token[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            raw.append(ord(token[i]))
+            i += 1
+    return raw.decode("utf-8")
+
+
+def _check_id(kind: str, value: str) -> str:
+    if not _ID_RE.fullmatch(value):
+        raise ValueError(f"{kind} must match [A-Za-z0-9_-]+, got {value!r}")
+    return value
+
+
+def request_subject(model: str) -> str:
+    """Subject a gateway publishes a request for `model` to."""
+    return f"{_REQUEST_PREFIX}.{encode_model_token(model)}"
+
+
+def request_subject_wildcard() -> str:
+    """Subjects bound to the request stream."""
+    return f"{_REQUEST_PREFIX}.*"
+
+
+def consumer_name(model: str) -> str:
+    """Durable pull consumer shared by every worker that serves `model`."""
+    return f"{_CONSUMER_PREFIX}{encode_model_token(model)}"
+
+
+def reply_subject(gateway_id: str, request_id: str) -> str:
+    """Core-NATS subject a worker sends one request's chunks to."""
+    return f"{_REPLY_PREFIX}.{_check_id('gateway id', gateway_id)}.{_check_id('request id', request_id)}"
+
+
+def reply_wildcard(gateway_id: str) -> str:
+    """The one subscription a gateway process holds for all of its replies."""
+    return f"{_REPLY_PREFIX}.{_check_id('gateway id', gateway_id)}.*"
+
+
+def request_id_from_reply(subject: str) -> str:
+    """The request id is the last token of a reply subject."""
+    return subject.rsplit(".", 1)[-1]
+
+
+def worker_key(worker_id: str) -> str:
+    """KV key of a worker's advert in `FLEET_BUCKET`."""
+    return f"{_WORKER_KEY_PREFIX}{encode_model_token(worker_id)}"
+
+
+def is_worker_key(key: str) -> bool:
+    return key.startswith(_WORKER_KEY_PREFIX)
+
+
+ADVERT_INTERVAL_S = 2.0
+"""How often a worker rewrites its advert."""
+
+ADVERT_TTL_S = 10.0
+"""Fleet bucket TTL: an advert not refreshed for this long disappears by itself."""
+
+
+def cancel_subject() -> str:
+    """Gateways publish a request id here when its client went away; every worker listens."""
+    return "cortex.cancel"

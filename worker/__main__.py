@@ -1,0 +1,3 @@
+from cortex.worker.main import main
+
+main()

@@ -1,0 +1,107 @@
+"""Loading a catalogue entry with transformers, and rendering prompts with its chat template."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from cortex.protocol import Message
+from cortex.worker.catalogue import ModelSpec
+
+log = logging.getLogger("cortex.worker")
+
+# Nothing is ever fetched from a model hub at run time.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+# For tokenizers that ship no chat template: ChatML, which most instruct models use.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+_DEFAULT_CONTEXT = 2048
+
+
+class PromptError(ValueError):
+    """The conversation cannot be rendered by this model's chat template."""
+
+
+@dataclass
+class LoadedModel:
+    spec: ModelSpec
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    context_length: int
+    eos_ids: frozenset[int]
+    load_seconds: float = 0.0
+    cache_arg: str = "past_key_values"
+    """Name of forward()'s KV-cache argument (transformers renamed it to ``cache``)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def render_prompt(self, messages: list[Message]) -> list[int]:
+        """Token ids of the conversation through the model's own chat template."""
+        turns = [{"role": m.role, "content": m.content} for m in messages]
+        try:
+            text = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # jinja raises TemplateError for conversations the template rejects
+            raise PromptError(f"the chat template of {self.spec.id} rejected the messages: {exc}") from exc
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return list(ids)
+
+
+def _dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
+    if spec.dtype != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec.dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    configured = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(configured, int):
+        ids.add(configured)
+    elif configured:
+        ids.update(int(i) for i in configured)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)
+
+
+def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
+    """Load tokenizer and weights through transformers (the GGUF path for GGUF files)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.monotonic()
+    folder = spec.resolve_folder()
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if spec.gguf_file:
+        kwargs["gguf_file"] = spec.gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=_dtype(spec, device), **kwargs)
+    model.to(device)
+    model.eval()
+    configured = int(getattr(model.config, "max_position_embeddings", 0) or _DEFAULT_CONTEXT)
+    context_length = min(spec.context_length, configured) if spec.context_length else configured
+    loaded = LoadedModel(
+        spec=spec,
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        context_length=context_length,
+        eos_ids=_eos_ids(model, tokenizer),
+        load_seconds=time.monotonic() - started,
+        cache_arg="cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values",
+    )
+    log.info("loaded %s on %s in %.1fs (context %d)", spec.id, device, loaded.load_seconds, context_length)
+    return loaded

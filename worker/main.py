@@ -1,0 +1,100 @@
+"""``cortex-worker``: one process per GPU (or one on the CPU).
+
+::
+
+    cortex-worker --gpu 0 --nats nats://10.0.0.5:4222 --models /etc/cortex/models.toml
+    cortex-worker --device cpu --model smollm2-135m-instruct
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from cortex.broker.connection import DEFAULT_URL
+
+log = logging.getLogger("cortex.worker")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="cortex-worker", description="Serve models from the Cortex request stream.")
+    parser.add_argument("--gpu", type=int, default=0, help="CUDA device index (default 0); ignored on the CPU")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="force a device (default: cuda if present)")
+    parser.add_argument("--nats", default=DEFAULT_URL, help=f"NATS server URL (default {DEFAULT_URL})")
+    parser.add_argument("--models", type=Path, default=None, help="models.toml catalogue (default: the bundled one)")
+    parser.add_argument(
+        "--model", action="append", default=None,
+        help="a catalogue id or alias to load at start (repeatable; default: the catalogue's first model)",
+    )  # fmt: skip
+    parser.add_argument("--slots", type=int, default=8, help="requests run at once (default 8)")
+    parser.add_argument("--worker-id", default=None, help="name in the fleet bucket (default HOST-gpuN or HOST-cpu)")
+    parser.add_argument("--log-level", default="INFO")
+    return parser.parse_args(argv)
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    # Heavy imports after argument parsing, so --help is instant.
+    from cortex.broker.bus import Bus
+    from cortex.broker.errors import BrokerError
+    from cortex.worker.catalogue import CatalogueError, find_model, load_catalogue
+    from cortex.worker.device import pick_device
+    from cortex.worker.engine import Engine
+    from cortex.worker.service import WorkerService
+
+    try:
+        catalogue = load_catalogue(args.models)
+        wanted = args.model or [catalogue[0].id] if catalogue else []
+        serve = [find_model(catalogue, name) for name in wanted]
+    except CatalogueError as exc:
+        log.error("%s", exc)
+        return 2
+    if not serve:
+        log.error("nothing to serve: the catalogue is empty")
+        return 2
+    try:
+        device = pick_device(args.gpu, args.device)
+    except RuntimeError as exc:
+        log.error("%s", exc)
+        return 2
+    worker_id = args.worker_id or f"{socket.gethostname()}-{'cpu' if device.device.type == 'cpu' else f'gpu{args.gpu}'}"
+    try:
+        bus = await Bus.open(args.nats, name=f"cortex-worker {worker_id}")
+    except BrokerError as exc:
+        log.error("%s", exc)
+        return 1
+    engine = Engine(worker_id=worker_id)
+    engine.start()
+    service = WorkerService(
+        bus=bus, engine=engine, device=device, catalogue=catalogue, serve=serve, worker_id=worker_id,
+        slots=max(1, args.slots),
+    )  # fmt: skip
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, service.stop)
+    log.info("worker %s on %s serving %s", worker_id, device.label, ", ".join(s.id for s in serve))
+    try:
+        await service.run()
+    finally:
+        engine.stop()
+        await bus.close()
+    log.info("worker %s stopped", worker_id)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+    except ImportError:
+        sys.exit(asyncio.run(_serve(args)))
+    sys.exit(uvloop.run(_serve(args)))
+
+
+if __name__ == "__main__":
+    main()
