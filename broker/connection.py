@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import nats
@@ -26,7 +27,9 @@ async def connect(url: str = DEFAULT_URL, *, name: str, connect_timeout: float =
     """
 
     async def on_error(exc: Exception) -> None:
-        log.warning("nats error (%s): %s", name, exc)
+        # Reconnect attempts report every refused connection here; the
+        # disconnect and reconnect callbacks already tell the story.
+        log.debug("nats error (%s): %s", name, exc)
 
     async def on_disconnected() -> None:
         log.info("nats disconnected (%s)", name)
@@ -35,7 +38,7 @@ async def connect(url: str = DEFAULT_URL, *, name: str, connect_timeout: float =
         log.info("nats reconnected (%s)", name)
 
     try:
-        return await nats.connect(
+        connecting = nats.connect(
             url,
             name=name,
             connect_timeout=connect_timeout,
@@ -48,5 +51,10 @@ async def connect(url: str = DEFAULT_URL, *, name: str, connect_timeout: float =
             disconnected_cb=on_disconnected,
             reconnected_cb=on_reconnected,
         )
+        # nats-py keeps retrying a first connection that never succeeded when
+        # reconnects are unlimited: bound it.
+        return await asyncio.wait_for(connecting, timeout=connect_timeout)
+    except TimeoutError as exc:
+        raise BrokerUnavailable(f"cannot connect to NATS at {url}: no server answered within {connect_timeout:.0f}s") from exc
     except Exception as exc:  # nats-py raises several unrelated types here
         raise BrokerUnavailable(f"cannot connect to NATS at {url}: {exc}") from exc

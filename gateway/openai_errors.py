@@ -10,6 +10,7 @@ from starlette.responses import Response
 from cortex.gateway.errors import ApiError, InvalidRequest
 
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
+_MISSING = re.compile(r"missing required field `([^`]*)`")
 
 
 def error_body(exc: ApiError) -> dict[str, object]:
@@ -31,6 +32,9 @@ def from_decode_error(exc: msgspec.DecodeError) -> InvalidRequest:
     text = str(exc)
     match = _PATH.search(text)
     param = match.group(1) if match else None
+    missing = _MISSING.search(text)
+    if missing:
+        param = f"{param}.{missing.group(1)}" if param else missing.group(1)
     if isinstance(exc, msgspec.ValidationError):
         return InvalidRequest(f"Invalid request body: {text}", param=param or None)
     return InvalidRequest(f"The request body is not valid JSON: {text}")

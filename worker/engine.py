@@ -245,7 +245,7 @@ class Engine:
         else:
             ids = torch.tensor([[seq.last_token]], device=seq.loaded.device)
         out = model(input_ids=ids, use_cache=True, **{seq.loaded.cache_arg: seq.cache})
-        seq.cache = out.past_key_values
+        seq.cache = getattr(out, seq.loaded.cache_arg)
         return out.logits[0, -1]
 
     def _accept(self, seq: Sequence, token: int) -> None:

