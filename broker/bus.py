@@ -7,6 +7,7 @@ translated into `cortex.broker.errors` here and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -84,7 +85,7 @@ class PullQueue:
         """Up to `batch` requests; an empty list when none came within `timeout`."""
         try:
             msgs = await self._sub.fetch(batch, timeout=timeout)
-        except (nats.errors.TimeoutError, asyncio.TimeoutError):
+        except (TimeoutError, nats.errors.TimeoutError):
             return []
         except nats.errors.ConnectionClosedError as exc:
             raise BrokerUnavailable(str(exc)) from exc
@@ -136,10 +137,8 @@ class Bus:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-            except (asyncio.CancelledError, Exception):
-                pass
         try:
             await self._nc.drain()
         except Exception as exc:
@@ -162,7 +161,11 @@ class Bus:
             raise NotProvisioned(f"stream {names.REQUEST_STREAM} is missing") from exc
         except nats.errors.MaxPayloadError as exc:
             raise PayloadTooLarge(str(exc)) from exc
-        except (nats.errors.TimeoutError, nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
+        except (
+            nats.errors.TimeoutError,
+            nats.errors.ConnectionClosedError,
+            nats.errors.OutboundBufferLimitError,
+        ) as exc:
             raise BrokerUnavailable(f"broker did not accept the request: {exc!r}") from exc
 
     async def pull_queue(self, model: str) -> PullQueue:
@@ -241,9 +244,7 @@ class Bus:
                     else:
                         handler(entry.key, entry.value)
             finally:
-                try:
+                with contextlib.suppress(Exception):
                     await watcher.stop()
-                except Exception:
-                    pass
 
         self._tasks.append(asyncio.create_task(pump(), name="cortex-fleet-watch"))

@@ -55,6 +55,8 @@ async def connect(url: str = DEFAULT_URL, *, name: str, connect_timeout: float =
         # reconnects are unlimited: bound it.
         return await asyncio.wait_for(connecting, timeout=connect_timeout)
     except TimeoutError as exc:
-        raise BrokerUnavailable(f"cannot connect to NATS at {url}: no server answered within {connect_timeout:.0f}s") from exc
+        raise BrokerUnavailable(
+            f"cannot connect to NATS at {url}: no server answered within {connect_timeout:.0f}s"
+        ) from exc
     except Exception as exc:  # nats-py raises several unrelated types here
         raise BrokerUnavailable(f"cannot connect to NATS at {url}: {exc}") from exc

@@ -62,7 +62,7 @@ def up(
                 f"  NATS             {stack.nats.url if stack.nats else '?'}\n"
                 f"  Model            {model}\n\n"
                 f"  curl {stack.base_url}/chat/completions -H 'Content-Type: application/json' \\\n"
-                f"    -d '{{\"model\": \"{model}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hi!\"}}]}}'\n\n"
+                f'    -d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hi!"}}]}}\'\n\n'
                 "Press Ctrl-C to stop.",
             )
             stack.wait()

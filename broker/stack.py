@@ -55,7 +55,10 @@ class Stack:
         cfg = self.config
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
         self.nats = EmbeddedNats(
-            store_dir=cfg.data_dir / "jetstream", port=cfg.nats_port, host="127.0.0.1", log_file=cfg.data_dir / "nats.log"
+            store_dir=cfg.data_dir / "jetstream",
+            port=cfg.nats_port,
+            host="127.0.0.1",
+            log_file=cfg.data_dir / "nats.log",
         )
         self.nats.start()
         worker = [sys.executable, "-m", "cortex.worker", "--nats", self.nats.url, "--model", cfg.model,

@@ -21,7 +21,9 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter("cortex_requests", "Requests answered", ["model", "dialect", "status"], registry=r)
-        self.errors = Counter("cortex_request_errors", "Requests that ended in an error", ["model", "dialect", "code"], registry=r)
+        self.errors = Counter(
+            "cortex_request_errors", "Requests that ended in an error", ["model", "dialect", "code"], registry=r
+        )
         self.prompt_tokens = Counter("cortex_prompt_tokens", "Prompt tokens processed", ["model"], registry=r)
         self.completion_tokens = Counter("cortex_completion_tokens", "Tokens generated", ["model"], registry=r)
         self.ttft = Histogram(
@@ -78,4 +80,6 @@ class RequestTimer:
         if status < 400:
             labels.duration.labels(self.model).observe(end - self.started)
             if self.first_token is not None and self.completion_tokens > 1 and end > self.first_token:
-                labels.tokens_per_second.labels(self.model).observe((self.completion_tokens - 1) / (end - self.first_token))
+                labels.tokens_per_second.labels(self.model).observe(
+                    (self.completion_tokens - 1) / (end - self.first_token)
+                )

@@ -85,7 +85,9 @@ async def chat_completions(request: Request) -> Response:
         )
         stream = await svc.relay.submit(canonical)
         if req.stream:
-            return await _stream(request, stream, timer, include_usage=bool(req.stream_options and req.stream_options.include_usage))
+            return await _stream(
+                request, stream, timer, include_usage=bool(req.stream_options and req.stream_options.include_usage)
+            )
         return await _until_disconnected(request, _complete(stream, timer), stream)
     except ApiError as exc:
         _record_error(svc, timer, exc)

@@ -36,7 +36,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], bool], *, timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for(
+    predicate: Callable[[], bool], *, timeout: float, what: str, proc: subprocess.Popen[bytes] | None = None
+) -> None:
     """Poll `predicate` until true; fail with `what` after `timeout` or if `proc` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -177,6 +179,8 @@ def worker(nats_server: EmbeddedNats, catalogue_file: Path, logs_dir: Path) -> I
 @pytest.fixture(scope="session")
 def gateway(nats_server: EmbeddedNats, worker: subprocess.Popen[bytes], logs_dir: Path) -> Iterator[Gateway]:
     gw = start_gateway(nats_server.url, logs_dir)
-    wait_for(lambda: TINY_MODEL in ready_models(gw.base_url), timeout=STARTUP_TIMEOUT_S, what="tiny model ready", proc=worker)
+    wait_for(
+        lambda: TINY_MODEL in ready_models(gw.base_url), timeout=STARTUP_TIMEOUT_S, what="tiny model ready", proc=worker
+    )
     yield gw
     stop_process(gw.proc)

@@ -25,7 +25,11 @@ def client(gateway: Gateway) -> openai.OpenAI:
 
 def greedy(client: openai.OpenAI, max_tokens: int = 24, **kwargs: object) -> openai.types.chat.ChatCompletion:
     return client.chat.completions.create(
-        model=TINY_MODEL, messages=PROMPT, temperature=0, max_tokens=max_tokens, **kwargs  # type: ignore[arg-type]
+        model=TINY_MODEL,
+        messages=PROMPT,
+        temperature=0,
+        max_tokens=max_tokens,
+        **kwargs,  # type: ignore[arg-type]
     )
 
 
@@ -81,9 +85,13 @@ def test_stream_without_usage_has_no_usage_chunk(client: openai.OpenAI) -> None:
 
 def test_seeded_sampling_is_reproducible(client: openai.OpenAI) -> None:
     def run() -> str | None:
-        return client.chat.completions.create(
-            model=TINY_MODEL, messages=PROMPT, temperature=0.9, top_p=0.9, seed=7, max_tokens=16
-        ).choices[0].message.content
+        return (
+            client.chat.completions.create(
+                model=TINY_MODEL, messages=PROMPT, temperature=0.9, top_p=0.9, seed=7, max_tokens=16
+            )
+            .choices[0]
+            .message.content
+        )
 
     assert run() == run()
 
@@ -126,7 +134,7 @@ def test_model_in_catalogue_but_not_loaded_is_503(client: openai.OpenAI) -> None
 
 
 def test_prompt_longer_than_context_is_400(client: openai.OpenAI) -> None:
-    long_prompt = [{"role": "user", "content": "fox " * 2000}]
+    long_prompt = [{"role": "user", "content": "fox " * 3000}]
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=TINY_MODEL, messages=long_prompt)  # type: ignore[arg-type]
     assert info.value.code == "context_length_exceeded"
@@ -141,13 +149,18 @@ def test_prompt_longer_than_context_is_400(client: openai.OpenAI) -> None:
         (b'{"model": "tiny-llama", "messages": []}', "messages"),
         (b'{"model": "tiny-llama", "messages": [{"role": "wizard", "content": "x"}]}', "messages[0].role"),
         (b'{"model": "tiny-llama", "messages": [{"role": "user", "content": 5}]}', "messages[0].content"),
-        (b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}', "max_tokens"),
+        (
+            b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}',
+            "max_tokens",
+        ),
         (b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}', "max_tokens"),
         (b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "temperature": 7}', "temperature"),
         (b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "top_p": 0}', "top_p"),
         (b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "n": 3}', "n"),
-        (b'{"model": "tiny-llama", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}',
-         "messages[0].content[0]"),
+        (
+            b'{"model": "tiny-llama", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}',
+            "messages[0].content[0]",
+        ),
     ],
 )
 def test_bad_bodies_are_400_in_openai_shape(gateway: Gateway, body: bytes, param: str | None) -> None:
@@ -233,7 +246,7 @@ def test_metrics_are_exported(client: openai.OpenAI, gateway: Gateway) -> None:
 def test_stream_error_after_headers_arrives_in_the_stream(gateway: Gateway) -> None:
     # Invalid at the worker, found only once generation starts: rejected before the
     # headers, so it still is a proper status code rather than a truncated stream.
-    body = {"model": TINY_MODEL, "messages": [{"role": "user", "content": "fox " * 2000}], "stream": True}
+    body = {"model": TINY_MODEL, "messages": [{"role": "user", "content": "fox " * 3000}], "stream": True}
     response = httpx.post(f"{gateway.base_url}/chat/completions", json=body, timeout=30)
     assert response.status_code == 400
     assert json.loads(response.text)["error"]["code"] == "context_length_exceeded"

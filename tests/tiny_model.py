@@ -43,7 +43,7 @@ def build_tokenizer(folder: Path, vocab_size: int = 400):  # type: ignore[no-unt
     return fast
 
 
-def build_tiny_model(folder: Path, *, seed: int = 0, max_positions: int = 512) -> Path:
+def build_tiny_model(folder: Path, *, seed: int = 0, max_positions: int = 2048) -> Path:
     """Write a 2-layer random Llama + tokenizer to `folder`; return the folder."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
@@ -77,7 +77,9 @@ def build_tiny_model(folder: Path, *, seed: int = 0, max_positions: int = 512) -
             if "\ufffd" in tokenizer.decode([token_id]):
                 model.lm_head.weight[token_id].fill_(0.0)
     model.save_pretrained(folder)
-    GenerationConfig(eos_token_id=eos, bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id).save_pretrained(folder)
+    GenerationConfig(
+        eos_token_id=eos, bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id
+    ).save_pretrained(folder)
     return folder
 
 

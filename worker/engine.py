@@ -74,7 +74,9 @@ class Sequence:
         usage = None
         if finish is not None:
             n_prompt = len(self.prompt_ids)
-            usage = Usage(prompt_tokens=n_prompt, completion_tokens=self.generated, total_tokens=n_prompt + self.generated)
+            usage = Usage(
+                prompt_tokens=n_prompt, completion_tokens=self.generated, total_tokens=n_prompt + self.generated
+            )
         chunk = Chunk(
             request_id=self.request_id,
             seq=self.seq_no,

@@ -24,7 +24,9 @@ log = logging.getLogger("cortex.worker")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="cortex-worker", description="Serve models from the Cortex request stream.")
     parser.add_argument("--gpu", type=int, default=0, help="CUDA device index (default 0); ignored on the CPU")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None, help="force a device (default: cuda if present)")
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default=None, help="force a device (default: cuda if present)"
+    )
     parser.add_argument("--nats", default=DEFAULT_URL, help=f"NATS server URL (default {DEFAULT_URL})")
     parser.add_argument("--models", type=Path, default=None, help="models.toml catalogue (default: the bundled one)")
     parser.add_argument(

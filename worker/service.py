@@ -79,7 +79,10 @@ class WorkerService:
             asyncio.create_task(self._advert_loop(), name="advert"),
             asyncio.create_task(self._progress_loop(), name="in-progress"),
         ]
-        tasks += [asyncio.create_task(self._serve_model(slot, loop), name=f"serve-{slot.spec.id}") for slot in self._models.values()]
+        tasks += [
+            asyncio.create_task(self._serve_model(slot, loop), name=f"serve-{slot.spec.id}")
+            for slot in self._models.values()
+        ]
         await self._stopping.wait()
         await cancel_sub.unsubscribe()
         await self._wait_in_flight(timeout=30.0)
@@ -247,4 +250,3 @@ class WorkerService:
         while True:
             await asyncio.sleep(names.ADVERT_INTERVAL_S)
             await self._advertise()
-

@@ -1,0 +1,151 @@
+"""cortexctl: fleet status from the KV bucket, and `up` with the real default model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import openai
+import pytest
+
+from cortex.broker.server import EmbeddedNats
+from tests.conftest import TINY_MODEL, Gateway, child_env, free_port, ready_models, wait_for
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def cortexctl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cortex.broker", *args], capture_output=True, text=True, timeout=60)
+
+
+def test_status_json_lists_the_worker(nats_server: EmbeddedNats, gateway: Gateway) -> None:
+    result = cortexctl("status", "--nats", nats_server.url, "--json")
+    assert result.returncode == 0, result.stderr
+    workers = {w["worker_id"]: w for w in json.loads(result.stdout)["workers"]}
+    worker = workers["test-worker"]
+    assert worker["device"] == "cpu"
+    assert worker["slots_total"] == 4
+    assert 0 <= worker["slots_free"] <= 4
+    assert worker["memory_total"] > 0
+    assert [(m["id"], m["state"]) for m in worker["models"]] == [(TINY_MODEL, "ready")]
+
+
+def test_status_table(nats_server: EmbeddedNats, gateway: Gateway) -> None:
+    result = cortexctl("status", "--nats", nats_server.url)
+    assert result.returncode == 0, result.stderr
+    assert "test-worker" in result.stdout
+    assert f"{TINY_MODEL} (ready" in result.stdout
+
+
+def test_status_without_a_server_fails_clearly() -> None:
+    result = cortexctl("status", "--nats", f"nats://127.0.0.1:{free_port()}")
+    assert result.returncode == 1
+    assert "cannot connect to NATS" in result.stderr
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below `pid`, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@dataclass
+class UpStack:
+    proc: subprocess.Popen[str]
+    port: int
+    metrics_port: int
+    log: Path
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+
+@pytest.fixture(scope="module")
+def up_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[UpStack]:
+    data = tmp_path_factory.mktemp("cortexctl-up")
+    port, metrics_port = free_port(), free_port()
+    log = data / "up.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cortex.broker", "up", "--port", str(port), "--metrics-port", str(metrics_port),
+             "--nats-port", "0", "--device", "cpu", "--slots", "2", "--data-dir", str(data)],
+            stdout=out, stderr=subprocess.STDOUT, text=True, env=child_env(),
+        )  # fmt: skip
+    stack = UpStack(proc=proc, port=port, metrics_port=metrics_port, log=log)
+    try:
+        wait_for(lambda: DEFAULT_MODEL in ready_models(stack.base_url), timeout=300, what="cortexctl up", proc=proc)
+        yield stack
+    finally:
+        if proc.poll() is None:
+            for pid in descendants(proc.pid):
+                os.kill(pid, signal.SIGKILL)
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.default_model
+def test_default_model_answers_paris(up_stack: UpStack) -> None:
+    client = openai.OpenAI(base_url=up_stack.base_url, api_key="any", max_retries=0, timeout=120,
+                           _strict_response_validation=True)  # fmt: skip
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    reply = client.chat.completions.create(model=DEFAULT_MODEL, messages=question, temperature=0, max_tokens=40)  # type: ignore[arg-type]
+    assert "Paris" in (reply.choices[0].message.content or "")
+    assert reply.choices[0].finish_reason == "stop"
+    stream = client.chat.completions.create(
+        model=DEFAULT_MODEL,
+        messages=question,
+        temperature=0,
+        max_tokens=40,
+        stream=True,  # type: ignore[arg-type]
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert streamed == reply.choices[0].message.content
+    assert "Cortex is up." in up_stack.log.read_text()
+
+
+@pytest.mark.default_model
+def test_up_serves_metrics(up_stack: UpStack) -> None:
+    with urllib.request.urlopen(f"http://127.0.0.1:{up_stack.metrics_port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    assert f'cortex_requests_total{{dialect="openai",model="{DEFAULT_MODEL}",status="200"}}' in text
+
+
+@pytest.mark.default_model
+def test_up_stops_every_child_on_sigterm(up_stack: UpStack) -> None:
+    children = descendants(up_stack.proc.pid)
+    assert len(children) >= 3  # nats-server, gateway, worker
+    up_stack.proc.send_signal(signal.SIGTERM)
+    assert up_stack.proc.wait(timeout=60) == 0
+    wait_for(lambda: not any(alive(pid) for pid in children), timeout=10, what="children to exit")
+    assert "Stopped." in up_stack.log.read_text()
