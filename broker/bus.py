@@ -87,8 +87,8 @@ class PullQueue:
             msgs = await self._sub.fetch(batch, timeout=timeout)
         except (TimeoutError, nats.errors.TimeoutError):
             return []
-        except nats.errors.ConnectionClosedError as exc:
-            raise BrokerUnavailable(str(exc)) from exc
+        except Exception as exc:  # reconnecting, closed, consumer deleted...: the caller retries
+            raise BrokerUnavailable(f"fetch from {self.model} failed: {exc!r}") from exc
         return [Delivery(m) for m in msgs]
 
     async def close(self) -> None:
@@ -169,8 +169,11 @@ class Bus:
             raise BrokerUnavailable(f"broker did not accept the request: {exc!r}") from exc
 
     async def pull_queue(self, model: str) -> PullQueue:
-        durable = await provision.ensure_model_consumer(self._js, model)
-        sub = await self._js.pull_subscribe_bind(durable, stream=names.REQUEST_STREAM)
+        try:
+            durable = await provision.ensure_model_consumer(self._js, model)
+            sub = await self._js.pull_subscribe_bind(durable, stream=names.REQUEST_STREAM)
+        except Exception as exc:
+            raise BrokerUnavailable(f"cannot bind the consumer for {model}: {exc!r}") from exc
         return PullQueue(model=model, _sub=sub)
 
     # -- core messages ------------------------------------------------------

@@ -63,6 +63,7 @@ class WorkerService:
     _slot_freed: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _started_at: float = field(default_factory=time.time)
+    _background: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
     def free_slots(self) -> int:
@@ -113,13 +114,22 @@ class WorkerService:
             await self._advertise()
             return
         self.engine.add_model(loaded)
+        pull = await self._open_pull_queue(slot)
         slot.state, slot.context_length = m.MODEL_READY, loaded.context_length
-        pull = await self.bus.pull_queue(slot.spec.id)
         await self._advertise()
         try:
             await self._pull_loop(slot, pull, loop)
         finally:
             await pull.close()
+
+    async def _open_pull_queue(self, slot: ModelSlot) -> PullQueue:
+        """The model's consumer; retried while the broker is away (the worker is useless without it)."""
+        while True:
+            try:
+                return await self.bus.pull_queue(slot.spec.id)
+            except BrokerError as exc:
+                log.warning("cannot bind the consumer of %s yet: %s", slot.spec.id, exc)
+                await asyncio.sleep(1.0)
 
     async def _pull_loop(self, slot: ModelSlot, pull: PullQueue, loop: asyncio.AbstractEventLoop) -> None:
         while not self._stopping.is_set():
@@ -197,7 +207,9 @@ class WorkerService:
         if request_id in self._in_flight:
             self.engine.cancel(request_id)
             # The client is gone: the request is consumed, not redelivered.
-            asyncio.get_running_loop().create_task(self._release(request_id, ack=True))
+            task = asyncio.get_running_loop().create_task(self._release(request_id, ack=True))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def _wait_in_flight(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
