@@ -161,11 +161,7 @@ class Bus:
             raise NotProvisioned(f"stream {names.REQUEST_STREAM} is missing") from exc
         except nats.errors.MaxPayloadError as exc:
             raise PayloadTooLarge(str(exc)) from exc
-        except (
-            nats.errors.TimeoutError,
-            nats.errors.ConnectionClosedError,
-            nats.errors.OutboundBufferLimitError,
-        ) as exc:
+        except (nats.errors.Error, TimeoutError) as exc:  # timeout, closed, draining, buffer full...
             raise BrokerUnavailable(f"broker did not accept the request: {exc!r}") from exc
 
     async def pull_queue(self, model: str) -> PullQueue:
@@ -181,8 +177,8 @@ class Bus:
     async def publish(self, subject: str, payload: bytes) -> None:
         try:
             await self._nc.publish(subject, payload)
-        except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
-            raise BrokerUnavailable(str(exc)) from exc
+        except nats.errors.Error as exc:  # closed, draining, buffer full, bad subject...
+            raise BrokerUnavailable(f"publish to {subject!r} failed: {exc!r}") from exc
 
     async def subscribe(self, subject: str, handler: ReplyHandler) -> Subscription:
         """Subscribe with a synchronous handler of (subject, payload)."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cortex.broker.server import EmbeddedNats, die_with_parent
+from cortex.broker.server import EmbeddedNats, die_with_parent, stop_processes
 
 
 @dataclass
@@ -113,16 +112,7 @@ class Stack:
             self._stop.wait(0.5)
 
     def stop(self, timeout: float = 20.0) -> None:
-        for proc in self.children.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for proc in self.children.values():
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_processes(list(self.children.values()), timeout)
         if self.nats is not None:
             self.nats.stop()
 

@@ -51,7 +51,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         bus = await Bus.open(settings.nats_url, name="cortex-gateway")
         fleet = FleetView()
-        relay = Relay(bus)
+        relay = Relay(bus, fleet.is_live)
         await relay.start()
         await bus.watch_fleet(fleet.on_change)
         app.state.services = Services(settings=settings, bus=bus, relay=relay, fleet=fleet, metrics=metrics)
@@ -64,6 +64,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Starlette:
     routes = [
         Route("/health", health, methods=["GET"]),
         Route("/v1/models", routes_openai.list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", routes_openai.retrieve_model, methods=["GET"]),
         Route("/v1/chat/completions", routes_openai.chat_completions, methods=["POST"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})

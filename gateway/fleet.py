@@ -48,6 +48,9 @@ class FleetView:
         now = time.monotonic()
         return [advert for advert, seen in self._adverts.values() if now - seen <= self.stale_after]
 
+    def is_live(self, worker_id: str) -> bool:
+        return any(advert.worker_id == worker_id for advert in self.workers())
+
     def models(self) -> dict[str, ModelEntry]:
         cards: dict[str, ModelCard] = {}
         ready: dict[str, list[str]] = {}
@@ -72,14 +75,19 @@ class FleetView:
             for model_id, card in sorted(cards.items())
         }
 
-    def resolve(self, name: str) -> ModelEntry:
-        """The model a request names (id or alias); raises 404 or 503 when it can't be served."""
+    def find(self, name: str) -> ModelEntry:
+        """The model a name (id or alias) refers to; raises 404 when no live worker knows it."""
         entries = self.models()
         entry = entries.get(name)
         if entry is None:
             entry = next((e for e in entries.values() if name in e.card.aliases), None)
         if entry is None:
             raise ModelNotFound(f"The model `{name}` does not exist or no live worker offers it.", param="model")
+        return entry
+
+    def resolve(self, name: str) -> ModelEntry:
+        """The model a request names; raises 404 or 503 when it can't be served."""
+        entry = self.find(name)
         if not entry.ready_on and not entry.loading_on:
             reason = f" Loading failed: {'; '.join(entry.failed)}." if entry.failed else ""
             raise NoCapacity(

@@ -86,6 +86,8 @@ def _validate(req: ChatRequest) -> None:
         value = getattr(req, name)
         if value is not None and value < 1:
             raise InvalidRequest(f"`{name}` must be at least 1.", param=name)
+    if req.seed is not None and not -(2**63) <= req.seed < 2**63:
+        raise InvalidRequest("`seed` must be a 64-bit signed integer.", param="seed")
     if req.n is not None and req.n != 1:
         raise InvalidRequest("Only `n=1` is supported.", param="n")
     stops = _stops(req)

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from cortex.broker import errors as broker_errors
 from cortex.broker.bus import Bus
@@ -21,10 +21,15 @@ from cortex.protocol import Chunk, GenerateRequest, codec, names
 
 log = logging.getLogger("cortex.gateway")
 
+LIVENESS_CHECK_S = 2.0
+"""How often a waiting request checks that its worker is still in the fleet."""
+
 
 class Relay:
-    def __init__(self, bus: Bus, gateway_id: str | None = None) -> None:
+    def __init__(self, bus: Bus, is_live: Callable[[str], bool], gateway_id: str | None = None) -> None:
         self.bus = bus
+        self.is_live = is_live
+        """Whether a worker id still has a live advert (a worker that vanished won't answer)."""
         self.gateway_id = gateway_id or f"gw-{uuid.uuid4().hex[:12]}"
         self._queues: dict[str, asyncio.Queue[bytes]] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -44,17 +49,19 @@ class Relay:
         """Queue `request` durably and return the stream of its chunks."""
         queue: asyncio.Queue[bytes] = asyncio.Queue()
         self._queues[request.request_id] = queue
+        published = False
         try:
             await self.bus.publish_request(request.model, codec.encode(request), msg_id=request.request_id)
+            published = True
         except broker_errors.PayloadTooLarge as exc:
-            self._queues.pop(request.request_id, None)
             raise errors.PayloadTooLarge(f"The request is too large: {exc}") from exc
         except broker_errors.QueueFull as exc:
-            self._queues.pop(request.request_id, None)
             raise errors.QueueFull(f"Too many requests are waiting for `{request.model}`; retry later.") from exc
         except broker_errors.BrokerError as exc:
-            self._queues.pop(request.request_id, None)
             raise errors.NoCapacity(f"The request broker is unavailable: {exc}") from exc
+        finally:
+            if not published:
+                self._queues.pop(request.request_id, None)
         return ReplyStream(self, request, queue)
 
     def _close(self, request_id: str) -> None:
@@ -85,13 +92,7 @@ class ReplyStream:
 
     async def next(self) -> Chunk:
         """The next chunk; raises DeadlineExceeded or UpstreamError."""
-        remaining = self.request.deadline - time.time() if self.request.deadline else None
-        if remaining is not None and remaining <= 0:
-            raise errors.DeadlineExceeded("The request did not complete before its deadline.")
-        try:
-            data = await asyncio.wait_for(self._queue.get(), timeout=remaining)
-        except TimeoutError:
-            raise errors.DeadlineExceeded("The request did not complete before its deadline.") from None
+        data = await self._receive()
         try:
             chunk = codec.decode_chunk(data)
         except codec.DecodeError as exc:
@@ -107,6 +108,21 @@ class ReplyStream:
         if chunk.final:
             self.finished = True
         return chunk
+
+    async def _receive(self) -> bytes:
+        """The next message, checking every few seconds that the worker on it is still alive."""
+        while True:
+            remaining = self.request.deadline - time.time() if self.request.deadline else LIVENESS_CHECK_S
+            if remaining <= 0:
+                raise errors.DeadlineExceeded("The request did not complete before its deadline.")
+            try:
+                return await asyncio.wait_for(self._queue.get(), timeout=min(remaining, LIVENESS_CHECK_S))
+            except TimeoutError:
+                pass
+            if self.worker_id and not self._relay.is_live(self.worker_id):
+                raise errors.UpstreamError(
+                    f"Worker {self.worker_id} stopped answering in the middle of the request (it left the fleet)."
+                )
 
     async def __aiter__(self) -> AsyncIterator[Chunk]:
         while not self.finished:

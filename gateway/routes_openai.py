@@ -12,15 +12,17 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 import msgspec
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
 from cortex.gateway import openai_chat
 from cortex.gateway.errors import ApiError, PayloadTooLarge
+from cortex.gateway.fleet import ModelEntry
 from cortex.gateway.metrics import UNKNOWN_MODEL, RequestTimer
-from cortex.gateway.openai_errors import error_body, error_response, internal_error_response
+from cortex.gateway.openai_errors import error_body, error_response, internal_error_body, internal_error_response
 from cortex.gateway.relay import ReplyStream, raise_for_chunk
 from cortex.gateway.services import Services
 from cortex.protocol import Chunk, GenerateRequest
@@ -28,29 +30,62 @@ from cortex.protocol import Chunk, GenerateRequest
 log = logging.getLogger("cortex.gateway")
 _encoder = msgspec.json.Encoder()
 DIALECT = "openai"
+CLIENT_CLOSED = 499
+"""Status recorded (never sent: nobody is listening) when the client went away."""
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before its answer was ready."""
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """Closes its generator however the response ends, so its cleanup runs at once.
+
+    Starlette cancels a stream whose client went away; if that happens while
+    the response is sending, the generator would otherwise be finalised only by
+    the garbage collector.
+    """
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
 
 def services(request: Request) -> Services:
     return request.app.state.services  # type: ignore[no-any-return]
 
 
+def _model_object(entry: ModelEntry) -> dict[str, object]:
+    return {
+        "id": entry.id,
+        "object": "model",
+        "created": entry.card.created,
+        "owned_by": "cortex",
+        "aliases": entry.card.aliases,
+        "context_length": entry.card.context_length,
+        "ready": bool(entry.ready_on),
+        "loaded_on": entry.ready_on,
+        "loading_on": entry.loading_on,
+    }
+
+
 async def list_models(request: Request) -> Response:
-    entries = services(request).fleet.models()
-    data = [
-        {
-            "id": entry.id,
-            "object": "model",
-            "created": entry.card.created,
-            "owned_by": "cortex",
-            "aliases": entry.card.aliases,
-            "context_length": entry.card.context_length,
-            "ready": bool(entry.ready_on),
-            "loaded_on": entry.ready_on,
-            "loading_on": entry.loading_on,
-        }
-        for entry in entries.values()
-    ]
+    data = [_model_object(entry) for entry in services(request).fleet.models().values()]
     return Response(_encoder.encode({"object": "list", "data": data}), media_type="application/json")
+
+
+async def retrieve_model(request: Request) -> Response:
+    name = request.path_params["model"]
+    try:
+        entry = services(request).fleet.find(name)
+    except ApiError as exc:
+        return error_response(exc)
+    return Response(_encoder.encode(_model_object(entry)), media_type="application/json")
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -67,6 +102,8 @@ async def chat_completions(request: Request) -> Response:
     svc = services(request)
     request_id = uuid.uuid4().hex
     timer: RequestTimer | None = None
+    stream: ReplyStream | None = None
+    streaming_started = False
     try:
         body = await _read_body(request, svc.bus.max_payload)
         req = openai_chat.parse(body)
@@ -84,25 +121,41 @@ async def chat_completions(request: Request) -> Response:
             created=now,
         )
         stream = await svc.relay.submit(canonical)
-        if req.stream:
-            return await _stream(
-                request, stream, timer, include_usage=bool(req.stream_options and req.stream_options.include_usage)
-            )
-        return await _until_disconnected(request, _complete(stream, timer), stream)
+        if not req.stream:
+            return await _until_disconnected(request, _complete(stream, timer))
+        first = await _until_disconnected(request, stream.next())
+        raise_for_chunk(first)
+        _account(timer, first)
+        fmt = openai_chat.ChunkFormatter(
+            completion_id=f"chatcmpl-{request_id}",
+            model=entry.id,
+            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        )
+        streaming_started = True
+        return ClosingStreamingResponse(
+            _events(first, stream, timer, fmt),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    except (ClientGone, ClientDisconnect):
+        _record(svc, timer, CLIENT_CLOSED, "client_closed")
+        return Response(status_code=CLIENT_CLOSED)
     except ApiError as exc:
-        _record_error(svc, timer, exc)
+        _record(svc, timer, exc.status, exc.code or exc.type)
         return error_response(exc)
     except Exception:
         log.exception("request %s failed", request_id)
-        if timer is not None:
-            timer.done(500, "internal")
+        _record(svc, timer, 500, "internal")
         return internal_error_response(request_id)
+    finally:
+        if stream is not None and not streaming_started:
+            stream.close()
 
 
-def _record_error(svc: Services, timer: RequestTimer | None, exc: ApiError) -> None:
+def _record(svc: Services, timer: RequestTimer | None, status: int, code: str) -> None:
     if timer is None:
         timer = RequestTimer(svc.metrics, UNKNOWN_MODEL, DIALECT)
-    timer.done(exc.status, exc.code or exc.type)
+    timer.done(status, code)
 
 
 def _account(timer: RequestTimer, chunk: Chunk) -> None:
@@ -114,39 +167,37 @@ def _account(timer: RequestTimer, chunk: Chunk) -> None:
 
 async def _complete(stream: ReplyStream, timer: RequestTimer) -> Response:
     parts: list[str] = []
-    try:
-        while True:
-            chunk = await stream.next()
-            raise_for_chunk(chunk)
-            _account(timer, chunk)
-            parts.append(chunk.text)
-            if chunk.final:
-                break
-    finally:
-        stream.close()
+    while True:
+        chunk = await stream.next()
+        raise_for_chunk(chunk)
+        _account(timer, chunk)
+        parts.append(chunk.text)
+        if chunk.final:
+            break
     body = openai_chat.completion_body(
         completion_id=f"chatcmpl-{stream.request.request_id}",
         model=stream.request.model,
         created=int(stream.request.created),
         text="".join(parts),
-        finish_reason=chunk.finish_reason or "stop",
+        finish_reason=_finish(chunk.finish_reason),
         usage=chunk.usage,
     )
     timer.done(200)
     return Response(body, media_type="application/json")
 
 
-async def _until_disconnected(request: Request, work: Awaitable[Response], stream: ReplyStream) -> Response:
-    """Run `work`, but give up (and cancel the generation) if the client goes away."""
+async def _until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, raising ClientGone instead if the client disconnects first."""
     work_task = asyncio.ensure_future(work)
     gone_task = asyncio.ensure_future(_wait_disconnect(request))
-    done, _ = await asyncio.wait({work_task, gone_task}, return_when=asyncio.FIRST_COMPLETED)
-    if work_task in done:
+    try:
+        done, _ = await asyncio.wait({work_task, gone_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
         gone_task.cancel()
+    if work_task in done:
         return work_task.result()
     work_task.cancel()
-    stream.close()
-    return Response(status_code=499)
+    raise ClientGone
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -156,52 +207,35 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-async def _stream(request: Request, stream: ReplyStream, timer: RequestTimer, *, include_usage: bool) -> Response:
-    try:
-        first = await stream.next()
-        raise_for_chunk(first)
-    except BaseException:
-        stream.close()
-        raise
-    _account(timer, first)
-    fmt = openai_chat.ChunkFormatter(
-        completion_id=f"chatcmpl-{stream.request.request_id}", model=stream.request.model, include_usage=include_usage
-    )
-    return StreamingResponse(_events(first, stream, timer, fmt), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
-
-
 async def _events(
     first: Chunk, stream: ReplyStream, timer: RequestTimer, fmt: openai_chat.ChunkFormatter
 ) -> AsyncIterator[bytes]:
+    # Whatever ends this generator early (cancellation, GeneratorExit) means the
+    # client left; only a completed or failed stream overwrites this.
+    status, code = CLIENT_CLOSED, "client_closed"
     chunk = first
-    status, code = 200, None
     try:
         yield fmt.delta("")  # the role, at once
-        while True:
-            if chunk.final:
-                if chunk.text:
-                    yield fmt.delta(chunk.text)
-                yield fmt.delta("", finish_reason=_finish(chunk.finish_reason))
-                if fmt.include_usage:
-                    yield fmt.usage(chunk.usage)
-                yield openai_chat.DONE
-                return
+        while not chunk.final:
             if chunk.text:
                 yield fmt.delta(chunk.text)
             chunk = await stream.next()
             raise_for_chunk(chunk)
             _account(timer, chunk)
+        status, code = 200, None
+        if chunk.text:
+            yield fmt.delta(chunk.text)
+        yield fmt.delta("", finish_reason=_finish(chunk.finish_reason))
+        if fmt.include_usage:
+            yield fmt.usage(chunk.usage)
+        yield openai_chat.DONE
     except ApiError as exc:
         status, code = exc.status, exc.code or exc.type
         yield b"data: " + _encoder.encode(error_body(exc)) + b"\n\n"
-    except asyncio.CancelledError:
-        status, code = 499, "client_closed"
-        raise
     except Exception:
         log.exception("stream %s failed", stream.request.request_id)
         status, code = 500, "internal"
-        yield b'data: {"error": {"message": "internal error", "type": "server_error", "param": null, "code": null}}\n\n'
+        yield b"data: " + _encoder.encode(internal_error_body(stream.request.request_id)) + b"\n\n"
     finally:
         stream.close()
         timer.done(status, code)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from cortex.broker.server import EmbeddedNats
+from cortex.broker.server import EmbeddedNats, stop_processes
 from tests.tiny_model import build_tiny_model
 
 TINY_MODEL = "tiny-llama"
@@ -65,13 +64,7 @@ def ready_models(base_url: str) -> set[str]:
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> int:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_processes([proc], timeout)
     return proc.returncode
 
 
@@ -152,6 +145,14 @@ id = "{TINY_MODEL}"
 path = "{tiny_model_dir}"
 dtype = "float32"
 aliases = ["{TINY_ALIAS}"]
+
+[[models]]
+id = "tiny-a"
+path = "{tiny_model_dir}"
+
+[[models]]
+id = "tiny-b"
+path = "{tiny_model_dir}"
 
 [[models]]
 id = "smollm2-135m-instruct"

@@ -136,6 +136,8 @@ def test_default_model_answers_paris(up_stack: UpStack) -> None:
 
 @pytest.mark.default_model
 def test_up_serves_metrics(up_stack: UpStack) -> None:
+    client = openai.OpenAI(base_url=up_stack.base_url, api_key="any", max_retries=0, timeout=120)
+    client.chat.completions.create(model=DEFAULT_MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
     with urllib.request.urlopen(f"http://127.0.0.1:{up_stack.metrics_port}/metrics", timeout=10) as resp:
         text = resp.read().decode()
     assert f'cortex_requests_total{{dialect="openai",model="{DEFAULT_MODEL}",status="200"}}' in text

@@ -134,7 +134,7 @@ def test_model_in_catalogue_but_not_loaded_is_503(client: openai.OpenAI) -> None
 
 
 def test_prompt_longer_than_context_is_400(client: openai.OpenAI) -> None:
-    long_prompt = [{"role": "user", "content": "fox " * 3000}]
+    long_prompt = [{"role": "user", "content": "fox " * 5000}]
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=TINY_MODEL, messages=long_prompt)  # type: ignore[arg-type]
     assert info.value.code == "context_length_exceeded"
@@ -157,6 +157,10 @@ def test_prompt_longer_than_context_is_400(client: openai.OpenAI) -> None:
         (b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "temperature": 7}', "temperature"),
         (b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "top_p": 0}', "top_p"),
         (b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "n": 3}', "n"),
+        (
+            b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "seed": 9223372036854775808}',
+            "seed",
+        ),
         (
             b'{"model": "tiny-llama", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}',
             "messages[0].content[0]",
@@ -220,6 +224,13 @@ def test_models_list(client: openai.OpenAI) -> None:
     assert (models["smollm2-135m-instruct"].model_extra or {})["ready"] is False
 
 
+def test_retrieve_model_by_id_and_alias(client: openai.OpenAI) -> None:
+    assert client.models.retrieve(TINY_MODEL).id == TINY_MODEL
+    assert client.models.retrieve(TINY_ALIAS).id == TINY_MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
 def test_health(gateway: Gateway) -> None:
     body = httpx.get(f"{gateway.root_url}/health", timeout=10).json()
     assert body["status"] == "ok"
@@ -243,10 +254,10 @@ def test_metrics_are_exported(client: openai.OpenAI, gateway: Gateway) -> None:
     assert f'model="{TINY_MODEL}"' in text
 
 
-def test_stream_error_after_headers_arrives_in_the_stream(gateway: Gateway) -> None:
-    # Invalid at the worker, found only once generation starts: rejected before the
-    # headers, so it still is a proper status code rather than a truncated stream.
-    body = {"model": TINY_MODEL, "messages": [{"role": "user", "content": "fox " * 3000}], "stream": True}
+def test_stream_rejected_by_the_worker_keeps_its_status_code(gateway: Gateway) -> None:
+    # Invalid only at the worker (it alone can count tokens): the gateway waits for
+    # the first chunk before sending headers, so this is a 400, not a broken stream.
+    body = {"model": TINY_MODEL, "messages": [{"role": "user", "content": "fox " * 5000}], "stream": True}
     response = httpx.post(f"{gateway.base_url}/chat/completions", json=body, timeout=30)
     assert response.status_code == 400
     assert json.loads(response.text)["error"]["code"] == "context_length_exceeded"

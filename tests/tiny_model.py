@@ -43,7 +43,7 @@ def build_tokenizer(folder: Path, vocab_size: int = 400):  # type: ignore[no-unt
     return fast
 
 
-def build_tiny_model(folder: Path, *, seed: int = 0, max_positions: int = 2048) -> Path:
+def build_tiny_model(folder: Path, *, seed: int = 0, max_positions: int = 4096) -> Path:
     """Write a 2-layer random Llama + tokenizer to `folder`; return the folder."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM

@@ -28,7 +28,7 @@ from cortex.protocol import Chunk, ChunkError, GenerateRequest, Usage
 from cortex.protocol import messages as m
 from cortex.worker.detokenize import IncrementalDetokenizer
 from cortex.worker.loader import LoadedModel, PromptError
-from cortex.worker.sampling import make_generator, sample
+from cortex.worker.sampling import is_greedy, make_generator, sample
 from cortex.worker.stops import StopMatcher
 
 log = logging.getLogger("cortex.worker")
@@ -189,6 +189,11 @@ class Engine:
         except RequestRejected as exc:
             emit(error_chunk(request.request_id, exc.code, exc.message, worker_id=self.worker_id))
             return
+        except Exception as exc:
+            # Whatever goes wrong with one request must not take the engine thread down.
+            log.exception("could not start %s", request.request_id)
+            emit(error_chunk(request.request_id, m.ERROR_INTERNAL, f"could not start: {exc}", worker_id=self.worker_id))
+            return
         self._active[request.request_id] = seq
 
     def _prepare(self, request: GenerateRequest, emit: Emit) -> Sequence:
@@ -213,7 +218,7 @@ class Engine:
                 "Please reduce the length of the messages or completion.",
             )
         sampling = request.sampling
-        generator = None if sampling.temperature <= 0 else make_generator(loaded.device, sampling.seed)
+        generator = None if is_greedy(sampling.temperature) else make_generator(loaded.device, sampling.seed)
         return Sequence(
             request=request,
             emit=emit,
@@ -234,11 +239,10 @@ class Engine:
                 logits, temperature=seq.request.sampling.temperature, top_p=seq.request.sampling.top_p,
                 generator=seq.generator,
             )  # fmt: skip
+            self._accept(seq, token)
         except Exception as exc:
             log.exception("generation failed for %s", seq.request_id)
             self._finish(seq, error=ChunkError(code=m.ERROR_INTERNAL, message=f"generation failed: {exc}"))
-            return
-        self._accept(seq, token)
 
     def _forward(self, seq: Sequence) -> torch.Tensor:
         model = seq.loaded.model

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import torch
 
+GREEDY_BELOW = 1e-5
+"""Temperatures this small are greedy (dividing logits by them would overflow)."""
+
+
+def is_greedy(temperature: float) -> bool:
+    return temperature < GREEDY_BELOW
+
 
 def sample(logits: torch.Tensor, *, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
     """Pick one token id from a 1-D logits vector."""
-    if temperature <= 0.0:
+    if is_greedy(temperature):
         return int(torch.argmax(logits).item())
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
@@ -26,5 +33,6 @@ def make_generator(device: torch.device, seed: int | None) -> torch.Generator:
     if seed is None:
         generator.seed()
     else:
-        generator.manual_seed(seed)
+        # OpenAI seeds are any int64; torch wants a non-negative 64-bit value.
+        generator.manual_seed(seed % 2**64)
     return generator

@@ -28,6 +28,10 @@ log = logging.getLogger("cortex.worker")
 
 FETCH_TIMEOUT_S = 1.0
 PROGRESS_INTERVAL_S = 10.0
+DRAIN_TIMEOUT_S = 30.0
+"""On shutdown, how long in-flight requests may run before they go back to the queue."""
+CANCELLED_KEEP_S = 600.0
+CANCELLED_MAX = 10_000
 VERSION = "0.1.0"
 
 
@@ -64,6 +68,8 @@ class WorkerService:
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _started_at: float = field(default_factory=time.time)
     _background: set[asyncio.Task[None]] = field(default_factory=set)
+    _cancelled: dict[str, float] = field(default_factory=dict)
+    _pulling: int = 0
 
     @property
     def free_slots(self) -> int:
@@ -84,15 +90,22 @@ class WorkerService:
             asyncio.create_task(self._serve_model(slot, loop), name=f"serve-{slot.spec.id}")
             for slot in self._models.values()
         ]
+        serving = tasks[3:]
         await self._stopping.wait()
+        # Pull loops notice the stop within one fetch; a model still loading is abandoned.
+        _, loading = await asyncio.wait(serving, timeout=FETCH_TIMEOUT_S + 5.0)
+        for task in loading:
+            task.cancel()
+        await self._wait_in_flight(timeout=DRAIN_TIMEOUT_S)
+        for request_id in list(self._in_flight):
+            self.engine.cancel(request_id)
         await cancel_sub.unsubscribe()
-        await self._wait_in_flight(timeout=30.0)
+        await self._drain_outbox()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self._drain_outbox()
-        for flight in list(self._in_flight.values()):
-            await flight.delivery.nak()  # another worker takes it up
+        for request_id in list(self._in_flight):
+            await self._release(request_id, outcome="nak")  # another worker takes it up
         try:
             await self.bus.delete_advert(names.worker_key(self.worker_id))
         except BrokerError as exc:
@@ -100,6 +113,7 @@ class WorkerService:
 
     def stop(self) -> None:
         self._stopping.set()
+        self._slot_freed.set()  # wake pull loops waiting for a slot
 
     # -- models ---------------------------------------------------------------
 
@@ -132,23 +146,31 @@ class WorkerService:
                 await asyncio.sleep(1.0)
 
     async def _pull_loop(self, slot: ModelSlot, pull: PullQueue, loop: asyncio.AbstractEventLoop) -> None:
-        while not self._stopping.is_set():
-            free = self.free_slots
-            if free <= 0:
-                self._slot_freed.clear()
-                await self._slot_freed.wait()
-                continue
-            self._reserved += free
-            try:
-                deliveries = await pull.fetch(free, timeout=FETCH_TIMEOUT_S)
-            except BrokerError as exc:
-                log.warning("fetch for %s failed: %s", slot.spec.id, exc)
-                deliveries = []
-                await asyncio.sleep(0.5)
-            finally:
-                self._reserved -= free
-            for delivery in deliveries:
-                await self._accept(slot, delivery, loop)
+        self._pulling += 1
+        try:
+            while not self._stopping.is_set():
+                free = self.free_slots
+                if free <= 0:
+                    self._slot_freed.clear()
+                    await self._slot_freed.wait()
+                    continue
+                # With several models, each pull takes a fair share of the free
+                # slots so that an idle model's long poll cannot starve the others.
+                share = -(-free // max(1, self._pulling))
+                self._reserved += share
+                try:
+                    deliveries = await pull.fetch(share, timeout=FETCH_TIMEOUT_S)
+                except BrokerError as exc:
+                    log.warning("fetch for %s failed: %s", slot.spec.id, exc)
+                    deliveries = []
+                    await asyncio.sleep(0.5)
+                finally:
+                    self._reserved -= share
+                    self._slot_freed.set()
+                for delivery in deliveries:
+                    await self._accept(slot, delivery, loop)
+        finally:
+            self._pulling -= 1
 
     async def _accept(self, slot: ModelSlot, delivery: Delivery, loop: asyncio.AbstractEventLoop) -> None:
         try:
@@ -157,8 +179,12 @@ class WorkerService:
             log.error("poison request on %s: %s", slot.spec.id, exc)
             await delivery.term()
             return
-        if request.request_id in self._in_flight:
-            await delivery.ack()  # a duplicate delivery of something already running here
+        if request.request_id in self._in_flight or request.request_id in self._cancelled:
+            await delivery.ack()  # already running here, or its client has gone
+            return
+        if not request.reply_subject:
+            log.error("request %s has no reply subject; dropped", request.request_id)
+            await delivery.term()
             return
         self._in_flight[request.request_id] = InFlight(delivery=delivery, request=request, model=slot.spec.id)
         slot.in_flight += 1
@@ -174,7 +200,12 @@ class WorkerService:
     async def _publisher(self) -> None:
         while True:
             chunk = await self._outbox.get()
-            await self._publish(chunk)
+            try:
+                await self._publish(chunk)
+            except Exception:
+                # One bad request must not stop the chunks of all the others.
+                log.exception("publishing a chunk of %s failed", chunk.request_id)
+                await self._release(chunk.request_id, outcome="term")
 
     async def _drain_outbox(self) -> None:
         while not self._outbox.empty():
@@ -188,28 +219,49 @@ class WorkerService:
             await self.bus.publish(flight.request.reply_subject, codec.encode(chunk))
         except BrokerError as exc:
             log.warning("chunk for %s not published: %s", chunk.request_id, exc)
+            if chunk.final:
+                # The gateway never saw the end: give the request back rather than
+                # let the client wait for its deadline.
+                await self._release(chunk.request_id, outcome="nak")
+            return
         if chunk.final:
-            await self._release(chunk.request_id, ack=True)
+            await self._release(chunk.request_id, outcome="ack")
 
-    async def _release(self, request_id: str, *, ack: bool) -> None:
+    async def _release(self, request_id: str, *, outcome: str) -> None:
+        """Forget a request and settle its message: ``ack``, ``nak`` or ``term``."""
         flight = self._in_flight.pop(request_id, None)
         if flight is None:
             return
         slot = self._models.get(flight.model)
         if slot is not None:
             slot.in_flight -= 1
-        if ack:
+        if outcome == "ack":
             await flight.delivery.ack()
+        elif outcome == "nak":
+            await flight.delivery.nak(delay=1.0)
+        else:
+            await flight.delivery.term()
         self._slot_freed.set()
 
     def _on_cancel(self, _subject: str, payload: bytes) -> None:
         request_id = payload.decode("utf-8", "replace")
+        self._remember_cancelled(request_id)
         if request_id in self._in_flight:
             self.engine.cancel(request_id)
             # The client is gone: the request is consumed, not redelivered.
-            task = asyncio.get_running_loop().create_task(self._release(request_id, ack=True))
+            task = asyncio.get_running_loop().create_task(self._release(request_id, outcome="ack"))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+
+    def _remember_cancelled(self, request_id: str) -> None:
+        """Keep cancelled ids a while: the cancel may arrive before the request does."""
+        now = time.monotonic()
+        self._cancelled[request_id] = now
+        if len(self._cancelled) > CANCELLED_MAX:
+            cutoff = now - CANCELLED_KEEP_S
+            self._cancelled = {rid: t for rid, t in self._cancelled.items() if t > cutoff}
+            while len(self._cancelled) > CANCELLED_MAX:
+                self._cancelled.pop(next(iter(self._cancelled)))
 
     async def _wait_in_flight(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -1,0 +1,151 @@
+"""Deadlines become 504s, clients that leave free their slot, workers stay usable."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from cortex.broker.server import EmbeddedNats
+from tests.conftest import TINY_MODEL, Gateway, child_env, ready_models, start_gateway, stop_process, wait_for
+
+LONG = 4000  # tokens: several seconds of work for the tiny model on a CPU
+IMPATIENT_S = 1.5
+PROMPT = [{"role": "user", "content": "go on"}]
+
+
+def sdk(gateway: Gateway) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0, timeout=60,
+                         _strict_response_validation=True)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def impatient_gateway(nats_server: EmbeddedNats, gateway: Gateway, logs_dir: Path) -> Iterator[Gateway]:
+    gw = start_gateway(nats_server.url, logs_dir, "--request-timeout", str(IMPATIENT_S))
+    wait_for(lambda: TINY_MODEL in ready_models(gw.base_url), timeout=30, what="fleet view")
+    yield gw
+    stop_process(gw.proc)
+
+
+def test_deadline_passed_is_504(impatient_gateway: Gateway) -> None:
+    with pytest.raises(openai.APIStatusError) as info:
+        sdk(impatient_gateway).chat.completions.create(
+            model=TINY_MODEL, messages=PROMPT, temperature=0, max_tokens=LONG
+        )  # type: ignore[call-overload]
+    assert info.value.status_code == 504
+    assert info.value.code == "deadline_exceeded"
+
+
+def test_deadline_during_a_stream_is_an_error_event(impatient_gateway: Gateway) -> None:
+    stream = sdk(impatient_gateway).chat.completions.create(
+        model=TINY_MODEL, messages=PROMPT, temperature=0, max_tokens=LONG, stream=True
+    )  # type: ignore[call-overload]
+    received: list[str] = []
+    with pytest.raises(openai.APIError) as info:
+        for chunk in stream:
+            received.append(chunk.choices[0].delta.content or "")
+    assert received  # the stream had started: the error came inside it, not as a status
+    assert "deadline" in info.value.message
+
+
+def metric(gateway: Gateway, name: str, **labels: str) -> float:
+    text = httpx.get(gateway.metrics_url, timeout=10).text
+    wanted = {f'{k}="{v}"' for k, v in labels.items()}
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            got = set(line[line.index("{") + 1 : line.index("}")].split(","))
+            if wanted <= got:
+                total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_stream_disconnect_cancels_generation(
+    gateway: Gateway, logs_dir: Path, worker: subprocess.Popen[bytes]
+) -> None:
+    body = {"model": TINY_MODEL, "messages": PROMPT, "max_tokens": LONG, "stream": True, "temperature": 0}
+    with httpx.stream("POST", f"{gateway.base_url}/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        first = next(response.iter_lines())  # generation is running; now hang up
+    request_id = re.search(r'"id":"chatcmpl-([0-9a-f]+)"', first).group(1)  # type: ignore[union-attr]
+    worker_log = logs_dir / "worker.log"
+    wait_for(lambda: f"cancelled {request_id}" in worker_log.read_text(), timeout=30, what="the cancel", proc=worker)
+    line = next(ln for ln in worker_log.read_text().splitlines() if f"cancelled {request_id}" in ln)
+    assert int(line.split(" after ")[1].split()[0]) < LONG
+    wait_for(lambda: metric(gateway, "cortex_requests_in_flight", model=TINY_MODEL) == 0, timeout=10, what="gauge")
+
+
+def test_non_stream_disconnect_is_counted_and_cancelled(gateway: Gateway) -> None:
+    before = metric(gateway, "cortex_requests_total", model=TINY_MODEL, status="499")
+    body = {"model": TINY_MODEL, "messages": PROMPT, "max_tokens": LONG, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{gateway.base_url}/chat/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
+    wait_for(
+        lambda: metric(gateway, "cortex_requests_total", model=TINY_MODEL, status="499") == before + 1,
+        timeout=15, what="the 499 to be counted",
+    )  # fmt: skip
+    assert metric(gateway, "cortex_requests_in_flight", model=TINY_MODEL) == 0
+
+
+@pytest.fixture(scope="module")
+def two_model_worker(
+    nats_server: EmbeddedNats, catalogue_file: Path, logs_dir: Path, gateway: Gateway
+) -> Iterator[subprocess.Popen[bytes]]:
+    log = open(logs_dir / "two-model-worker.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cortex.worker", "--nats", nats_server.url, "--models", str(catalogue_file),
+         "--model", "tiny-a", "--model", "tiny-b", "--device", "cpu", "--slots", "2", "--worker-id", "two-models"],
+        stdout=log, stderr=subprocess.STDOUT, env=child_env(),
+    )  # fmt: skip
+    log.close()
+    wait_for(lambda: {"tiny-a", "tiny-b"} <= ready_models(gateway.base_url), timeout=120, what="two models", proc=proc)
+    yield proc
+    stop_process(proc)
+
+
+def test_each_model_of_a_multi_model_worker_is_served(
+    gateway: Gateway, two_model_worker: subprocess.Popen[bytes]
+) -> None:
+    client = openai.OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0, timeout=30)
+    # One model alone while the other idles: its pull must not be starved.
+    assert client.chat.completions.create(model="tiny-b", messages=PROMPT, max_tokens=3).usage.completion_tokens == 3  # type: ignore[union-attr, call-overload]
+
+    def ask(model: str) -> int:
+        reply = client.chat.completions.create(model=model, messages=PROMPT, max_tokens=5)  # type: ignore[call-overload]
+        return reply.usage.completion_tokens  # type: ignore[no-any-return]
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(ask, ["tiny-a", "tiny-b", "tiny-a", "tiny-b"])) == [5, 5, 5, 5]
+
+
+def test_stopped_worker_withdraws_its_models(gateway: Gateway, two_model_worker: subprocess.Popen[bytes]) -> None:
+    assert stop_process(two_model_worker) == 0
+    wait_for(lambda: not {"tiny-a", "tiny-b"} & ready_models(gateway.base_url), timeout=15, what="withdrawal")
+
+
+def test_malformed_requests_on_the_stream_do_not_stop_the_worker(nats_server: EmbeddedNats, gateway: Gateway) -> None:
+    from cortex.broker.bus import Bus
+    from cortex.protocol import GenerateRequest, Message, codec
+
+    async def publish_garbage() -> None:
+        bus = await Bus.open(nats_server.url, name="test-garbage")
+        try:
+            await bus.publish_request(TINY_MODEL, b"\xff not json", msg_id="garbage-1")
+            no_reply = GenerateRequest(
+                request_id="no-reply-1", model=TINY_MODEL, messages=[Message(role="user", content="x")]
+            )
+            await bus.publish_request(TINY_MODEL, codec.encode(no_reply), msg_id="no-reply-1")
+        finally:
+            await bus.close()
+
+    asyncio.run(publish_garbage())
+    reply = sdk(gateway).chat.completions.create(model=TINY_MODEL, messages=PROMPT, max_tokens=3)  # type: ignore[call-overload]
+    assert reply.usage.completion_tokens == 3
