@@ -47,10 +47,12 @@ class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=T
     created: float = 0.0
 
 
-class Usage(msgspec.Struct, frozen=True, kw_only=True):
+class Usage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    cached_tokens: int = 0
+    """Prompt tokens whose KV the worker reused from an earlier request."""
 
 
 class ChunkError(msgspec.Struct, frozen=True, kw_only=True):

@@ -1,119 +1,92 @@
-"""The engine thread: the only code that touches the device.
+"""The engine thread: continuous batching, and the only code that touches the device.
 
 Requests arrive through `Engine.submit` from the asyncio side and leave as
-`Chunk`s through the `emit` callback each request was submitted with (the
-callback must be thread-safe and must not block). The thread interleaves every
-active sequence one decoding step at a time, so a new request starts at the next
-step instead of waiting for the others to finish.
+`Chunk`s through the `emit` callback each was submitted with (thread-safe,
+non-blocking). Each loop iteration of the thread does:
 
-Each request is driven by a `Sequence`: prefill, then one token per step, with
-its own sampling parameters, stop strings, token limit and deadline. The batched
-decoding step of the speed work replaces `_advance` without changing this API.
+1. take new requests, cancellations and calls from the inbox;
+2. one prefill action: either a group of short waiting prompts in one padded
+   forward pass (up to `max_prefill_tokens`), or one `prefill_chunk` of a long
+   prompt, a prompt with a prefix-cache hit, or a preempted sequence; each
+   sequence that finishes prefill samples its first token, which is sent at
+   once, and joins its model's running `Batch`;
+3. one decoding step of every model's batch: each row gets one token, with its
+   own sampling parameters, logits processors, stop strings, limits and deadline.
+
+So requests join at the next step and leave when done; long prompts never stall
+the others' decoding for more than one chunk. KV memory is bounded by
+`kv_budget_tokens` (per model): new rows wait while the batch is full, and if
+the running batch outgrows it, its newest row is preempted and later resumed by
+recomputation (the client sees nothing but a pause).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 
-from cortex.protocol import Chunk, ChunkError, GenerateRequest, Usage
+from cortex.protocol import ChunkError, GenerateRequest
 from cortex.protocol import messages as m
+from cortex.worker import kvcache
+from cortex.worker.batch import Batch, forward
 from cortex.worker.detokenize import IncrementalDetokenizer
 from cortex.worker.loader import LoadedModel, PromptError
 from cortex.worker.sampling import is_greedy, make_generator, sample
+from cortex.worker.sequence import Emit, RequestRejected, Sequence, error_chunk
 from cortex.worker.stops import StopMatcher
 
 log = logging.getLogger("cortex.worker")
-
-Emit = Callable[[Chunk], None]
 T = TypeVar("T")
 
-
-class RequestRejected(Exception):
-    """A request that cannot run at all; carries the wire error code."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+HEADROOM_TOKENS = 64
+"""Columns a batch is expected to grow before the next admission check."""
 
 
 @dataclass
-class Sequence:
-    """One request in flight on the engine thread."""
+class EngineLimits:
+    max_prefill_tokens: int = 2048
+    """Padded tokens one grouped prefill may process."""
+    prefill_chunk: int = 512
+    """Longer prompts are prefilled alone, this many tokens per loop iteration."""
+    kv_budget_tokens: int = 0
+    """Padded KV cells (rows x columns) a model's batch may hold; 0 derives it from device memory."""
+    prefix_cache_tokens: int = 16384
+    """Tokens of finished sequences kept for prefix reuse, per model (0 disables it)."""
 
-    request: GenerateRequest
-    emit: Emit
+
+@dataclass
+class _ModelState:
     loaded: LoadedModel
-    prompt_ids: list[int]
-    max_new_tokens: int
-    detok: IncrementalDetokenizer
-    stops: StopMatcher
-    generator: torch.Generator | None
-    worker_id: str
-    cache: Any = None
-    last_token: int | None = None
-    generated: int = 0
-    seq_no: int = 0
-    unsent_tokens: int = 0
-    started: float = field(default_factory=time.monotonic)
-
-    @property
-    def request_id(self) -> str:
-        return self.request.request_id
-
-    def send(self, text: str = "", *, finish: str | None = None, error: ChunkError | None = None) -> None:
-        usage = None
-        if finish is not None:
-            n_prompt = len(self.prompt_ids)
-            usage = Usage(
-                prompt_tokens=n_prompt, completion_tokens=self.generated, total_tokens=n_prompt + self.generated
-            )
-        chunk = Chunk(
-            request_id=self.request_id,
-            seq=self.seq_no,
-            text=text,
-            tokens=self.unsent_tokens,
-            prompt_tokens=len(self.prompt_ids) if self.seq_no == 0 else 0,
-            completion_tokens=self.generated,
-            finish_reason=finish,
-            usage=usage,
-            worker_id=self.worker_id if self.seq_no == 0 else "",
-            error=error,
-        )
-        self.seq_no += 1
-        self.unsent_tokens = 0
-        self.emit(chunk)
-
-
-def error_chunk(request_id: str, code: str, message: str, *, worker_id: str, seq: int = 0) -> Chunk:
-    return Chunk(
-        request_id=request_id,
-        seq=seq,
-        finish_reason=m.FINISH_ERROR,
-        worker_id=worker_id,
-        error=ChunkError(code=code, message=message),
-    )
+    batch: Batch
+    prefix: kvcache.PrefixCache
+    kv_budget: int
 
 
 class Engine:
-    """Owns the device thread; thread-safe `submit`, `cancel` and `call`."""
+    """Owns the device thread; `submit`, `cancel`, `call` and `add_model` are thread-safe."""
 
-    def __init__(self, *, worker_id: str) -> None:
+    def __init__(self, *, worker_id: str, limits: EngineLimits | None = None) -> None:
         self.worker_id = worker_id
-        self._models: dict[str, LoadedModel] = {}
+        self.limits = limits or EngineLimits()
+        self._models: dict[str, _ModelState] = {}
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._active: dict[str, Sequence] = {}
+        self._waiting: deque[Sequence] = deque()
+        self._chunked: Sequence | None = None
+        self._chunked_kv: kvcache.KV | None = None
         self._thread = threading.Thread(target=self._run, name="cortex-engine", daemon=True)
         self._stopping = False
+        self.steps = 0
+        self.preemptions = 0
 
     # -- called from any thread ---------------------------------------------
 
@@ -143,14 +116,19 @@ class Engine:
 
     # -- the engine thread ----------------------------------------------------
 
+    def _busy(self) -> bool:
+        return bool(self._waiting or self._chunked or any(s.batch.rows for s in self._models.values()))
+
     def _run(self) -> None:
         with torch.inference_mode():
             while not self._stopping:
-                self._drain_inbox(block=not self._active)
-                for seq in list(self._active.values()):
-                    if self._stopping:
-                        break
-                    self._advance(seq)
+                self._drain_inbox(block=not self._busy())
+                if self._stopping:
+                    break
+                self._prefill_once()
+                for state in self._models.values():
+                    if state.batch.rows:
+                        self._decode(state)
 
     def _drain_inbox(self, *, block: bool) -> None:
         try:
@@ -168,11 +146,14 @@ class Engine:
         if kind == "submit":
             self._start(*payload)
         elif kind == "cancel":
-            seq = self._active.pop(payload, None)
-            if seq is not None:
-                log.info("cancelled %s after %d tokens", payload, seq.generated)
+            self._cancel(payload)
         elif kind == "add":
-            self._models[payload.spec.id] = payload
+            self._models[payload.spec.id] = _ModelState(
+                loaded=payload,
+                batch=Batch(payload),
+                prefix=kvcache.PrefixCache(self.limits.prefix_cache_tokens),
+                kv_budget=self.limits.kv_budget_tokens or default_kv_budget(payload),
+            )
         elif kind == "call":
             fn, future = payload
             if future.set_running_or_notify_cancel():
@@ -182,6 +163,27 @@ class Engine:
                     future.set_exception(exc)
         elif kind == "stop":
             self._stopping = True
+
+    def _cancel(self, request_id: str) -> None:
+        for seq in self._all_sequences():
+            if seq.request_id == request_id and not seq.done:
+                seq.done = True  # silently: nobody listens any more
+                log.info("cancelled %s after %d tokens", request_id, len(seq.generated_ids))
+        self._waiting = deque(s for s in self._waiting if not s.done)
+        if self._chunked is not None and self._chunked.done:
+            self._chunked, self._chunked_kv = None, None
+        for state in self._models.values():
+            state.batch.drop([i for i, row in enumerate(state.batch.rows) if not row.done])
+
+    def _all_sequences(self) -> list[Sequence]:
+        seqs = list(self._waiting)
+        if self._chunked is not None:
+            seqs.append(self._chunked)
+        for state in self._models.values():
+            seqs.extend(state.batch.rows)
+        return seqs
+
+    # -- admission ----------------------------------------------------------------
 
     def _start(self, request: GenerateRequest, emit: Emit) -> None:
         try:
@@ -194,12 +196,13 @@ class Engine:
             log.exception("could not start %s", request.request_id)
             emit(error_chunk(request.request_id, m.ERROR_INTERNAL, f"could not start: {exc}", worker_id=self.worker_id))
             return
-        self._active[request.request_id] = seq
+        self._waiting.append(seq)
 
     def _prepare(self, request: GenerateRequest, emit: Emit) -> Sequence:
-        loaded = self._models.get(request.model)
-        if loaded is None:
+        state = self._models.get(request.model)
+        if state is None:
             raise RequestRejected(m.ERROR_MODEL_NOT_LOADED, f"model {request.model!r} is not loaded on this worker")
+        loaded = state.loaded
         if request.deadline and time.time() > request.deadline:
             raise RequestRejected(m.ERROR_DEADLINE, "the request's deadline passed before it was started")
         try:
@@ -218,7 +221,7 @@ class Engine:
                 "Please reduce the length of the messages or completion.",
             )
         sampling = request.sampling
-        generator = None if is_greedy(sampling.temperature) else make_generator(loaded.device, sampling.seed)
+        greedy = is_greedy(sampling.temperature)
         return Sequence(
             request=request,
             emit=emit,
@@ -227,63 +230,182 @@ class Engine:
             max_new_tokens=wanted if wanted is not None else room,
             detok=IncrementalDetokenizer(loaded.tokenizer, prompt_ids),
             stops=StopMatcher(list(sampling.stop)),
-            generator=generator,
+            generator=None if greedy else make_generator(loaded.device, sampling.seed),
             worker_id=self.worker_id,
         )
 
-    def _advance(self, seq: Sequence) -> None:
-        """One step of one sequence: forward, sample, emit."""
+    def _fits(self, state: _ModelState, rows: int, width: int) -> bool:
+        batch = state.batch
+        total_rows = len(batch) + rows
+        return not batch.rows or total_rows * (max(batch.width, width) + HEADROOM_TOKENS) <= state.kv_budget
+
+    # -- prefill ------------------------------------------------------------------
+
+    def _prefill_once(self) -> None:
+        if self._chunked is None and self._waiting:
+            head = self._waiting[0]
+            state = self._models[head.request.model]
+            context = head.prompt_ids + head.generated_ids[:-1]
+            if not self._fits(state, 1, len(context)):
+                return  # wait for rows to finish
+            cached, prefix_kv = state.prefix.match(context)
+            if cached or len(context) > self.limits.prefill_chunk or head.generated_ids:
+                self._waiting.popleft()
+                self._chunked, self._chunked_kv = head, prefix_kv
+                head.prefilled = cached
+                if not head.generated_ids:
+                    head.cached_tokens = cached
+            else:
+                self._prefill_group(state)
+                return
+        if self._chunked is not None:
+            self._prefill_chunk()
+
+    def _prefill_group(self, state: _ModelState) -> None:
+        """Prefill consecutive short fresh prompts of one model in one padded pass."""
+        group: list[Sequence] = []
+        width = 0
+        while self._waiting:
+            seq = self._waiting[0]
+            n = len(seq.prompt_ids)
+            new_width = max(width, n)
+            if seq.request.model != state.loaded.spec.id or seq.generated_ids or n > self.limits.prefill_chunk:
+                break
+            if group and (new_width * (len(group) + 1) > self.limits.max_prefill_tokens
+                          or not self._fits(state, len(group) + 1, new_width)):  # fmt: skip
+                break
+            if group and state.prefix.match(seq.prompt_ids)[0]:
+                break  # it has a prefix hit: the chunked path will use it
+            group.append(self._waiting.popleft())
+            width = new_width
+        device = state.loaded.device
+        pad = int(state.loaded.tokenizer.pad_token_id or 0)
+        ids = torch.full((len(group), width), pad, dtype=torch.long, device=device)
+        mask = torch.zeros((len(group), width), dtype=torch.long, device=device)
+        for i, seq in enumerate(group):
+            n = len(seq.prompt_ids)
+            ids[i, width - n :] = torch.tensor(seq.prompt_ids, device=device)
+            mask[i, width - n :] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         try:
-            logits = self._forward(seq)
-            token = sample(
-                logits, temperature=seq.request.sampling.temperature, top_p=seq.request.sampling.top_p,
-                generator=seq.generator,
-            )  # fmt: skip
-            self._accept(seq, token)
+            logits, kv = forward(state.loaded, ids, mask, positions, None)
         except Exception as exc:
-            log.exception("generation failed for %s", seq.request_id)
-            self._finish(seq, error=ChunkError(code=m.ERROR_INTERNAL, message=f"generation failed: {exc}"))
+            log.exception("prefill failed")
+            for seq in group:
+                seq.finish(error=ChunkError(code=m.ERROR_INTERNAL, message=f"prefill failed: {exc}"))
+            return
+        self._first_tokens(state, group, logits, kv, mask)
 
-    def _forward(self, seq: Sequence) -> torch.Tensor:
-        model = seq.loaded.model
-        if seq.cache is None:
-            ids = torch.tensor([seq.prompt_ids], device=seq.loaded.device)
+    def _prefill_chunk(self) -> None:
+        seq = self._chunked
+        assert seq is not None
+        state = self._models[seq.request.model]
+        context = seq.prompt_ids + seq.generated_ids[:-1]
+        start, end = seq.prefilled, min(len(context), seq.prefilled + self.limits.prefill_chunk)
+        device = state.loaded.device
+        ids = torch.tensor([context[start:end]], device=device)
+        mask = torch.ones((1, end), dtype=torch.long, device=device)
+        positions = torch.arange(start, end, device=device).unsqueeze(0)
+        try:
+            logits, kv = forward(state.loaded, ids, mask, positions, self._chunked_kv)
+        except Exception as exc:
+            log.exception("prefill failed for %s", seq.request_id)
+            seq.finish(error=ChunkError(code=m.ERROR_INTERNAL, message=f"prefill failed: {exc}"))
+            self._chunked, self._chunked_kv = None, None
+            return
+        seq.prefilled = end
+        if end < len(context):
+            self._chunked_kv = kv
+            return
+        self._chunked, self._chunked_kv = None, None
+        if seq.generated_ids:  # a preempted sequence resumes where it was
+            state.batch.add([seq], kv, mask)
         else:
-            ids = torch.tensor([[seq.last_token]], device=seq.loaded.device)
-        out = model(input_ids=ids, use_cache=True, **{seq.loaded.cache_arg: seq.cache})
-        seq.cache = getattr(out, seq.loaded.cache_arg)
-        return out.logits[0, -1]
+            self._first_tokens(state, [seq], logits, kv, mask)
 
-    def _accept(self, seq: Sequence, token: int) -> None:
-        seq.last_token = token
-        seq.generated += 1
-        seq.unsent_tokens += 1
-        if token in seq.loaded.eos_ids:
-            self._finish(seq, text=seq.stops.push(seq.detok.flush())[0] + seq.stops.flush(), finish=m.FINISH_STOP)
-            return
-        text, hit = seq.stops.push(seq.detok.push(token))
-        if hit is not None:
-            self._finish(seq, text=text, finish=m.FINISH_STOP)
-            return
-        if seq.generated >= seq.max_new_tokens:
-            tail, hit = seq.stops.push(seq.detok.flush())
-            text += tail
-            if hit is None:
-                text += seq.stops.flush()
-            self._finish(seq, text=text, finish=m.FINISH_STOP if hit else m.FINISH_LENGTH)
-            return
-        if seq.request.deadline and time.time() > seq.request.deadline:
-            seq.send(text)
-            self._finish(seq, error=ChunkError(code=m.ERROR_DEADLINE, message="deadline passed during generation"))
-            return
-        # The first token always goes out at once (time to first token); later
-        # ones only when they complete some text.
-        if text or seq.seq_no == 0:
-            seq.send(text)
-
-    def _finish(
-        self, seq: Sequence, *, text: str = "", finish: str | None = None, error: ChunkError | None = None
+    def _first_tokens(
+        self, state: _ModelState, group: list[Sequence], logits: torch.Tensor, kv: kvcache.KV, mask: torch.Tensor
     ) -> None:
-        self._active.pop(seq.request_id, None)
-        seq.cache = None
-        seq.send(text, finish=finish or m.FINISH_ERROR, error=error)
+        self._sample_and_accept(group, logits)
+        keep = [i for i, seq in enumerate(group) if not seq.done]
+        if len(keep) < len(group):
+            index = torch.tensor(keep, device=mask.device)
+            kv, mask = kvcache.select_rows(kv, index), mask.index_select(0, index)
+        if keep:
+            state.batch.add([group[i] for i in keep], kv, mask)
+
+    # -- decoding -----------------------------------------------------------------
+
+    def _decode(self, state: _ModelState) -> None:
+        batch = state.batch
+        try:
+            logits = batch.step()
+        except Exception as exc:
+            log.exception("decoding step failed")
+            for row in batch.rows:
+                row.finish(error=ChunkError(code=m.ERROR_INTERNAL, message=f"generation failed: {exc}"))
+            batch.drop([])
+            return
+        self.steps += 1
+        self._sample_and_accept(batch.rows, logits)
+        keep = []
+        for i, row in enumerate(batch.rows):
+            if not row.done:
+                keep.append(i)
+            elif row.seq_no and row.length >= state.prefix.min_match and row.generated_ids:
+                # Its KV (prompt and answer) may start the next turn of the conversation.
+                state.prefix.put(row.prompt_ids + row.generated_ids[:-1], batch.row_cache(i, row.length))
+        batch.drop(keep)
+        if batch.rows and len(batch) * batch.width > state.kv_budget and len(batch) > 1:
+            self._preempt(state)
+
+    def _preempt(self, state: _ModelState) -> None:
+        """Move the newest row back to the front of the queue; it resumes by recomputation."""
+        batch = state.batch
+        victim = batch.rows[-1]
+        batch.drop(list(range(len(batch) - 1)))
+        victim.prefilled = 0
+        self.preemptions += 1
+        self._waiting.appendleft(victim)
+        log.info("preempted %s (batch over its KV budget of %d)", victim.request_id, state.kv_budget)
+
+    def _sample_and_accept(self, rows: list[Sequence], logits: torch.Tensor) -> None:
+        greedy = [i for i, row in enumerate(rows) if row.greedy and not row.logits_processors]
+        tokens: dict[int, int] = {}
+        if greedy:
+            picks = torch.argmax(logits[greedy], dim=-1).tolist()
+            tokens.update(zip(greedy, picks, strict=True))
+        for i, row in enumerate(rows):
+            if i not in tokens:
+                sampling = row.request.sampling
+                tokens[i] = sample(row.processed(logits[i]), temperature=sampling.temperature, top_p=sampling.top_p,
+                                   generator=row.generator)  # fmt: skip
+        now = time.time()
+        for i, row in enumerate(rows):
+            try:
+                row.accept(tokens[i], now)
+            except Exception as exc:
+                log.exception("token handling failed for %s", row.request_id)
+                row.finish(error=ChunkError(code=m.ERROR_INTERNAL, message=f"generation failed: {exc}"))
+
+
+def kv_bytes_per_token(loaded: LoadedModel) -> int:
+    config = loaded.model.config
+    layers = int(config.num_hidden_layers)
+    heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    element = torch.finfo(loaded.model.dtype).bits // 8
+    return 2 * layers * heads * head_dim * element
+
+
+def default_kv_budget(loaded: LoadedModel) -> int:
+    """KV cells that fit in a share of the device's free memory (a quarter of RAM on a CPU)."""
+    if loaded.device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(loaded.device)
+        budget = int(free * 0.8)
+    else:
+        try:
+            budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") // 4
+        except (ValueError, OSError):
+            budget = 2 * 2**30
+    return max(budget // kv_bytes_per_token(loaded), loaded.context_length)

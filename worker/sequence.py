@@ -1,0 +1,137 @@
+"""One request on the engine thread: its state, and what each new token does to it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from cortex.protocol import Chunk, ChunkError, GenerateRequest, Usage
+from cortex.protocol import messages as m
+from cortex.worker.detokenize import IncrementalDetokenizer
+from cortex.worker.loader import LoadedModel
+from cortex.worker.stops import StopMatcher
+
+Emit = Callable[[Chunk], None]
+LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
+"""(ids generated so far, next-token logits) -> logits; constrained decoding plugs in here."""
+
+
+class RequestRejected(Exception):
+    """A request that cannot run at all; carries the wire error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def error_chunk(request_id: str, code: str, message: str, *, worker_id: str, seq: int = 0) -> Chunk:
+    return Chunk(
+        request_id=request_id,
+        seq=seq,
+        finish_reason=m.FINISH_ERROR,
+        worker_id=worker_id,
+        error=ChunkError(code=code, message=message),
+    )
+
+
+@dataclass
+class Sequence:
+    request: GenerateRequest
+    emit: Emit
+    loaded: LoadedModel
+    prompt_ids: list[int]
+    max_new_tokens: int
+    detok: IncrementalDetokenizer
+    stops: StopMatcher
+    generator: torch.Generator | None
+    worker_id: str
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)
+    generated_ids: list[int] = field(default_factory=list)
+    cached_tokens: int = 0
+    """Prompt tokens whose KV came from the prefix cache."""
+    prefilled: int = 0
+    """Prompt tokens already in this sequence's cache (prefix hit + prefill chunks)."""
+    seq_no: int = 0
+    unsent_tokens: int = 0
+    done: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def greedy(self) -> bool:
+        return self.generator is None
+
+    @property
+    def length(self) -> int:
+        """Tokens in this sequence's KV cache once running: the prompt and all but the last generated token."""
+        return len(self.prompt_ids) + max(0, len(self.generated_ids) - 1)
+
+    @property
+    def last_token(self) -> int:
+        return self.generated_ids[-1]
+
+    def send(self, text: str = "", *, finish: str | None = None, error: ChunkError | None = None) -> None:
+        usage = None
+        if finish is not None:
+            n_prompt, n_gen = len(self.prompt_ids), len(self.generated_ids)
+            usage = Usage(prompt_tokens=n_prompt, completion_tokens=n_gen, total_tokens=n_prompt + n_gen,
+                          cached_tokens=self.cached_tokens)  # fmt: skip
+        chunk = Chunk(
+            request_id=self.request_id,
+            seq=self.seq_no,
+            text=text,
+            tokens=self.unsent_tokens,
+            prompt_tokens=len(self.prompt_ids) if self.seq_no == 0 else 0,
+            completion_tokens=len(self.generated_ids),
+            finish_reason=finish,
+            usage=usage,
+            worker_id=self.worker_id if self.seq_no == 0 else "",
+            error=error,
+        )
+        self.seq_no += 1
+        self.unsent_tokens = 0
+        self.emit(chunk)
+
+    def finish(self, *, text: str = "", finish: str | None = None, error: ChunkError | None = None) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.send(text, finish=finish or m.FINISH_ERROR, error=error)
+
+    def accept(self, token: int, now: float) -> None:
+        """Take one sampled token: emit its text, or finish (end token, stop string, limit, deadline)."""
+        self.generated_ids.append(token)
+        self.unsent_tokens += 1
+        if token in self.loaded.eos_ids:
+            text, _ = self.stops.push(self.detok.flush())
+            self.finish(text=text + self.stops.flush(), finish=m.FINISH_STOP)
+            return
+        text, hit = self.stops.push(self.detok.push(token))
+        if hit is not None:
+            self.finish(text=text, finish=m.FINISH_STOP)
+            return
+        if len(self.generated_ids) >= self.max_new_tokens:
+            tail, hit = self.stops.push(self.detok.flush())
+            text += tail if hit is not None else tail + self.stops.flush()
+            self.finish(text=text, finish=m.FINISH_STOP if hit else m.FINISH_LENGTH)
+            return
+        if self.request.deadline and now > self.request.deadline:
+            self.send(text)
+            self.finish(error=ChunkError(code=m.ERROR_DEADLINE, message="deadline passed during generation"))
+            return
+        # The first token always goes out at once (time to first token); later
+        # ones only when they complete some text.
+        if text or self.seq_no == 0:
+            self.send(text)
+
+    def processed(self, logits: torch.Tensor) -> torch.Tensor:
+        for processor in self.logits_processors:
+            logits = processor(self.generated_ids, logits)
+        return logits
