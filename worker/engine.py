@@ -114,6 +114,10 @@ class Engine:
     def cancel(self, request_id: str) -> None:
         self._inbox.put(("cancel", request_id))
 
+    def running(self) -> int:
+        """Sequences waiting, prefilling or decoding. Engine thread only: use ``call(engine.running)``."""
+        return len([s for s in self._all_sequences() if not s.done])
+
     # -- the engine thread ----------------------------------------------------
 
     def _busy(self) -> bool:

@@ -1,0 +1,197 @@
+"""The batching engine in-process, on the tiny model through the real loader: batching changes nothing but speed."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from cortex.protocol import Chunk, GenerateRequest, Message, Sampling
+from cortex.worker.catalogue import ModelSpec
+from cortex.worker.engine import Engine, EngineLimits
+from cortex.worker.loader import LoadedModel, load_model
+
+PROMPTS = [
+    "Hello café 🙂",
+    "The quick brown fox",
+    "x" * 50,
+    "Paris is the capital",
+    "a b c d e f g " * 10,
+    "Cortex relays tokens",
+    "1 2 3",
+    "Ünïcödé têxt",
+]
+Outcome = tuple[str, str | None, int]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir: Path) -> LoadedModel:
+    return load_model(ModelSpec(id="tiny", path=str(tiny_model_dir)), torch.device("cpu"))
+
+
+def make_engine(tiny: LoadedModel, **limits: int) -> Engine:
+    engine = Engine(worker_id="test", limits=EngineLimits(**limits))
+    engine.start()
+    engine.add_model(tiny)
+    return engine
+
+
+@pytest.fixture
+def engine(tiny: LoadedModel) -> Iterator[Engine]:
+    engine = make_engine(tiny, prefix_cache_tokens=0)
+    yield engine
+    engine.stop()
+
+
+def request(i: int, content: str, **sampling: object) -> GenerateRequest:
+    sampling.setdefault("temperature", 0.0)
+    sampling.setdefault("max_tokens", 20 + 5 * i)
+    return GenerateRequest(
+        request_id=f"r{i}", model="tiny", messages=[Message(role="user", content=content)],
+        sampling=Sampling(**sampling),  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+class Collector:
+    """Gathers the chunks of several requests; `wait` returns once all have finished."""
+
+    def __init__(self, n: int) -> None:
+        self.chunks: dict[str, list[Chunk]] = {}
+        self._left = n
+        self._lock = threading.Lock()
+        self.done = threading.Event()
+
+    def emit_for(self, request_id: str):  # type: ignore[no-untyped-def]
+        self.chunks[request_id] = []
+
+        def emit(chunk: Chunk) -> None:
+            self.chunks[request_id].append(chunk)
+            if chunk.final:
+                with self._lock:
+                    self._left -= 1
+                    if self._left == 0:
+                        self.done.set()
+
+        return emit
+
+    def outcome(self, request_id: str) -> Outcome:
+        chunks = self.chunks[request_id]
+        usage = chunks[-1].usage
+        return "".join(c.text for c in chunks), chunks[-1].finish_reason, usage.completion_tokens if usage else -1
+
+
+def run(engine: Engine, requests: list[GenerateRequest]) -> dict[str, Outcome]:
+    collector = Collector(len(requests))
+    for req in requests:
+        engine.submit(req, collector.emit_for(req.request_id))
+    assert collector.done.wait(120), "requests did not finish"
+    return {req.request_id: collector.outcome(req.request_id) for req in requests}
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time(tiny: LoadedModel) -> dict[str, Outcome]:
+    engine = make_engine(tiny, prefix_cache_tokens=0)
+    try:
+        out: dict[str, Outcome] = {}
+        for i, prompt in enumerate(PROMPTS):
+            out.update(run(engine, [request(i, prompt)]))
+        return out
+    finally:
+        engine.stop()
+
+
+def test_batched_greedy_equals_unbatched(engine: Engine, one_at_a_time: dict[str, Outcome]) -> None:
+    batched = run(engine, [request(i, p) for i, p in enumerate(PROMPTS)])
+    assert batched == one_at_a_time
+    assert {finish for _, finish, _ in batched.values()} == {"length"}
+    assert [n for _, _, n in batched.values()] == [20 + 5 * i for i in range(len(PROMPTS))]
+
+
+def test_chunked_prefill_equals_whole_prefill(tiny: LoadedModel, one_at_a_time: dict[str, Outcome]) -> None:
+    engine = make_engine(tiny, prefill_chunk=7, prefix_cache_tokens=0)
+    try:
+        assert run(engine, [request(i, p) for i, p in enumerate(PROMPTS)]) == one_at_a_time
+    finally:
+        engine.stop()
+
+
+def test_preemption_under_a_small_kv_budget_changes_nothing(
+    tiny: LoadedModel, one_at_a_time: dict[str, Outcome]
+) -> None:
+    engine = make_engine(tiny, kv_budget_tokens=300, prefix_cache_tokens=0)
+    try:
+        assert run(engine, [request(i, p) for i, p in enumerate(PROMPTS)]) == one_at_a_time
+        assert engine.preemptions > 0
+    finally:
+        engine.stop()
+
+
+def test_prefix_reuse_reports_cached_tokens_and_same_output(tiny: LoadedModel) -> None:
+    engine = make_engine(tiny)
+    try:
+        system = "You are a helpful assistant. " * 6
+        first = engine_usage(engine, request(0, system, max_tokens=10))
+        again = engine_usage(engine, request(1, system, max_tokens=10))
+        assert first[1].cached_tokens == 0
+        assert again[1].cached_tokens > 0
+        assert again[1].cached_tokens < again[1].prompt_tokens
+        assert first[0] == again[0]
+    finally:
+        engine.stop()
+
+
+def engine_usage(engine: Engine, req: GenerateRequest):  # type: ignore[no-untyped-def]
+    collector = Collector(1)
+    engine.submit(req, collector.emit_for(req.request_id))
+    assert collector.done.wait(60)
+    chunks = collector.chunks[req.request_id]
+    return "".join(c.text for c in chunks), chunks[-1].usage
+
+
+def test_stop_strings_inside_a_batch(engine: Engine, one_at_a_time: dict[str, Outcome]) -> None:
+    stops = {f"r{i}": one_at_a_time[f"r{i}"][0][5:8] for i in range(len(PROMPTS))}
+    out = run(engine, [request(i, p, stop=[stops[f"r{i}"]]) for i, p in enumerate(PROMPTS)])
+    for rid, (text, finish, _) in out.items():
+        full = one_at_a_time[rid][0]
+        assert text == full[: full.index(stops[rid])]
+        assert finish == "stop"
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_a_batch(engine: Engine) -> None:
+    sampled = [request(i, p, temperature=0.8, top_p=0.95, seed=100 + i) for i, p in enumerate(PROMPTS)]
+    alone = run(engine, sampled[:1])
+    together = run(engine, sampled)
+    assert together["r0"] == alone["r0"]
+
+
+def test_cancellation_frees_the_slot_and_spares_the_others(engine: Engine) -> None:
+    collector = Collector(2)
+    long = [request(i, p, max_tokens=300) for i, p in enumerate(PROMPTS[:3])]
+    started = threading.Event()
+
+    def emit_victim(chunk: Chunk) -> None:
+        victim_chunks.append(chunk)
+        started.set()
+
+    victim_chunks: list[Chunk] = []
+    engine.submit(long[0], emit_victim)
+    for req in long[1:]:
+        engine.submit(req, collector.emit_for(req.request_id))
+    assert started.wait(30)
+    engine.cancel("r0")
+    assert engine.call(engine.running).result(30) <= 2
+    assert collector.done.wait(120)
+    assert [collector.outcome(r.request_id)[2] for r in long[1:]] == [300, 300]
+    assert not any(c.final for c in victim_chunks)
+    assert engine.call(engine.running).result(30) == 0
+
+
+def test_prompt_too_long_is_rejected_without_running(engine: Engine) -> None:
+    out = Collector(1)
+    engine.submit(request(0, "fox " * 5000), out.emit_for("r0"))
+    assert out.done.wait(30)
+    (chunk,) = out.chunks["r0"]
+    assert chunk.error is not None and chunk.error.code == "context_length_exceeded"
