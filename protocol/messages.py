@@ -31,6 +31,8 @@ class Sampling(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     max_tokens: int | None = None
     stop: list[str] = []
     seed: int | None = None
+    ignore_eos: bool = False
+    """Keep generating past the end token (benchmarks: fixed-length outputs)."""
 
 
 class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type", tag="generate"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from cortex.worker import kvcache
 from cortex.worker.loader import LoadedModel
@@ -12,13 +13,13 @@ from cortex.worker.sequence import Sequence
 
 
 def forward(loaded: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-            kv: kvcache.KV | None) -> tuple[torch.Tensor, kvcache.KV]:  # fmt: skip
-    """One model call: logits of each row's last position, and the grown cache."""
-    extra: dict[str, Any] = {} if kv is None else {loaded.cache_arg: kvcache.from_tensors(kv)}
+            cache: DynamicCache | None) -> tuple[torch.Tensor, DynamicCache]:  # fmt: skip
+    """One model call: logits of each row's last position, and the (grown) cache."""
+    extra: dict[str, Any] = {} if cache is None else {loaded.cache_arg: cache}
     out = loaded.model(
         input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **extra
     )
-    return out.logits[:, -1], kvcache.to_tensors(getattr(out, loaded.cache_arg))
+    return out.logits[:, -1], getattr(out, loaded.cache_arg)
 
 
 class Batch:
@@ -27,7 +28,8 @@ class Batch:
     def __init__(self, loaded: LoadedModel) -> None:
         self.loaded = loaded
         self.rows: list[Sequence] = []
-        self.kv: kvcache.KV | None = None
+        self.cache: DynamicCache | None = None
+        """Kept between steps; rebuilt only when rows join or leave (rebuilding copies it)."""
         self.mask: torch.Tensor | None = None  # [rows, columns]; 1 = real token, 0 = padding
 
     def __len__(self) -> int:
@@ -37,19 +39,26 @@ class Batch:
     def width(self) -> int:
         return 0 if self.mask is None else int(self.mask.shape[1])
 
-    def add(self, rows: list[Sequence], kv: kvcache.KV, mask: torch.Tensor) -> None:
+    @property
+    def kv(self) -> kvcache.KV:
+        assert self.cache is not None
+        return kvcache.to_tensors(self.cache)
+
+    def add(self, rows: list[Sequence], cache: DynamicCache, mask: torch.Tensor) -> None:
         """Join rows whose (right-aligned) cache and mask were built by a prefill."""
-        if self.kv is None or self.mask is None:
-            self.rows, self.kv, self.mask = list(rows), kv, mask
+        if self.cache is None or self.mask is None:
+            self.rows, self.cache, self.mask = list(rows), cache, mask
             return
+        kv = kvcache.to_tensors(cache)
+        own = self.kv
         width, new_width = self.width, int(mask.shape[1])
         if new_width < width:
             kv = kvcache.left_pad(kv, width - new_width)
             mask = torch.cat([mask.new_zeros(mask.shape[0], width - new_width), mask], dim=1)
         elif new_width > width:
-            self.kv = kvcache.left_pad(self.kv, new_width - width)
+            own = kvcache.left_pad(own, new_width - width)
             self.mask = torch.cat([self.mask.new_zeros(self.mask.shape[0], new_width - width), self.mask], dim=1)
-        self.kv = kvcache.concat_rows(self.kv, kv)
+        self.cache = kvcache.from_tensors(kvcache.concat_rows(own, kv))
         self.mask = torch.cat([self.mask, mask])
         self.rows.extend(rows)
 
@@ -60,12 +69,11 @@ class Batch:
         ids = torch.tensor([[row.last_token] for row in self.rows], device=device)
         positions = torch.tensor([[row.length] for row in self.rows], device=device)
         mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
-        logits, self.kv = forward(self.loaded, ids, mask, positions, self.kv)
+        logits, self.cache = forward(self.loaded, ids, mask, positions, self.cache)
         self.mask = mask
         return logits
 
     def row_cache(self, index: int, tokens: int) -> kvcache.KV:
-        assert self.kv is not None
         return kvcache.row_tail(self.kv, index, tokens)
 
     def drop(self, keep: list[int]) -> None:
@@ -73,15 +81,16 @@ class Batch:
         if len(keep) == len(self.rows):
             return
         if not keep:
-            self.rows, self.kv, self.mask = [], None, None
+            self.rows, self.cache, self.mask = [], None, None
             return
-        assert self.kv is not None and self.mask is not None
+        assert self.mask is not None
         index = torch.tensor(keep, device=self.mask.device)
         self.rows = [self.rows[i] for i in keep]
-        self.kv = kvcache.select_rows(self.kv, index)
+        kv = kvcache.select_rows(self.kv, index)
         self.mask = self.mask.index_select(0, index)
         used = torch.nonzero(self.mask.sum(dim=0))
         first = int(used[0]) if len(used) else 0
         if first:
-            self.kv = kvcache.crop_left(self.kv, first)
+            kv = kvcache.crop_left(kv, first)
             self.mask = self.mask[:, first:]
+        self.cache = kvcache.from_tensors(kv)

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
+from transformers import DynamicCache
 
 from cortex.protocol import ChunkError, GenerateRequest
 from cortex.protocol import messages as m
@@ -82,7 +83,7 @@ class Engine:
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._waiting: deque[Sequence] = deque()
         self._chunked: Sequence | None = None
-        self._chunked_kv: kvcache.KV | None = None
+        self._chunked_cache: DynamicCache | None = None
         self._thread = threading.Thread(target=self._run, name="cortex-engine", daemon=True)
         self._stopping = False
         self.steps = 0
@@ -129,7 +130,7 @@ class Engine:
                 self._drain_inbox(block=not self._busy())
                 if self._stopping:
                     break
-                self._prefill_once()
+                self._prefill_round()
                 for state in self._models.values():
                     if state.batch.rows:
                         self._decode(state)
@@ -175,7 +176,7 @@ class Engine:
                 log.info("cancelled %s after %d tokens", request_id, len(seq.generated_ids))
         self._waiting = deque(s for s in self._waiting if not s.done)
         if self._chunked is not None and self._chunked.done:
-            self._chunked, self._chunked_kv = None, None
+            self._chunked, self._chunked_cache = None, None
         for state in self._models.values():
             state.batch.drop([i for i, row in enumerate(state.batch.rows) if not row.done])
 
@@ -245,27 +246,38 @@ class Engine:
 
     # -- prefill ------------------------------------------------------------------
 
-    def _prefill_once(self) -> None:
+    def _prefill_round(self) -> None:
+        """Prefill work worth up to `max_prefill_tokens` before the next decoding step."""
+        budget = self.limits.max_prefill_tokens
+        while budget > 0 and (self._waiting or self._chunked is not None):
+            spent = self._prefill_once()
+            if not spent:
+                return
+            budget -= spent
+
+    def _prefill_once(self) -> int:
+        """One prefill action; returns the tokens it computed (0: nothing could run)."""
         if self._chunked is None and self._waiting:
             head = self._waiting[0]
             state = self._models[head.request.model]
             context = head.prompt_ids + head.generated_ids[:-1]
             if not self._fits(state, 1, len(context)):
-                return  # wait for rows to finish
+                return 0  # wait for rows to finish
             cached, prefix_kv = state.prefix.match(context)
             if cached or len(context) > self.limits.prefill_chunk or head.generated_ids:
                 self._waiting.popleft()
-                self._chunked, self._chunked_kv = head, prefix_kv
+                self._chunked = head
+                self._chunked_cache = kvcache.from_tensors(prefix_kv) if prefix_kv is not None else None
                 head.prefilled = cached
                 if not head.generated_ids:
                     head.cached_tokens = cached
             else:
-                self._prefill_group(state)
-                return
+                return self._prefill_group(state)
         if self._chunked is not None:
-            self._prefill_chunk()
+            return self._prefill_chunk()
+        return 0
 
-    def _prefill_group(self, state: _ModelState) -> None:
+    def _prefill_group(self, state: _ModelState) -> int:
         """Prefill consecutive short fresh prompts of one model in one padded pass."""
         group: list[Sequence] = []
         width = 0
@@ -292,15 +304,16 @@ class Engine:
             mask[i, width - n :] = 1
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
         try:
-            logits, kv = forward(state.loaded, ids, mask, positions, None)
+            logits, cache = forward(state.loaded, ids, mask, positions, None)
         except Exception as exc:
             log.exception("prefill failed")
             for seq in group:
                 seq.finish(error=ChunkError(code=m.ERROR_INTERNAL, message=f"prefill failed: {exc}"))
-            return
-        self._first_tokens(state, group, logits, kv, mask)
+            return int(ids.numel())
+        self._first_tokens(state, group, logits, cache, mask)
+        return int(ids.numel())
 
-    def _prefill_chunk(self) -> None:
+    def _prefill_chunk(self) -> int:
         seq = self._chunked
         assert seq is not None
         state = self._models[seq.request.model]
@@ -311,32 +324,34 @@ class Engine:
         mask = torch.ones((1, end), dtype=torch.long, device=device)
         positions = torch.arange(start, end, device=device).unsqueeze(0)
         try:
-            logits, kv = forward(state.loaded, ids, mask, positions, self._chunked_kv)
+            logits, cache = forward(state.loaded, ids, mask, positions, self._chunked_cache)
         except Exception as exc:
             log.exception("prefill failed for %s", seq.request_id)
             seq.finish(error=ChunkError(code=m.ERROR_INTERNAL, message=f"prefill failed: {exc}"))
-            self._chunked, self._chunked_kv = None, None
-            return
+            self._chunked, self._chunked_cache = None, None
+            return end - start
         seq.prefilled = end
         if end < len(context):
-            self._chunked_kv = kv
-            return
-        self._chunked, self._chunked_kv = None, None
+            self._chunked_cache = cache
+            return end - start
+        self._chunked, self._chunked_cache = None, None
         if seq.generated_ids:  # a preempted sequence resumes where it was
-            state.batch.add([seq], kv, mask)
+            state.batch.add([seq], cache, mask)
         else:
-            self._first_tokens(state, [seq], logits, kv, mask)
+            self._first_tokens(state, [seq], logits, cache, mask)
+        return end - start
 
     def _first_tokens(
-        self, state: _ModelState, group: list[Sequence], logits: torch.Tensor, kv: kvcache.KV, mask: torch.Tensor
+        self, state: _ModelState, group: list[Sequence], logits: torch.Tensor, cache: DynamicCache, mask: torch.Tensor
     ) -> None:
         self._sample_and_accept(group, logits)
         keep = [i for i, seq in enumerate(group) if not seq.done]
-        if len(keep) < len(group):
+        if keep and len(keep) < len(group):
             index = torch.tensor(keep, device=mask.device)
-            kv, mask = kvcache.select_rows(kv, index), mask.index_select(0, index)
+            cache = kvcache.from_tensors(kvcache.select_rows(kvcache.to_tensors(cache), index))
+            mask = mask.index_select(0, index)
         if keep:
-            state.batch.add([group[i] for i in keep], kv, mask)
+            state.batch.add([group[i] for i in keep], cache, mask)
 
     # -- decoding -----------------------------------------------------------------
 

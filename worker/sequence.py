@@ -109,7 +109,7 @@ class Sequence:
         """Take one sampled token: emit its text, or finish (end token, stop string, limit, deadline)."""
         self.generated_ids.append(token)
         self.unsent_tokens += 1
-        if token in self.loaded.eos_ids:
+        if token in self.loaded.eos_ids and not self.request.sampling.ignore_eos:
             text, _ = self.stops.push(self.detok.flush())
             self.finish(text=text + self.stops.flush(), finish=m.FINISH_STOP)
             return
