@@ -264,7 +264,12 @@ class Engine:
             if not self._fits(state, 1, len(context)):
                 return 0  # wait for rows to finish
             cached, prefix_kv = state.prefix.match(context)
-            if cached or len(context) > self.limits.prefill_chunk or head.generated_ids:
+            # A short prefix hit is not worth giving up a grouped prefill: one
+            # padded pass over many prompts beats many small passes.
+            use_hit = cached >= self.limits.prefill_chunk or (cached > 0 and not self._has_group_peer(head))
+            if use_hit or len(context) > self.limits.prefill_chunk or head.generated_ids:
+                if not use_hit:
+                    cached, prefix_kv = 0, None
                 self._waiting.popleft()
                 self._chunked = head
                 self._chunked_cache = kvcache.from_tensors(prefix_kv) if prefix_kv is not None else None
@@ -277,6 +282,12 @@ class Engine:
             return self._prefill_chunk()
         return 0
 
+    def _groupable(self, seq: Sequence, model: str) -> bool:
+        return seq.request.model == model and not seq.generated_ids and len(seq.prompt_ids) <= self.limits.prefill_chunk
+
+    def _has_group_peer(self, head: Sequence) -> bool:
+        return any(self._groupable(seq, head.request.model) for seq in list(self._waiting)[1:8])
+
     def _prefill_group(self, state: _ModelState) -> int:
         """Prefill consecutive short fresh prompts of one model in one padded pass."""
         group: list[Sequence] = []
@@ -285,13 +296,11 @@ class Engine:
             seq = self._waiting[0]
             n = len(seq.prompt_ids)
             new_width = max(width, n)
-            if seq.request.model != state.loaded.spec.id or seq.generated_ids or n > self.limits.prefill_chunk:
+            if not self._groupable(seq, state.loaded.spec.id):
                 break
             if group and (new_width * (len(group) + 1) > self.limits.max_prefill_tokens
                           or not self._fits(state, len(group) + 1, new_width)):  # fmt: skip
                 break
-            if group and state.prefix.match(seq.prompt_ids)[0]:
-                break  # it has a prefix hit: the chunked path will use it
             group.append(self._waiting.popleft())
             width = new_width
         device = state.loaded.device
