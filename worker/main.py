@@ -14,6 +14,7 @@ import logging
 import signal
 import socket
 import sys
+from functools import partial
 from pathlib import Path
 
 from cortex.broker.connection import DEFAULT_URL
@@ -34,6 +35,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a catalogue id or alias to load at start (repeatable; default: the catalogue's first model)",
     )  # fmt: skip
     parser.add_argument("--slots", type=int, default=8, help="requests run at once (default 8)")
+    parser.add_argument("--max-prefill-tokens", type=int, default=2048, help="prompt tokens per prefill round")
+    parser.add_argument("--prefill-chunk", type=int, default=512, help="longer prompts are prefilled in chunks")
+    parser.add_argument("--kv-budget-tokens", type=int, default=0, help="KV cells per model batch (0: from memory)")
+    parser.add_argument("--prefix-cache-tokens", type=int, default=16384, help="tokens kept for prefix reuse")
+    parser.add_argument(
+        "--synthetic-engine", type=float, default=None, metavar="SECONDS",
+        help="benchmarks only: no model, emit one token every SECONDS",
+    )  # fmt: skip
     parser.add_argument("--worker-id", default=None, help="name in the fleet bucket (default HOST-gpuN or HOST-cpu)")
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
@@ -45,8 +54,10 @@ async def _serve(args: argparse.Namespace) -> int:
     from cortex.broker.errors import BrokerError
     from cortex.worker.catalogue import CatalogueError, find_model, load_catalogue
     from cortex.worker.device import pick_device
-    from cortex.worker.engine import Engine
+    from cortex.worker.engine import Engine, EngineLimits
+    from cortex.worker.loader import load_model
     from cortex.worker.service import WorkerService
+    from cortex.worker.synthetic import SyntheticEngine, load_synthetic
 
     try:
         catalogue = load_catalogue(args.models)
@@ -69,11 +80,20 @@ async def _serve(args: argparse.Namespace) -> int:
     except BrokerError as exc:
         log.error("%s", exc)
         return 1
-    engine = Engine(worker_id=worker_id)
+    engine: Engine | SyntheticEngine
+    if args.synthetic_engine is not None:
+        engine, loader = SyntheticEngine(worker_id=worker_id, interval=args.synthetic_engine), load_synthetic
+    else:
+        limits = EngineLimits(
+            max_prefill_tokens=args.max_prefill_tokens, prefill_chunk=args.prefill_chunk,
+            kv_budget_tokens=args.kv_budget_tokens, prefix_cache_tokens=args.prefix_cache_tokens,
+        )  # fmt: skip
+        engine = Engine(worker_id=worker_id, limits=limits)
+        loader = partial(load_model, device=device.device)
     engine.start()
     service = WorkerService(
         bus=bus, engine=engine, device=device, catalogue=catalogue, serve=serve, worker_id=worker_id,
-        slots=max(1, args.slots),
+        slots=max(1, args.slots), loader=loader,
     )  # fmt: skip
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

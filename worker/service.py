@@ -13,7 +13,9 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from cortex.broker.bus import Bus, Delivery, PullQueue
 from cortex.broker.errors import BrokerError
@@ -22,7 +24,7 @@ from cortex.protocol import messages as m
 from cortex.worker.catalogue import ModelSpec
 from cortex.worker.device import DeviceInfo
 from cortex.worker.engine import Engine
-from cortex.worker.loader import LoadedModel, load_model
+from cortex.worker.synthetic import SyntheticEngine
 
 log = logging.getLogger("cortex.worker")
 
@@ -54,12 +56,14 @@ class ModelSlot:
 @dataclass
 class WorkerService:
     bus: Bus
-    engine: Engine
+    engine: Engine | SyntheticEngine
     device: DeviceInfo
     catalogue: list[ModelSpec]
     serve: list[ModelSpec]
     worker_id: str
     slots: int
+    loader: Callable[[ModelSpec], Any]
+    """Loads a catalogue entry on the engine thread (the transformers loader, or the synthetic one)."""
     _models: dict[str, ModelSlot] = field(default_factory=dict)
     _in_flight: dict[str, InFlight] = field(default_factory=dict)
     _reserved: int = 0
@@ -119,9 +123,7 @@ class WorkerService:
 
     async def _serve_model(self, slot: ModelSlot, loop: asyncio.AbstractEventLoop) -> None:
         try:
-            loaded: LoadedModel = await asyncio.wrap_future(
-                self.engine.call(lambda: load_model(slot.spec, self.device.device))
-            )
+            loaded = await asyncio.wrap_future(self.engine.call(lambda: self.loader(slot.spec)))
         except Exception as exc:
             log.exception("loading %s failed", slot.spec.id)
             slot.state, slot.error = m.MODEL_FAILED, f"{type(exc).__name__}: {exc}"

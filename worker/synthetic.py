@@ -1,0 +1,128 @@
+"""A scripted engine that emits tokens at a fixed rate: for measuring the broker hop alone.
+
+Never the default: ``cortex-worker --synthetic-engine SECONDS`` selects it, and
+only the overhead benchmark and relay tests do. It speaks the same interface as
+`cortex.worker.engine.Engine`, so the worker service, NATS and the gateway run
+exactly as in production while no model runs.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from cortex.protocol import Chunk, GenerateRequest, Usage
+from cortex.protocol import messages as m
+from cortex.worker.catalogue import ModelSpec
+
+T = TypeVar("T")
+Emit = Callable[[Chunk], None]
+TOKEN = "tok "
+
+
+@dataclass(frozen=True)
+class SyntheticModel:
+    spec: ModelSpec
+    context_length: int = 1 << 20
+
+
+def load_synthetic(spec: ModelSpec) -> SyntheticModel:
+    return SyntheticModel(spec=spec)
+
+
+@dataclass
+class _Job:
+    request: GenerateRequest
+    emit: Emit
+    prompt_tokens: int
+    total: int
+    sent: int = 0
+
+
+class SyntheticEngine:
+    """Emits ``max_tokens`` (default 16) chunks of one token each, every `interval` seconds; the first at once."""
+
+    def __init__(self, *, worker_id: str, interval: float) -> None:
+        self.worker_id = worker_id
+        self.interval = interval
+        self._lock = threading.Condition()
+        self._heap: list[tuple[float, int, str]] = []
+        self._jobs: dict[str, _Job] = {}
+        self._order = itertools.count()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="cortex-synthetic-engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        self._thread.join(timeout)
+
+    def call(self, fn: Callable[[], T]) -> Future[T]:
+        future: Future[T] = Future()
+        try:
+            future.set_result(fn())
+        except Exception as exc:
+            future.set_exception(exc)
+        return future
+
+    def add_model(self, loaded: Any) -> None:
+        """Nothing to do: every request is answered the same way."""
+
+    def submit(self, request: GenerateRequest, emit: Emit) -> None:
+        prompt = sum(len(msg.content) for msg in request.messages) // 4 + 1
+        job = _Job(request=request, emit=emit, prompt_tokens=prompt, total=request.sampling.max_tokens or 16)
+        with self._lock:
+            self._jobs[request.request_id] = job
+            heapq.heappush(self._heap, (time.monotonic(), next(self._order), request.request_id))
+            self._lock.notify()
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            self._jobs.pop(request_id, None)
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and (not self._heap or self._heap[0][0] > time.monotonic()):
+                    self._lock.wait(None if not self._heap else max(0.0, self._heap[0][0] - time.monotonic()))
+                if self._stopping:
+                    return
+                _, _, request_id = heapq.heappop(self._heap)
+                job = self._jobs.get(request_id)
+                if job is None:
+                    continue
+                job.sent += 1
+                final = job.sent >= job.total
+                if final:
+                    del self._jobs[request_id]
+                else:
+                    heapq.heappush(self._heap, (time.monotonic() + self.interval, next(self._order), request_id))
+            job.emit(self._chunk(job, final))
+
+    def _chunk(self, job: _Job, final: bool) -> Chunk:
+        first = job.sent == 1
+        return Chunk(
+            request_id=job.request.request_id,
+            seq=job.sent - 1,
+            text=TOKEN,
+            tokens=1,
+            prompt_tokens=job.prompt_tokens if first else 0,
+            completion_tokens=job.sent,
+            finish_reason=m.FINISH_LENGTH if final else None,
+            usage=Usage(
+                prompt_tokens=job.prompt_tokens, completion_tokens=job.sent, total_tokens=job.prompt_tokens + job.sent
+            )
+            if final
+            else None,
+            worker_id=self.worker_id if first else "",
+        )
