@@ -1,0 +1,219 @@
+"""What the broker hop costs: gateway + NATS + worker against the engine called in-process.
+
+Prints one JSON object. A synthetic engine (no model) emits one token every
+`--interval` seconds so only the hop is measured: HTTP in, msgspec, JetStream
+publish, the worker's pull, chunks back over core NATS, SSE out. All processes
+run on this machine on 127.0.0.1 (nats-server, one gateway, two synthetic
+workers, the client), so they share its cores.
+
+    python -m bench.overhead
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import httpx
+
+from bench.common import machine, p50, percentile
+from cortex.broker.server import EmbeddedNats, stop_processes
+from cortex.protocol import GenerateRequest, Message, Sampling
+from cortex.worker.synthetic import SyntheticEngine
+
+PACED, FAST = "synthetic-paced", "synthetic-fast"
+INTERVAL_S = 0.01
+ANSWER_TOKENS = 8
+ANSWER_S = INTERVAL_S * ANSWER_TOKENS
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def ready(base: str, models: set[str]) -> bool:
+    try:
+        with urllib.request.urlopen(f"{base}/models", timeout=2) as resp:
+            data = json.load(resp)["data"]
+    except OSError:
+        return False
+    return models <= {m["id"] for m in data if m.get("ready")}
+
+
+def start_stack(tmp: Path, interval: float) -> tuple[EmbeddedNats, list[subprocess.Popen[bytes]], str]:
+    nats = EmbeddedNats(store_dir=tmp / "nats", port=0, log_file=tmp / "nats.log")
+    nats.start()
+    catalogue = tmp / "models.toml"
+    catalogue.write_text(f'[[models]]\nid = "{PACED}"\npath = "-"\n\n[[models]]\nid = "{FAST}"\npath = "-"\n')
+    port = free_port()
+    py = sys.executable
+    worker = [py, "-m", "cortex.worker", "--nats", nats.url, "--models", str(catalogue), "--slots", "256",
+              "--log-level", "WARNING"]  # fmt: skip
+    procs = [
+        subprocess.Popen([*worker, "--model", model, "--synthetic-engine", str(rate), "--worker-id", model])
+        for model, rate in ((PACED, interval), (FAST, 0.0))
+    ]
+    procs.append(subprocess.Popen([py, "-m", "cortex.gateway", "--nats", nats.url, "--port", str(port),
+                                   "--metrics-port", "-1", "--log-level", "WARNING"]))  # fmt: skip
+    base = f"http://127.0.0.1:{port}/v1"
+    deadline = time.monotonic() + 120
+    while not ready(base, {PACED, FAST}):
+        if time.monotonic() > deadline:
+            raise RuntimeError("synthetic stack did not come up")
+        time.sleep(0.2)
+    return nats, procs, base
+
+
+def in_process_ttft(interval: float, samples: int) -> list[float]:
+    engine = SyntheticEngine(worker_id="inproc", interval=interval)
+    engine.start()
+    out = []
+    try:
+        for i in range(samples):
+            got = threading.Event()
+            start = time.perf_counter()
+            stamp: list[float] = []
+
+            def emit(chunk: object, s: list[float] = stamp, e: threading.Event = got) -> None:
+                if not s:
+                    s.append(time.perf_counter())
+                    e.set()
+
+            req = GenerateRequest(request_id=f"i{i}", model=PACED, messages=[Message(role="user", content="hi")],
+                                  sampling=Sampling(max_tokens=1))  # fmt: skip
+            engine.submit(req, emit)
+            got.wait(5)
+            out.append(stamp[0] - start)
+    finally:
+        engine.stop()
+    return out
+
+
+async def stream_ttft(client: httpx.AsyncClient, base: str, model: str, content: str, tokens: int) -> float:
+    """Time to the first token event, with a minimal HTTP/1.1 client so client overhead stays out of the figure."""
+    del client  # httpx costs ~1 ms of CPU per request here: too much for what is measured
+    url = httpx.URL(base)
+    body = json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": content}], "max_tokens": tokens, "stream": True}
+    ).encode()
+    head = (
+        f"POST {url.path}/chat/completions HTTP/1.1\r\nHost: {url.host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    start = time.perf_counter()
+    writer.write(head + body)
+    first = 0.0
+    seen = b""
+    while True:
+        data = await reader.read(65536)
+        if not data:
+            break
+        if not first:
+            seen += data
+            if b'"content":"tok' in seen:
+                first = time.perf_counter()
+    writer.close()
+    if not first:
+        raise RuntimeError(f"no token in the answer: {seen[:300]!r}")
+    return first - start
+
+
+async def ttft_at(client: httpx.AsyncClient, base: str, concurrency: int, per_stream: int) -> list[float]:
+    """`concurrency` streams in flight at once, each a client asking again as soon as its answer ends.
+
+    Starts are spread over one answer's duration, as they are with independent clients.
+    """
+
+    async def one_client(index: int) -> list[float]:
+        await asyncio.sleep(ANSWER_S * index / concurrency)
+        return [await stream_ttft(client, base, PACED, "hello", ANSWER_TOKENS) for _ in range(per_stream)]
+
+    results = await asyncio.gather(*(one_client(i) for i in range(concurrency)))
+    return [t for r in results for t in r]
+
+
+async def relay_rate(client: httpx.AsyncClient, base: str, streams: int, tokens: int) -> float:
+    async def one() -> int:
+        body = {"model": FAST, "messages": [{"role": "user", "content": "go"}], "max_tokens": tokens, "stream": True}
+        count = 0
+        async with client.stream("POST", f"{base}/chat/completions", json=body) as response:
+            async for data in response.aiter_bytes():
+                count += data.count(b'"content":"tok')
+        return count
+
+    start = time.perf_counter()
+    counts = await asyncio.gather(*(one() for _ in range(streams)))
+    elapsed = time.perf_counter() - start
+    assert sum(counts) == streams * tokens, f"lost chunks: {sum(counts)} of {streams * tokens}"
+    return sum(counts) / elapsed
+
+
+async def measure_http(base: str) -> dict[str, object]:
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        await ttft_at(client, base, 4, 2)  # warm-up
+        ttfts = {c: await ttft_at(client, base, c, n) for c, n in ((1, 60), (16, 8), (64, 4))}
+        small, large = "x" * 1024, "x" * (200 * 1024)
+        sizes: dict[str, list[float]] = {"1k": [], "200k": []}
+        for _ in range(15):
+            sizes["1k"].append(await stream_ttft(client, base, PACED, small, 1))
+            sizes["200k"].append(await stream_ttft(client, base, PACED, large, 1))
+        rate = await relay_rate(client, base, streams=32, tokens=1000)
+    return {"ttft": ttfts, "sizes": sizes, "relay_chunks_per_s": rate}
+
+
+def measure(interval: float = INTERVAL_S) -> dict[str, object]:
+    baseline = in_process_ttft(interval, 200)
+    with tempfile.TemporaryDirectory(prefix="cortex-bench-") as tmp:
+        nats, procs, base = start_stack(Path(tmp), interval)
+        try:
+            http = asyncio.run(measure_http(base))
+        finally:
+            stop_processes(procs, 20)
+            nats.stop()
+    base_p50, base_p99 = p50(baseline), percentile(baseline, 99)
+    ttft: dict[int, list[float]] = http["ttft"]  # type: ignore[assignment]
+    sizes: dict[str, list[float]] = http["sizes"]  # type: ignore[assignment]
+    added = {
+        str(c): {
+            "p50_ms": round((p50(v) - base_p50) * 1000, 3),
+            "p99_ms": round((percentile(v, 99) - base_p99) * 1000, 3),
+        }
+        for c, v in ttft.items()
+    }
+    return {
+        "hop_added_ttft_ms_p50_at_16": added["16"]["p50_ms"],
+        "hop_added_ttft_ms_p99_at_16": added["16"]["p99_ms"],
+        "relay_chunks_per_s": round(float(http["relay_chunks_per_s"]), 1),  # type: ignore[arg-type]
+        "large_prompt_added_ms": round((statistics.median(sizes["200k"]) - statistics.median(sizes["1k"])) * 1000, 3),
+        "hop_added_ttft_ms": added,
+        "in_process_ttft_ms_p50": round(base_p50 * 1000, 4),
+        "machine": machine("cpu"),
+    }
+
+
+def main() -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    print(json.dumps(measure()))
+
+
+if __name__ == "__main__":
+    main()
