@@ -1,5 +1,6 @@
 # make run   set everything up, then start the whole stack on the bundled model
 # make test  set everything up, then run the test suite
+# make bench the engine and broker-hop benchmarks; the last line is one JSON object
 #
 # Both create .venv if it is missing and install idempotently (a stamp file
 # skips pip when pyproject.toml has not changed). torch is pinned to the CPU
@@ -10,10 +11,11 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cortex-installed
 
-.PHONY: run test lint format install clean
+.PHONY: run test bench lint format install clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +33,9 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python -m bench.all $(BENCH_ARGS)
 
 lint: install
 	$(BIN)/ruff check .
