@@ -1,6 +1,6 @@
 """`make bench`: the engine and the broker-hop benchmarks in one run; the last line is one JSON object.
 
-    python -m bench.all [--device cuda]
+python -m bench.all [--device cuda]
 """
 
 from __future__ import annotations

@@ -149,3 +149,28 @@ def test_malformed_requests_on_the_stream_do_not_stop_the_worker(nats_server: Em
     asyncio.run(publish_garbage())
     reply = sdk(gateway).chat.completions.create(model=TINY_MODEL, messages=PROMPT, max_tokens=3)  # type: ignore[call-overload]
     assert reply.usage.completion_tokens == 3
+
+
+@pytest.fixture(scope="module")
+def synthetic_worker(
+    nats_server: EmbeddedNats, catalogue_file: Path, logs_dir: Path, gateway: Gateway
+) -> Iterator[None]:
+    log = open(logs_dir / "synthetic-worker.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cortex.worker", "--nats", nats_server.url, "--models", str(catalogue_file),
+         "--model", "tiny-b", "--synthetic-engine", "0", "--worker-id", "synthetic"],
+        stdout=log, stderr=subprocess.STDOUT, env=child_env(),
+    )  # fmt: skip
+    log.close()
+    wait_for(lambda: "tiny-b" in ready_models(gateway.base_url), timeout=60, what="synthetic worker", proc=proc)
+    yield
+    stop_process(proc)
+
+
+def test_synthetic_engine_streams_through_the_real_hop(gateway: Gateway, synthetic_worker: None) -> None:
+    # The benchmark's stand-in engine: exactly max_tokens chunks, in order, nothing lost.
+    chunks = list(
+        sdk(gateway).chat.completions.create(model="tiny-b", messages=PROMPT, max_tokens=500, stream=True)  # type: ignore[call-overload]
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "tok " * 500
