@@ -195,3 +195,25 @@ def test_prompt_too_long_is_rejected_without_running(engine: Engine) -> None:
     assert out.done.wait(30)
     (chunk,) = out.chunks["r0"]
     assert chunk.error is not None and chunk.error.code == "context_length_exceeded"
+
+
+def test_logits_processors_steer_one_row_and_spare_the_others(
+    engine: Engine, tiny: LoadedModel, one_at_a_time: dict[str, Outcome]
+) -> None:
+    forced = tiny.tokenizer(" the", add_special_tokens=False)["input_ids"][0]
+    piece = tiny.tokenizer.decode([forced])
+    assert piece.strip()
+
+    def only_fox(_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+        masked = torch.full_like(logits, float("-inf"))
+        masked[forced] = 0.0
+        return masked
+
+    collector = Collector(len(PROMPTS))
+    for i, prompt in enumerate(PROMPTS):
+        req = request(i, prompt)
+        engine.submit(req, collector.emit_for(req.request_id), [only_fox] if i == 3 else None)
+    assert collector.done.wait(120)
+    for i in range(len(PROMPTS)):
+        got = collector.outcome(f"r{i}")
+        assert got == (piece * (20 + 5 * i), "length", 20 + 5 * i) if i == 3 else got == one_at_a_time[f"r{i}"]

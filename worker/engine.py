@@ -43,7 +43,7 @@ from cortex.worker.batch import Batch, forward
 from cortex.worker.detokenize import IncrementalDetokenizer
 from cortex.worker.loader import LoadedModel, PromptError
 from cortex.worker.sampling import is_greedy, make_generator, sample
-from cortex.worker.sequence import Emit, RequestRejected, Sequence, error_chunk
+from cortex.worker.sequence import Emit, LogitsProcessor, RequestRejected, Sequence, error_chunk
 from cortex.worker.stops import StopMatcher
 
 log = logging.getLogger("cortex.worker")
@@ -109,8 +109,11 @@ class Engine:
     def add_model(self, loaded: LoadedModel) -> None:
         self._inbox.put(("add", loaded))
 
-    def submit(self, request: GenerateRequest, emit: Emit) -> None:
-        self._inbox.put(("submit", (request, emit)))
+    def submit(
+        self, request: GenerateRequest, emit: Emit, logits_processors: list[LogitsProcessor] | None = None
+    ) -> None:
+        """Queue a request; `logits_processors` (constrained decoding) run on its logits before each pick."""
+        self._inbox.put(("submit", (request, emit, list(logits_processors or []))))
 
     def cancel(self, request_id: str) -> None:
         self._inbox.put(("cancel", request_id))
@@ -190,9 +193,10 @@ class Engine:
 
     # -- admission ----------------------------------------------------------------
 
-    def _start(self, request: GenerateRequest, emit: Emit) -> None:
+    def _start(self, request: GenerateRequest, emit: Emit, processors: list[LogitsProcessor]) -> None:
         try:
             seq = self._prepare(request, emit)
+            seq.logits_processors = processors
         except RequestRejected as exc:
             emit(error_chunk(request.request_id, exc.code, exc.message, worker_id=self.worker_id))
             return
