@@ -28,14 +28,21 @@ class ModelEntry:
     failed: list[str]
 
 
+MODELS_CACHE_S = 0.5
+"""How long a computed model list stands without an advert change (adverts can go stale silently)."""
+
+
 @dataclass
 class FleetView:
     stale_after: float = names.ADVERT_TTL_S
     _adverts: dict[str, tuple[WorkerAdvert, float]] = field(default_factory=dict)
+    _models: tuple[float, dict[str, ModelEntry]] | None = None
+    """`models()` as last computed, and when: every request resolves a model, adverts change every few seconds."""
 
     def on_change(self, key: str, value: bytes | None) -> None:
         if not names.is_worker_key(key):
             return
+        self._models = None
         if value is None:
             self._adverts.pop(key, None)
             return
@@ -52,6 +59,12 @@ class FleetView:
         return any(advert.worker_id == worker_id for advert in self.workers())
 
     def models(self) -> dict[str, ModelEntry]:
+        now = time.monotonic()
+        if self._models is None or now - self._models[0] > MODELS_CACHE_S:
+            self._models = (now, self._compute_models())
+        return self._models[1]
+
+    def _compute_models(self) -> dict[str, ModelEntry]:
         cards: dict[str, ModelCard] = {}
         ready: dict[str, list[str]] = {}
         loading: dict[str, list[str]] = {}
