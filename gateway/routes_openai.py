@@ -215,20 +215,23 @@ async def _events(
     status, code = CLIENT_CLOSED, "client_closed"
     chunk = first
     try:
-        yield fmt.delta("")  # the role, at once
+        pending = fmt.delta("")  # the role, sent with the first text in one write
         while not chunk.final:
-            if chunk.text:
-                yield fmt.delta(chunk.text)
+            if chunk.text or pending:
+                yield pending + (fmt.delta(chunk.text) if chunk.text else b"")
+                pending = b""
             chunk = await stream.next()
             raise_for_chunk(chunk)
             _account(timer, chunk)
         status, code = 200, None
+        tail = [pending] if pending else []
         if chunk.text:
-            yield fmt.delta(chunk.text)
-        yield fmt.delta("", finish_reason=_finish(chunk.finish_reason))
+            tail.append(fmt.delta(chunk.text))
+        tail.append(fmt.delta("", finish_reason=_finish(chunk.finish_reason)))
         if fmt.include_usage:
-            yield fmt.usage(chunk.usage)
-        yield openai_chat.DONE
+            tail.append(fmt.usage(chunk.usage))
+        tail.append(openai_chat.DONE)
+        yield b"".join(tail)
     except ApiError as exc:
         status, code = exc.status, exc.code or exc.type
         yield b"data: " + _encoder.encode(error_body(exc)) + b"\n\n"
