@@ -24,6 +24,7 @@ from cortex.protocol import messages as m
 from cortex.worker.catalogue import ModelSpec
 from cortex.worker.device import DeviceInfo
 from cortex.worker.engine import Engine
+from cortex.worker.outbox import Outbox
 from cortex.worker.synthetic import SyntheticEngine
 
 log = logging.getLogger("cortex.worker")
@@ -67,7 +68,7 @@ class WorkerService:
     _models: dict[str, ModelSlot] = field(default_factory=dict)
     _in_flight: dict[str, InFlight] = field(default_factory=dict)
     _reserved: int = 0
-    _outbox: asyncio.Queue[Chunk] = field(default_factory=asyncio.Queue)
+    _outbox: Outbox | None = None
     _slot_freed: asyncio.Event = field(default_factory=asyncio.Event)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _started_at: float = field(default_factory=time.time)
@@ -81,7 +82,7 @@ class WorkerService:
 
     async def run(self) -> None:
         """Serve until `stop` is called; then finish what is in flight and withdraw."""
-        loop = asyncio.get_running_loop()
+        self._outbox = Outbox(asyncio.get_running_loop())
         self._models = {s.id: ModelSlot(spec=s) for s in self.serve}
         await self._advertise()
         cancel_sub = await self.bus.subscribe(names.cancel_subject(), self._on_cancel)
@@ -91,7 +92,7 @@ class WorkerService:
             asyncio.create_task(self._progress_loop(), name="in-progress"),
         ]
         tasks += [
-            asyncio.create_task(self._serve_model(slot, loop), name=f"serve-{slot.spec.id}")
+            asyncio.create_task(self._serve_model(slot), name=f"serve-{slot.spec.id}")
             for slot in self._models.values()
         ]
         serving = tasks[3:]
@@ -121,7 +122,7 @@ class WorkerService:
 
     # -- models ---------------------------------------------------------------
 
-    async def _serve_model(self, slot: ModelSlot, loop: asyncio.AbstractEventLoop) -> None:
+    async def _serve_model(self, slot: ModelSlot) -> None:
         try:
             loaded = await asyncio.wrap_future(self.engine.call(lambda: self.loader(slot.spec)))
         except Exception as exc:
@@ -134,7 +135,7 @@ class WorkerService:
         slot.state, slot.context_length = m.MODEL_READY, loaded.context_length
         await self._advertise()
         try:
-            await self._pull_loop(slot, pull, loop)
+            await self._pull_loop(slot, pull)
         finally:
             await pull.close()
 
@@ -147,7 +148,7 @@ class WorkerService:
                 log.warning("cannot bind the consumer of %s yet: %s", slot.spec.id, exc)
                 await asyncio.sleep(1.0)
 
-    async def _pull_loop(self, slot: ModelSlot, pull: PullQueue, loop: asyncio.AbstractEventLoop) -> None:
+    async def _pull_loop(self, slot: ModelSlot, pull: PullQueue) -> None:
         self._pulling += 1
         try:
             while not self._stopping.is_set():
@@ -170,11 +171,11 @@ class WorkerService:
                     self._reserved -= share
                     self._slot_freed.set()
                 for delivery in deliveries:
-                    await self._accept(slot, delivery, loop)
+                    await self._accept(slot, delivery)
         finally:
             self._pulling -= 1
 
-    async def _accept(self, slot: ModelSlot, delivery: Delivery, loop: asyncio.AbstractEventLoop) -> None:
+    async def _accept(self, slot: ModelSlot, delivery: Delivery) -> None:
         try:
             request = codec.decode_request(delivery.data)
         except codec.DecodeError as exc:
@@ -190,28 +191,29 @@ class WorkerService:
             return
         self._in_flight[request.request_id] = InFlight(delivery=delivery, request=request, model=slot.spec.id)
         slot.in_flight += 1
-        outbox = self._outbox
-
-        def emit(chunk: Chunk) -> None:
-            loop.call_soon_threadsafe(outbox.put_nowait, chunk)
-
-        self.engine.submit(request, emit)
+        assert self._outbox is not None
+        self.engine.submit(request, self._outbox.put)
 
     # -- chunks -----------------------------------------------------------------
 
     async def _publisher(self) -> None:
+        assert self._outbox is not None
         while True:
-            chunk = await self._outbox.get()
-            try:
-                await self._publish(chunk)
-            except Exception:
-                # One bad request must not stop the chunks of all the others.
-                log.exception("publishing a chunk of %s failed", chunk.request_id)
-                await self._release(chunk.request_id, outcome="term")
+            for chunk in await self._outbox.get_batch():
+                await self._publish_safely(chunk)
 
     async def _drain_outbox(self) -> None:
-        while not self._outbox.empty():
-            await self._publish(self._outbox.get_nowait())
+        if self._outbox is not None:
+            for chunk in self._outbox.take_all():
+                await self._publish_safely(chunk)
+
+    async def _publish_safely(self, chunk: Chunk) -> None:
+        try:
+            await self._publish(chunk)
+        except Exception:
+            # One bad request must not stop the chunks of all the others.
+            log.exception("publishing a chunk of %s failed", chunk.request_id)
+            await self._release(chunk.request_id, outcome="term")
 
     async def _publish(self, chunk: Chunk) -> None:
         flight = self._in_flight.get(chunk.request_id)
