@@ -79,6 +79,14 @@ class Relay:
             log.warning("cancel of %s not sent: %s", request_id, exc)
 
 
+class Abandoned(Exception):
+    """The client went away while its request waited (see `ReplyStream.abandon`)."""
+
+
+_ABANDONED = b""
+"""Queued by `abandon`; no chunk is ever empty."""
+
+
 class ReplyStream:
     """The chunks of one request, in order, until the final one or the deadline."""
 
@@ -93,6 +101,8 @@ class ReplyStream:
     async def next(self) -> Chunk:
         """The next chunk; raises DeadlineExceeded or UpstreamError."""
         data = await self._receive()
+        if data is _ABANDONED or not data:
+            raise Abandoned
         try:
             chunk = codec.decode_chunk(data)
         except codec.DecodeError as exc:
@@ -108,6 +118,10 @@ class ReplyStream:
         if chunk.final:
             self.finished = True
         return chunk
+
+    def abandon(self) -> None:
+        """Make a pending or later `next()` raise Abandoned (the client disconnected)."""
+        self._queue.put_nowait(_ABANDONED)
 
     async def _receive(self) -> bytes:
         """The next message, checking every few seconds that the worker on it is still alive."""

@@ -7,24 +7,24 @@ after the headers, errors travel inside the stream as ``data: {"error": ...}``.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import msgspec
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from cortex.gateway import openai_chat
 from cortex.gateway.errors import ApiError, PayloadTooLarge
 from cortex.gateway.fleet import ModelEntry
 from cortex.gateway.metrics import UNKNOWN_MODEL, RequestTimer
 from cortex.gateway.openai_errors import error_body, error_response, internal_error_body, internal_error_response
-from cortex.gateway.relay import ReplyStream, raise_for_chunk
+from cortex.gateway.relay import Abandoned, ReplyStream, raise_for_chunk
 from cortex.gateway.services import Services
+from cortex.gateway.sse import EventStreamResponse, watch_disconnect
 from cortex.protocol import Chunk, GenerateRequest
 
 log = logging.getLogger("cortex.gateway")
@@ -37,23 +37,6 @@ T = TypeVar("T")
 
 class ClientGone(Exception):
     """The HTTP client disconnected before its answer was ready."""
-
-
-class ClosingStreamingResponse(StreamingResponse):
-    """Closes its generator however the response ends, so its cleanup runs at once.
-
-    Starlette cancels a stream whose client went away; if that happens while
-    the response is sending, the generator would otherwise be finalised only by
-    the garbage collector.
-    """
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            aclose = getattr(self.body_iterator, "aclose", None)
-            if aclose is not None:
-                await aclose()
 
 
 def services(request: Request) -> Services:
@@ -122,8 +105,8 @@ async def chat_completions(request: Request) -> Response:
         )
         stream = await svc.relay.submit(canonical)
         if not req.stream:
-            return await _until_disconnected(request, _complete(stream, timer))
-        first = await _until_disconnected(request, stream.next())
+            return await _until_disconnected(request, _complete(stream, timer), stream)
+        first = await _until_disconnected(request, stream.next(), stream)
         raise_for_chunk(first)
         _account(timer, first)
         fmt = openai_chat.ChunkFormatter(
@@ -132,10 +115,8 @@ async def chat_completions(request: Request) -> Response:
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
         )
         streaming_started = True
-        return ClosingStreamingResponse(
-            _events(first, stream, timer, fmt),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        return EventStreamResponse(  # type: ignore[return-value]
+            _events(first, stream, timer, fmt), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         )
     except (ClientGone, ClientDisconnect):
         _record(svc, timer, CLIENT_CLOSED, "client_closed")
@@ -186,25 +167,15 @@ async def _complete(stream: ReplyStream, timer: RequestTimer) -> Response:
     return Response(body, media_type="application/json")
 
 
-async def _until_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, raising ClientGone instead if the client disconnects first."""
-    work_task = asyncio.ensure_future(work)
-    gone_task = asyncio.ensure_future(_wait_disconnect(request))
+async def _until_disconnected(request: Request, work: Awaitable[T], stream: ReplyStream) -> T:
+    """Await `work` (which reads `stream`); raise ClientGone instead if the client disconnects first."""
+    watcher = watch_disconnect(request.receive, stream.abandon)
     try:
-        done, _ = await asyncio.wait({work_task, gone_task}, return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except Abandoned:
+        raise ClientGone from None
     finally:
-        gone_task.cancel()
-    if work_task in done:
-        return work_task.result()
-    work_task.cancel()
-    raise ClientGone
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
+        watcher.cancel()
 
 
 async def _events(

@@ -92,8 +92,7 @@ class WorkerService:
             asyncio.create_task(self._progress_loop(), name="in-progress"),
         ]
         tasks += [
-            asyncio.create_task(self._serve_model(slot), name=f"serve-{slot.spec.id}")
-            for slot in self._models.values()
+            asyncio.create_task(self._serve_model(slot), name=f"serve-{slot.spec.id}") for slot in self._models.values()
         ]
         serving = tasks[3:]
         await self._stopping.wait()
