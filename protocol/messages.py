@@ -33,6 +33,8 @@ class Sampling(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     seed: int | None = None
     ignore_eos: bool = False
     """Keep generating past the end token (benchmarks: fixed-length outputs)."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only; 0 means no limit."""
 
 
 class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type", tag="generate"):
@@ -47,6 +49,10 @@ class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=T
     """Unix time (seconds) after which nobody waits for the answer; 0 means none."""
     reply_subject: str = ""
     created: float = 0.0
+    prompt: str | None = None
+    """Raw text to continue, without the chat template (legacy completions); `messages` is then empty."""
+    count_only: bool = False
+    """Only count the prompt's tokens: the one final chunk carries them in `usage`."""
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -95,6 +101,8 @@ class Chunk(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_f
     usage: Usage | None = None
     worker_id: str = ""
     error: ChunkError | None = None
+    stop_sequence: str | None = None
+    """On the last chunk: the stop string that ended the answer, if one did."""
 
     @property
     def final(self) -> bool:

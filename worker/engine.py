@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 import torch
 from transformers import DynamicCache
 
-from cortex.protocol import ChunkError, GenerateRequest
+from cortex.protocol import Chunk, ChunkError, GenerateRequest, Usage
 from cortex.protocol import messages as m
 from cortex.worker import kvcache
 from cortex.worker.batch import Batch, forward
@@ -48,6 +48,15 @@ from cortex.worker.stops import StopMatcher
 
 log = logging.getLogger("cortex.worker")
 T = TypeVar("T")
+
+
+class Counted(Exception):
+    """Raised by `_prepare` for a count-only request: the prompt's token count, nothing to run."""
+
+    def __init__(self, tokens: int) -> None:
+        super().__init__(tokens)
+        self.tokens = tokens
+
 
 HEADROOM_TOKENS = 64
 """Columns a batch is expected to grow before the next admission check."""
@@ -200,6 +209,12 @@ class Engine:
         except RequestRejected as exc:
             emit(error_chunk(request.request_id, exc.code, exc.message, worker_id=self.worker_id))
             return
+        except Counted as counted:
+            n = counted.tokens
+            usage = Usage(prompt_tokens=n, completion_tokens=0, total_tokens=n)
+            emit(Chunk(request_id=request.request_id, seq=0, prompt_tokens=n, finish_reason=m.FINISH_STOP,
+                       usage=usage, worker_id=self.worker_id))  # fmt: skip
+            return
         except Exception as exc:
             # Whatever goes wrong with one request must not take the engine thread down.
             log.exception("could not start %s", request.request_id)
@@ -215,9 +230,14 @@ class Engine:
         if request.deadline and time.time() > request.deadline:
             raise RequestRejected(m.ERROR_DEADLINE, "the request's deadline passed before it was started")
         try:
-            prompt_ids = loaded.render_prompt(request.messages)
+            if request.prompt is not None:
+                prompt_ids = loaded.tokenize(request.prompt)
+            else:
+                prompt_ids = loaded.render_prompt(request.messages)
         except PromptError as exc:
             raise RequestRejected(m.ERROR_INVALID_REQUEST, str(exc)) from exc
+        if request.count_only:
+            raise Counted(len(prompt_ids))
         limit = loaded.context_length
         room = limit - len(prompt_ids)
         wanted = request.sampling.max_tokens
@@ -411,7 +431,7 @@ class Engine:
             if i not in tokens:
                 sampling = row.request.sampling
                 tokens[i] = sample(row.processed(logits[i]), temperature=sampling.temperature, top_p=sampling.top_p,
-                                   generator=row.generator)  # fmt: skip
+                                   generator=row.generator, top_k=sampling.top_k)  # fmt: skip
         now = time.time()
         for i, row in enumerate(rows):
             try:

@@ -45,6 +45,10 @@ class LoadedModel:
     """Name of forward()'s KV-cache argument (transformers renamed it to ``cache``)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def tokenize(self, text: str) -> list[int]:
+        """Raw text (no chat template), with the special tokens the tokenizer adds by itself."""
+        return list(self.tokenizer(text)["input_ids"])
+
     def render_prompt(self, messages: list[Message]) -> list[int]:
         """Token ids of the conversation through the model's own chat template."""
         turns = [{"role": m.role, "content": m.content} for m in messages]

@@ -12,10 +12,15 @@ def is_greedy(temperature: float) -> bool:
     return temperature < GREEDY_BELOW
 
 
-def sample(logits: torch.Tensor, *, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+def sample(
+    logits: torch.Tensor, *, temperature: float, top_p: float, generator: torch.Generator | None, top_k: int = 0
+) -> int:
     """Pick one token id from a 1-D logits vector."""
     if is_greedy(temperature):
         return int(torch.argmax(logits).item())
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)

@@ -77,7 +77,9 @@ class Sequence:
     def last_token(self) -> int:
         return self.generated_ids[-1]
 
-    def send(self, text: str = "", *, finish: str | None = None, error: ChunkError | None = None) -> None:
+    def send(
+        self, text: str = "", *, finish: str | None = None, error: ChunkError | None = None, stop: str | None = None
+    ) -> None:
         usage = None
         if finish is not None:
             n_prompt, n_gen = len(self.prompt_ids), len(self.generated_ids)
@@ -94,16 +96,19 @@ class Sequence:
             usage=usage,
             worker_id=self.worker_id if self.seq_no == 0 else "",
             error=error,
+            stop_sequence=stop,
         )
         self.seq_no += 1
         self.unsent_tokens = 0
         self.emit(chunk)
 
-    def finish(self, *, text: str = "", finish: str | None = None, error: ChunkError | None = None) -> None:
+    def finish(
+        self, *, text: str = "", finish: str | None = None, error: ChunkError | None = None, stop: str | None = None
+    ) -> None:
         if self.done:
             return
         self.done = True
-        self.send(text, finish=finish or m.FINISH_ERROR, error=error)
+        self.send(text, finish=finish or m.FINISH_ERROR, error=error, stop=stop)
 
     def accept(self, token: int, now: float) -> None:
         """Take one sampled token: emit its text, or finish (end token, stop string, limit, deadline)."""
@@ -115,12 +120,12 @@ class Sequence:
             return
         text, hit = self.stops.push(self.detok.push(token))
         if hit is not None:
-            self.finish(text=text, finish=m.FINISH_STOP)
+            self.finish(text=text, finish=m.FINISH_STOP, stop=hit)
             return
         if len(self.generated_ids) >= self.max_new_tokens:
             tail, hit = self.stops.push(self.detok.flush())
             text += tail if hit is not None else tail + self.stops.flush()
-            self.finish(text=text, finish=m.FINISH_STOP if hit else m.FINISH_LENGTH)
+            self.finish(text=text, finish=m.FINISH_STOP if hit else m.FINISH_LENGTH, stop=hit)
             return
         if self.request.deadline and now > self.request.deadline:
             self.send(text)
