@@ -66,5 +66,6 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Starlette:
         Route("/v1/models", routes_openai.list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", routes_openai.retrieve_model, methods=["GET"]),
         Route("/v1/chat/completions", routes_openai.chat_completions, methods=["POST"]),
+        Route("/v1/completions", routes_openai.completions, methods=["POST"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})

@@ -6,9 +6,12 @@ import time
 from typing import Any
 
 import msgspec
+from starlette.responses import Response
 
-from cortex.gateway.errors import InvalidRequest
-from cortex.protocol import Message, Sampling, Usage
+from cortex.gateway.errors import ApiError, InvalidRequest
+from cortex.gateway.exchange import Plan
+from cortex.gateway.openai_errors import error_body, error_response, from_decode_error
+from cortex.protocol import Chunk, Message, Sampling, Usage
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 MAX_STOP = 16
@@ -54,8 +57,6 @@ def parse(body: bytes) -> ChatRequest:
     try:
         req = _decoder.decode(body)
     except msgspec.DecodeError as exc:
-        from cortex.gateway.openai_errors import from_decode_error
-
         raise from_decode_error(exc) from None
     _validate(req)
     return req
@@ -123,7 +124,7 @@ def sampling(req: ChatRequest) -> Sampling:
     )
 
 
-def _usage(usage: Usage | None) -> dict[str, object] | None:
+def usage_object(usage: Usage | None) -> dict[str, object] | None:
     if usage is None:
         return None
     return {
@@ -150,7 +151,7 @@ def completion_body(
                 "finish_reason": finish_reason,
             }
         ],
-        "usage": _usage(usage),
+        "usage": usage_object(usage),
     }
     return _encoder.encode(body)
 
@@ -174,7 +175,7 @@ class ChunkFormatter:
             "choices": choices,
         }
         if self.include_usage:
-            body["usage"] = _usage(usage) if final_usage else None
+            body["usage"] = usage_object(usage) if final_usage else None
         return b"data: " + _encoder.encode(body) + b"\n\n"
 
     def delta(self, text: str, finish_reason: str | None = None) -> bytes:
@@ -191,3 +192,68 @@ class ChunkFormatter:
 
 
 DONE = b"data: [DONE]\n\n"
+
+
+def finish_reason(chunk: Chunk) -> str:
+    return "length" if chunk.finish_reason == "length" else "stop"
+
+
+def error_event(exc: ApiError) -> bytes:
+    """An error after the SSE headers: the OpenAI SDK raises it from the stream."""
+    return b"data: " + _encoder.encode(error_body(exc)) + b"\n\n"
+
+
+class ChatFormatter:
+    def __init__(self, *, request_id: str, model: str, created: int, include_usage: bool) -> None:
+        self.request_id = request_id
+        self.model = model
+        self.created = created
+        self.chunks = ChunkFormatter(completion_id=f"chatcmpl-{request_id}", model=model, include_usage=include_usage)
+        self.chunks.created = created
+
+    def complete(self, text: str, last: Chunk) -> Response:
+        body = completion_body(
+            completion_id=f"chatcmpl-{self.request_id}", model=self.model, created=self.created, text=text,
+            finish_reason=finish_reason(last), usage=last.usage,
+        )  # fmt: skip
+        return Response(body, media_type="application/json")
+
+    def stream_start(self, first: Chunk) -> bytes:
+        return self.chunks.delta("")  # the role
+
+    def stream_text(self, text: str) -> bytes:
+        return self.chunks.delta(text)
+
+    def stream_end(self, last: Chunk) -> bytes:
+        out = self.chunks.delta("", finish_reason=finish_reason(last))
+        if self.chunks.include_usage:
+            out += self.chunks.usage(last.usage)
+        return out + DONE
+
+    def stream_error(self, exc: ApiError) -> bytes:
+        return error_event(exc)
+
+
+class OpenAIChat:
+    """The exchange dialect of ``POST /v1/chat/completions``."""
+
+    name = "openai"
+
+    def parse(self, body: bytes) -> Plan:
+        req = parse(body)
+        return Plan(
+            model=req.model,
+            sampling=sampling(req),
+            messages=canonical_messages(req),
+            stream=bool(req.stream),
+            include_usage=bool(req.stream_options and req.stream_options.include_usage),
+        )
+
+    def formatter(self, plan: Plan, request_id: str, model: str, created: int) -> ChatFormatter:
+        return ChatFormatter(request_id=request_id, model=model, created=created, include_usage=plan.include_usage)
+
+    def error_response(self, exc: ApiError) -> Response:
+        return error_response(exc)
+
+    def internal_error(self, request_id: str) -> ApiError:
+        return ApiError(f"Internal error (request {request_id}); it has been logged.")

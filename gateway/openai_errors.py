@@ -21,17 +21,6 @@ def error_response(exc: ApiError) -> Response:
     return Response(msgspec.json.encode(error_body(exc)), status_code=exc.status, media_type="application/json")
 
 
-def internal_error_body(request_id: str) -> dict[str, object]:
-    message = f"Internal error (request {request_id}); it has been logged."
-    return {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
-
-
-def internal_error_response(request_id: str) -> Response:
-    return Response(
-        msgspec.json.encode(internal_error_body(request_id)), status_code=500, media_type="application/json"
-    )
-
-
 def from_decode_error(exc: msgspec.DecodeError) -> InvalidRequest:
     """A 400 naming the offending field, e.g. ``max_tokens`` from `` at `$.max_tokens` ``."""
     text = str(exc)

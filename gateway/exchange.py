@@ -1,0 +1,208 @@
+"""One request's trip through the relay, the same for every dialect.
+
+A dialect (OpenAI chat, OpenAI completions, Anthropic messages) parses its body
+into a `Plan` and formats the chunks that come back through a `Formatter`;
+everything between (model resolution, the canonical request, deadlines,
+client disconnects, metrics, error mapping) happens here, once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+
+from cortex.gateway.errors import ApiError, PayloadTooLarge
+from cortex.gateway.metrics import UNKNOWN_MODEL, RequestTimer
+from cortex.gateway.relay import Abandoned, ReplyStream, raise_for_chunk
+from cortex.gateway.services import Services
+from cortex.gateway.sse import EventStreamResponse, watch_disconnect
+from cortex.protocol import Chunk, GenerateRequest, Message, Sampling
+
+log = logging.getLogger("cortex.gateway")
+T = TypeVar("T")
+CLIENT_CLOSED = 499
+"""Status recorded (never sent: nobody is listening) when the client went away."""
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before its answer was ready."""
+
+
+@dataclass
+class Plan:
+    """What a dialect asks of the workers."""
+
+    model: str
+    sampling: Sampling
+    messages: list[Message] = field(default_factory=list)
+    prompt: str | None = None
+    stream: bool = False
+    count_only: bool = False
+    include_usage: bool = False
+    """OpenAI's ``stream_options.include_usage``."""
+
+
+class Formatter(Protocol):
+    """Turns the chunks of one answer into a dialect's JSON or SSE."""
+
+    def complete(self, text: str, last: Chunk) -> Response: ...
+
+    def stream_start(self, first: Chunk) -> bytes: ...
+
+    def stream_text(self, text: str) -> bytes: ...
+
+    def stream_end(self, last: Chunk) -> bytes: ...
+
+    def stream_error(self, exc: ApiError) -> bytes: ...
+
+
+class Dialect(Protocol):
+    name: str
+
+    def parse(self, body: bytes) -> Plan: ...
+
+    def formatter(self, plan: Plan, request_id: str, model: str, created: int) -> Formatter: ...
+
+    def error_response(self, exc: ApiError) -> Response: ...
+
+    def internal_error(self, request_id: str) -> ApiError: ...
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services  # type: ignore[no-any-return]
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"The request body is {declared} bytes; at most {limit} are accepted.")
+    body = await request.body()
+    if len(body) > limit:
+        raise PayloadTooLarge(f"The request body is {len(body)} bytes; at most {limit} are accepted.")
+    return body
+
+
+async def handle(request: Request, dialect: Dialect) -> Response:
+    """Serve one generation request end to end in `dialect`."""
+    svc = services(request)
+    request_id = uuid.uuid4().hex
+    timer: RequestTimer | None = None
+    stream: ReplyStream | None = None
+    streaming_started = False
+    try:
+        plan = dialect.parse(await read_body(request, svc.bus.max_payload))
+        entry = svc.fleet.resolve(plan.model)
+        timer = RequestTimer(svc.metrics, entry.id, dialect.name)
+        now = time.time()
+        canonical = GenerateRequest(
+            request_id=request_id,
+            model=entry.id,
+            messages=plan.messages,
+            sampling=plan.sampling,
+            stream=plan.stream,
+            deadline=now + svc.settings.request_timeout,
+            reply_subject=svc.relay.reply_subject(request_id),
+            created=now,
+            prompt=plan.prompt,
+            count_only=plan.count_only,
+        )
+        stream = await svc.relay.submit(canonical)
+        fmt = dialect.formatter(plan, request_id, entry.id, int(now))
+        if not plan.stream:
+            return await until_disconnected(request, _complete(stream, timer, fmt), stream)
+        first = await until_disconnected(request, stream.next(), stream)
+        raise_for_chunk(first)
+        account(timer, first)
+        streaming_started = True
+        return EventStreamResponse(  # type: ignore[return-value]
+            _events(first, stream, timer, fmt, dialect),
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+    except (ClientGone, ClientDisconnect):
+        record(svc, timer, dialect.name, CLIENT_CLOSED, "client_closed")
+        return Response(status_code=CLIENT_CLOSED)
+    except ApiError as exc:
+        record(svc, timer, dialect.name, exc.status, exc.code or exc.type)
+        return dialect.error_response(exc)
+    except Exception:
+        log.exception("request %s failed", request_id)
+        record(svc, timer, dialect.name, 500, "internal")
+        return dialect.error_response(dialect.internal_error(request_id))
+    finally:
+        if stream is not None and not streaming_started:
+            stream.close()
+
+
+def record(svc: Services, timer: RequestTimer | None, dialect: str, status: int, code: str) -> None:
+    if timer is None:
+        timer = RequestTimer(svc.metrics, UNKNOWN_MODEL, dialect)
+    timer.done(status, code)
+
+
+def account(timer: RequestTimer, chunk: Chunk) -> None:
+    if chunk.prompt_tokens:
+        timer.prompt_tokens = chunk.prompt_tokens
+    timer.completion_tokens = max(timer.completion_tokens, chunk.completion_tokens)
+    timer.saw_tokens(chunk.tokens)
+
+
+async def until_disconnected(request: Request, work: Awaitable[T], stream: ReplyStream) -> T:
+    """Await `work` (which reads `stream`); raise ClientGone instead if the client disconnects first."""
+    watcher = watch_disconnect(request.receive, stream.abandon)
+    try:
+        return await work
+    except Abandoned:
+        raise ClientGone from None
+    finally:
+        watcher.cancel()
+
+
+async def _complete(stream: ReplyStream, timer: RequestTimer, fmt: Formatter) -> Response:
+    parts: list[str] = []
+    while True:
+        chunk = await stream.next()
+        raise_for_chunk(chunk)
+        account(timer, chunk)
+        parts.append(chunk.text)
+        if chunk.final:
+            break
+    response = fmt.complete("".join(parts), chunk)
+    timer.done(200)
+    return response
+
+
+async def _events(
+    first: Chunk, stream: ReplyStream, timer: RequestTimer, fmt: Formatter, dialect: Dialect
+) -> AsyncIterator[bytes]:
+    # Whatever ends this generator early (cancellation, GeneratorExit) means the
+    # client left; only a completed or failed stream overwrites this.
+    status, code = CLIENT_CLOSED, "client_closed"
+    chunk = first
+    try:
+        pending = fmt.stream_start(first)  # sent with the first text, in one write
+        while not chunk.final:
+            if chunk.text or pending:
+                yield pending + (fmt.stream_text(chunk.text) if chunk.text else b"")
+                pending = b""
+            chunk = await stream.next()
+            raise_for_chunk(chunk)
+            account(timer, chunk)
+        status, code = 200, None
+        yield pending + (fmt.stream_text(chunk.text) if chunk.text else b"") + fmt.stream_end(chunk)
+    except ApiError as exc:
+        status, code = exc.status, exc.code or exc.type
+        yield fmt.stream_error(exc)
+    except Exception:
+        log.exception("stream %s failed", stream.request.request_id)
+        status, code = 500, "internal"
+        yield fmt.stream_error(dialect.internal_error(stream.request.request_id))
+    finally:
+        stream.close()
+        timer.done(status, code)

@@ -1,0 +1,134 @@
+"""OpenAI ``POST /v1/completions`` (legacy text completion): the prompt is continued as is, no chat template."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from starlette.responses import Response
+
+from cortex.gateway.errors import ApiError, InvalidRequest
+from cortex.gateway.exchange import Plan
+from cortex.gateway.openai_chat import DONE, MAX_STOP, StreamOptions, error_event, finish_reason, usage_object
+from cortex.gateway.openai_errors import error_response, from_decode_error
+from cortex.protocol import Chunk, Sampling
+
+DEFAULT_MAX_TOKENS = 16
+"""OpenAI's default for this endpoint."""
+
+
+class CompletionRequest(msgspec.Struct, kw_only=True):
+    """The fields Cortex reads; any other field is accepted and ignored."""
+
+    model: str
+    prompt: str | list[str | int] | None = None
+    max_tokens: int | None = DEFAULT_MAX_TOKENS
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = None
+    best_of: int | None = None
+    echo: bool | None = False
+    logprobs: int | None = None
+    suffix: str | None = None
+    user: str | None = None
+
+
+_decoder = msgspec.json.Decoder(CompletionRequest)
+_encoder = msgspec.json.Encoder()
+
+
+def parse(body: bytes) -> CompletionRequest:
+    try:
+        req = _decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise from_decode_error(exc) from None
+    if not req.model:
+        raise InvalidRequest("`model` must not be empty.", param="model")
+    if req.prompt is None or (isinstance(req.prompt, list) and len(req.prompt) != 1):
+        raise InvalidRequest("`prompt` must be a string (or a list of exactly one string).", param="prompt")
+    if isinstance(req.prompt, list) and not isinstance(req.prompt[0], str):
+        raise InvalidRequest("Token-id prompts are not supported; send text.", param="prompt")
+    for name, ok in (("n", req.n in (None, 1)), ("best_of", req.best_of in (None, 1)), ("echo", not req.echo),
+                     ("logprobs", req.logprobs is None), ("suffix", req.suffix is None)):  # fmt: skip
+        if not ok:
+            raise InvalidRequest(f"`{name}` is not supported by this server.", param=name)
+    if req.max_tokens is not None and req.max_tokens < 1:
+        raise InvalidRequest("`max_tokens` must be at least 1.", param="max_tokens")
+    if req.temperature is not None and not 0.0 <= req.temperature <= 2.0:
+        raise InvalidRequest("`temperature` must be between 0 and 2.", param="temperature")
+    if req.top_p is not None and not 0.0 < req.top_p <= 1.0:
+        raise InvalidRequest("`top_p` must be greater than 0 and at most 1.", param="top_p")
+    if req.seed is not None and not -(2**63) <= req.seed < 2**63:
+        raise InvalidRequest("`seed` must be a 64-bit signed integer.", param="seed")
+    if len(_stops(req)) > MAX_STOP:
+        raise InvalidRequest(f"At most {MAX_STOP} stop sequences are supported.", param="stop")
+    return req
+
+
+def _stops(req: CompletionRequest) -> list[str]:
+    if req.stop is None:
+        return []
+    return [req.stop] if isinstance(req.stop, str) else list(req.stop)
+
+
+class CompletionFormatter:
+    def __init__(self, *, request_id: str, model: str, created: int, include_usage: bool) -> None:
+        self.base = {"id": f"cmpl-{request_id}", "object": "text_completion", "created": created, "model": model}
+        self.include_usage = include_usage
+
+    def _choice(self, text: str, finish: str | None) -> dict[str, Any]:
+        return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+
+    def complete(self, text: str, last: Chunk) -> Response:
+        body = {**self.base, "choices": [self._choice(text, finish_reason(last))], "usage": usage_object(last.usage)}
+        return Response(_encoder.encode(body), media_type="application/json")
+
+    def _event(self, body: dict[str, Any]) -> bytes:
+        return b"data: " + _encoder.encode(body) + b"\n\n"
+
+    def stream_start(self, first: Chunk) -> bytes:
+        return b""
+
+    def stream_text(self, text: str) -> bytes:
+        return self._event({**self.base, "choices": [self._choice(text, None)]})
+
+    def stream_end(self, last: Chunk) -> bytes:
+        out = self._event({**self.base, "choices": [self._choice("", finish_reason(last))]})
+        if self.include_usage:
+            out += self._event({**self.base, "choices": [], "usage": usage_object(last.usage)})
+        return out + DONE
+
+    def stream_error(self, exc: ApiError) -> bytes:
+        return error_event(exc)
+
+
+class OpenAICompletions:
+    name = "openai-completions"
+
+    def parse(self, body: bytes) -> Plan:
+        req = parse(body)
+        prompt = req.prompt if isinstance(req.prompt, str) else str(req.prompt[0])  # type: ignore[index]
+        sampling = Sampling(
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            max_tokens=req.max_tokens,
+            stop=_stops(req),
+            seed=req.seed,
+        )
+        return Plan(model=req.model, sampling=sampling, prompt=prompt, stream=bool(req.stream),
+                    include_usage=bool(req.stream_options and req.stream_options.include_usage))  # fmt: skip
+
+    def formatter(self, plan: Plan, request_id: str, model: str, created: int) -> CompletionFormatter:
+        return CompletionFormatter(
+            request_id=request_id, model=model, created=created, include_usage=plan.include_usage
+        )
+
+    def error_response(self, exc: ApiError) -> Response:
+        return error_response(exc)
+
+    def internal_error(self, request_id: str) -> ApiError:
+        return ApiError(f"Internal error (request {request_id}); it has been logged.")
