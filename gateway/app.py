@@ -14,7 +14,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from cortex.broker.bus import Bus
-from cortex.gateway import routes_openai
+from cortex.gateway import anthropic_messages, routes_anthropic, routes_openai
+from cortex.gateway.errors import ApiError
 from cortex.gateway.fleet import FleetView
 from cortex.gateway.metrics import Metrics
 from cortex.gateway.relay import Relay
@@ -39,6 +40,10 @@ async def health(request: Request) -> Response:
 async def http_error(request: Request, exc: Exception) -> Response:
     """Unknown routes and wrong methods still answer in OpenAI's envelope."""
     assert isinstance(exc, HTTPException)
+    if request.url.path.startswith("/v1/messages"):
+        error = ApiError(f"{exc.detail}: {request.method} {request.url.path}")
+        error.status = exc.status_code
+        return anthropic_messages.error_response(error)
     body = {"error": {"message": f"{exc.detail}: {request.method} {request.url.path}", "type": "invalid_request_error",
                       "param": None, "code": None}}  # fmt: skip
     return Response(msgspec.json.encode(body), status_code=exc.status_code, media_type="application/json")
@@ -67,5 +72,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Starlette:
         Route("/v1/models/{model:path}", routes_openai.retrieve_model, methods=["GET"]),
         Route("/v1/chat/completions", routes_openai.chat_completions, methods=["POST"]),
         Route("/v1/completions", routes_openai.completions, methods=["POST"]),
+        Route("/v1/messages", routes_anthropic.messages, methods=["POST"]),
+        Route("/v1/messages/count_tokens", routes_anthropic.count_tokens, methods=["POST"]),
     ]
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import anthropic
 import openai
 import pytest
 
@@ -132,6 +133,29 @@ def test_default_model_answers_paris(up_stack: UpStack) -> None:
     streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert streamed == reply.choices[0].message.content
     assert "Cortex is up." in up_stack.log.read_text()
+
+
+@pytest.mark.default_model
+def test_default_model_through_completions_and_anthropic_messages(up_stack: UpStack) -> None:
+    root = up_stack.base_url.removesuffix("/v1")
+    oai = openai.OpenAI(base_url=up_stack.base_url, api_key="any", max_retries=0, timeout=120)
+    completion = oai.completions.create(
+        model=DEFAULT_MODEL, prompt="The capital of France is", temperature=0, max_tokens=5
+    )
+    assert "Paris" in completion.choices[0].text
+    claude = anthropic.Anthropic(base_url=root, api_key="any", max_retries=0, timeout=120,
+                                 _strict_response_validation=True)  # fmt: skip
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    message = claude.messages.create(model=DEFAULT_MODEL, max_tokens=40, messages=question,  # type: ignore[arg-type]
+                                     extra_body={"temperature": 0.0})  # fmt: skip
+    assert "Paris" in message.content[0].text  # type: ignore[union-attr]
+    assert message.stop_reason == "end_turn"
+    with claude.messages.stream(model=DEFAULT_MODEL, max_tokens=40, messages=question,  # type: ignore[arg-type]
+                                extra_body={"temperature": 0.0}) as stream:  # fmt: skip
+        assert stream.get_final_message().content[0].text == message.content[0].text  # type: ignore[union-attr]
+    counted = claude.messages.count_tokens(model=DEFAULT_MODEL, messages=question)  # type: ignore[arg-type]
+    # As in Anthropic's API, tokens read from the (prefix) cache are not part of input_tokens.
+    assert counted.input_tokens == message.usage.input_tokens + (message.usage.cache_read_input_tokens or 0)
 
 
 @pytest.mark.default_model
