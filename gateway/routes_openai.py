@@ -6,6 +6,8 @@ the dialect modules parse and format.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
@@ -23,11 +25,19 @@ COMPLETIONS = OpenAICompletions()
 
 
 def _model_object(entry: ModelEntry) -> dict[str, object]:
+    """One entry both SDKs accept: OpenAI's `object`, `created`, `owned_by`; Anthropic's `type`,
+    `display_name`, `created_at`, `lifecycle`, `max_input_tokens`."""
+    created = entry.card.created
     return {
         "id": entry.id,
         "object": "model",
-        "created": entry.card.created,
+        "created": created,
         "owned_by": "cortex",
+        "type": "model",
+        "display_name": entry.id,
+        "created_at": datetime.fromtimestamp(created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "lifecycle": "active",
+        "max_input_tokens": entry.card.context_length or None,
         "aliases": entry.card.aliases,
         "context_length": entry.card.context_length,
         "ready": bool(entry.ready_on),
@@ -38,7 +48,15 @@ def _model_object(entry: ModelEntry) -> dict[str, object]:
 
 async def list_models(request: Request) -> Response:
     data = [_model_object(entry) for entry in services(request).fleet.models().values()]
-    return Response(_encoder.encode({"object": "list", "data": data}), media_type="application/json")
+    body = {
+        "object": "list",
+        "data": data,
+        # Anthropic's page shape: the whole fleet fits in one page.
+        "has_more": False,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+    }
+    return Response(_encoder.encode(body), media_type="application/json")
 
 
 async def retrieve_model(request: Request) -> Response:

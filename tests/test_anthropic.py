@@ -138,3 +138,10 @@ def test_bearer_key_and_wrong_method_in_anthropic_shape(gateway: Gateway) -> Non
     wrong = httpx.get(f"{gateway.base_url}/messages", timeout=30)
     assert wrong.status_code == 405
     assert wrong.json()["type"] == "error"
+
+
+def test_models_list_and_retrieve(client: anthropic.Anthropic) -> None:
+    models = {m.id: m for m in client.models.list()}
+    assert TINY_MODEL in models
+    assert models[TINY_MODEL].type == "model" and models[TINY_MODEL].display_name
+    assert client.models.retrieve(TINY_ALIAS).id == TINY_MODEL
