@@ -20,13 +20,14 @@ from starlette.responses import Response
 
 from cortex.gateway.errors import ApiError, PayloadTooLarge
 from cortex.gateway.metrics import UNKNOWN_MODEL, RequestTimer
-from cortex.gateway.relay import Abandoned, ReplyStream, raise_for_chunk
+from cortex.gateway.relay import Abandoned, ReplyStream, StillWaiting, raise_for_chunk
 from cortex.gateway.services import Services
 from cortex.gateway.sse import EventStreamResponse, watch_disconnect
 from cortex.protocol import Chunk, GenerateRequest, Message, Sampling
 
 log = logging.getLogger("cortex.gateway")
 T = TypeVar("T")
+KEEPALIVE = b": keep-alive\n\n"
 CLIENT_CLOSED = 499
 """Status recorded (never sent: nobody is listening) when the client went away."""
 
@@ -117,12 +118,18 @@ async def handle(request: Request, dialect: Dialect) -> Response:
         fmt = dialect.formatter(plan, request_id, entry.id, int(now))
         if not plan.stream:
             return await until_disconnected(request, _complete(stream, timer, fmt), stream)
-        first = await until_disconnected(request, stream.next(), stream)
-        raise_for_chunk(first)
-        account(timer, first)
+        try:
+            first: Chunk | None = await until_disconnected(
+                request, stream.next(patience=svc.settings.stream_headers_within), stream
+            )
+        except StillWaiting:
+            first = None  # a long prefill or a cold load: start the stream and keep it alive
+        if first is not None:
+            raise_for_chunk(first)
+            account(timer, first)
         streaming_started = True
         return EventStreamResponse(  # type: ignore[return-value]
-            _events(first, stream, timer, fmt, dialect),
+            _events(first, stream, timer, fmt, dialect, svc.settings.keepalive_interval),
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     except (ClientGone, ClientDisconnect):
@@ -179,13 +186,26 @@ async def _complete(stream: ReplyStream, timer: RequestTimer, fmt: Formatter) ->
 
 
 async def _events(
-    first: Chunk, stream: ReplyStream, timer: RequestTimer, fmt: Formatter, dialect: Dialect
+    first: Chunk | None,
+    stream: ReplyStream,
+    timer: RequestTimer,
+    fmt: Formatter,
+    dialect: Dialect,
+    keepalive: float,
 ) -> AsyncIterator[bytes]:
     # Whatever ends this generator early (cancellation, GeneratorExit) means the
     # client left; only a completed or failed stream overwrites this.
     status, code = CLIENT_CLOSED, "client_closed"
-    chunk = first
     try:
+        while first is None:
+            try:
+                first = await stream.next(patience=keepalive)
+            except StillWaiting:
+                yield KEEPALIVE  # an SSE comment: every client ignores it, proxies see traffic
+                continue
+            raise_for_chunk(first)
+            account(timer, first)
+        chunk = first
         pending = fmt.stream_start(first)  # sent with the first text, in one write
         while not chunk.final:
             if chunk.text or pending:

@@ -28,6 +28,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--metrics-port", type=int, default=31314, help="Prometheus /metrics port (-1 disables)")
     parser.add_argument("--nats", default=DEFAULT_URL, help=f"NATS server URL (default {DEFAULT_URL})")
     parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request gets a 504")
+    parser.add_argument("--stream-headers-within", type=float, default=2.0,
+                        help="seconds a stream waits for its first token before sending headers")  # fmt: skip
+    parser.add_argument("--keepalive-interval", type=float, default=5.0,
+                        help="seconds between SSE keep-alive comments while no token has come yet")  # fmt: skip
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
 
@@ -39,7 +43,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.metrics_port >= 0:
         port = metrics.serve(args.metrics_host or args.host, args.metrics_port)
         log.info("metrics on http://%s:%d/metrics", args.metrics_host or args.host, port)
-    app = create_app(Settings(nats_url=args.nats, request_timeout=args.request_timeout), metrics)
+    app = create_app(
+        Settings(
+            nats_url=args.nats,
+            request_timeout=args.request_timeout,
+            stream_headers_within=args.stream_headers_within,
+            keepalive_interval=args.keepalive_interval,
+        ),
+        metrics,
+    )
     uvicorn.run(
         app,
         host=args.host,

@@ -79,6 +79,10 @@ class Relay:
             log.warning("cancel of %s not sent: %s", request_id, exc)
 
 
+class StillWaiting(Exception):
+    """`ReplyStream.next` ran out of the patience it was given; nothing is lost, ask again."""
+
+
 class Abandoned(Exception):
     """The client went away while its request waited (see `ReplyStream.abandon`)."""
 
@@ -98,9 +102,9 @@ class ReplyStream:
         self.finished = False
         self.worker_id = ""
 
-    async def next(self) -> Chunk:
-        """The next chunk; raises DeadlineExceeded or UpstreamError."""
-        data = await self._receive()
+    async def next(self, patience: float | None = None) -> Chunk:
+        """The next chunk; raises DeadlineExceeded, UpstreamError, Abandoned, or StillWaiting after `patience` s."""
+        data = await self._receive(patience)
         if data is _ABANDONED or not data:
             raise Abandoned
         try:
@@ -123,14 +127,22 @@ class ReplyStream:
         """Make a pending or later `next()` raise Abandoned (the client disconnected)."""
         self._queue.put_nowait(_ABANDONED)
 
-    async def _receive(self) -> bytes:
+    async def _receive(self, patience: float | None) -> bytes:
         """The next message, checking every few seconds that the worker on it is still alive."""
+        if not self._queue.empty():
+            return self._queue.get_nowait()
+        give_up = time.monotonic() + patience if patience is not None else None
         while True:
             remaining = self.request.deadline - time.time() if self.request.deadline else LIVENESS_CHECK_S
             if remaining <= 0:
                 raise errors.DeadlineExceeded("The request did not complete before its deadline.")
+            wait = min(remaining, LIVENESS_CHECK_S)
+            if give_up is not None:
+                if give_up <= time.monotonic():
+                    raise StillWaiting
+                wait = min(wait, give_up - time.monotonic())
             try:
-                return await asyncio.wait_for(self._queue.get(), timeout=min(remaining, LIVENESS_CHECK_S))
+                return await asyncio.wait_for(self._queue.get(), timeout=wait)
             except TimeoutError:
                 pass
             if self.worker_id and not self._relay.is_live(self.worker_id):

@@ -15,6 +15,10 @@ class Settings:
     nats_url: str = "nats://127.0.0.1:4222"
     request_timeout: float = 600.0
     """Seconds a request may take, queueing included, before the client gets a 504."""
+    stream_headers_within: float = 2.0
+    """A streamed request waits this long for its first chunk before sending headers (errors keep their status)."""
+    keepalive_interval: float = 5.0
+    """Then an SSE comment goes out this often until the first chunk (long prefill, cold load)."""
 
 
 @dataclass

@@ -17,6 +17,8 @@ import pytest
 from cortex.broker.server import EmbeddedNats
 from tests.conftest import TINY_MODEL, Gateway, child_env, ready_models, start_gateway, stop_process, wait_for
 
+SLOW_PREFILL_S = 0.6
+"""The synthetic worker's stand-in for a long prefill."""
 LONG = 4000  # tokens: several seconds of work for the tiny model on a CPU
 IMPATIENT_S = 1.5
 PROMPT = [{"role": "user", "content": "go on"}]
@@ -158,7 +160,8 @@ def synthetic_worker(
     log = open(logs_dir / "synthetic-worker.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "cortex.worker", "--nats", nats_server.url, "--models", str(catalogue_file),
-         "--model", "tiny-b", "--synthetic-engine", "0", "--worker-id", "synthetic"],
+         "--model", "tiny-b", "--synthetic-engine", "0", "--synthetic-prefill", str(SLOW_PREFILL_S),
+         "--worker-id", "synthetic"],
         stdout=log, stderr=subprocess.STDOUT, env=child_env(),
     )  # fmt: skip
     log.close()
@@ -174,3 +177,25 @@ def test_synthetic_engine_streams_through_the_real_hop(gateway: Gateway, synthet
     )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "tok " * 500
+
+
+def test_keepalive_comments_while_the_first_token_is_slow(
+    nats_server: EmbeddedNats, logs_dir: Path, gateway: Gateway, synthetic_worker: None
+) -> None:
+    eager = start_gateway(nats_server.url, logs_dir, "--stream-headers-within", "0.1", "--keepalive-interval", "0.1")
+    try:
+        wait_for(lambda: "tiny-b" in ready_models(eager.base_url), timeout=30, what="fleet view")
+        body = {"model": "tiny-b", "messages": PROMPT, "max_tokens": 3, "stream": True}
+        with httpx.stream("POST", f"{eager.base_url}/chat/completions", json=body, timeout=30) as response:
+            assert response.status_code == 200
+            lines = [line for line in response.iter_lines() if line]
+        # Headers after 0.1 s, then a comment every 0.1 s until the token at 0.6 s.
+        keepalives = [line for line in lines if line.startswith(":")]
+        assert len(keepalives) >= 2
+        assert lines.index(keepalives[-1]) < next(i for i, line in enumerate(lines) if '"content":"tok' in line)
+        assert lines[-1] == "data: [DONE]"
+        # The official SDK skips the comments.
+        chunks = list(sdk(eager).chat.completions.create(model="tiny-b", messages=PROMPT, max_tokens=3, stream=True))  # type: ignore[call-overload]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "tok " * 3
+    finally:
+        stop_process(eager.proc)

@@ -41,8 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prefix-cache-tokens", type=int, default=16384, help="tokens kept for prefix reuse")
     parser.add_argument(
         "--synthetic-engine", type=float, default=None, metavar="SECONDS",
-        help="benchmarks only: no model, emit one token every SECONDS",
+        help="benchmarks and relay tests only: no model, emit one token every SECONDS",
     )  # fmt: skip
+    parser.add_argument("--synthetic-prefill", type=float, default=0.0, metavar="SECONDS",
+                        help="with --synthetic-engine: wait this long before the first token")  # fmt: skip
     parser.add_argument("--worker-id", default=None, help="name in the fleet bucket (default HOST-gpuN or HOST-cpu)")
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
@@ -82,7 +84,10 @@ async def _serve(args: argparse.Namespace) -> int:
         return 1
     engine: Engine | SyntheticEngine
     if args.synthetic_engine is not None:
-        engine, loader = SyntheticEngine(worker_id=worker_id, interval=args.synthetic_engine), load_synthetic
+        engine, loader = (
+            SyntheticEngine(worker_id=worker_id, interval=args.synthetic_engine, prefill=args.synthetic_prefill),
+            load_synthetic,
+        )
     else:
         limits = EngineLimits(
             max_prefill_tokens=args.max_prefill_tokens, prefill_chunk=args.prefill_chunk,

@@ -46,11 +46,13 @@ class _Job:
 
 
 class SyntheticEngine:
-    """Emits ``max_tokens`` (default 16) chunks of one token each, every `interval` seconds; the first at once."""
+    """Emits ``max_tokens`` (default 16) one-token chunks every `interval` seconds, the first after `prefill`."""
 
-    def __init__(self, *, worker_id: str, interval: float) -> None:
+    def __init__(self, *, worker_id: str, interval: float, prefill: float = 0.0) -> None:
         self.worker_id = worker_id
         self.interval = interval
+        self.prefill = prefill
+        """Seconds before the first token, standing in for a prompt's prefill."""
         self._lock = threading.Condition()
         self._heap: list[tuple[float, int, str]] = []
         self._jobs: dict[str, _Job] = {}
@@ -83,7 +85,7 @@ class SyntheticEngine:
         job = _Job(request=request, emit=emit, prompt_tokens=prompt, total=request.sampling.max_tokens or 16)
         with self._lock:
             self._jobs[request.request_id] = job
-            heapq.heappush(self._heap, (time.monotonic(), next(self._order), request.request_id))
+            heapq.heappush(self._heap, (time.monotonic() + self.prefill, next(self._order), request.request_id))
             self._lock.notify()
 
     def cancel(self, request_id: str) -> None:
