@@ -47,6 +47,8 @@ class ChatRequest(msgspec.Struct, kw_only=True):
     seed: int | None = None
     n: int | None = None
     user: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
 
 
 _decoder = msgspec.json.Decoder(ChatRequest)
@@ -89,6 +91,10 @@ def _validate(req: ChatRequest) -> None:
             raise InvalidRequest(f"`{name}` must be at least 1.", param=name)
     if req.seed is not None and not -(2**63) <= req.seed < 2**63:
         raise InvalidRequest("`seed` must be a 64-bit signed integer.", param="seed")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(req, name)
+        if value is not None and not -2.0 <= value <= 2.0:
+            raise InvalidRequest(f"`{name}` must be between -2 and 2.", param=name)
     if req.n is not None and req.n != 1:
         raise InvalidRequest("Only `n=1` is supported.", param="n")
     stops = _stops(req)
@@ -121,6 +127,8 @@ def sampling(req: ChatRequest) -> Sampling:
         max_tokens=req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens,
         stop=_stops(req),
         seed=req.seed,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
     )
 
 

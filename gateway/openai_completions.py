@@ -35,6 +35,8 @@ class CompletionRequest(msgspec.Struct, kw_only=True):
     logprobs: int | None = None
     suffix: str | None = None
     user: str | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
 
 
 _decoder = msgspec.json.Decoder(CompletionRequest)
@@ -62,6 +64,10 @@ def parse(body: bytes) -> CompletionRequest:
         raise InvalidRequest("`temperature` must be between 0 and 2.", param="temperature")
     if req.top_p is not None and not 0.0 < req.top_p <= 1.0:
         raise InvalidRequest("`top_p` must be greater than 0 and at most 1.", param="top_p")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(req, name)
+        if value is not None and not -2.0 <= value <= 2.0:
+            raise InvalidRequest(f"`{name}` must be between -2 and 2.", param=name)
     if req.seed is not None and not -(2**63) <= req.seed < 2**63:
         raise InvalidRequest("`seed` must be a 64-bit signed integer.", param="seed")
     if len(_stops(req)) > MAX_STOP:
@@ -118,6 +124,8 @@ class OpenAICompletions:
             max_tokens=req.max_tokens,
             stop=_stops(req),
             seed=req.seed,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
         )
         return Plan(model=req.model, sampling=sampling, prompt=prompt, stream=bool(req.stream),
                     include_usage=bool(req.stream_options and req.stream_options.include_usage))  # fmt: skip

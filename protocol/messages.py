@@ -35,6 +35,9 @@ class Sampling(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Keep generating past the end token (benchmarks: fixed-length outputs)."""
     top_k: int = 0
     """Sample among the k most likely tokens only; 0 means no limit."""
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    """OpenAI's penalties: subtracted from a token's logit once if it was generated, and per time it was."""
 
 
 class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type", tag="generate"):

@@ -118,6 +118,14 @@ def test_stop_string_is_never_emitted(client: openai.OpenAI, stream: bool) -> No
     assert finish == "stop"
 
 
+def test_penalties_discourage_repetition(client: openai.OpenAI) -> None:
+    plain = greedy(client, max_tokens=40).choices[0].message.content or ""
+    penalised = greedy(client, max_tokens=40, presence_penalty=2.0, frequency_penalty=2.0).choices[0].message.content
+    assert penalised and penalised != plain
+    # The tiny model's greedy answer loops on a few tokens; the penalties break the loop.
+    assert len(set(penalised.split())) > len(set(plain.split()))
+
+
 def test_unknown_model_is_404(client: openai.OpenAI) -> None:
     with pytest.raises(openai.NotFoundError) as info:
         client.chat.completions.create(model="no-such-model", messages=PROMPT)
@@ -157,6 +165,10 @@ def test_prompt_longer_than_context_is_400(client: openai.OpenAI) -> None:
         (b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "temperature": 7}', "temperature"),
         (b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "top_p": 0}', "top_p"),
         (b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "n": 3}', "n"),
+        (
+            b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "presence_penalty": 3}',
+            "presence_penalty",
+        ),
         (
             b'{"model": "tiny-llama", "messages": [{"role": "user", "content": "x"}], "seed": 9223372036854775808}',
             "seed",

@@ -42,7 +42,7 @@ from cortex.worker import kvcache
 from cortex.worker.batch import Batch, forward
 from cortex.worker.detokenize import IncrementalDetokenizer
 from cortex.worker.loader import LoadedModel, PromptError
-from cortex.worker.sampling import is_greedy, make_generator, sample
+from cortex.worker.sampling import is_greedy, make_generator, penalties, sample
 from cortex.worker.sequence import Emit, LogitsProcessor, RequestRejected, Sequence, error_chunk
 from cortex.worker.stops import StopMatcher
 
@@ -205,7 +205,7 @@ class Engine:
     def _start(self, request: GenerateRequest, emit: Emit, processors: list[LogitsProcessor]) -> None:
         try:
             seq = self._prepare(request, emit)
-            seq.logits_processors = processors
+            seq.logits_processors.extend(processors)
         except RequestRejected as exc:
             emit(error_chunk(request.request_id, exc.code, exc.message, worker_id=self.worker_id))
             return
@@ -251,7 +251,12 @@ class Engine:
             )
         sampling = request.sampling
         greedy = is_greedy(sampling.temperature)
+        builtin = []
+        if sampling.presence_penalty or sampling.frequency_penalty:
+            vocab = int(loaded.model.config.vocab_size)
+            builtin.append(penalties(sampling.presence_penalty, sampling.frequency_penalty, vocab, loaded.device))
         return Sequence(
+            logits_processors=builtin,
             request=request,
             emit=emit,
             loaded=loaded,

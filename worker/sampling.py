@@ -33,6 +33,22 @@ def sample(
     return int(torch.multinomial(probs, 1, generator=generator).item())
 
 
+def penalties(presence: float, frequency: float, vocab: int, device: torch.device):  # type: ignore[no-untyped-def]
+    """A logits processor applying OpenAI's presence and frequency penalties to generated tokens."""
+    counts = torch.zeros(vocab, device=device)
+    seen = 0
+
+    def apply(generated: list[int], logits: torch.Tensor) -> torch.Tensor:
+        nonlocal seen
+        for token in generated[seen:]:
+            if token < vocab:
+                counts[token] += 1
+        seen = len(generated)
+        return logits - frequency * counts[: logits.shape[-1]] - presence * (counts[: logits.shape[-1]] > 0)
+
+    return apply
+
+
 def make_generator(device: torch.device, seed: int | None) -> torch.Generator:
     generator = torch.Generator(device=device)
     if seed is None:
