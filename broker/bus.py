@@ -17,7 +17,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.errors import APIError, NoStreamResponseError
+from nats.js.errors import APIError, KeyDeletedError, KeyNotFoundError, NoStreamResponseError
 from nats.js.kv import KeyValue
 
 from cortex.broker import provision
@@ -108,10 +108,11 @@ class Bus:
         await bus.close()
     """
 
-    def __init__(self, nc: NATS, js: JetStreamContext, fleet: KeyValue) -> None:
+    def __init__(self, nc: NATS, js: JetStreamContext, fleet: KeyValue, responses: KeyValue) -> None:
         self._nc = nc
         self._js = js
         self._fleet = fleet
+        self._responses = responses
         self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod
@@ -119,11 +120,11 @@ class Bus:
         nc = await connect(url, name=name)
         js = nc.jetstream(timeout=5.0)
         try:
-            fleet = await provision.ensure_all(js)
+            fleet, responses = await provision.ensure_all(js)
         except Exception as exc:
             await nc.close()
             raise BrokerUnavailable(f"cannot provision JetStream at {url} (is JetStream enabled?): {exc}") from exc
-        return cls(nc, js, fleet)
+        return cls(nc, js, fleet, responses)
 
     @property
     def connected(self) -> bool:
@@ -207,6 +208,23 @@ class Bus:
             await self._fleet.delete(key)
         except Exception as exc:
             raise BrokerUnavailable(f"cannot delete {key}: {exc}") from exc
+
+    async def put_stored(self, key: str, value: bytes) -> None:
+        """Keep a stored response (``cortex-responses`` bucket, expires by TTL)."""
+        try:
+            await self._responses.put(key, value)
+        except Exception as exc:
+            raise BrokerUnavailable(f"cannot store {key}: {exc}") from exc
+
+    async def get_stored(self, key: str) -> bytes | None:
+        """A stored response, or None if there is none (never stored, deleted, expired)."""
+        try:
+            entry = await self._responses.get(key)
+        except (KeyNotFoundError, KeyDeletedError):
+            return None
+        except Exception as exc:
+            raise BrokerUnavailable(f"cannot read {key}: {exc}") from exc
+        return entry.value
 
     async def read_fleet(self) -> dict[str, bytes]:
         """Every live key of the fleet bucket and its value."""

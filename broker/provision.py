@@ -95,6 +95,22 @@ async def ensure_fleet_bucket(js: JetStreamContext) -> KeyValue:
         )
 
 
-async def ensure_all(js: JetStreamContext) -> KeyValue:
+async def ensure_responses_bucket(js: JetStreamContext) -> KeyValue:
+    try:
+        return await js.key_value(names.RESPONSES_BUCKET)
+    except Exception:  # nats-py raises BucketNotFoundError or NotFoundError by version
+        return await js.create_key_value(
+            KeyValueConfig(
+                bucket=names.RESPONSES_BUCKET,
+                description="Cortex stored responses (OpenAI Responses API `store`)",
+                history=1,
+                ttl=names.RESPONSES_TTL_S,
+                storage=StorageType.FILE,
+                max_value_size=MAX_REQUEST_BYTES,
+            )
+        )
+
+
+async def ensure_all(js: JetStreamContext) -> tuple[KeyValue, KeyValue]:
     await ensure_request_stream(js)
-    return await ensure_fleet_bucket(js)
+    return await ensure_fleet_bucket(js), await ensure_responses_bucket(js)

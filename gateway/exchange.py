@@ -99,6 +99,9 @@ async def handle(request: Request, dialect: Dialect) -> Response:
     streaming_started = False
     try:
         plan = dialect.parse(await read_body(request, svc.bus.max_payload))
+        prepare = getattr(dialect, "prepare", None)
+        if prepare is not None:
+            plan = await prepare(plan, svc)  # I/O a dialect needs first (a stored conversation)
         entry = svc.fleet.resolve(plan.model)
         timer = RequestTimer(svc.metrics, entry.id, dialect.name)
         now = time.time()
@@ -180,9 +183,18 @@ async def _complete(stream: ReplyStream, timer: RequestTimer, fmt: Formatter) ->
         parts.append(chunk.text)
         if chunk.final:
             break
-    response = fmt.complete("".join(parts), chunk)
+    text = "".join(parts)
+    await _after_complete(fmt, text, chunk)
+    response = fmt.complete(text, chunk)
     timer.done(200)
     return response
+
+
+async def _after_complete(fmt: Formatter, text: str, last: Chunk) -> None:
+    """A formatter's optional `after_complete(text, last)` (storing a response) runs before the answer ends."""
+    hook = getattr(fmt, "after_complete", None)
+    if hook is not None:
+        await hook(text, last)
 
 
 async def _events(
@@ -206,14 +218,18 @@ async def _events(
             raise_for_chunk(first)
             account(timer, first)
         chunk = first
+        parts: list[str] = []
         pending = fmt.stream_start(first)  # sent with the first text, in one write
         while not chunk.final:
+            parts.append(chunk.text)
             if chunk.text or pending:
                 yield pending + (fmt.stream_text(chunk.text) if chunk.text else b"")
                 pending = b""
             chunk = await stream.next()
             raise_for_chunk(chunk)
             account(timer, chunk)
+        parts.append(chunk.text)
+        await _after_complete(fmt, "".join(parts), chunk)
         status, code = 200, None
         yield pending + (fmt.stream_text(chunk.text) if chunk.text else b"") + fmt.stream_end(chunk)
     except ApiError as exc:

@@ -18,10 +18,12 @@ from cortex.gateway.fleet import ModelEntry
 from cortex.gateway.openai_chat import OpenAIChat
 from cortex.gateway.openai_completions import OpenAICompletions
 from cortex.gateway.openai_errors import error_response
+from cortex.gateway.openai_responses import OpenAIResponses
 
 _encoder = msgspec.json.Encoder()
 CHAT = OpenAIChat()
 COMPLETIONS = OpenAICompletions()
+RESPONSES = OpenAIResponses()
 
 
 def _model_object(entry: ModelEntry) -> dict[str, object]:
@@ -73,3 +75,7 @@ async def chat_completions(request: Request) -> Response:
 
 async def completions(request: Request) -> Response:
     return await handle(request, COMPLETIONS)
+
+
+async def responses(request: Request) -> Response:
+    return await handle(request, RESPONSES)

@@ -136,7 +136,7 @@ def test_default_model_answers_paris(up_stack: UpStack) -> None:
 
 
 @pytest.mark.default_model
-def test_default_model_through_completions_and_anthropic_messages(up_stack: UpStack) -> None:
+def test_default_model_through_completions_responses_and_anthropic_messages(up_stack: UpStack) -> None:
     root = up_stack.base_url.removesuffix("/v1")
     oai = openai.OpenAI(base_url=up_stack.base_url, api_key="any", max_retries=0, timeout=120)
     completion = oai.completions.create(
@@ -153,6 +153,10 @@ def test_default_model_through_completions_and_anthropic_messages(up_stack: UpSt
     with claude.messages.stream(model=DEFAULT_MODEL, max_tokens=40, messages=question,  # type: ignore[arg-type]
                                 extra_body={"temperature": 0.0}) as stream:  # fmt: skip
         assert stream.get_final_message().content[0].text == message.content[0].text  # type: ignore[union-attr]
+    with oai.responses.stream(model=DEFAULT_MODEL, input="What is the capital of France?", temperature=0,
+                              max_output_tokens=40) as responses:  # fmt: skip
+        final = responses.get_final_response()
+    assert final.status == "completed" and "Paris" in final.output_text
     counted = claude.messages.count_tokens(model=DEFAULT_MODEL, messages=question)  # type: ignore[arg-type]
     # As in Anthropic's API, tokens read from the (prefix) cache are not part of input_tokens.
     assert counted.input_tokens == message.usage.input_tokens + (message.usage.cache_read_input_tokens or 0)

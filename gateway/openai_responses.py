@@ -1,0 +1,280 @@
+"""OpenAI ``POST /v1/responses`` (text), with ``store`` and ``previous_response_id`` kept in NATS KV.
+
+A stored response keeps the whole conversation that produced it (canonical
+messages plus the answer), so a follow-up naming it continues through any
+gateway replica. Streaming follows the event sequence the SDK's
+``responses.stream()`` helper accumulates, every event with a ``sequence_number``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from starlette.responses import Response
+
+from cortex.broker.errors import BrokerError
+from cortex.gateway.errors import ApiError, InvalidRequest, ModelNotFound, NoCapacity
+from cortex.gateway.exchange import Plan
+from cortex.gateway.openai_errors import error_body, error_response, from_decode_error
+from cortex.gateway.services import Services
+from cortex.protocol import Chunk, Message, Sampling, Usage
+
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_TEXT_PARTS = {"input_text", "output_text", "text"}
+_RESPONSE_ID = re.compile(r"resp_[0-9a-f]{32}")
+
+
+class Part(msgspec.Struct, kw_only=True):
+    type: str
+    text: str | None = None
+
+
+class InputItem(msgspec.Struct, kw_only=True):
+    type: str = "message"
+    role: str | None = None
+    content: str | list[Part] | None = None
+
+
+class TextFormat(msgspec.Struct, kw_only=True):
+    type: str = "text"
+
+
+class TextOptions(msgspec.Struct, kw_only=True):
+    format: TextFormat | None = None
+
+
+class ResponsesRequest(msgspec.Struct, kw_only=True):
+    """The fields Cortex reads; any other field is accepted and ignored."""
+
+    model: str
+    input: str | list[InputItem] | None = None
+    instructions: str | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stream: bool | None = False
+    store: bool | None = True
+    previous_response_id: str | None = None
+    text: TextOptions | None = None
+
+
+class Stored(msgspec.Struct, kw_only=True):
+    """What the responses bucket keeps per response id."""
+
+    messages: list[Message]
+    response: dict[str, Any]
+
+
+_decoder = msgspec.json.Decoder(ResponsesRequest)
+_stored_decoder = msgspec.json.Decoder(Stored)
+_encoder = msgspec.json.Encoder()
+
+
+def _text(content: str | list[Part] | None, where: str) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    for i, part in enumerate(content):
+        if part.type not in _TEXT_PARTS or part.text is None:
+            raise InvalidRequest(f"Content parts of type {part.type!r} are not supported yet.", param=f"{where}[{i}]")
+    return "".join(part.text or "" for part in content)
+
+
+def parse(body: bytes) -> ResponsesRequest:
+    try:
+        req = _decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise from_decode_error(exc) from None
+    if not req.model:
+        raise InvalidRequest("`model` must not be empty.", param="model")
+    if req.input is None or req.input == "" or req.input == []:
+        raise InvalidRequest("`input` must not be empty.", param="input")
+    if req.max_output_tokens is not None and req.max_output_tokens < 1:
+        raise InvalidRequest("`max_output_tokens` must be at least 1.", param="max_output_tokens")
+    if req.temperature is not None and not 0.0 <= req.temperature <= 2.0:
+        raise InvalidRequest("`temperature` must be between 0 and 2.", param="temperature")
+    if req.top_p is not None and not 0.0 < req.top_p <= 1.0:
+        raise InvalidRequest("`top_p` must be greater than 0 and at most 1.", param="top_p")
+    if req.previous_response_id is not None and not _RESPONSE_ID.fullmatch(req.previous_response_id):
+        raise InvalidRequest("`previous_response_id` is not a response id.", param="previous_response_id")
+    return req
+
+
+def input_messages(req: ResponsesRequest) -> list[Message]:
+    if isinstance(req.input, str):
+        return [Message(role="user", content=req.input)]
+    messages = []
+    for i, item in enumerate(req.input or []):
+        if item.type != "message" or item.role not in _ROLES:
+            raise InvalidRequest(f"Input items of type {item.type!r} are not supported yet.", param=f"input[{i}]")
+        messages.append(Message(role=_ROLES[item.role], content=_text(item.content, f"input[{i}].content")))
+    return messages
+
+
+def usage_object(usage: Usage | None) -> dict[str, Any]:
+    prompt, completion, cached = (
+        (usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens) if usage else (0, 0, 0)
+    )
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
+        "output_tokens": completion,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": prompt + completion,
+    }
+
+
+class ResponsesFormatter:
+    def __init__(self, *, request_id: str, model: str, created: int, plan: ResponsesPlan) -> None:
+        self.id = f"resp_{request_id}"
+        self.item_id = f"msg_{request_id}"
+        self.model = model
+        self.created = created
+        self.plan = plan
+        self.request = plan.request
+        self.sequence = 0
+        self.text = ""
+
+    def response(self, status: str, output: list[dict[str, Any]], usage: Usage | None = None) -> dict[str, Any]:
+        req = self.request
+        return {
+            "id": self.id,
+            "object": "response",
+            "created_at": self.created,
+            "status": status,
+            "model": self.model,
+            "output": output,
+            "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "instructions": req.instructions,
+            "max_output_tokens": req.max_output_tokens,
+            "temperature": self.plan.sampling.temperature,
+            "top_p": self.plan.sampling.top_p,
+            "parallel_tool_calls": True,
+            "tool_choice": "auto",
+            "tools": [],
+            "previous_response_id": req.previous_response_id,
+            "store": bool(req.store),
+            "text": {"format": {"type": "text"}},
+            "metadata": {},
+            "usage": usage_object(usage) if usage is not None or status != "in_progress" else None,
+        }
+
+    def _item(self, text: str | None, status: str) -> dict[str, Any]:
+        content = [] if text is None else [{"type": "output_text", "text": text, "annotations": []}]
+        return {"type": "message", "id": self.item_id, "status": status, "role": "assistant", "content": content}
+
+    def final(self, text: str, last: Chunk) -> dict[str, Any]:
+        status = "incomplete" if last.finish_reason == "length" else "completed"
+        return self.response(status, [self._item(text, status)], last.usage)
+
+    async def after_complete(self, text: str, last: Chunk) -> None:
+        """Remember the text for the closing events, and store the conversation if asked to."""
+        self.text = text
+        if not self.request.store:
+            return
+        answer = Message(role="assistant", content=text)
+        stored = Stored(messages=[*self.plan.messages, answer], response=self.final(text, last))
+        try:
+            await self.plan.bus.put_stored(self.id, _encoder.encode(stored))
+        except BrokerError as exc:
+            raise NoCapacity(f"The response could not be stored: {exc}") from exc
+
+    def complete(self, text: str, last: Chunk) -> Response:
+        return Response(_encoder.encode(self.final(text, last)), media_type="application/json")
+
+    def _event(self, kind: str, body: dict[str, Any]) -> bytes:
+        body = {"type": kind, "sequence_number": self.sequence, **body}
+        self.sequence += 1
+        return b"event: " + kind.encode() + b"\ndata: " + _encoder.encode(body) + b"\n\n"
+
+    def _part(self, text: str) -> dict[str, Any]:
+        return {"type": "output_text", "text": text, "annotations": []}
+
+    def stream_start(self, first: Chunk) -> bytes:
+        where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
+        return (
+            self._event("response.created", {"response": self.response("in_progress", [])})
+            + self._event("response.in_progress", {"response": self.response("in_progress", [])})
+            + self._event("response.output_item.added", {"output_index": 0, "item": self._item(None, "in_progress")})
+            + self._event("response.content_part.added", {**where, "part": self._part("")})
+        )
+
+    def stream_text(self, text: str) -> bytes:
+        where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
+        return self._event("response.output_text.delta", {**where, "delta": text, "logprobs": []})
+
+    def stream_end(self, last: Chunk) -> bytes:
+        text = self.text  # set by after_complete, which runs first
+        final = self.final(text, last)
+        where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
+        kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
+        return (
+            self._event("response.output_text.done", {**where, "text": text, "logprobs": []})
+            + self._event("response.content_part.done", {**where, "part": self._part(text)})
+            + self._event("response.output_item.done", {"output_index": 0, "item": final["output"][0]})
+            + self._event(kind, {"response": final})
+        )
+
+    def stream_error(self, exc: ApiError) -> bytes:
+        error = error_body(exc)["error"]
+        return self._event("error", {"code": error["code"], "message": error["message"], "param": error["param"]})
+
+
+@dataclass
+class ResponsesPlan(Plan):
+    request: ResponsesRequest = field(default_factory=lambda: ResponsesRequest(model=""))
+    bus: Any = None
+
+
+class OpenAIResponses:
+    """The exchange dialect of ``POST /v1/responses``."""
+
+    name = "openai-responses"
+
+    def parse(self, body: bytes) -> Plan:
+        req = parse(body)
+        messages = input_messages(req)
+        if req.instructions:
+            messages.insert(0, Message(role="system", content=req.instructions))
+        sampling = Sampling(
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            max_tokens=req.max_output_tokens,
+        )
+        return ResponsesPlan(
+            model=req.model, sampling=sampling, messages=messages, stream=bool(req.stream), request=req
+        )
+
+    async def prepare(self, plan: Plan, svc: Services) -> Plan:
+        """Put the stored conversation of `previous_response_id` before this turn."""
+        assert isinstance(plan, ResponsesPlan)
+        plan.bus = svc.bus
+        previous = plan.request.previous_response_id
+        if previous is None:
+            return plan
+        try:
+            raw = await svc.bus.get_stored(previous)
+        except BrokerError as exc:
+            raise NoCapacity(f"Stored responses are unavailable: {exc}") from exc
+        if raw is None:
+            raise ModelNotFound(f"Previous response with id '{previous}' not found.", param="previous_response_id",
+                                code="previous_response_not_found")  # fmt: skip
+        stored = _stored_decoder.decode(raw)
+        # Instructions do not carry over between turns (as in OpenAI's API).
+        history = [m for m in stored.messages if m.role != "system"]
+        system = [m for m in plan.messages if m.role == "system"]
+        plan.messages = system + history + [m for m in plan.messages if m.role != "system"]
+        return plan
+
+    def formatter(self, plan: Plan, request_id: str, model: str, created: int) -> ResponsesFormatter:
+        assert isinstance(plan, ResponsesPlan)
+        return ResponsesFormatter(request_id=request_id, model=model, created=created, plan=plan)
+
+    def error_response(self, exc: ApiError) -> Response:
+        return error_response(exc)
+
+    def internal_error(self, request_id: str) -> ApiError:
+        return ApiError(f"Internal error (request {request_id}); it has been logged.")
