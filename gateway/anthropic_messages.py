@@ -16,6 +16,7 @@ from starlette.responses import Response
 
 from cortex.gateway.errors import ApiError, InvalidRequest
 from cortex.gateway.exchange import Plan
+from cortex.gateway.formats import response_format
 from cortex.protocol import Chunk, Message, Sampling, Usage
 
 MAX_STOP = 16
@@ -41,6 +42,17 @@ class AnthropicMessage(msgspec.Struct, kw_only=True):
     content: str | list[Block]
 
 
+class OutputFormat(msgspec.Struct, kw_only=True):
+    type: str
+    schema: dict[str, Any] | bool | None = None
+
+
+class OutputConfig(msgspec.Struct, kw_only=True):
+    format: OutputFormat | None = None
+    effort: str | None = None
+    """Accepted; the models served have no reasoning budget to set (yet)."""
+
+
 class MessagesRequest(msgspec.Struct, kw_only=True):
     """The fields Cortex reads; any other field is accepted and ignored."""
 
@@ -53,6 +65,7 @@ class MessagesRequest(msgspec.Struct, kw_only=True):
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+    output_config: OutputConfig | None = None
 
 
 _decoder = msgspec.json.Decoder(MessagesRequest)
@@ -222,8 +235,16 @@ class AnthropicMessages:
             max_tokens=req.max_tokens,
             stop=list(req.stop_sequences or []),
         )
+        fmt = req.output_config.format if req.output_config else None
+        constraint = None
+        if fmt is not None and not self.count_only:
+            try:
+                constraint = response_format(fmt.type, fmt.schema, param="output_config.format")
+            except InvalidRequest as exc:
+                raise InvalidRequest(f"output_config.format: {exc.message}") from None
         return Plan(model=req.model, sampling=sampling, messages=canonical_messages(req),
-                    stream=bool(req.stream) and not self.count_only, count_only=self.count_only)  # fmt: skip
+                    stream=bool(req.stream) and not self.count_only, count_only=self.count_only,
+                    response_format=constraint)  # fmt: skip
 
     def formatter(self, plan: Plan, request_id: str, model: str, created: int) -> MessageFormatter:
         cls = CountFormatter if self.count_only else MessageFormatter

@@ -23,7 +23,7 @@ from cortex.gateway.metrics import UNKNOWN_MODEL, RequestTimer
 from cortex.gateway.relay import Abandoned, ReplyStream, StillWaiting, raise_for_chunk
 from cortex.gateway.services import Services
 from cortex.gateway.sse import EventStreamResponse, watch_disconnect
-from cortex.protocol import Chunk, GenerateRequest, Message, Sampling
+from cortex.protocol import Chunk, GenerateRequest, Message, ResponseFormat, Sampling
 
 log = logging.getLogger("cortex.gateway")
 T = TypeVar("T")
@@ -48,6 +48,7 @@ class Plan:
     count_only: bool = False
     include_usage: bool = False
     """OpenAI's ``stream_options.include_usage``."""
+    response_format: ResponseFormat | None = None
 
 
 class Formatter(Protocol):
@@ -116,6 +117,7 @@ async def handle(request: Request, dialect: Dialect) -> Response:
             created=now,
             prompt=plan.prompt,
             count_only=plan.count_only,
+            response_format=plan.response_format,
         )
         stream = await svc.relay.submit(canonical)
         fmt = dialect.formatter(plan, request_id, entry.id, int(now))

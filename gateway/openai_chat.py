@@ -10,8 +10,9 @@ from starlette.responses import Response
 
 from cortex.gateway.errors import ApiError, InvalidRequest
 from cortex.gateway.exchange import Plan
+from cortex.gateway.formats import response_format
 from cortex.gateway.openai_errors import error_body, error_response, from_decode_error
-from cortex.protocol import Chunk, Message, Sampling, Usage
+from cortex.protocol import Chunk, Message, ResponseFormat, Sampling, Usage
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 MAX_STOP = 16
@@ -26,6 +27,17 @@ class ChatMessage(msgspec.Struct, kw_only=True):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+
+
+class JsonSchemaSpec(msgspec.Struct, kw_only=True):
+    name: str | None = None
+    schema: dict[str, Any] | bool | None = None
+    strict: bool | None = None
+
+
+class ResponseFormatIn(msgspec.Struct, kw_only=True):
+    type: str
+    json_schema: JsonSchemaSpec | None = None
 
 
 class StreamOptions(msgspec.Struct, kw_only=True):
@@ -49,6 +61,7 @@ class ChatRequest(msgspec.Struct, kw_only=True):
     user: str | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    response_format: ResponseFormatIn | None = None
 
 
 _decoder = msgspec.json.Decoder(ChatRequest)
@@ -242,6 +255,14 @@ class ChatFormatter:
         return error_event(exc)
 
 
+def _format(req: ChatRequest) -> ResponseFormat | None:
+    spec = req.response_format
+    if spec is None:
+        return None
+    schema = spec.json_schema.schema if spec.json_schema else None
+    return response_format(spec.type, schema, param="response_format")
+
+
 class OpenAIChat:
     """The exchange dialect of ``POST /v1/chat/completions``."""
 
@@ -255,6 +276,7 @@ class OpenAIChat:
             messages=canonical_messages(req),
             stream=bool(req.stream),
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
+            response_format=_format(req),
         )
 
     def formatter(self, plan: Plan, request_id: str, model: str, created: int) -> ChatFormatter:

@@ -18,6 +18,7 @@ from starlette.responses import Response
 from cortex.broker.errors import BrokerError
 from cortex.gateway.errors import ApiError, InvalidRequest, ModelNotFound, NoCapacity
 from cortex.gateway.exchange import Plan
+from cortex.gateway.formats import response_format
 from cortex.gateway.openai_errors import error_body, error_response, from_decode_error
 from cortex.gateway.services import Services
 from cortex.protocol import Chunk, Message, Sampling, Usage
@@ -40,6 +41,9 @@ class InputItem(msgspec.Struct, kw_only=True):
 
 class TextFormat(msgspec.Struct, kw_only=True):
     type: str = "text"
+    name: str | None = None
+    schema: dict[str, Any] | bool | None = None
+    strict: bool | None = None
 
 
 class TextOptions(msgspec.Struct, kw_only=True):
@@ -157,10 +161,18 @@ class ResponsesFormatter:
             "tools": [],
             "previous_response_id": req.previous_response_id,
             "store": bool(req.store),
-            "text": {"format": {"type": "text"}},
+            "text": {"format": self._text_format()},
             "metadata": {},
             "usage": usage_object(usage) if usage is not None or status != "in_progress" else None,
         }
+
+    def _text_format(self) -> dict[str, Any]:
+        fmt = self.request.text.format if self.request.text else None
+        if fmt is None or fmt.type == "text":
+            return {"type": "text"}
+        if fmt.type == "json_object":
+            return {"type": "json_object"}
+        return {"type": "json_schema", "name": fmt.name or "response", "schema": fmt.schema, "strict": bool(fmt.strict)}
 
     def _item(self, text: str | None, status: str) -> dict[str, Any]:
         content = [] if text is None else [{"type": "output_text", "text": text, "annotations": []}]
@@ -244,9 +256,12 @@ class OpenAIResponses:
             top_p=1.0 if req.top_p is None else req.top_p,
             max_tokens=req.max_output_tokens,
         )
+        fmt = req.text.format if req.text else None
+        constraint = response_format(fmt.type, fmt.schema, param="text.format") if fmt else None
         return ResponsesPlan(
-            model=req.model, sampling=sampling, messages=messages, stream=bool(req.stream), request=req
-        )
+            model=req.model, sampling=sampling, messages=messages, stream=bool(req.stream), request=req,
+            response_format=constraint,
+        )  # fmt: skip
 
     async def prepare(self, plan: Plan, svc: Services) -> Plan:
         """Put the stored conversation of `previous_response_id` before this turn."""

@@ -40,6 +40,13 @@ class Sampling(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """OpenAI's penalties: subtracted from a token's logit once if it was generated, and per time it was."""
 
 
+class ResponseFormat(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Constrain the output: ``json_object`` (any object) or ``json_schema`` (`schema`, as JSON text)."""
+
+    type: str
+    schema: str = ""
+
+
 class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type", tag="generate"):
     """A generation request, published to ``cortex.req.<model-token>``."""
 
@@ -56,6 +63,7 @@ class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=T
     """Raw text to continue, without the chat template (legacy completions); `messages` is then empty."""
     count_only: bool = False
     """Only count the prompt's tokens: the one final chunk carries them in `usage`."""
+    response_format: ResponseFormat | None = None
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,6 +161,35 @@ def test_default_model_through_completions_responses_and_anthropic_messages(up_s
     counted = claude.messages.count_tokens(model=DEFAULT_MODEL, messages=question)  # type: ignore[arg-type]
     # As in Anthropic's API, tokens read from the (prefix) cache are not part of input_tokens.
     assert counted.input_tokens == message.usage.input_tokens + (message.usage.cache_read_input_tokens or 0)
+
+
+@pytest.mark.default_model
+def test_default_model_json_schema_validates_20_of_20(up_stack: UpStack) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 40}, "country": {"type": "string", "maxLength": 40},
+                       "population_millions": {"type": "integer", "minimum": 0, "maximum": 100}},
+        "required": ["city", "country", "population_millions"],
+        "additionalProperties": False,
+    }  # fmt: skip
+    client = openai.OpenAI(base_url=up_stack.base_url, api_key="any", max_retries=0, timeout=300,
+                           _strict_response_validation=True)  # fmt: skip
+
+    def one(seed: int) -> dict[str, object]:
+        reply = client.chat.completions.create(
+            model=DEFAULT_MODEL, temperature=1.0, seed=seed, max_tokens=120,
+            messages=[{"role": "user", "content": "Describe the capital of France as JSON."}],
+            response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema}},  # type: ignore[arg-type]
+        )  # fmt: skip
+        assert reply.choices[0].finish_reason == "stop", reply.choices[0].message.content
+        return json.loads(reply.choices[0].message.content or "")  # type: ignore[no-any-return]
+
+    with ThreadPoolExecutor(4) as pool:
+        values = list(pool.map(one, range(20)))
+    for value in values:
+        assert set(value) == {"city", "country", "population_millions"}
+        assert isinstance(value["city"], str) and isinstance(value["country"], str)
+        assert isinstance(value["population_millions"], int) and 0 <= value["population_millions"] <= 100
 
 
 @pytest.mark.default_model

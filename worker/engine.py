@@ -40,6 +40,7 @@ from cortex.protocol import Chunk, ChunkError, GenerateRequest, Usage
 from cortex.protocol import messages as m
 from cortex.worker import kvcache
 from cortex.worker.batch import Batch, forward
+from cortex.worker.constrain import GrammarError, json_processor
 from cortex.worker.detokenize import IncrementalDetokenizer
 from cortex.worker.loader import LoadedModel, PromptError
 from cortex.worker.sampling import is_greedy, make_generator, penalties, sample
@@ -252,6 +253,11 @@ class Engine:
         sampling = request.sampling
         greedy = is_greedy(sampling.temperature)
         builtin = []
+        if request.response_format is not None:
+            try:
+                builtin.append(json_processor(loaded, request.response_format))
+            except GrammarError as exc:
+                raise RequestRejected(m.ERROR_INVALID_REQUEST, str(exc)) from exc
         if sampling.presence_penalty or sampling.frequency_penalty:
             vocab = int(loaded.model.config.vocab_size)
             builtin.append(penalties(sampling.presence_penalty, sampling.frequency_penalty, vocab, loaded.device))

@@ -1,0 +1,67 @@
+"""Constrained decoding: JSON output that always parses and matches its schema, via llguidance.
+
+A grammar compiled from the request's schema masks, at every step, the tokens
+that could not continue a valid document; the end token is allowed only once
+the document is complete. It runs as one of the sequence's logits processors,
+so it works inside the batch like any other per-request setting.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import torch
+
+from cortex.protocol import ResponseFormat
+from cortex.worker.loader import LoadedModel
+from cortex.worker.sequence import LogitsProcessor
+
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+class GrammarError(ValueError):
+    """The schema cannot be compiled into a grammar (the client's mistake: a 400)."""
+
+
+def _tokenizer(loaded: LoadedModel) -> Any:
+    """llguidance's view of the model's tokenizer, built once per model (it takes about a second)."""
+    cached = loaded.extra.get("llguidance_tokenizer")
+    if cached is None:
+        import llguidance.hf
+
+        cached = llguidance.hf.from_tokenizer(loaded.tokenizer, eos_token=sorted(loaded.eos_ids)[0])
+        loaded.extra["llguidance_tokenizer"] = cached
+    return cached
+
+
+def json_processor(loaded: LoadedModel, fmt: ResponseFormat) -> LogitsProcessor:
+    """A logits processor that keeps the output inside `fmt`'s JSON schema (any object for json_object)."""
+    from llguidance import LLMatcher
+
+    try:
+        schema: Any = json.loads(fmt.schema) if fmt.type == "json_schema" else {"type": "object"}
+    except ValueError as exc:
+        raise GrammarError(f"the JSON schema is not valid JSON: {exc}") from exc
+    try:
+        grammar = LLMatcher.grammar_from_json_schema(schema)
+    except Exception as exc:  # llguidance raises ValueError subclasses for malformed schemas
+        raise GrammarError(f"the JSON schema cannot be used: {exc}") from exc
+    matcher = LLMatcher(_tokenizer(loaded), grammar)
+    if matcher.is_error():
+        raise GrammarError(f"the JSON schema cannot be used: {matcher.get_error()}")
+    consumed = 0
+
+    def constrain(generated: list[int], logits: torch.Tensor) -> torch.Tensor:
+        nonlocal consumed
+        for token in generated[consumed:]:
+            matcher.consume_token(token)
+        consumed = len(generated)
+        mask = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.int32)
+        allowed = ((mask.unsqueeze(1) >> _BITS) & 1).flatten().bool()
+        vocab = logits.shape[-1]
+        if allowed.shape[0] < vocab:
+            allowed = torch.cat([allowed, allowed.new_zeros(vocab - allowed.shape[0])])
+        return logits.masked_fill(~allowed[:vocab].to(logits.device), float("-inf"))
+
+    return constrain
