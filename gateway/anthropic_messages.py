@@ -28,6 +28,7 @@ _ERROR_TYPES = {
     413: "request_too_large",
     429: "rate_limit_error",
     503: "overloaded_error",
+    504: "timeout_error",
 }
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
 
@@ -203,7 +204,7 @@ class MessageFormatter:
 
     def stream_end(self, last: Chunk) -> bytes:
         delta = {"stop_reason": stop_reason(last), "stop_sequence": last.stop_sequence}
-        usage = {"output_tokens": last.usage.completion_tokens if last.usage else 0}
+        usage = _usage(last.usage)  # complete here, since the cached part is known only at the end
         return (
             _event("content_block_stop", {"type": "content_block_stop", "index": 0})
             + _event("message_delta", {"type": "message_delta", "delta": delta, "usage": usage})

@@ -38,6 +38,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    for name in ("request_timeout", "keepalive_interval"):
+        if getattr(args, name) <= 0:
+            raise SystemExit(f"cortex-gateway: --{name.replace('_', '-')} must be greater than 0")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     metrics = Metrics()
     if args.metrics_port >= 0:

@@ -121,7 +121,7 @@ class OpenAICompletions:
         sampling = Sampling(
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
-            max_tokens=req.max_tokens,
+            max_tokens=DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens,
             stop=_stops(req),
             seed=req.seed,
             presence_penalty=req.presence_penalty or 0.0,

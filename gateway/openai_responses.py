@@ -8,6 +8,7 @@ gateway replica. Streaming follows the event sequence the SDK's
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from cortex.gateway.openai_errors import error_body, error_response, from_decode
 from cortex.gateway.services import Services
 from cortex.protocol import Chunk, Message, Sampling, Usage
 
+log = logging.getLogger("cortex.gateway")
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 _TEXT_PARTS = {"input_text", "output_text", "text"}
 _RESPONSE_ID = re.compile(r"resp_[0-9a-f]{32}")
@@ -66,10 +68,9 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
 
 
 class Stored(msgspec.Struct, kw_only=True):
-    """What the responses bucket keeps per response id."""
+    """What the responses bucket keeps per response id: the conversation, without instructions."""
 
     messages: list[Message]
-    response: dict[str, Any]
 
 
 _decoder = msgspec.json.Decoder(ResponsesRequest)
@@ -188,11 +189,12 @@ class ResponsesFormatter:
         if not self.request.store:
             return
         answer = Message(role="assistant", content=text)
-        stored = Stored(messages=[*self.plan.messages, answer], response=self.final(text, last))
+        stored = Stored(messages=[*self.plan.history, answer])
         try:
             await self.plan.bus.put_stored(self.id, _encoder.encode(stored))
         except BrokerError as exc:
-            raise NoCapacity(f"The response could not be stored: {exc}") from exc
+            # The answer is done and paid for: deliver it; only a follow-up naming it will miss it.
+            log.warning("response %s not stored: %s", self.id, exc)
 
     def complete(self, text: str, last: Chunk) -> Response:
         return Response(_encoder.encode(self.final(text, last)), media_type="application/json")
@@ -239,6 +241,14 @@ class ResponsesFormatter:
 class ResponsesPlan(Plan):
     request: ResponsesRequest = field(default_factory=lambda: ResponsesRequest(model=""))
     bus: Any = None
+    history: list[Message] = field(default_factory=list)
+    """The conversation without instructions: what is stored for a follow-up."""
+
+
+def _with_instructions(req: ResponsesRequest, history: list[Message]) -> list[Message]:
+    if not req.instructions:
+        return list(history)
+    return [Message(role="system", content=req.instructions), *history]
 
 
 class OpenAIResponses:
@@ -248,9 +258,8 @@ class OpenAIResponses:
 
     def parse(self, body: bytes) -> Plan:
         req = parse(body)
-        messages = input_messages(req)
-        if req.instructions:
-            messages.insert(0, Message(role="system", content=req.instructions))
+        history = input_messages(req)
+        messages = _with_instructions(req, history)
         sampling = Sampling(
             temperature=1.0 if req.temperature is None else req.temperature,
             top_p=1.0 if req.top_p is None else req.top_p,
@@ -260,7 +269,7 @@ class OpenAIResponses:
         constraint = response_format(fmt.type, fmt.schema, param="text.format") if fmt else None
         return ResponsesPlan(
             model=req.model, sampling=sampling, messages=messages, stream=bool(req.stream), request=req,
-            response_format=constraint,
+            response_format=constraint, history=history,
         )  # fmt: skip
 
     async def prepare(self, plan: Plan, svc: Services) -> Plan:
@@ -274,14 +283,18 @@ class OpenAIResponses:
             raw = await svc.bus.get_stored(previous)
         except BrokerError as exc:
             raise NoCapacity(f"Stored responses are unavailable: {exc}") from exc
-        if raw is None:
+        stored = None
+        if raw is not None:
+            try:
+                stored = _stored_decoder.decode(raw)
+            except msgspec.DecodeError:
+                log.warning("stored response %s is unreadable", previous)
+        if stored is None:
             raise ModelNotFound(f"Previous response with id '{previous}' not found.", param="previous_response_id",
                                 code="previous_response_not_found")  # fmt: skip
-        stored = _stored_decoder.decode(raw)
-        # Instructions do not carry over between turns (as in OpenAI's API).
-        history = [m for m in stored.messages if m.role != "system"]
-        system = [m for m in plan.messages if m.role == "system"]
-        plan.messages = system + history + [m for m in plan.messages if m.role != "system"]
+        # Earlier turns' instructions are not kept (as in OpenAI's API); this turn's lead.
+        plan.history = [*stored.messages, *plan.history]
+        plan.messages = _with_instructions(plan.request, plan.history)
         return plan
 
     def formatter(self, plan: Plan, request_id: str, model: str, created: int) -> ResponsesFormatter:

@@ -145,3 +145,17 @@ def test_models_list_and_retrieve(client: anthropic.Anthropic) -> None:
     assert TINY_MODEL in models
     assert models[TINY_MODEL].type == "model" and models[TINY_MODEL].display_name
     assert client.models.retrieve(TINY_ALIAS).id == TINY_MODEL
+
+
+def test_assistant_prefill_is_continued(client: anthropic.Anthropic) -> None:
+    question = {"role": "user", "content": "Hello, how are you today?"}
+    plain = create(client, messages=[question], max_tokens=6)
+    prefilled = create(client, messages=[question, {"role": "assistant", "content": "Well,"}], max_tokens=6)
+
+    # The prefill is part of the prompt (not closed and followed by a new assistant turn),
+    # and the answer holds only the continuation.
+    def prompt_tokens(message: anthropic.types.Message) -> int:
+        return message.usage.input_tokens + (message.usage.cache_read_input_tokens or 0)
+
+    assert prompt_tokens(plain) < prompt_tokens(prefilled) < prompt_tokens(plain) + 6
+    assert not prefilled.content[0].text.startswith("Well,")  # type: ignore[union-attr]

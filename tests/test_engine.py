@@ -217,3 +217,18 @@ def test_logits_processors_steer_one_row_and_spare_the_others(
     for i in range(len(PROMPTS)):
         got = collector.outcome(f"r{i}")
         assert got == (piece * (20 + 5 * i), "length", 20 + 5 * i) if i == 3 else got == one_at_a_time[f"r{i}"]
+
+
+def test_a_failing_logits_processor_fails_only_its_row(engine: Engine, one_at_a_time: dict[str, Outcome]) -> None:
+    def broken(_ids: list[int], _logits: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("processor bug")
+
+    collector = Collector(3)
+    for i in range(3):
+        req = request(i, PROMPTS[i])
+        engine.submit(req, collector.emit_for(req.request_id), [broken] if i == 1 else None)
+    assert collector.done.wait(60)
+    failed = collector.chunks["r1"][-1]
+    assert failed.error is not None and "processor bug" in failed.error.message
+    assert collector.outcome("r0") == one_at_a_time["r0"] and collector.outcome("r2") == one_at_a_time["r2"]
+    assert run(engine, [request(3, PROMPTS[3])])["r3"] == one_at_a_time["r3"]  # the engine lives on

@@ -85,3 +85,8 @@ def test_unsupported_or_bad_parameters_are_400(gateway: Gateway, extra: dict[str
     response = httpx.post(f"{gateway.base_url}/completions", json=body, timeout=30)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+
+
+def test_empty_prompt_is_400(gateway: Gateway) -> None:
+    response = httpx.post(f"{gateway.base_url}/completions", json={"model": TINY_MODEL, "prompt": ""}, timeout=30)
+    assert response.status_code == 400, response.text

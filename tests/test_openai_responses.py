@@ -107,3 +107,18 @@ def test_bad_bodies_are_400(gateway: Gateway, extra: dict[str, object], param: s
     response = httpx.post(f"{gateway.base_url}/responses", json=body, timeout=30)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+
+
+def test_follow_up_keeps_developer_messages_but_not_old_instructions(client: openai.OpenAI) -> None:
+    items = [{"role": "developer", "content": "Answer in French."}, {"role": "user", "content": "Hi"}]
+    first = client.responses.create(model=TINY_MODEL, input=items, instructions="Old rules, long " * 10,  # type: ignore[arg-type]
+                                    max_output_tokens=3, temperature=0)  # fmt: skip
+    follow = client.responses.create(model=TINY_MODEL, input="Again", previous_response_id=first.id,
+                                     max_output_tokens=3, temperature=0)  # fmt: skip
+    replay = client.responses.create(
+        model=TINY_MODEL, max_output_tokens=3, temperature=0,
+        input=[*items, {"role": "assistant", "content": first.output_text}, {"role": "user", "content": "Again"}],  # type: ignore[list-item]
+    )  # fmt: skip
+    assert follow.usage is not None and replay.usage is not None
+    # Same conversation with the developer message kept and the old instructions dropped.
+    assert follow.usage.input_tokens == replay.usage.input_tokens

@@ -30,7 +30,7 @@ def _tokenizer(loaded: LoadedModel) -> Any:
     if cached is None:
         import llguidance.hf
 
-        cached = llguidance.hf.from_tokenizer(loaded.tokenizer, eos_token=sorted(loaded.eos_ids)[0])
+        cached = llguidance.hf.from_tokenizer(loaded.tokenizer, eos_token=sorted(loaded.eos_ids))
         loaded.extra["llguidance_tokenizer"] = cached
     return cached
 
@@ -58,6 +58,9 @@ def json_processor(loaded: LoadedModel, fmt: ResponseFormat) -> LogitsProcessor:
             matcher.consume_token(token)
         consumed = len(generated)
         mask = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.int32)
+        if matcher.is_error():
+            # The matcher would now allow only the end token: a silent, invalid answer. Fail loudly.
+            raise RuntimeError(f"structured output failed: {matcher.get_error()}")
         allowed = ((mask.unsqueeze(1) >> _BITS) & 1).flatten().bool()
         vocab = logits.shape[-1]
         if allowed.shape[0] < vocab:

@@ -140,13 +140,27 @@ class Engine:
     def _run(self) -> None:
         with torch.inference_mode():
             while not self._stopping:
-                self._drain_inbox(block=not self._busy())
-                if self._stopping:
-                    break
-                self._prefill_round()
-                for state in self._models.values():
-                    if state.batch.rows:
-                        self._decode(state)
+                try:
+                    self._drain_inbox(block=not self._busy())
+                    if self._stopping:
+                        break
+                    self._prefill_round()
+                    for state in self._models.values():
+                        if state.batch.rows:
+                            self._decode(state)
+                except Exception as exc:
+                    # A bug must cost the requests in flight, never the engine thread.
+                    log.exception("engine step failed; failing the requests in flight")
+                    self._fail_all(exc)
+
+    def _fail_all(self, exc: Exception) -> None:
+        error = ChunkError(code=m.ERROR_INTERNAL, message=f"the engine failed: {exc}")
+        for seq in self._all_sequences():
+            seq.finish(error=error)
+        self._waiting.clear()
+        self._chunked, self._chunked_cache = None, None
+        for state in self._models.values():
+            state.batch.drop([])
 
     def _drain_inbox(self, *, block: bool) -> None:
         try:
@@ -239,6 +253,8 @@ class Engine:
             raise RequestRejected(m.ERROR_INVALID_REQUEST, str(exc)) from exc
         if request.count_only:
             raise Counted(len(prompt_ids))
+        if not prompt_ids:
+            raise RequestRejected(m.ERROR_INVALID_REQUEST, "the prompt is empty: there is nothing to continue")
         limit = loaded.context_length
         room = limit - len(prompt_ids)
         wanted = request.sampling.max_tokens
@@ -441,10 +457,16 @@ class Engine:
         for i, row in enumerate(rows):
             if i not in tokens:
                 sampling = row.request.sampling
-                tokens[i] = sample(row.processed(logits[i]), temperature=sampling.temperature, top_p=sampling.top_p,
-                                   generator=row.generator, top_k=sampling.top_k)  # fmt: skip
+                try:
+                    tokens[i] = sample(row.processed(logits[i]), temperature=sampling.temperature,
+                                       top_p=sampling.top_p, generator=row.generator, top_k=sampling.top_k)  # fmt: skip
+                except Exception as exc:  # a logits processor (grammar, penalties) or sampling failed
+                    log.exception("sampling failed for %s", row.request_id)
+                    row.finish(error=ChunkError(code=m.ERROR_INTERNAL, message=f"sampling failed: {exc}"))
         now = time.time()
         for i, row in enumerate(rows):
+            if i not in tokens:
+                continue
             try:
                 row.accept(tokens[i], now)
             except Exception as exc:

@@ -52,8 +52,13 @@ class LoadedModel:
     def render_prompt(self, messages: list[Message]) -> list[int]:
         """Token ids of the conversation through the model's own chat template."""
         turns = [{"role": m.role, "content": m.content} for m in messages]
+        # A conversation ending with an assistant turn is a prefill: the answer continues it
+        # (Anthropic's semantics) instead of closing it and starting a new turn.
+        prefill = bool(turns) and turns[-1]["role"] == "assistant"
         try:
-            text = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+            text = self.tokenizer.apply_chat_template(
+                turns, add_generation_prompt=not prefill, continue_final_message=prefill, tokenize=False
+            )
         except Exception as exc:  # jinja raises TemplateError for conversations the template rejects
             raise PromptError(f"the chat template of {self.spec.id} rejected the messages: {exc}") from exc
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
