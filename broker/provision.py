@@ -80,35 +80,31 @@ async def ensure_model_consumer(js: JetStreamContext, model: str) -> str:
     return durable
 
 
-async def ensure_fleet_bucket(js: JetStreamContext) -> KeyValue:
+async def _ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
     try:
-        return await js.key_value(names.FLEET_BUCKET)
+        return await js.key_value(config.bucket)
     except Exception:  # nats-py raises BucketNotFoundError or NotFoundError by version
-        return await js.create_key_value(
-            KeyValueConfig(
-                bucket=names.FLEET_BUCKET,
-                description="Cortex worker adverts (expire by TTL)",
-                history=1,
-                ttl=names.ADVERT_TTL_S,
-                storage=StorageType.FILE,
-            )
-        )
+        return await js.create_key_value(config)
+
+
+async def ensure_fleet_bucket(js: JetStreamContext) -> KeyValue:
+    return await _ensure_bucket(
+        js,
+        KeyValueConfig(
+            bucket=names.FLEET_BUCKET, description="Cortex worker adverts (expire by TTL)", history=1,
+            ttl=names.ADVERT_TTL_S, storage=StorageType.FILE,
+        ),
+    )  # fmt: skip
 
 
 async def ensure_responses_bucket(js: JetStreamContext) -> KeyValue:
-    try:
-        return await js.key_value(names.RESPONSES_BUCKET)
-    except Exception:  # nats-py raises BucketNotFoundError or NotFoundError by version
-        return await js.create_key_value(
-            KeyValueConfig(
-                bucket=names.RESPONSES_BUCKET,
-                description="Cortex stored responses (OpenAI Responses API `store`)",
-                history=1,
-                ttl=names.RESPONSES_TTL_S,
-                storage=StorageType.FILE,
-                max_value_size=MAX_REQUEST_BYTES,
-            )
-        )
+    return await _ensure_bucket(
+        js,
+        KeyValueConfig(
+            bucket=names.RESPONSES_BUCKET, description="Cortex stored responses (OpenAI Responses API `store`)",
+            history=1, ttl=names.RESPONSES_TTL_S, storage=StorageType.FILE, max_value_size=MAX_REQUEST_BYTES,
+        ),
+    )  # fmt: skip
 
 
 async def ensure_all(js: JetStreamContext) -> tuple[KeyValue, KeyValue]:

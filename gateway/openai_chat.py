@@ -12,6 +12,7 @@ from cortex.gateway.errors import ApiError, InvalidRequest
 from cortex.gateway.exchange import Plan
 from cortex.gateway.formats import response_format
 from cortex.gateway.openai_errors import error_body, error_response, from_decode_error
+from cortex.gateway.openai_params import check_sampling, to_sampling
 from cortex.protocol import Chunk, Message, ResponseFormat, Sampling, Usage
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
@@ -94,20 +95,11 @@ def _validate(req: ChatRequest) -> None:
                         f"Content part type {part.type!r} is not supported; only `text` parts are.",
                         param=f"messages[{i}].content[{j}]",
                     )
-    if req.temperature is not None and not 0.0 <= req.temperature <= 2.0:
-        raise InvalidRequest("`temperature` must be between 0 and 2.", param="temperature")
-    if req.top_p is not None and not 0.0 < req.top_p <= 1.0:
-        raise InvalidRequest("`top_p` must be greater than 0 and at most 1.", param="top_p")
+    check_sampling(req)
     for name in ("max_tokens", "max_completion_tokens"):
         value = getattr(req, name)
         if value is not None and value < 1:
             raise InvalidRequest(f"`{name}` must be at least 1.", param=name)
-    if req.seed is not None and not -(2**63) <= req.seed < 2**63:
-        raise InvalidRequest("`seed` must be a 64-bit signed integer.", param="seed")
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = getattr(req, name)
-        if value is not None and not -2.0 <= value <= 2.0:
-            raise InvalidRequest(f"`{name}` must be between -2 and 2.", param=name)
     if req.n is not None and req.n != 1:
         raise InvalidRequest("Only `n=1` is supported.", param="n")
     stops = _stops(req)
@@ -134,15 +126,8 @@ def canonical_messages(req: ChatRequest) -> list[Message]:
 
 
 def sampling(req: ChatRequest) -> Sampling:
-    return Sampling(
-        temperature=1.0 if req.temperature is None else req.temperature,
-        top_p=1.0 if req.top_p is None else req.top_p,
-        max_tokens=req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens,
-        stop=_stops(req),
-        seed=req.seed,
-        presence_penalty=req.presence_penalty or 0.0,
-        frequency_penalty=req.frequency_penalty or 0.0,
-    )
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    return to_sampling(req, max_tokens=max_tokens, stop=_stops(req))
 
 
 def usage_object(usage: Usage | None) -> dict[str, object] | None:

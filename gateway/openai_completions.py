@@ -11,7 +11,8 @@ from cortex.gateway.errors import ApiError, InvalidRequest
 from cortex.gateway.exchange import Plan
 from cortex.gateway.openai_chat import DONE, MAX_STOP, StreamOptions, error_event, finish_reason, usage_object
 from cortex.gateway.openai_errors import error_response, from_decode_error
-from cortex.protocol import Chunk, Sampling
+from cortex.gateway.openai_params import check_sampling, to_sampling
+from cortex.protocol import Chunk
 
 DEFAULT_MAX_TOKENS = 16
 """OpenAI's default for this endpoint."""
@@ -60,16 +61,7 @@ def parse(body: bytes) -> CompletionRequest:
             raise InvalidRequest(f"`{name}` is not supported by this server.", param=name)
     if req.max_tokens is not None and req.max_tokens < 1:
         raise InvalidRequest("`max_tokens` must be at least 1.", param="max_tokens")
-    if req.temperature is not None and not 0.0 <= req.temperature <= 2.0:
-        raise InvalidRequest("`temperature` must be between 0 and 2.", param="temperature")
-    if req.top_p is not None and not 0.0 < req.top_p <= 1.0:
-        raise InvalidRequest("`top_p` must be greater than 0 and at most 1.", param="top_p")
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = getattr(req, name)
-        if value is not None and not -2.0 <= value <= 2.0:
-            raise InvalidRequest(f"`{name}` must be between -2 and 2.", param=name)
-    if req.seed is not None and not -(2**63) <= req.seed < 2**63:
-        raise InvalidRequest("`seed` must be a 64-bit signed integer.", param="seed")
+    check_sampling(req)
     if len(_stops(req)) > MAX_STOP:
         raise InvalidRequest(f"At most {MAX_STOP} stop sequences are supported.", param="stop")
     return req
@@ -118,15 +110,8 @@ class OpenAICompletions:
     def parse(self, body: bytes) -> Plan:
         req = parse(body)
         prompt = req.prompt if isinstance(req.prompt, str) else str(req.prompt[0])  # type: ignore[index]
-        sampling = Sampling(
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            max_tokens=DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens,
-            stop=_stops(req),
-            seed=req.seed,
-            presence_penalty=req.presence_penalty or 0.0,
-            frequency_penalty=req.frequency_penalty or 0.0,
-        )
+        sampling = to_sampling(req, max_tokens=DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens,
+                               stop=_stops(req))  # fmt: skip
         return Plan(model=req.model, sampling=sampling, prompt=prompt, stream=bool(req.stream),
                     include_usage=bool(req.stream_options and req.stream_options.include_usage))  # fmt: skip
 

@@ -21,8 +21,9 @@ from cortex.gateway.errors import ApiError, InvalidRequest, ModelNotFound, NoCap
 from cortex.gateway.exchange import Plan
 from cortex.gateway.formats import response_format
 from cortex.gateway.openai_errors import error_body, error_response, from_decode_error
+from cortex.gateway.openai_params import check_sampling, to_sampling
 from cortex.gateway.services import Services
-from cortex.protocol import Chunk, Message, Sampling, Usage
+from cortex.protocol import Chunk, Message, Usage
 
 log = logging.getLogger("cortex.gateway")
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -98,10 +99,7 @@ def parse(body: bytes) -> ResponsesRequest:
         raise InvalidRequest("`input` must not be empty.", param="input")
     if req.max_output_tokens is not None and req.max_output_tokens < 1:
         raise InvalidRequest("`max_output_tokens` must be at least 1.", param="max_output_tokens")
-    if req.temperature is not None and not 0.0 <= req.temperature <= 2.0:
-        raise InvalidRequest("`temperature` must be between 0 and 2.", param="temperature")
-    if req.top_p is not None and not 0.0 < req.top_p <= 1.0:
-        raise InvalidRequest("`top_p` must be greater than 0 and at most 1.", param="top_p")
+    check_sampling(req)
     if req.previous_response_id is not None and not _RESPONSE_ID.fullmatch(req.previous_response_id):
         raise InvalidRequest("`previous_response_id` is not a response id.", param="previous_response_id")
     return req
@@ -260,11 +258,7 @@ class OpenAIResponses:
         req = parse(body)
         history = input_messages(req)
         messages = _with_instructions(req, history)
-        sampling = Sampling(
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
-            max_tokens=req.max_output_tokens,
-        )
+        sampling = to_sampling(req, max_tokens=req.max_output_tokens)
         fmt = req.text.format if req.text else None
         constraint = response_format(fmt.type, fmt.schema, param="text.format") if fmt else None
         return ResponsesPlan(
