@@ -12,6 +12,19 @@ from cortex.protocol import ResponseFormat
 _encoder = msgspec.json.Encoder()
 
 
+def schema_problem(schema: Any) -> str:
+    """Why llguidance (the workers' constrained decoder) cannot compile `schema`; empty if it can.
+
+    Checked here too, so a bad schema is a 400 at once, never a late error inside a stream.
+    """
+    from llguidance import LLMatcher
+
+    try:
+        return str(LLMatcher.validate_grammar(LLMatcher.grammar_from_json_schema(schema)))
+    except Exception as exc:  # llguidance raises for some malformed schemas instead of reporting
+        return str(exc)
+
+
 def response_format(kind: str | None, schema: Any, *, param: str) -> ResponseFormat | None:
     """`kind` is ``text`` (or None: no constraint), ``json_object`` or ``json_schema`` (with `schema`)."""
     if kind in (None, "text"):
@@ -21,5 +34,8 @@ def response_format(kind: str | None, schema: Any, *, param: str) -> ResponseFor
     if kind == "json_schema":
         if not isinstance(schema, dict | bool):
             raise InvalidRequest("A `json_schema` format needs a `schema` object.", param=f"{param}.schema")
+        problem = schema_problem(schema)
+        if problem:
+            raise InvalidRequest(f"The JSON schema cannot be used: {problem}", param=f"{param}.schema")
         return ResponseFormat(type="json_schema", schema=_encoder.encode(schema).decode())
     raise InvalidRequest(f"Unknown format type {kind!r}: expected text, json_object or json_schema.", param=param)

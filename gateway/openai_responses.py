@@ -231,8 +231,16 @@ class ResponsesFormatter:
         )
 
     def stream_error(self, exc: ApiError) -> bytes:
+        """`error`, then `response.failed`, as OpenAI ends a stream that broke."""
         error = error_body(exc)["error"]
-        return self._event("error", {"code": error["code"], "message": error["message"], "param": error["param"]})
+        failed = self.response("failed", [])
+        failed["error"] = {
+            "code": "rate_limit_exceeded" if exc.status == 429 else "server_error",
+            "message": exc.message,
+        }
+        return self._event("error", {"code": error["code"], "message": error["message"], "param": error["param"]}) + (
+            self._event("response.failed", {"response": failed})
+        )
 
 
 @dataclass

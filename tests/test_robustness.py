@@ -199,3 +199,12 @@ def test_keepalive_comments_while_the_first_token_is_slow(
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "tok " * 3
     finally:
         stop_process(eager.proc)
+
+
+def test_responses_stream_that_breaks_ends_with_response_failed(impatient_gateway: Gateway) -> None:
+    body = {"model": TINY_MODEL, "input": "go on", "max_output_tokens": LONG, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{impatient_gateway.base_url}/responses", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        events = [line.removeprefix("event: ") for line in response.iter_lines() if line.startswith("event: ")]
+    assert "response.output_text.delta" in events  # it had started
+    assert events[-2:] == ["error", "response.failed"]

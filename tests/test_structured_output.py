@@ -108,7 +108,10 @@ def test_anthropic_output_config_format(gateway: Gateway) -> None:
     [
         ({"type": "xml"}, "response_format"),
         ({"type": "json_schema", "json_schema": {"name": "x"}}, "response_format.schema"),
-        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}, "messages"),
+        (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
+            "response_format.schema",
+        ),
     ],
 )
 def test_bad_formats_are_400(gateway: Gateway, fmt: dict[str, object], param: str) -> None:
