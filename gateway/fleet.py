@@ -10,6 +10,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import msgspec
+
 from cortex.gateway.errors import ModelNotFound, NoCapacity
 from cortex.protocol import ModelCard, WorkerAdvert, codec, names
 from cortex.protocol import messages as m
@@ -69,6 +71,7 @@ class FleetView:
         ready: dict[str, list[str]] = {}
         loading: dict[str, list[str]] = {}
         failed: dict[str, list[str]] = {}
+        loaded_context: dict[str, int] = {}
         for advert in self.workers():
             for card in advert.catalogue:
                 cards.setdefault(card.id, card)
@@ -77,6 +80,12 @@ class FleetView:
                 bucket = {m.MODEL_READY: ready, m.MODEL_LOADING: loading}.get(state.state, failed)
                 detail = advert.worker_id if state.state != m.MODEL_FAILED else f"{advert.worker_id}: {state.error}"
                 bucket.setdefault(state.id, []).append(detail)
+                if state.context_length:
+                    loaded_context.setdefault(state.id, state.context_length)
+        # A catalogue that leaves the context length open learns it from a worker that loaded the model.
+        for model_id, context in loaded_context.items():
+            if not cards[model_id].context_length:
+                cards[model_id] = msgspec.structs.replace(cards[model_id], context_length=context)
         return {
             model_id: ModelEntry(
                 id=model_id,

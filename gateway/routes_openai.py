@@ -42,6 +42,9 @@ def _model_object(entry: ModelEntry) -> dict[str, object]:
         "max_input_tokens": entry.card.context_length or None,
         "aliases": entry.card.aliases,
         "context_length": entry.card.context_length,
+        "max_model_len": entry.card.context_length,
+        # What Cortex serves for every model today (not `capabilities`: Anthropic's SDK types that key).
+        "supports": {"json": True, "tools": False, "reasoning": False},
         "ready": bool(entry.ready_on),
         "loaded_on": entry.ready_on,
         "loading_on": entry.loading_on,
