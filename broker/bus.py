@@ -48,10 +48,6 @@ class Delivery:
     def data(self) -> bytes:
         return self._msg.data
 
-    @property
-    def num_delivered(self) -> int:
-        return int(self._msg.metadata.num_delivered or 1)
-
     async def ack(self) -> None:
         await self._quietly(self._msg.ack())
 
@@ -188,12 +184,6 @@ class Bus:
             handler(msg.subject, msg.data)
 
         return await self._nc.subscribe(subject, cb=on_msg, pending_msgs_limit=1_000_000, pending_bytes_limit=-1)
-
-    async def flush(self, timeout: float = 5.0) -> None:
-        try:
-            await self._nc.flush(timeout=timeout)
-        except Exception as exc:
-            raise BrokerUnavailable(str(exc)) from exc
 
     # -- fleet bucket -------------------------------------------------------
 

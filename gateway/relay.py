@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 from cortex.broker import errors as broker_errors
 from cortex.broker.bus import Bus
@@ -149,10 +149,6 @@ class ReplyStream:
                 raise errors.UpstreamError(
                     f"Worker {self.worker_id} stopped answering in the middle of the request (it left the fleet)."
                 )
-
-    async def __aiter__(self) -> AsyncIterator[Chunk]:
-        while not self.finished:
-            yield await self.next()
 
     def close(self) -> None:
         """Forget the request; tell the workers to stop if it had not finished."""

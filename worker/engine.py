@@ -96,7 +96,6 @@ class Engine:
         self._chunked_cache: DynamicCache | None = None
         self._thread = threading.Thread(target=self._run, name="cortex-engine", daemon=True)
         self._stopping = False
-        self.steps = 0
         self.preemptions = 0
 
     # -- called from any thread ---------------------------------------------
@@ -425,7 +424,6 @@ class Engine:
                 row.finish(error=ChunkError(code=m.ERROR_INTERNAL, message=f"generation failed: {exc}"))
             batch.drop([])
             return
-        self.steps += 1
         self._sample_and_accept(batch.rows, logits)
         keep = []
         for i, row in enumerate(batch.rows):

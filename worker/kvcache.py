@@ -27,10 +27,6 @@ def from_tensors(kv: KV) -> DynamicCache:
     return DynamicCache(ddp_cache_data=kv)
 
 
-def length(kv: KV) -> int:
-    return int(kv[0][0].shape[2])
-
-
 def left_pad(kv: KV, n: int) -> KV:
     if n <= 0:
         return kv

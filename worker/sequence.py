@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -58,7 +57,6 @@ class Sequence:
     seq_no: int = 0
     unsent_tokens: int = 0
     done: bool = False
-    started: float = field(default_factory=time.monotonic)
 
     @property
     def request_id(self) -> str:
