@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import msgspec
@@ -165,10 +164,10 @@ def completion_body(
 class ChunkFormatter:
     """Builds the ``chat.completion.chunk`` SSE events of one streamed answer."""
 
-    def __init__(self, *, completion_id: str, model: str, include_usage: bool) -> None:
+    def __init__(self, *, completion_id: str, model: str, created: int, include_usage: bool) -> None:
         self.completion_id = completion_id
         self.model = model
-        self.created = int(time.time())
+        self.created = created
         self.include_usage = include_usage
         self._role_sent = False
 
@@ -214,8 +213,9 @@ class ChatFormatter:
         self.request_id = request_id
         self.model = model
         self.created = created
-        self.chunks = ChunkFormatter(completion_id=f"chatcmpl-{request_id}", model=model, include_usage=include_usage)
-        self.chunks.created = created
+        self.chunks = ChunkFormatter(
+            completion_id=f"chatcmpl-{request_id}", model=model, created=created, include_usage=include_usage
+        )
 
     def complete(self, text: str, last: Chunk) -> Response:
         body = completion_body(

@@ -142,7 +142,10 @@ class ReplyStream:
                     raise StillWaiting
                 wait = min(wait, give_up - time.monotonic())
             try:
-                return await asyncio.wait_for(self._queue.get(), timeout=wait)
+                # asyncio.timeout, not wait_for: on 3.11 wait_for spawns a task per call, and
+                # this runs for nearly every chunk of every stream.
+                async with asyncio.timeout(wait):
+                    return await self._queue.get()
             except TimeoutError:
                 pass
             if self.worker_id and not self._relay.is_live(self.worker_id):
