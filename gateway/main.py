@@ -27,10 +27,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--metrics-host", default=None, help="default: same as --host")
     parser.add_argument("--metrics-port", type=int, default=31314, help="Prometheus /metrics port (-1 disables)")
     parser.add_argument("--nats", default=DEFAULT_URL, help=f"NATS server URL (default {DEFAULT_URL})")
-    parser.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request gets a 504")
-    parser.add_argument("--stream-headers-within", type=float, default=2.0,
+    parser.add_argument(
+        "--request-timeout", type=float, default=Settings.request_timeout, help="seconds before a request gets a 504"
+    )
+    parser.add_argument("--stream-headers-within", type=float, default=Settings.stream_headers_within,
                         help="seconds a stream waits for its first token before sending headers")  # fmt: skip
-    parser.add_argument("--keepalive-interval", type=float, default=5.0,
+    parser.add_argument("--keepalive-interval", type=float, default=Settings.keepalive_interval,
                         help="seconds between SSE keep-alive comments while no token has come yet")  # fmt: skip
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)

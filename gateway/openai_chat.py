@@ -10,7 +10,7 @@ from starlette.responses import Response
 from cortex.gateway.errors import ApiError, InvalidRequest
 from cortex.gateway.exchange import Plan
 from cortex.gateway.formats import response_format
-from cortex.gateway.openai_errors import error_body, error_response, from_decode_error
+from cortex.gateway.openai_errors import decode_body, error_body, error_response
 from cortex.gateway.openai_params import check_sampling, to_sampling
 from cortex.protocol import Chunk, Message, ResponseFormat, Sampling, Usage
 
@@ -69,17 +69,12 @@ _encoder = msgspec.json.Encoder()
 
 
 def parse(body: bytes) -> ChatRequest:
-    try:
-        req = _decoder.decode(body)
-    except msgspec.DecodeError as exc:
-        raise from_decode_error(exc) from None
+    req = decode_body(_decoder, body)
     _validate(req)
     return req
 
 
 def _validate(req: ChatRequest) -> None:
-    if not req.model:
-        raise InvalidRequest("`model` must not be empty.", param="model")
     if not req.messages:
         raise InvalidRequest("`messages` must contain at least one message.", param="messages")
     for i, message in enumerate(req.messages):

@@ -10,7 +10,7 @@ from starlette.responses import Response
 from cortex.gateway.errors import ApiError, InvalidRequest
 from cortex.gateway.exchange import Plan
 from cortex.gateway.openai_chat import DONE, MAX_STOP, StreamOptions, error_event, finish_reason, usage_object
-from cortex.gateway.openai_errors import error_response, from_decode_error
+from cortex.gateway.openai_errors import decode_body, error_response
 from cortex.gateway.openai_params import check_sampling, to_sampling
 from cortex.protocol import Chunk
 
@@ -45,12 +45,7 @@ _encoder = msgspec.json.Encoder()
 
 
 def parse(body: bytes) -> CompletionRequest:
-    try:
-        req = _decoder.decode(body)
-    except msgspec.DecodeError as exc:
-        raise from_decode_error(exc) from None
-    if not req.model:
-        raise InvalidRequest("`model` must not be empty.", param="model")
+    req = decode_body(_decoder, body)
     if req.prompt is None or (isinstance(req.prompt, list) and len(req.prompt) != 1):
         raise InvalidRequest("`prompt` must be a string (or a list of exactly one string).", param="prompt")
     if isinstance(req.prompt, list) and not isinstance(req.prompt[0], str):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+from typing import TypeVar
 
 import msgspec
 from starlette.responses import Response
 
 from cortex.gateway.errors import ApiError, InvalidRequest
 
+T = TypeVar("T")
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
 _MISSING = re.compile(r"missing required field `([^`]*)`")
 
@@ -19,6 +21,17 @@ def error_body(exc: ApiError) -> dict[str, object]:
 
 def error_response(exc: ApiError) -> Response:
     return Response(msgspec.json.encode(error_body(exc)), status_code=exc.status, media_type="application/json")
+
+
+def decode_body(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
+    """Decode an OpenAI request body: any mistake is a 400 naming the field, and `model` must be set."""
+    try:
+        req = decoder.decode(body)
+    except msgspec.DecodeError as exc:
+        raise from_decode_error(exc) from None
+    if not getattr(req, "model", None):
+        raise InvalidRequest("`model` must not be empty.", param="model")
+    return req
 
 
 def from_decode_error(exc: msgspec.DecodeError) -> InvalidRequest:

@@ -20,7 +20,7 @@ from cortex.broker.errors import BrokerError
 from cortex.gateway.errors import ApiError, InvalidRequest, ModelNotFound, NoCapacity
 from cortex.gateway.exchange import Plan
 from cortex.gateway.formats import response_format
-from cortex.gateway.openai_errors import error_body, error_response, from_decode_error
+from cortex.gateway.openai_errors import decode_body, error_body, error_response
 from cortex.gateway.openai_params import check_sampling, to_sampling
 from cortex.gateway.services import Services
 from cortex.protocol import Chunk, Message, Usage
@@ -89,12 +89,7 @@ def _text(content: str | list[Part] | None, where: str) -> str:
 
 
 def parse(body: bytes) -> ResponsesRequest:
-    try:
-        req = _decoder.decode(body)
-    except msgspec.DecodeError as exc:
-        raise from_decode_error(exc) from None
-    if not req.model:
-        raise InvalidRequest("`model` must not be empty.", param="model")
+    req = decode_body(_decoder, body)
     if req.input is None or req.input == "" or req.input == []:
         raise InvalidRequest("`input` must not be empty.", param="input")
     if req.max_output_tokens is not None and req.max_output_tokens < 1:
