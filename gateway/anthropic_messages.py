@@ -1,4 +1,4 @@
-"""Anthropic ``POST /v1/messages`` and ``/v1/messages/count_tokens`` (text content, for now).
+"""Anthropic ``POST /v1/messages`` and ``/v1/messages/count_tokens``: text, tools and tool results.
 
 Request fields the gateway has no use for (``metadata``, ``cache_control``,
 ``service_tier``, ``container``, ...) are accepted and ignored. Errors use
@@ -15,9 +15,18 @@ import msgspec
 from starlette.responses import Response
 
 from cortex.gateway.errors import ApiError, InvalidRequest
-from cortex.gateway.exchange import Plan
+from cortex.gateway.exchange import Answer, Plan
 from cortex.gateway.formats import response_format
-from cortex.protocol import Chunk, Message, Sampling, Usage
+from cortex.gateway.tools import arguments_json, check_choice, check_tools, make_tool
+from cortex.protocol import Chunk, Message, Sampling, Tool, ToolCall, ToolCallDelta, ToolChoice, Usage
+from cortex.protocol.messages import (
+    FINISH_LENGTH,
+    FINISH_TOOL_CALLS,
+    TOOL_CHOICE_AUTO,
+    TOOL_CHOICE_FUNCTION,
+    TOOL_CHOICE_NONE,
+    TOOL_CHOICE_REQUIRED,
+)
 
 MAX_STOP = 16
 _ERROR_TYPES = {
@@ -33,14 +42,38 @@ _ERROR_TYPES = {
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
 
 
+class ResultBlock(msgspec.Struct, kw_only=True):
+    type: str
+    text: str | None = None
+
+
 class Block(msgspec.Struct, kw_only=True):
     type: str
     text: str | None = None
+    id: str | None = None
+    name: str | None = None
+    input: Any = None
+    tool_use_id: str | None = None
+    content: str | list[ResultBlock] | None = None
+    is_error: bool | None = None
 
 
 class AnthropicMessage(msgspec.Struct, kw_only=True):
     role: str
     content: str | list[Block]
+
+
+class ToolDef(msgspec.Struct, kw_only=True):
+    name: str
+    description: str | None = None
+    input_schema: dict[str, Any] | None = None
+    type: str | None = None
+
+
+class ToolChoiceIn(msgspec.Struct, kw_only=True):
+    type: str
+    name: str | None = None
+    disable_parallel_tool_use: bool | None = None
 
 
 class OutputFormat(msgspec.Struct, kw_only=True):
@@ -67,23 +100,31 @@ class MessagesRequest(msgspec.Struct, kw_only=True):
     top_p: float | None = None
     top_k: int | None = None
     output_config: OutputConfig | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: ToolChoiceIn | None = None
 
 
 _decoder = msgspec.json.Decoder(MessagesRequest)
 _encoder = msgspec.json.Encoder()
 
 
-def _text(content: str | list[Block] | None, where: str) -> str:
+_SKIPPED_BLOCKS = {"thinking", "redacted_thinking"}
+"""Earlier turns' reasoning: the models served here do not take it back as input."""
+
+
+def _text(content: str | list[Block] | list[ResultBlock] | None, where: str, *, sep: str = "") -> str:
     if content is None:
         return ""
     if isinstance(content, str):
         return content
     parts = []
     for i, block in enumerate(content):
+        if block.type in _SKIPPED_BLOCKS:
+            continue
         if block.type != "text" or block.text is None:
-            raise InvalidRequest(f"{where}.{i}: content blocks of type {block.type!r} are not supported yet.")
+            raise InvalidRequest(f"{where}.{i}: content blocks of type {block.type!r} are not supported.")
         parts.append(block.text)
-    return "".join(parts)
+    return sep.join(parts)
 
 
 def parse(body: bytes, *, need_max_tokens: bool = True) -> MessagesRequest:
@@ -123,14 +164,70 @@ def _describe(text: str) -> str:
     return f"{field}: {message}" if field else message
 
 
+def _turn(message: AnthropicMessage, where: str) -> list[Message]:
+    """One Anthropic turn as canonical messages: tool results become ``tool`` messages, tool uses calls."""
+    if isinstance(message.content, str):
+        return [Message(role=message.role, content=message.content)]
+    results: list[Message] = []
+    calls: list[ToolCall] = []
+    text: list[Block] = []
+    for j, block in enumerate(message.content):
+        at = f"{where}.{j}"
+        if block.type == "tool_result" and message.role == "user":
+            if not block.tool_use_id:
+                raise InvalidRequest(f"{at}.tool_use_id: Field required")
+            content = _text(block.content, f"{at}.content", sep="\n")
+            results.append(Message(role="tool", content=content, tool_call_id=block.tool_use_id,
+                                   is_error=bool(block.is_error)))  # fmt: skip
+        elif block.type == "tool_use" and message.role == "assistant":
+            if not block.id or not block.name:
+                raise InvalidRequest(f"{at}: a tool_use block needs `id` and `name`")
+            calls.append(ToolCall(id=block.id, name=block.name, arguments=arguments_json(block.input or {})))
+        else:
+            text.append(block)
+    turn = []
+    body = _text(text, where)
+    if body or calls or not results:
+        turn.append(Message(role=message.role, content=body, tool_calls=calls))
+    return results + turn
+
+
 def canonical_messages(req: MessagesRequest) -> list[Message]:
     messages = []
     system = _text(req.system, "system")
     if system:
         messages.append(Message(role="system", content=system))
     for i, message in enumerate(req.messages):
-        messages.append(Message(role=message.role, content=_text(message.content, f"messages.{i}.content")))
+        messages += _turn(message, f"messages.{i}.content")
     return messages
+
+
+def canonical_tools(req: MessagesRequest) -> tuple[list[Tool], ToolChoice, bool]:
+    """The tools, the choice among them, and whether several calls may come in one answer."""
+    tools = []
+    for i, spec in enumerate(req.tools or []):
+        if spec.type not in (None, "custom"):
+            raise InvalidRequest(f"tools.{i}.type: server tools ({spec.type!r}) are not supported; "
+                                 "define the tool with a name and an input_schema")  # fmt: skip
+        try:
+            tools.append(make_tool(spec.name, spec.description, spec.input_schema or {}, param=f"tools.{i}"))
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"{exc.param}: {exc.message}") from None
+    choice_in = req.tool_choice
+    kinds = {"auto": TOOL_CHOICE_AUTO, "any": TOOL_CHOICE_REQUIRED, "tool": TOOL_CHOICE_FUNCTION,
+             "none": TOOL_CHOICE_NONE}  # fmt: skip
+    if choice_in is not None and choice_in.type not in kinds:
+        raise InvalidRequest(f"tool_choice.type: Input should be one of {', '.join(kinds)}")
+    if choice_in is not None and choice_in.type == "tool" and not choice_in.name:
+        raise InvalidRequest("tool_choice.name: Field required")
+    choice = ToolChoice() if choice_in is None else ToolChoice(mode=kinds[choice_in.type], name=choice_in.name or "")
+    try:
+        check_tools(tools, param="tools")
+        check_choice(tools, choice, param="tool_choice")
+    except InvalidRequest as exc:
+        raise InvalidRequest(f"{exc.param}: {exc.message}") from None
+    parallel = not (choice_in is not None and choice_in.disable_parallel_tool_use)
+    return tools, choice, parallel
 
 
 def error_body(exc: ApiError) -> dict[str, Any]:
@@ -147,8 +244,10 @@ def _event(name: str, body: dict[str, Any]) -> bytes:
 
 
 def stop_reason(last: Chunk) -> str:
-    if last.finish_reason == "length":
+    if last.finish_reason == FINISH_LENGTH:
         return "max_tokens"
+    if last.finish_reason == FINISH_TOOL_CALLS:
+        return "tool_use"
     return "stop_sequence" if last.stop_sequence else "end_turn"
 
 
@@ -163,18 +262,33 @@ def _usage(usage: Usage | None) -> dict[str, int]:
     }
 
 
+def _input(arguments: str) -> Any:
+    """A call's arguments as the object Anthropic's `input` must be (empty if cut off mid-way)."""
+    try:
+        value = msgspec.json.decode(arguments or "{}")
+    except msgspec.DecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 class MessageFormatter:
     def __init__(self, *, request_id: str, model: str) -> None:
         self.id = f"msg_{request_id}"
         self.model = model
+        self._blocks = 0
+        self._open: str | None = None
+        """Type of the content block being streamed (``text`` or ``tool_use``), if one is open."""
 
-    def complete(self, text: str, last: Chunk) -> Response:
+    def complete(self, answer: Answer, last: Chunk) -> Response:
+        calls = answer.tool_calls
+        content: list[dict[str, Any]] = [{"type": "text", "text": answer.text}] if answer.text or not calls else []
+        content += [{"type": "tool_use", "id": c.id, "name": c.name, "input": _input(c.arguments)} for c in calls]
         body = {
             "id": self.id,
             "type": "message",
             "role": "assistant",
             "model": self.model,
-            "content": [{"type": "text", "text": text}],
+            "content": content,
             "stop_reason": stop_reason(last),
             "stop_sequence": last.stop_sequence,
             "usage": _usage(last.usage),
@@ -187,26 +301,48 @@ class MessageFormatter:
             "stop_reason": None, "stop_sequence": None,
             "usage": {"input_tokens": first.prompt_tokens, "output_tokens": 0},
         }  # fmt: skip
-        return (
-            _event("message_start", {"type": "message_start", "message": message})
-            + _event(
-                "content_block_start",
-                {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-            )
-            + _event("ping", {"type": "ping"})
-        )
+        return _event("message_start", {"type": "message_start", "message": message})
+
+    def _start_block(self, block: dict[str, Any]) -> bytes:
+        out = self._stop_block()
+        self._open = block["type"]
+        out += _event("content_block_start", {"type": "content_block_start", "index": self._blocks,
+                                              "content_block": block})  # fmt: skip
+        # Anthropic pings right after the first block opens; clients that count events expect it there.
+        return out + _event("ping", {"type": "ping"}) if self._blocks == 0 else out
+
+    def _stop_block(self) -> bytes:
+        if self._open is None:
+            return b""
+        self._open = None
+        self._blocks += 1
+        return _event("content_block_stop", {"type": "content_block_stop", "index": self._blocks - 1})
+
+    def _delta(self, delta: dict[str, Any]) -> bytes:
+        return _event("content_block_delta", {"type": "content_block_delta", "index": self._blocks, "delta": delta})
 
     def stream_text(self, text: str) -> bytes:
-        return _event(
-            "content_block_delta",
-            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": text}},
-        )
+        out = b"" if self._open == "text" else self._start_block({"type": "text", "text": ""})
+        return out + self._delta({"type": "text_delta", "text": text})
+
+    def stream_tool_calls(self, deltas: list[ToolCallDelta]) -> bytes:
+        out = b""
+        for d in deltas:
+            if d.id:
+                out += self._start_block({"type": "tool_use", "id": d.id, "name": d.name, "input": {}})
+            if d.arguments:
+                out += self._delta({"type": "input_json_delta", "partial_json": d.arguments})
+        return out
 
     def stream_end(self, last: Chunk) -> bytes:
+        out = b""
+        if self._blocks == 0 and self._open is None:
+            out += self._start_block({"type": "text", "text": ""})  # as the whole answer has: one text block
         delta = {"stop_reason": stop_reason(last), "stop_sequence": last.stop_sequence}
         usage = _usage(last.usage)  # complete here, since the cached part is known only at the end
         return (
-            _event("content_block_stop", {"type": "content_block_stop", "index": 0})
+            out
+            + self._stop_block()
             + _event("message_delta", {"type": "message_delta", "delta": delta, "usage": usage})
             + _event("message_stop", {"type": "message_stop"})
         )
@@ -216,7 +352,7 @@ class MessageFormatter:
 
 
 class CountFormatter(MessageFormatter):
-    def complete(self, text: str, last: Chunk) -> Response:
+    def complete(self, answer: Answer, last: Chunk) -> Response:
         tokens = last.usage.prompt_tokens if last.usage else last.prompt_tokens
         return Response(_encoder.encode({"input_tokens": tokens}), media_type="application/json")
 
@@ -243,9 +379,11 @@ class AnthropicMessages:
                 constraint = response_format(fmt.type, fmt.schema, param="output_config.format")
             except InvalidRequest as exc:
                 raise InvalidRequest(f"output_config.format: {exc.message}") from None
+        tools, choice, parallel = canonical_tools(req)
         return Plan(model=req.model, sampling=sampling, messages=canonical_messages(req),
                     stream=bool(req.stream) and not self.count_only, count_only=self.count_only,
-                    response_format=constraint)  # fmt: skip
+                    response_format=constraint, tools=tools, tool_choice=choice,
+                    parallel_tool_calls=parallel)  # fmt: skip
 
     def formatter(self, plan: Plan, request_id: str, model: str, created: int) -> MessageFormatter:
         cls = CountFormatter if self.count_only else MessageFormatter

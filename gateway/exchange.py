@@ -23,7 +23,17 @@ from cortex.gateway.metrics import UNKNOWN_MODEL, RequestTimer
 from cortex.gateway.relay import Abandoned, ReplyStream, StillWaiting, raise_for_chunk
 from cortex.gateway.services import Services
 from cortex.gateway.sse import EventStreamResponse, watch_disconnect
-from cortex.protocol import Chunk, GenerateRequest, Message, ResponseFormat, Sampling
+from cortex.protocol import (
+    Chunk,
+    GenerateRequest,
+    Message,
+    ResponseFormat,
+    Sampling,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoice,
+)
 
 log = logging.getLogger("cortex.gateway")
 T = TypeVar("T")
@@ -49,16 +59,49 @@ class Plan:
     include_usage: bool = False
     """OpenAI's ``stream_options.include_usage``."""
     response_format: ResponseFormat | None = None
+    tools: list[Tool] = field(default_factory=list)
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
+    parallel_tool_calls: bool = True
+
+
+class Answer:
+    """One answer put together from its chunks: the text, and each tool call whole."""
+
+    def __init__(self) -> None:
+        self._parts: list[str] = []
+        self._calls: dict[int, list[str]] = {}
+        self._heads: dict[int, ToolCallDelta] = {}
+
+    def add(self, chunk: Chunk) -> None:
+        self._parts.append(chunk.text)
+        for delta in chunk.tool_calls:
+            if delta.index not in self._heads:
+                self._heads[delta.index] = delta
+                self._calls[delta.index] = []
+            self._calls[delta.index].append(delta.arguments)
+
+    @property
+    def text(self) -> str:
+        return "".join(self._parts)
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        return [
+            ToolCall(id=head.id, name=head.name, arguments="".join(self._calls[index]))
+            for index, head in sorted(self._heads.items())
+        ]
 
 
 class Formatter(Protocol):
     """Turns the chunks of one answer into a dialect's JSON or SSE."""
 
-    def complete(self, text: str, last: Chunk) -> Response: ...
+    def complete(self, answer: Answer, last: Chunk) -> Response: ...
 
     def stream_start(self, first: Chunk) -> bytes: ...
 
     def stream_text(self, text: str) -> bytes: ...
+
+    def stream_tool_calls(self, deltas: list[ToolCallDelta]) -> bytes: ...
 
     def stream_end(self, last: Chunk) -> bytes: ...
 
@@ -118,6 +161,9 @@ async def handle(request: Request, dialect: Dialect) -> Response:
             prompt=plan.prompt,
             count_only=plan.count_only,
             response_format=plan.response_format,
+            tools=plan.tools,
+            tool_choice=plan.tool_choice,
+            parallel_tool_calls=plan.parallel_tool_calls,
         )
         stream = await svc.relay.submit(canonical)
         fmt = dialect.formatter(plan, request_id, entry.id, int(now))
@@ -177,26 +223,30 @@ async def until_disconnected(request: Request, work: Awaitable[T], stream: Reply
 
 
 async def _complete(stream: ReplyStream, timer: RequestTimer, fmt: Formatter) -> Response:
-    parts: list[str] = []
+    answer = Answer()
     while True:
         chunk = await stream.next()
         raise_for_chunk(chunk)
         account(timer, chunk)
-        parts.append(chunk.text)
+        answer.add(chunk)
         if chunk.final:
             break
-    text = "".join(parts)
-    await _after_complete(fmt, text, chunk)
-    response = fmt.complete(text, chunk)
+    await _after_complete(fmt, answer, chunk)
+    response = fmt.complete(answer, chunk)
     timer.done(200)
     return response
 
 
-async def _after_complete(fmt: Formatter, text: str, last: Chunk) -> None:
-    """A formatter's optional `after_complete(text, last)` (storing a response) runs before the answer ends."""
+async def _after_complete(fmt: Formatter, answer: Answer, last: Chunk) -> None:
+    """A formatter's optional `after_complete(answer, last)` (storing a response) runs before the answer ends."""
     hook = getattr(fmt, "after_complete", None)
     if hook is not None:
-        await hook(text, last)
+        await hook(answer, last)
+
+
+def _piece(fmt: Formatter, chunk: Chunk) -> bytes:
+    out = fmt.stream_text(chunk.text) if chunk.text else b""
+    return out + fmt.stream_tool_calls(chunk.tool_calls) if chunk.tool_calls else out
 
 
 async def _events(
@@ -220,20 +270,20 @@ async def _events(
             raise_for_chunk(first)
             account(timer, first)
         chunk = first
-        parts: list[str] = []
+        answer = Answer()
         pending = fmt.stream_start(first)  # sent with the first text, in one write
         while not chunk.final:
-            parts.append(chunk.text)
-            if chunk.text or pending:
-                yield pending + (fmt.stream_text(chunk.text) if chunk.text else b"")
+            answer.add(chunk)
+            if chunk.text or chunk.tool_calls or pending:
+                yield pending + _piece(fmt, chunk)
                 pending = b""
             chunk = await stream.next()
             raise_for_chunk(chunk)
             account(timer, chunk)
-        parts.append(chunk.text)
-        await _after_complete(fmt, "".join(parts), chunk)
+        answer.add(chunk)
+        await _after_complete(fmt, answer, chunk)
         status, code = 200, None
-        yield pending + (fmt.stream_text(chunk.text) if chunk.text else b"") + fmt.stream_end(chunk)
+        yield pending + _piece(fmt, chunk) + fmt.stream_end(chunk)
     except ApiError as exc:
         status, code = exc.status, exc.code or exc.type
         yield fmt.stream_error(exc)

@@ -8,11 +8,20 @@ import msgspec
 from starlette.responses import Response
 
 from cortex.gateway.errors import ApiError, InvalidRequest
-from cortex.gateway.exchange import Plan
+from cortex.gateway.exchange import Answer, Plan
 from cortex.gateway.formats import response_format
 from cortex.gateway.openai_errors import decode_body, error_body, error_response
 from cortex.gateway.openai_params import check_sampling, to_sampling
-from cortex.protocol import Chunk, Message, ResponseFormat, Sampling, Usage
+from cortex.gateway.tools import check_choice, check_tools, make_tool
+from cortex.protocol import Chunk, Message, ResponseFormat, Sampling, Tool, ToolCall, ToolCallDelta, ToolChoice, Usage
+from cortex.protocol.messages import (
+    FINISH_LENGTH,
+    FINISH_TOOL_CALLS,
+    TOOL_CHOICE_AUTO,
+    TOOL_CHOICE_FUNCTION,
+    TOOL_CHOICE_NONE,
+    TOOL_CHOICE_REQUIRED,
+)
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 MAX_STOP = 16
@@ -23,10 +32,44 @@ class ContentPart(msgspec.Struct, kw_only=True):
     text: str | None = None
 
 
+class FunctionCallIn(msgspec.Struct, kw_only=True):
+    name: str
+    arguments: str = "{}"
+
+
+class ToolCallIn(msgspec.Struct, kw_only=True):
+    id: str
+    function: FunctionCallIn
+    type: str = "function"
+
+
 class ChatMessage(msgspec.Struct, kw_only=True):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+
+
+class FunctionDef(msgspec.Struct, kw_only=True):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(msgspec.Struct, kw_only=True):
+    type: str
+    function: FunctionDef | None = None
+
+
+class FunctionName(msgspec.Struct, kw_only=True):
+    name: str
+
+
+class NamedToolChoice(msgspec.Struct, kw_only=True):
+    type: str
+    function: FunctionName | None = None
 
 
 class JsonSchemaSpec(msgspec.Struct, kw_only=True):
@@ -62,6 +105,9 @@ class ChatRequest(msgspec.Struct, kw_only=True):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     response_format: ResponseFormatIn | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: str | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 _decoder = msgspec.json.Decoder(ChatRequest)
@@ -82,6 +128,10 @@ def _validate(req: ChatRequest) -> None:
             raise InvalidRequest(
                 f"Invalid role {message.role!r}; expected one of {', '.join(ROLES)}.", param=f"messages[{i}].role"
             )
+        if message.role == "tool" and not message.tool_call_id:
+            raise InvalidRequest("A `tool` message needs the `tool_call_id` it answers.", param=f"messages[{i}]")
+        if message.tool_calls and message.role != "assistant":
+            raise InvalidRequest("Only assistant messages carry `tool_calls`.", param=f"messages[{i}].tool_calls")
         if isinstance(message.content, list):
             for j, part in enumerate(message.content):
                 if part.type != "text" or part.text is None:
@@ -115,8 +165,40 @@ def _text(content: str | list[ContentPart] | None) -> str:
     return "".join(part.text or "" for part in content)
 
 
+def _message(msg: ChatMessage) -> Message:
+    calls = [ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments) for c in msg.tool_calls or []]
+    return Message(role=ROLES[msg.role], content=_text(msg.content), name=msg.name, tool_calls=calls,
+                   tool_call_id=msg.tool_call_id)  # fmt: skip
+
+
 def canonical_messages(req: ChatRequest) -> list[Message]:
-    return [Message(role=ROLES[m.role], content=_text(m.content), name=m.name) for m in req.messages]
+    return [_message(msg) for msg in req.messages]
+
+
+def canonical_tools(req: ChatRequest) -> tuple[list[Tool], ToolChoice]:
+    tools = []
+    for i, spec in enumerate(req.tools or []):
+        if spec.type != "function" or spec.function is None:
+            raise InvalidRequest(f"Tools of type {spec.type!r} are not supported; only `function` tools are.",
+                                 param=f"tools[{i}]")  # fmt: skip
+        fn = spec.function
+        tools.append(make_tool(fn.name, fn.description, fn.parameters, param=f"tools[{i}].function"))
+    check_tools(tools, param="tools")
+    choice = req.tool_choice
+    if choice is None:
+        canonical = ToolChoice()
+    elif isinstance(choice, str):
+        if choice not in (TOOL_CHOICE_AUTO, TOOL_CHOICE_NONE, TOOL_CHOICE_REQUIRED):
+            raise InvalidRequest(f"Invalid `tool_choice` {choice!r}: expected none, auto, required or a function.",
+                                 param="tool_choice")  # fmt: skip
+        canonical = ToolChoice(mode=choice)
+    elif choice.type != "function" or choice.function is None:
+        raise InvalidRequest("A named `tool_choice` must be {\"type\": \"function\", \"function\": {\"name\": ...}}.",
+                             param="tool_choice")  # fmt: skip
+    else:
+        canonical = ToolChoice(mode=TOOL_CHOICE_FUNCTION, name=choice.function.name)
+    check_choice(tools, canonical, param="tool_choice")
+    return tools, canonical
 
 
 def sampling(req: ChatRequest) -> Sampling:
@@ -135,9 +217,17 @@ def usage_object(usage: Usage | None) -> dict[str, object] | None:
     }
 
 
+def tool_call_object(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
+
+
 def completion_body(
-    *, completion_id: str, model: str, created: int, text: str, finish_reason: str, usage: Usage | None
+    *, completion_id: str, model: str, created: int, answer: Answer, finish_reason: str, usage: Usage | None
 ) -> bytes:
+    calls = answer.tool_calls
+    message: dict[str, Any] = {"role": "assistant", "content": answer.text or (None if calls else ""), "refusal": None}
+    if calls:
+        message["tool_calls"] = [tool_call_object(call) for call in calls]
     body: dict[str, Any] = {
         "id": completion_id,
         "object": "chat.completion",
@@ -146,7 +236,7 @@ def completion_body(
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
+                "message": message,
                 "logprobs": None,
                 "finish_reason": finish_reason,
             }
@@ -187,6 +277,18 @@ class ChunkFormatter:
             delta["content"] = text
         return self._event([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}])
 
+    def tool_calls(self, deltas: list[ToolCallDelta]) -> bytes:
+        """Each call's id, type and name in its first piece only: the SDK concatenates what repeats."""
+        pieces = []
+        for d in deltas:
+            if d.id:
+                function = {"name": d.name, "arguments": d.arguments}
+                pieces.append({"index": d.index, "id": d.id, "type": "function", "function": function})
+            else:
+                pieces.append({"index": d.index, "function": {"arguments": d.arguments}})
+        delta: dict[str, Any] = {"tool_calls": pieces}
+        return self._event([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
+
     def usage(self, usage: Usage | None) -> bytes:
         return self._event([], usage, final_usage=True)
 
@@ -195,7 +297,9 @@ DONE = b"data: [DONE]\n\n"
 
 
 def finish_reason(chunk: Chunk) -> str:
-    return "length" if chunk.finish_reason == "length" else "stop"
+    if chunk.finish_reason in (FINISH_LENGTH, FINISH_TOOL_CALLS):
+        return chunk.finish_reason
+    return "stop"
 
 
 def error_event(exc: ApiError) -> bytes:
@@ -212,9 +316,9 @@ class ChatFormatter:
             completion_id=f"chatcmpl-{request_id}", model=model, created=created, include_usage=include_usage
         )
 
-    def complete(self, text: str, last: Chunk) -> Response:
+    def complete(self, answer: Answer, last: Chunk) -> Response:
         body = completion_body(
-            completion_id=f"chatcmpl-{self.request_id}", model=self.model, created=self.created, text=text,
+            completion_id=f"chatcmpl-{self.request_id}", model=self.model, created=self.created, answer=answer,
             finish_reason=finish_reason(last), usage=last.usage,
         )  # fmt: skip
         return Response(body, media_type="application/json")
@@ -224,6 +328,9 @@ class ChatFormatter:
 
     def stream_text(self, text: str) -> bytes:
         return self.chunks.delta(text)
+
+    def stream_tool_calls(self, deltas: list[ToolCallDelta]) -> bytes:
+        return self.chunks.tool_calls(deltas)
 
     def stream_end(self, last: Chunk) -> bytes:
         out = self.chunks.delta("", finish_reason=finish_reason(last))
@@ -250,6 +357,7 @@ class OpenAIChat:
 
     def parse(self, body: bytes) -> Plan:
         req = parse(body)
+        tools, choice = canonical_tools(req)
         return Plan(
             model=req.model,
             sampling=sampling(req),
@@ -257,6 +365,9 @@ class OpenAIChat:
             stream=bool(req.stream),
             include_usage=bool(req.stream_options and req.stream_options.include_usage),
             response_format=_format(req),
+            tools=tools,
+            tool_choice=choice,
+            parallel_tool_calls=req.parallel_tool_calls is not False,
         )
 
     def formatter(self, plan: Plan, request_id: str, model: str, created: int) -> ChatFormatter:

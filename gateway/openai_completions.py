@@ -8,11 +8,11 @@ import msgspec
 from starlette.responses import Response
 
 from cortex.gateway.errors import ApiError, InvalidRequest
-from cortex.gateway.exchange import Plan
+from cortex.gateway.exchange import Answer, Plan
 from cortex.gateway.openai_chat import DONE, MAX_STOP, StreamOptions, error_event, finish_reason, usage_object
 from cortex.gateway.openai_errors import decode_body, error_response
 from cortex.gateway.openai_params import check_sampling, to_sampling
-from cortex.protocol import Chunk
+from cortex.protocol import Chunk, ToolCallDelta
 
 DEFAULT_MAX_TOKENS = 16
 """OpenAI's default for this endpoint."""
@@ -76,8 +76,9 @@ class CompletionFormatter:
     def _choice(self, text: str, finish: str | None) -> dict[str, Any]:
         return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
 
-    def complete(self, text: str, last: Chunk) -> Response:
-        body = {**self.base, "choices": [self._choice(text, finish_reason(last))], "usage": usage_object(last.usage)}
+    def complete(self, answer: Answer, last: Chunk) -> Response:
+        choice = self._choice(answer.text, finish_reason(last))
+        body = {**self.base, "choices": [choice], "usage": usage_object(last.usage)}
         return Response(_encoder.encode(body), media_type="application/json")
 
     def _event(self, body: dict[str, Any]) -> bytes:
@@ -88,6 +89,9 @@ class CompletionFormatter:
 
     def stream_text(self, text: str) -> bytes:
         return self._event({**self.base, "choices": [self._choice(text, None)]})
+
+    def stream_tool_calls(self, deltas: list[ToolCallDelta]) -> bytes:
+        return b""  # a raw completion offers no tools
 
     def stream_end(self, last: Chunk) -> bytes:
         out = self._event({**self.base, "choices": [self._choice("", finish_reason(last))]})

@@ -1,4 +1,4 @@
-"""OpenAI ``POST /v1/responses`` (text), with ``store`` and ``previous_response_id`` kept in NATS KV.
+"""OpenAI ``POST /v1/responses`` (text and function tools), with ``store`` and ``previous_response_id`` kept in NATS KV.
 
 A stored response keeps the whole conversation that produced it (canonical
 messages plus the answer), so a follow-up naming it continues through any
@@ -18,12 +18,20 @@ from starlette.responses import Response
 
 from cortex.broker.errors import BrokerError
 from cortex.gateway.errors import ApiError, InvalidRequest, ModelNotFound, NoCapacity
-from cortex.gateway.exchange import Plan
+from cortex.gateway.exchange import Answer, Plan
 from cortex.gateway.formats import response_format
 from cortex.gateway.openai_errors import decode_body, error_body, error_response
 from cortex.gateway.openai_params import check_sampling, to_sampling
 from cortex.gateway.services import Services
-from cortex.protocol import Chunk, Message, Usage
+from cortex.gateway.tools import check_choice, check_tools, make_tool
+from cortex.protocol import Chunk, Message, Tool, ToolCall, ToolCallDelta, ToolChoice, Usage
+from cortex.protocol.messages import (
+    FINISH_LENGTH,
+    TOOL_CHOICE_AUTO,
+    TOOL_CHOICE_FUNCTION,
+    TOOL_CHOICE_NONE,
+    TOOL_CHOICE_REQUIRED,
+)
 
 log = logging.getLogger("cortex.gateway")
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -40,6 +48,23 @@ class InputItem(msgspec.Struct, kw_only=True):
     type: str = "message"
     role: str | None = None
     content: str | list[Part] | None = None
+    call_id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+    output: str | list[Part] | None = None
+
+
+class FunctionTool(msgspec.Struct, kw_only=True):
+    type: str
+    name: str | None = None
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class NamedToolChoice(msgspec.Struct, kw_only=True):
+    type: str
+    name: str | None = None
 
 
 class TextFormat(msgspec.Struct, kw_only=True):
@@ -66,6 +91,9 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     store: bool | None = True
     previous_response_id: str | None = None
     text: TextOptions | None = None
+    tools: list[FunctionTool] | None = None
+    tool_choice: str | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class Stored(msgspec.Struct, kw_only=True):
@@ -103,12 +131,52 @@ def parse(body: bytes) -> ResponsesRequest:
 def input_messages(req: ResponsesRequest) -> list[Message]:
     if isinstance(req.input, str):
         return [Message(role="user", content=req.input)]
-    messages = []
+    messages: list[Message] = []
     for i, item in enumerate(req.input or []):
-        if item.type != "message" or item.role not in _ROLES:
-            raise InvalidRequest(f"Input items of type {item.type!r} are not supported yet.", param=f"input[{i}]")
-        messages.append(Message(role=_ROLES[item.role], content=_text(item.content, f"input[{i}].content")))
+        where = f"input[{i}]"
+        if item.type == "message" and item.role in _ROLES:
+            messages.append(Message(role=_ROLES[item.role], content=_text(item.content, f"{where}.content")))
+        elif item.type == "function_call":
+            if not item.call_id or not item.name:
+                raise InvalidRequest("A `function_call` item needs `call_id` and `name`.", param=where)
+            call = ToolCall(id=item.call_id, name=item.name, arguments=item.arguments or "{}")
+            last = messages[-1] if messages else None
+            if last is not None and last.role == "assistant":  # one assistant turn: its text and its calls
+                messages[-1] = msgspec.structs.replace(last, tool_calls=[*last.tool_calls, call])
+            else:
+                messages.append(Message(role="assistant", tool_calls=[call]))
+        elif item.type == "function_call_output":
+            if not item.call_id:
+                raise InvalidRequest("A `function_call_output` item needs the `call_id` it answers.", param=where)
+            output = _text(item.output, f"{where}.output")
+            messages.append(Message(role="tool", content=output, tool_call_id=item.call_id))
+        elif item.type != "reasoning":  # earlier reasoning is not fed back to these models
+            raise InvalidRequest(f"Input items of type {item.type!r} are not supported.", param=where)
     return messages
+
+
+def canonical_tools(req: ResponsesRequest) -> tuple[list[Tool], ToolChoice]:
+    tools = []
+    for i, spec in enumerate(req.tools or []):
+        if spec.type != "function" or not spec.name:
+            raise InvalidRequest(f"Tools of type {spec.type!r} are not supported; only `function` tools are.",
+                                 param=f"tools[{i}]")  # fmt: skip
+        tools.append(make_tool(spec.name, spec.description, spec.parameters, param=f"tools[{i}]"))
+    check_tools(tools, param="tools")
+    choice_in = req.tool_choice
+    if choice_in is None:
+        choice = ToolChoice()
+    elif isinstance(choice_in, str):
+        if choice_in not in (TOOL_CHOICE_AUTO, TOOL_CHOICE_NONE, TOOL_CHOICE_REQUIRED):
+            raise InvalidRequest(f"Invalid `tool_choice` {choice_in!r}: expected none, auto, required or a function.",
+                                 param="tool_choice")  # fmt: skip
+        choice = ToolChoice(mode=choice_in)
+    elif choice_in.type != "function" or not choice_in.name:
+        raise InvalidRequest('A named `tool_choice` must be {"type": "function", "name": ...}.', param="tool_choice")
+    else:
+        choice = ToolChoice(mode=TOOL_CHOICE_FUNCTION, name=choice_in.name)
+    check_choice(tools, choice, param="tool_choice")
+    return tools, choice
 
 
 def usage_object(usage: Usage | None) -> dict[str, Any]:
@@ -125,15 +193,23 @@ def usage_object(usage: Usage | None) -> dict[str, Any]:
 
 
 class ResponsesFormatter:
+    """A response object and its stream of events.
+
+    Output items (a message, function calls) open as the answer reaches them, so
+    an answer that only calls tools has no empty message item.
+    """
+
     def __init__(self, *, request_id: str, model: str, created: int, plan: ResponsesPlan) -> None:
+        self.request_id = request_id
         self.id = f"resp_{request_id}"
-        self.item_id = f"msg_{request_id}"
         self.model = model
         self.created = created
         self.plan = plan
         self.request = plan.request
         self.sequence = 0
-        self.text = ""
+        self.items: list[dict[str, Any]] = []
+        """Output items streamed so far, kept current (the last one may still be open)."""
+        self._open = False
 
     def response(self, status: str, output: list[dict[str, Any]], usage: Usage | None = None) -> dict[str, Any]:
         req = self.request
@@ -150,15 +226,25 @@ class ResponsesFormatter:
             "max_output_tokens": req.max_output_tokens,
             "temperature": self.plan.sampling.temperature,
             "top_p": self.plan.sampling.top_p,
-            "parallel_tool_calls": True,
-            "tool_choice": "auto",
-            "tools": [],
+            "parallel_tool_calls": self.plan.parallel_tool_calls,
+            "tool_choice": self._tool_choice(),
+            "tools": [self._tool(t) for t in self.plan.tools],
             "previous_response_id": req.previous_response_id,
             "store": bool(req.store),
             "text": {"format": self._text_format()},
             "metadata": {},
             "usage": usage_object(usage) if usage is not None or status != "in_progress" else None,
         }
+
+    def _tool_choice(self) -> Any:
+        choice = self.plan.tool_choice
+        return {"type": "function", "name": choice.name} if choice.mode == TOOL_CHOICE_FUNCTION else choice.mode
+
+    @staticmethod
+    def _tool(tool: Tool) -> dict[str, Any]:
+        parameters = msgspec.json.decode(tool.parameters) if tool.parameters else None
+        return {"type": "function", "name": tool.name, "description": tool.description or None,
+                "parameters": parameters, "strict": False}  # fmt: skip
 
     def _text_format(self) -> dict[str, Any]:
         fmt = self.request.text.format if self.request.text else None
@@ -168,62 +254,108 @@ class ResponsesFormatter:
             return {"type": "json_object"}
         return {"type": "json_schema", "name": fmt.name or "response", "schema": fmt.schema, "strict": bool(fmt.strict)}
 
-    def _item(self, text: str | None, status: str) -> dict[str, Any]:
+    def _message_id(self) -> str:
+        return f"msg_{self.request_id}" if not self.items else f"msg_{self.request_id}_{len(self.items)}"
+
+    @staticmethod
+    def _message(item_id: str, text: str | None, status: str) -> dict[str, Any]:
         content = [] if text is None else [{"type": "output_text", "text": text, "annotations": []}]
-        return {"type": "message", "id": self.item_id, "status": status, "role": "assistant", "content": content}
+        return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
 
-    def final(self, text: str, last: Chunk) -> dict[str, Any]:
-        status = "incomplete" if last.finish_reason == "length" else "completed"
-        return self.response(status, [self._item(text, status)], last.usage)
+    def _call(self, call: ToolCall, index: int, status: str) -> dict[str, Any]:
+        return {"type": "function_call", "id": f"fc_{self.request_id}_{index}", "call_id": call.id,
+                "name": call.name, "arguments": call.arguments, "status": status}  # fmt: skip
 
-    async def after_complete(self, text: str, last: Chunk) -> None:
-        """Remember the text for the closing events, and store the conversation if asked to."""
-        self.text = text
+    def final(self, answer: Answer, last: Chunk) -> dict[str, Any]:
+        status = "incomplete" if last.finish_reason == FINISH_LENGTH else "completed"
+        calls = answer.tool_calls
+        output = [self._message(f"msg_{self.request_id}", answer.text, status)] if answer.text or not calls else []
+        output += [self._call(call, i, status) for i, call in enumerate(calls)]
+        return self.response(status, output, last.usage)
+
+    async def after_complete(self, answer: Answer, last: Chunk) -> None:
+        """Store the conversation, with this answer, if asked to."""
         if not self.request.store:
             return
-        answer = Message(role="assistant", content=text)
-        stored = Stored(messages=[*self.plan.history, answer])
+        reply = Message(role="assistant", content=answer.text, tool_calls=answer.tool_calls)
+        stored = Stored(messages=[*self.plan.history, reply])
         try:
             await self.plan.bus.put_stored(self.id, _encoder.encode(stored))
         except BrokerError as exc:
             # The answer is done and paid for: deliver it; only a follow-up naming it will miss it.
             log.warning("response %s not stored: %s", self.id, exc)
 
-    def complete(self, text: str, last: Chunk) -> Response:
-        return Response(_encoder.encode(self.final(text, last)), media_type="application/json")
+    def complete(self, answer: Answer, last: Chunk) -> Response:
+        return Response(_encoder.encode(self.final(answer, last)), media_type="application/json")
 
     def _event(self, kind: str, body: dict[str, Any]) -> bytes:
         body = {"type": kind, "sequence_number": self.sequence, **body}
         self.sequence += 1
         return b"event: " + kind.encode() + b"\ndata: " + _encoder.encode(body) + b"\n\n"
 
-    def _part(self, text: str) -> dict[str, Any]:
-        return {"type": "output_text", "text": text, "annotations": []}
-
     def stream_start(self, first: Chunk) -> bytes:
-        where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
-        return (
-            self._event("response.created", {"response": self.response("in_progress", [])})
-            + self._event("response.in_progress", {"response": self.response("in_progress", [])})
-            + self._event("response.output_item.added", {"output_index": 0, "item": self._item(None, "in_progress")})
-            + self._event("response.content_part.added", {**where, "part": self._part("")})
+        return self._event("response.created", {"response": self.response("in_progress", [])}) + self._event(
+            "response.in_progress", {"response": self.response("in_progress", [])}
         )
+
+    def _add(self, item: dict[str, Any]) -> bytes:
+        out = self._close("completed")
+        self.items.append(item)
+        self._open = True
+        return out + self._event("response.output_item.added", {"output_index": len(self.items) - 1, "item": item})
+
+    def _close(self, status: str) -> bytes:
+        """The `.done` events of the open item."""
+        if not self._open:
+            return b""
+        self._open = False
+        index, item = len(self.items) - 1, self.items[-1]
+        item["status"] = status
+        out = b""
+        if item["type"] == "message":
+            text = item["content"][0]["text"]
+            where = {"item_id": item["id"], "output_index": index, "content_index": 0}
+            out += self._event("response.output_text.done", {**where, "text": text, "logprobs": []})
+            out += self._event("response.content_part.done", {**where, "part": item["content"][0]})
+        else:
+            done = {"item_id": item["id"], "output_index": index, "name": item["name"], "arguments": item["arguments"]}
+            out += self._event("response.function_call_arguments.done", done)
+        return out + self._event("response.output_item.done", {"output_index": index, "item": item})
 
     def stream_text(self, text: str) -> bytes:
-        where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
-        return self._event("response.output_text.delta", {**where, "delta": text, "logprobs": []})
+        out = b""
+        if not (self._open and self.items[-1]["type"] == "message"):
+            item = self._message(self._message_id(), None, "in_progress")
+            out += self._add(item)
+            part = {"type": "output_text", "text": "", "annotations": []}
+            where = {"item_id": item["id"], "output_index": len(self.items) - 1, "content_index": 0}
+            out += self._event("response.content_part.added", {**where, "part": dict(part)})
+            item["content"].append(part)
+        item = self.items[-1]
+        item["content"][0]["text"] += text
+        where = {"item_id": item["id"], "output_index": len(self.items) - 1, "content_index": 0}
+        return out + self._event("response.output_text.delta", {**where, "delta": text, "logprobs": []})
+
+    def stream_tool_calls(self, deltas: list[ToolCallDelta]) -> bytes:
+        out = b""
+        for d in deltas:
+            if d.id:
+                call = ToolCall(id=d.id, name=d.name, arguments="")
+                out += self._add(self._call(call, d.index, "in_progress"))
+            if d.arguments:
+                item = self.items[-1]
+                item["arguments"] += d.arguments
+                where = {"item_id": item["id"], "output_index": len(self.items) - 1}
+                out += self._event("response.function_call_arguments.delta", {**where, "delta": d.arguments})
+        return out
 
     def stream_end(self, last: Chunk) -> bytes:
-        text = self.text  # set by after_complete, which runs first
-        final = self.final(text, last)
-        where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
-        kind = "response.incomplete" if final["status"] == "incomplete" else "response.completed"
-        return (
-            self._event("response.output_text.done", {**where, "text": text, "logprobs": []})
-            + self._event("response.content_part.done", {**where, "part": self._part(text)})
-            + self._event("response.output_item.done", {"output_index": 0, "item": final["output"][0]})
-            + self._event(kind, {"response": final})
-        )
+        status = "incomplete" if last.finish_reason == FINISH_LENGTH else "completed"
+        out = b"" if self.items else self.stream_text("")  # as the whole answer has: one message
+        out += self._close(status)
+        final = self.response(status, self.items, last.usage)
+        kind = "response.incomplete" if status == "incomplete" else "response.completed"
+        return out + self._event(kind, {"response": final})
 
     def stream_error(self, exc: ApiError) -> bytes:
         """`error`, then `response.failed`, as OpenAI ends a stream that broke."""
@@ -264,9 +396,11 @@ class OpenAIResponses:
         sampling = to_sampling(req, max_tokens=req.max_output_tokens)
         fmt = req.text.format if req.text else None
         constraint = response_format(fmt.type, fmt.schema, param="text.format") if fmt else None
+        tools, choice = canonical_tools(req)
         return ResponsesPlan(
             model=req.model, sampling=sampling, messages=messages, stream=bool(req.stream), request=req,
-            response_format=constraint, history=history,
+            response_format=constraint, history=history, tools=tools, tool_choice=choice,
+            parallel_tool_calls=req.parallel_tool_calls is not False,
         )  # fmt: skip
 
     async def prepare(self, plan: Plan, svc: Services) -> Plan:

@@ -13,14 +13,30 @@ import msgspec
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
 FINISH_ERROR = "error"
+FINISH_TOOL_CALLS = "tool_calls"
+"""The answer ended by calling tools (OpenAI's ``tool_calls``, Anthropic's ``tool_use``)."""
+
+
+class ToolCall(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A call the model made (or made earlier in the conversation); `arguments` is JSON text."""
+
+    id: str
+    name: str
+    arguments: str = "{}"
 
 
 class Message(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """One turn of a conversation, in canonical form (dialects convert to it)."""
 
     role: str
+    """``system``, ``user``, ``assistant`` or ``tool`` (a tool's result, answering `tool_call_id`)."""
     content: str = ""
     name: str | None = None
+    tool_calls: list[ToolCall] = []
+    """On assistant turns: the tools it called."""
+    tool_call_id: str | None = None
+    is_error: bool = False
+    """On tool turns: the tool failed, and `content` says how."""
 
 
 class Sampling(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -47,6 +63,27 @@ class ResponseFormat(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     schema: str = ""
 
 
+class Tool(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A function the model may call; `parameters` is its arguments' JSON schema, as JSON text."""
+
+    name: str
+    description: str = ""
+    parameters: str = ""
+
+
+TOOL_CHOICE_AUTO = "auto"
+TOOL_CHOICE_NONE = "none"
+TOOL_CHOICE_REQUIRED = "required"
+TOOL_CHOICE_FUNCTION = "function"
+
+
+class ToolChoice(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """``auto`` (the model decides), ``none``, ``required`` (at least one call), or ``function`` (`name`)."""
+
+    mode: str = TOOL_CHOICE_AUTO
+    name: str = ""
+
+
 class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type", tag="generate"):
     """A generation request, published to ``cortex.req.<model-token>``."""
 
@@ -64,6 +101,10 @@ class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=T
     count_only: bool = False
     """Only count the prompt's tokens: the one final chunk carries them in `usage`."""
     response_format: ResponseFormat | None = None
+    tools: list[Tool] = []
+    tool_choice: ToolChoice = ToolChoice()
+    parallel_tool_calls: bool = True
+    """False: at most one call per answer."""
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -91,6 +132,19 @@ ERROR_CODES = frozenset(
 )
 
 
+class ToolCallDelta(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """A piece of the `index`-th tool call of an answer.
+
+    The first piece of a call carries its `id` and `name`; `arguments` pieces
+    concatenate to the call's JSON arguments.
+    """
+
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
 class Chunk(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type", tag="chunk"):
     """A slice of one request's output, sent on the request's reply subject.
 
@@ -114,6 +168,8 @@ class Chunk(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_f
     error: ChunkError | None = None
     stop_sequence: str | None = None
     """On the last chunk: the stop string that ended the answer, if one did."""
+    tool_calls: list[ToolCallDelta] = []
+    """Tool-call pieces, after this chunk's `text`."""
 
     @property
     def final(self) -> bool:

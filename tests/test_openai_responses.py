@@ -96,7 +96,8 @@ def test_unstored_or_unknown_previous_response_is_404(client: openai.OpenAI) -> 
     ("extra", "param"),
     [
         ({"input": ""}, "input"),
-        ({"input": [{"type": "function_call_output", "call_id": "c", "output": "x"}]}, "input[0]"),
+        ({"input": [{"type": "function_call_output", "output": "x"}]}, "input[0]"),
+        ({"input": [{"type": "web_search_call", "id": "x"}]}, "input[0]"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content[0]"),
         ({"max_output_tokens": 0}, "max_output_tokens"),
         ({"previous_response_id": "nope"}, "previous_response_id"),

@@ -9,6 +9,7 @@
     dtype = "auto"                      # auto | float32 | bfloat16 | float16
     context_length = 8192               # 0: take it from the model's config
     aliases = ["smollm2"]
+    tool_format = "hermes"              # hermes | llama3; default: read from the chat template
 
 Sources: ``path`` (a local folder in transformers layout, optionally with a
 ``gguf_file`` in it), ``hf`` (a Hugging Face id, used only if already in the
@@ -24,6 +25,7 @@ from pathlib import Path
 import msgspec
 
 from cortex.protocol import ModelCard
+from cortex.worker.tools import SYNTAXES
 
 DTYPES = frozenset({"auto", "float32", "bfloat16", "float16"})
 
@@ -41,6 +43,8 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     dtype: str = "auto"
     context_length: int = 0
     aliases: list[str] = []
+    tool_format: str = ""
+    """How the model writes tool calls: ``hermes`` or ``llama3``; empty: read it from the chat template."""
 
     @property
     def source(self) -> str:
@@ -90,6 +94,8 @@ def parse_catalogue(text: str, *, origin: str = "models.toml") -> list[ModelSpec
             raise CatalogueError(f"{origin}: model {spec.id!r} from a package needs gguf_file")
         if spec.dtype not in DTYPES:
             raise CatalogueError(f"{origin}: model {spec.id!r}: dtype must be one of {sorted(DTYPES)}")
+        if spec.tool_format and spec.tool_format not in SYNTAXES:
+            raise CatalogueError(f"{origin}: model {spec.id!r}: tool_format must be one of {sorted(SYNTAXES)}")
         for name in (spec.id, *spec.aliases):
             if not name or name in seen:
                 raise CatalogueError(f"{origin}: model name {name!r} is empty or used twice")

@@ -13,11 +13,15 @@ from typing import Any
 
 import torch
 
-from cortex.protocol import ResponseFormat
+from cortex.protocol import GenerateRequest, ResponseFormat
+from cortex.protocol import messages as m
 from cortex.worker.loader import LoadedModel
 from cortex.worker.sequence import LogitsProcessor
+from cortex.worker.tools import offered_tools, tool_grammar
 
 _BITS = torch.arange(32, dtype=torch.int32)
+WHITESPACE = "[ \\n\\t]{0,24}"
+"""Whitespace allowed between JSON tokens of structured output."""
 
 
 class GrammarError(ValueError):
@@ -35,6 +39,24 @@ def _tokenizer(loaded: LoadedModel) -> Any:
     return cached
 
 
+def request_constraints(loaded: LoadedModel, request: GenerateRequest) -> list[LogitsProcessor]:
+    """What keeps `request`'s answer well-formed: its tool calls' grammar or its response format.
+
+    Both at once cannot be expressed in one grammar; a forced call wins over the
+    format, and under ``auto`` the format wins (calls are then parsed unconstrained).
+    """
+    lark = None
+    if offered_tools(request.tools, request.tool_choice):
+        syntax = loaded.tool_syntax
+        lark = tool_grammar(request.tools, request.tool_choice, request.parallel_tool_calls, syntax)
+    forced = request.tool_choice.mode in (m.TOOL_CHOICE_REQUIRED, m.TOOL_CHOICE_FUNCTION)
+    if lark is not None and (forced or request.response_format is None):
+        return [lark_processor(loaded, lark, what="the tools' parameter schemas")]
+    if request.response_format is not None:
+        return [json_processor(loaded, request.response_format)]
+    return []
+
+
 def json_processor(loaded: LoadedModel, fmt: ResponseFormat) -> LogitsProcessor:
     """A logits processor that keeps the output inside `fmt`'s JSON schema (any object for json_object)."""
     from llguidance import LLMatcher
@@ -43,13 +65,33 @@ def json_processor(loaded: LoadedModel, fmt: ResponseFormat) -> LogitsProcessor:
         schema: Any = json.loads(fmt.schema) if fmt.type == "json_schema" else {"type": "object"}
     except ValueError as exc:
         raise GrammarError(f"the JSON schema is not valid JSON: {exc}") from exc
+    if isinstance(schema, dict) and "x-guidance" not in schema:
+        # Room for pretty-printing, but no endless run of whitespace (a small model's favourite loop).
+        schema = schema | {"x-guidance": {"whitespace_pattern": WHITESPACE}}
     try:
         grammar = LLMatcher.grammar_from_json_schema(schema)
     except Exception as exc:  # llguidance raises ValueError subclasses for malformed schemas
         raise GrammarError(f"the JSON schema cannot be used: {exc}") from exc
+    return grammar_processor(loaded, grammar, what="the JSON schema")
+
+
+def lark_processor(loaded: LoadedModel, lark: str, *, what: str) -> LogitsProcessor:
+    """A logits processor for a Lark grammar in llguidance's dialect (tool calls)."""
+    from llguidance import LLMatcher
+
+    try:
+        grammar = LLMatcher.grammar_from_lark(lark)
+    except Exception as exc:
+        raise GrammarError(f"{what} cannot be used: {exc}") from exc
+    return grammar_processor(loaded, grammar, what=what)
+
+
+def grammar_processor(loaded: LoadedModel, grammar: str, *, what: str) -> LogitsProcessor:
+    from llguidance import LLMatcher
+
     matcher = LLMatcher(_tokenizer(loaded), grammar)
     if matcher.is_error():
-        raise GrammarError(f"the JSON schema cannot be used: {matcher.get_error()}")
+        raise GrammarError(f"{what} cannot be used: {matcher.get_error()}")
     consumed = 0
 
     def constrain(generated: list[int], logits: torch.Tensor) -> torch.Tensor:

@@ -40,12 +40,13 @@ from cortex.protocol import Chunk, ChunkError, GenerateRequest, Usage
 from cortex.protocol import messages as m
 from cortex.worker import kvcache
 from cortex.worker.batch import Batch, forward
-from cortex.worker.constrain import GrammarError, json_processor
+from cortex.worker.constrain import GrammarError, request_constraints
 from cortex.worker.detokenize import IncrementalDetokenizer
 from cortex.worker.loader import LoadedModel, PromptError
 from cortex.worker.sampling import is_greedy, make_generator, penalties, sample
 from cortex.worker.sequence import Emit, LogitsProcessor, RequestRejected, Sequence, error_chunk
 from cortex.worker.stops import StopMatcher
+from cortex.worker.tools import ToolCallParser, offered_tools
 
 log = logging.getLogger("cortex.worker")
 T = TypeVar("T")
@@ -243,11 +244,12 @@ class Engine:
         loaded = state.loaded
         if request.deadline and time.time() > request.deadline:
             raise RequestRejected(m.ERROR_DEADLINE, "the request's deadline passed before it was started")
+        tools = offered_tools(request.tools, request.tool_choice)
         try:
             if request.prompt is not None:
                 prompt_ids = loaded.tokenize(request.prompt)
             else:
-                prompt_ids = loaded.render_prompt(request.messages)
+                prompt_ids = loaded.render_prompt(request.messages, tools)
         except PromptError as exc:
             raise RequestRejected(m.ERROR_INVALID_REQUEST, str(exc)) from exc
         if request.count_only:
@@ -268,11 +270,10 @@ class Engine:
         sampling = request.sampling
         greedy = is_greedy(sampling.temperature)
         builtin = []
-        if request.response_format is not None:
-            try:
-                builtin.append(json_processor(loaded, request.response_format))
-            except GrammarError as exc:
-                raise RequestRejected(m.ERROR_INVALID_REQUEST, str(exc)) from exc
+        try:
+            builtin += request_constraints(loaded, request)
+        except GrammarError as exc:
+            raise RequestRejected(m.ERROR_INVALID_REQUEST, str(exc)) from exc
         if sampling.presence_penalty or sampling.frequency_penalty:
             vocab = int(loaded.model.config.vocab_size)
             builtin.append(penalties(sampling.presence_penalty, sampling.frequency_penalty, vocab, loaded.device))
@@ -285,6 +286,7 @@ class Engine:
             max_new_tokens=wanted if wanted is not None else room,
             detok=IncrementalDetokenizer(loaded.tokenizer, prompt_ids),
             stops=StopMatcher(list(sampling.stop)),
+            tool_parser=ToolCallParser(loaded.tool_syntax) if tools else None,
             generator=None if greedy else make_generator(loaded.device, sampling.seed),
             worker_id=self.worker_id,
         )

@@ -11,8 +11,9 @@ from typing import Any
 
 import torch
 
-from cortex.protocol import Message
+from cortex.protocol import Message, Tool
 from cortex.worker.catalogue import ModelSpec
+from cortex.worker.tools import HERMES, ToolSyntax, chat_turns, detect_syntax
 
 log = logging.getLogger("cortex.worker")
 
@@ -43,22 +44,24 @@ class LoadedModel:
     load_seconds: float = 0.0
     cache_arg: str = "past_key_values"
     """Name of forward()'s KV-cache argument (transformers renamed it to ``cache``)."""
+    tool_syntax: ToolSyntax = HERMES
     extra: dict[str, Any] = field(default_factory=dict)
 
     def tokenize(self, text: str) -> list[int]:
         """Raw text (no chat template), with the special tokens the tokenizer adds by itself."""
         return list(self.tokenizer(text)["input_ids"])
 
-    def render_prompt(self, messages: list[Message]) -> list[int]:
-        """Token ids of the conversation through the model's own chat template."""
-        turns = [{"role": m.role, "content": m.content} for m in messages]
+    def render_prompt(self, messages: list[Message], tools: list[Tool] | None = None) -> list[int]:
+        """Token ids of the conversation, and the tools offered, through the model's own chat template."""
+        turns, template_tools = chat_turns(messages, tools or [], self.tokenizer.chat_template, self.tool_syntax)
         # A conversation ending with an assistant turn is a prefill: the answer continues it
         # (Anthropic's semantics) instead of closing it and starting a new turn.
-        prefill = bool(turns) and turns[-1]["role"] == "assistant"
+        prefill = bool(messages) and messages[-1].role == "assistant" and not messages[-1].tool_calls
         try:
             text = self.tokenizer.apply_chat_template(
-                turns, add_generation_prompt=not prefill, continue_final_message=prefill, tokenize=False
-            )
+                turns, tools=template_tools, add_generation_prompt=not prefill, continue_final_message=prefill,
+                tokenize=False,
+            )  # fmt: skip
         except Exception as exc:  # jinja raises TemplateError for conversations the template rejects
             raise PromptError(f"the chat template of {self.spec.id} rejected the messages: {exc}") from exc
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -110,6 +113,7 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
         context_length=context_length,
         eos_ids=_eos_ids(model, tokenizer),
         load_seconds=time.monotonic() - started,
+        tool_syntax=detect_syntax(tokenizer.chat_template, spec.tool_format),
         cache_arg="cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values",
     )
     log.info("loaded %s on %s in %.1fs (context %d)", spec.id, device, loaded.load_seconds, context_length)

@@ -7,11 +7,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cortex.protocol import Chunk, ChunkError, GenerateRequest, Usage
+from cortex.protocol import Chunk, ChunkError, GenerateRequest, ToolCallDelta, Usage
 from cortex.protocol import messages as m
 from cortex.worker.detokenize import IncrementalDetokenizer
 from cortex.worker.loader import LoadedModel
 from cortex.worker.stops import StopMatcher
+from cortex.worker.tools import ToolCallParser
 
 Emit = Callable[[Chunk], None]
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
@@ -49,6 +50,8 @@ class Sequence:
     generator: torch.Generator | None
     worker_id: str
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
+    tool_parser: ToolCallParser | None = None
+    """Set when tools are offered: takes tool calls out of the text."""
     generated_ids: list[int] = field(default_factory=list)
     cached_tokens: int = 0
     """Prompt tokens whose KV came from the prefix cache."""
@@ -76,7 +79,13 @@ class Sequence:
         return self.generated_ids[-1]
 
     def send(
-        self, text: str = "", *, finish: str | None = None, error: ChunkError | None = None, stop: str | None = None
+        self,
+        text: str = "",
+        *,
+        finish: str | None = None,
+        error: ChunkError | None = None,
+        stop: str | None = None,
+        calls: list[ToolCallDelta] | None = None,
     ) -> None:
         usage = None
         if finish is not None:
@@ -95,6 +104,7 @@ class Sequence:
             worker_id=self.worker_id if self.seq_no == 0 else "",
             error=error,
             stop_sequence=stop,
+            tool_calls=calls or [],
         )
         self.seq_no += 1
         self.unsent_tokens = 0
@@ -108,31 +118,62 @@ class Sequence:
         self.done = True
         self.send(text, finish=finish or m.FINISH_ERROR, error=error, stop=stop)
 
+    def _end(self, text: str, finish: str, stop: str | None = None, calls: list[ToolCallDelta] | None = None) -> None:
+        """Finish normally, with the last text (raw, or already split into `calls`) and what the parser holds."""
+        if self.done:
+            return
+        if calls is None:
+            text, calls = self._split(text, final=True)
+        elif self.tool_parser is not None:
+            tail, more = self.tool_parser.finish()
+            text, calls = text + tail, calls + more
+        parser = self.tool_parser
+        if parser is not None and parser.calls and finish == m.FINISH_STOP:
+            finish, stop = m.FINISH_TOOL_CALLS, None
+        self.done = True
+        self.send(text, finish=finish, stop=stop, calls=calls)
+
+    def _split(self, text: str, *, final: bool = False) -> tuple[str, list[ToolCallDelta]]:
+        """Text and tool-call pieces; the text is unchanged when no tools are offered."""
+        if self.tool_parser is None:
+            return text, []
+        text, calls = self.tool_parser.push(text)
+        if final:
+            tail, more = self.tool_parser.finish()
+            text, calls = text + tail, calls + more
+        return text, calls
+
     def accept(self, token: int, now: float) -> None:
         """Take one sampled token: emit its text, or finish (end token, stop string, limit, deadline)."""
         self.generated_ids.append(token)
         self.unsent_tokens += 1
         if token in self.loaded.eos_ids and not self.request.sampling.ignore_eos:
             text, _ = self.stops.push(self.detok.flush())
-            self.finish(text=text + self.stops.flush(), finish=m.FINISH_STOP)
+            self._end(text + self.stops.flush(), m.FINISH_STOP)
             return
         text, hit = self.stops.push(self.detok.push(token))
         if hit is not None:
-            self.finish(text=text, finish=m.FINISH_STOP, stop=hit)
+            self._end(text, m.FINISH_STOP, stop=hit)
             return
         if len(self.generated_ids) >= self.max_new_tokens:
             tail, hit = self.stops.push(self.detok.flush())
             text += tail if hit is not None else tail + self.stops.flush()
-            self.finish(text=text, finish=m.FINISH_STOP if hit else m.FINISH_LENGTH, stop=hit)
+            self._end(text, m.FINISH_STOP if hit else m.FINISH_LENGTH, stop=hit)
             return
         if self.request.deadline and now > self.request.deadline:
-            self.send(text)
+            text, calls = self._split(text)
+            self.send(text, calls=calls)
             self.finish(error=ChunkError(code=m.ERROR_DEADLINE, message="deadline passed during generation"))
+            return
+        text, calls = self._split(text)
+        parser = self.tool_parser
+        if parser is not None and parser.completed and not self.request.parallel_tool_calls:
+            self._end(text, m.FINISH_STOP, calls=calls)  # one call was asked for, and it is complete
             return
         # The first token always goes out at once (time to first token); later
         # ones only when they complete some text.
-        if text or self.seq_no == 0:
-            self.send(text)
+        if text or calls or self.seq_no == 0:
+            self.send(text, calls=calls)
 
     def processed(self, logits: torch.Tensor) -> torch.Tensor:
         for processor in self.logits_processors:

@@ -1,0 +1,398 @@
+"""Tool calling in the worker: tools into the prompt, tool calls out of the model's text.
+
+Models write tool calls in one of a few conventions (`ToolSyntax`): Hermes/Qwen
+wrap a ``{"name", "arguments"}`` object in ``<tool_call>`` tags; Llama 3 answers
+with a bare ``{"name", "parameters"}`` object. A chat template that knows about
+tools renders them itself; for one that does not (the default model's), the
+tools are described in a system message in the Hermes convention, which small
+instruct models have mostly seen.
+
+`ToolCallParser` turns the generated text into plain text plus canonical
+`ToolCallDelta` pieces as it streams, so no markup ever reaches a client.
+`tool_grammar` builds the llguidance grammar that keeps calls well-formed: a
+whole-answer grammar when a call is required, a lazily triggered one (free text
+until the model opens a call) under ``auto``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from cortex.protocol import Message, Tool, ToolCall, ToolCallDelta, ToolChoice
+from cortex.protocol import messages as m
+
+
+@dataclass(frozen=True)
+class ToolSyntax:
+    name: str
+    open: str
+    """The tag that starts a call; empty when the whole answer is the call (Llama 3)."""
+    close: str
+    arguments_key: str
+
+
+HERMES = ToolSyntax("hermes", "<tool_call>", "</tool_call>", "arguments")
+LLAMA3 = ToolSyntax("llama3", "", "", "parameters")
+SYNTAXES = {s.name: s for s in (HERMES, LLAMA3)}
+
+
+def detect_syntax(template: str, configured: str = "") -> ToolSyntax:
+    """The catalogue's ``tool_format`` if set, else what the chat template shows, else Hermes."""
+    if configured:
+        return SYNTAXES[configured]
+    if "<tool_call>" in template:
+        return HERMES
+    if "<|python_tag|>" in template or "ipython" in template:
+        return LLAMA3
+    return HERMES
+
+
+@dataclass(frozen=True)
+class TemplateFeatures:
+    """What a chat template renders by itself (a template that never mentions a field ignores it)."""
+
+    tools: bool
+    tool_calls: bool
+    tool_role: bool
+
+    @classmethod
+    def of(cls, template: str) -> TemplateFeatures:
+        return cls(
+            tools="tools" in template,
+            tool_calls="tool_calls" in template,
+            tool_role="'tool'" in template or '"tool"' in template,
+        )
+
+
+def new_call_id() -> str:
+    return "call_" + uuid.uuid4().hex[:24]
+
+
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text) if text else {}
+    except ValueError:
+        return text  # kept as the model (or client) wrote it
+
+
+def _schema(tool: Tool) -> Any:
+    return json.loads(tool.parameters) if tool.parameters else {"type": "object"}
+
+
+def render_call(syntax: ToolSyntax, call: ToolCall) -> str:
+    body = json.dumps({"name": call.name, syntax.arguments_key: _arguments(call.arguments)}, ensure_ascii=False)
+    return f"{syntax.open}\n{body}\n{syntax.close}" if syntax.open else body
+
+
+def tools_system_prompt(syntax: ToolSyntax, tools: list[Tool]) -> str:
+    """Instructions for a model whose chat template cannot render tools."""
+    listing = "\n".join(
+        json.dumps({"name": t.name, "description": t.description, "parameters": _schema(t)}, ensure_ascii=False)
+        for t in tools
+    )
+    example = render_call(syntax, ToolCall(id="", name="<function-name>", arguments='{"<argument>": "<value>"}'))
+    return (
+        "You can call functions to help answer. The available functions, one JSON description per line:\n"
+        f"<tools>\n{listing}\n</tools>\n"
+        f"To call a function, answer with exactly this form, one per call:\n{example}\n"
+        "A function's result comes back in a <tool_response> turn."
+    )
+
+
+def chat_turns(
+    messages: list[Message], tools: list[Tool], template: str, syntax: ToolSyntax
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """Canonical messages as chat-template turns, and the ``tools`` argument for the template (or None).
+
+    Whatever the template cannot render by itself (tools, earlier calls, tool
+    results) is written into the turns' text in the model's own tool syntax.
+    """
+    features = TemplateFeatures.of(template)
+    names = {call.id: call.name for msg in messages for call in msg.tool_calls}
+    turns: list[dict[str, Any]] = []
+    for msg in messages:
+        if msg.role == "tool":
+            result = f"Error: {msg.content}" if msg.is_error else msg.content
+            if features.tool_role:
+                turn = {"role": "tool", "content": result, "tool_call_id": msg.tool_call_id}
+                turns.append(turn | {"name": names.get(msg.tool_call_id or "", "")})
+            else:
+                wrapped = f"<tool_response>\n{result}\n</tool_response>"
+                if turns and turns[-1].get("tool_results"):
+                    turns[-1]["content"] += "\n" + wrapped
+                else:
+                    turns.append({"role": "user", "content": wrapped, "tool_results": True})
+            continue
+        turn: dict[str, Any] = {"role": msg.role, "content": msg.content}
+        if msg.tool_calls:
+            if features.tool_calls:
+                turn["tool_calls"] = [
+                    {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": _arguments(c.arguments)}}
+                    for c in msg.tool_calls
+                ]
+            else:
+                calls = "\n".join(render_call(syntax, c) for c in msg.tool_calls)
+                turn["content"] = f"{msg.content}\n{calls}" if msg.content else calls
+        turns.append(turn)
+    for turn in turns:
+        turn.pop("tool_results", None)
+    if not tools:
+        return turns, None
+    if features.tools:
+        return turns, [
+            {"type": "function", "function": {"name": t.name, "description": t.description, "parameters": _schema(t)}}
+            for t in tools
+        ]
+    instructions = tools_system_prompt(syntax, tools)
+    if turns and turns[0]["role"] == "system":
+        turns[0] = turns[0] | {"content": f"{turns[0]['content']}\n\n{instructions}"}
+    else:
+        turns.insert(0, {"role": "system", "content": instructions})
+    return turns, None
+
+
+def offered_tools(tools: list[Tool], choice: ToolChoice) -> list[Tool]:
+    """The tools the model may call under `choice` (none under ``none``)."""
+    if choice.mode == m.TOOL_CHOICE_NONE:
+        return []
+    if choice.mode == m.TOOL_CHOICE_FUNCTION:
+        return [t for t in tools if t.name == choice.name]
+    return list(tools)
+
+
+def tool_grammar(tools: list[Tool], choice: ToolChoice, parallel: bool, syntax: ToolSyntax) -> str | None:
+    """A Lark grammar (llguidance dialect) for the answer, or None when it stays unconstrained."""
+    callable_tools = offered_tools(tools, choice)
+    if not callable_tools:
+        return None
+    schema = json.dumps(
+        {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "properties": {"name": {"const": t.name}, syntax.arguments_key: _schema(t)},
+                    "required": ["name", syntax.arguments_key],
+                    "additionalProperties": False,
+                }
+                for t in callable_tools
+            ],
+            # One line, single spaces: unbounded whitespace is where small models loop forever.
+            "x-guidance": {"whitespace_pattern": "[ ]?"},
+        }
+    )
+    if not syntax.open:
+        # A bare-JSON syntax can only be enforced for the whole answer (one call).
+        return None if choice.mode == m.TOOL_CHOICE_AUTO else f"start: %json {schema}"
+    opening, closing = json.dumps(syntax.open), json.dumps("\n" + syntax.close)
+    if choice.mode == m.TOOL_CHOICE_AUTO:
+        repeat = "*" if parallel else "?"
+        return (
+            "%llguidance {}\n"
+            f"start: call{repeat} tail\n"
+            "tail: TEXT\n"
+            "TEXT: /(.|\\n)*/\n"
+            f"trigger[lazy]: TEXT {opening}\n"
+            f'call: trigger "\\n" %json {schema} {closing}\n'
+        )
+    more = ' ("\\n" call)*' if parallel else ""
+    return f"start: call{more}\ncall: {json.dumps(syntax.open + chr(10))} %json {schema} {closing}\n"
+
+
+_HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
+
+
+@dataclass
+class _ValueScanner:
+    """Finds where one JSON object or array ends, a character at a time."""
+
+    depth: int = 0
+    in_string: bool = False
+    escaped: bool = False
+    started: bool = False
+
+    def feed(self, text: str) -> int:
+        """How many characters of `text` belong to the value; len(text) if it has not ended yet."""
+        for i, ch in enumerate(text):
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif ch == "\\":
+                    self.escaped = True
+                elif ch == '"':
+                    self.in_string = False
+            elif ch == '"':
+                self.in_string = True
+            elif ch in "{[":
+                self.depth += 1
+                self.started = True
+            elif ch in "}]":
+                self.depth -= 1
+                if self.depth == 0 and self.started:
+                    return i + 1
+        return len(text)
+
+    @property
+    def complete(self) -> bool:
+        return self.started and self.depth == 0
+
+
+@dataclass
+class _Call:
+    index: int
+    body: str = ""
+    """The call's text since the opening tag."""
+    streaming: bool = False
+    """Header sent: arguments go out as they come."""
+    sent: int = 0
+    """How much of `body` has gone out as arguments."""
+    scanner: _ValueScanner = field(default_factory=_ValueScanner)
+
+
+@dataclass
+class ToolCallParser:
+    """Splits a streamed answer into text and tool calls, holding back what may be markup."""
+
+    syntax: ToolSyntax
+    calls: int = 0
+    """Calls started so far."""
+    completed: int = 0
+    """Calls whose arguments are complete."""
+    _pending: str = ""
+    _held: str = ""
+    """Whitespace after a call, sent only if more text follows."""
+    _call: _Call | None = None
+    _seen_text: bool = False
+
+    def push(self, text: str) -> tuple[str, list[ToolCallDelta]]:
+        self._pending += text
+        return self._advance(final=False)
+
+    def finish(self) -> tuple[str, list[ToolCallDelta]]:
+        """Everything still held back, at the end of the answer."""
+        return self._advance(final=True)
+
+    def _advance(self, *, final: bool) -> tuple[str, list[ToolCallDelta]]:
+        out: list[str] = []
+        deltas: list[ToolCallDelta] = []
+        while True:
+            if self._call is None and not self._scan_text(out, final):
+                break
+            if self._call is not None and not self._scan_call(out, deltas, final):
+                break
+        return "".join(out), deltas
+
+    def _scan_text(self, out: list[str], final: bool) -> bool:
+        """Move plain text to `out`; True once a call has opened."""
+        syntax, pending = self.syntax, self._pending
+        if not syntax.open:
+            # Llama 3: a call is the whole answer, so only an answer that opens with `{` may be one.
+            stripped = pending.lstrip()
+            if self._seen_text or (stripped and not stripped.startswith("{")):
+                self._seen_text = True
+                out.append(pending)
+                self._pending = ""
+                return False
+            if stripped:
+                self._open_call(stripped)
+                return True
+            if final:
+                out.append(pending)
+                self._pending = ""
+            return False
+        at = pending.find(syntax.open)
+        if at >= 0:
+            self._emit_text(out, pending[:at])
+            self._open_call(pending[at + len(syntax.open) :])
+            return True
+        keep = 0 if final else _partial_suffix(pending, syntax.open)
+        self._emit_text(out, pending[: len(pending) - keep], final=final)
+        self._pending = pending[len(pending) - keep :]
+        return False
+
+    def _emit_text(self, out: list[str], text: str, *, final: bool = False) -> None:
+        # Whitespace around calls is layout, not an answer.
+        if self.calls and not text.strip():
+            if not final:
+                self._held += text
+            return
+        out.append(self._held + text)
+        self._held = ""
+
+    def _open_call(self, rest: str) -> None:
+        self._call = _Call(index=self.calls)
+        self.calls += 1
+        self._pending = rest
+        self._held = ""
+
+    def _scan_call(self, out: list[str], deltas: list[ToolCallDelta], final: bool) -> bool:
+        """Follow the open call; True once it has closed and text scanning may go on."""
+        call, syntax = self._call, self.syntax
+        assert call is not None
+        call.body += self._pending
+        self._pending = ""
+        end = call.body.find(syntax.close) if syntax.close else -1
+        body = call.body if end < 0 else call.body[:end]
+        if not call.streaming:
+            header = _HEADER.match(body)
+            if header is not None and body[header.end() : header.end() + 1] in ("{", "["):
+                name = json.loads(f'"{header.group(1)}"')
+                deltas.append(ToolCallDelta(index=call.index, id=new_call_id(), name=name))
+                call.streaming, call.sent = True, header.end()
+        if call.streaming and not call.scanner.complete:
+            fresh = body[call.sent :]
+            taken = call.scanner.feed(fresh)
+            if taken:
+                deltas.append(ToolCallDelta(index=call.index, arguments=fresh[:taken]))
+                call.sent += taken
+            if call.scanner.complete:
+                self.completed += 1
+        if end < 0 and not final:
+            return False
+        if not call.streaming:
+            self._finish_whole(body, out, deltas, closed=end >= 0)
+        self._call = None
+        if end >= 0:
+            self._pending = call.body[end + len(syntax.close) :]
+        return end >= 0
+
+    def _finish_whole(self, body: str, out: list[str], deltas: list[ToolCallDelta], *, closed: bool) -> None:
+        """A call whose header did not stream (an unusual key order, a list of calls): parse it now."""
+        parsed = _parse_calls(body, self.syntax)
+        if parsed is None:
+            self.calls -= 1  # not a call after all: give the text back
+            out.append(self.syntax.open + body + (self.syntax.close if closed else ""))
+            return
+        self.calls -= 1
+        for name, arguments in parsed:
+            index = self.calls
+            self.calls += 1
+            self.completed += 1
+            deltas.append(ToolCallDelta(index=index, id=new_call_id(), name=name, arguments=arguments))
+
+
+def _parse_calls(body: str, syntax: ToolSyntax) -> list[tuple[str, str]] | None:
+    text = body.strip().removeprefix("<|python_tag|>")
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    items = value if isinstance(value, list) else [value]
+    calls = []
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            return None
+        arguments = item.get("arguments", item.get("parameters", {}))
+        calls.append((item["name"], arguments if isinstance(arguments, str) else json.dumps(arguments)))
+    return calls or None
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest end of `text` that begins `tag`."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
