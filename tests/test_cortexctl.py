@@ -193,6 +193,34 @@ def test_default_model_json_schema_validates_20_of_20(up_stack: UpStack) -> None
 
 
 @pytest.mark.default_model
+def test_default_model_calls_a_tool_in_every_dialect(up_stack: UpStack) -> None:
+    weather = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}}, "required": ["city"],
+               "additionalProperties": False}  # fmt: skip
+    question = [{"role": "user", "content": "What's the weather like in Paris right now?"}]
+    oai = openai.OpenAI(base_url=up_stack.base_url, api_key="any", max_retries=0, timeout=120,
+                        _strict_response_validation=True)  # fmt: skip
+    tool = {"name": "get_weather", "description": "Current weather in a city", "parameters": weather}
+    tools = [{"type": "function", "function": tool}]
+    reply = oai.chat.completions.create(model=DEFAULT_MODEL, messages=question, tools=tools,  # type: ignore[arg-type]
+                                        tool_choice="required", temperature=0, max_tokens=100)  # fmt: skip
+    assert reply.choices[0].finish_reason == "tool_calls"
+    (call,) = reply.choices[0].message.tool_calls or []
+    assert call.function.name == "get_weather" and "Paris" in json.loads(call.function.arguments)["city"]
+    response = oai.responses.create(model=DEFAULT_MODEL, input=question, tools=[{"type": "function", **tool}],  # type: ignore[arg-type,list-item]
+                                    tool_choice="required", temperature=0, max_output_tokens=100)  # fmt: skip
+    assert [(item.type, getattr(item, "name", "")) for item in response.output] == [("function_call", "get_weather")]
+    claude = anthropic.Anthropic(base_url=up_stack.base_url.removesuffix("/v1"), api_key="any", max_retries=0,
+                                 timeout=120, _strict_response_validation=True)  # fmt: skip
+    message = claude.messages.create(
+        model=DEFAULT_MODEL, max_tokens=100, messages=question, tool_choice={"type": "any"},  # type: ignore[arg-type]
+        tools=[{"name": "get_weather", "description": tool["description"], "input_schema": weather}],  # type: ignore[list-item]
+        extra_body={"temperature": 0.0},
+    )  # fmt: skip
+    assert message.stop_reason == "tool_use"
+    assert [(b.type, getattr(b, "name", "")) for b in message.content] == [("tool_use", "get_weather")]
+
+
+@pytest.mark.default_model
 def test_up_serves_metrics(up_stack: UpStack) -> None:
     client = openai.OpenAI(base_url=up_stack.base_url, api_key="any", max_retries=0, timeout=120)
     client.chat.completions.create(model=DEFAULT_MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2)

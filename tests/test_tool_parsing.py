@@ -156,3 +156,32 @@ def test_render_prompt_through_a_real_tokenizer(tiny_model_dir: Path) -> None:
     assert text.startswith("<|im_start|>system\n# Tools\n<tools>")
     assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>' in text
     assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_a_repeated_call_ends_the_answer_and_is_dropped() -> None:
+    call = '<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>\n'
+    other = '<tool_call>\n{"name": "f", "arguments": {"a": 2}}\n</tool_call>\n'
+    parser = ToolCallParser(HERMES)
+    _, first = parser.push(call + other)
+    assert [d.index for d in first if d.id] == [0, 1]
+    _, again = parser.push(call.replace('"a": 1', '"a":1'))  # the same call, written differently
+    assert again == [] and parser.repeated
+    assert parser.push("more text") == ("", [])
+    assert parser.calls == 2 and parser.completed == 2
+
+
+def test_calls_cut_off_by_the_token_limit() -> None:
+    parser = ToolCallParser(HERMES)
+    parser.push('<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>\n<tool_call>\n{"name": "g", "argu')
+    assert parser.finish(truncated=True) == ("", [])  # nothing of the second call went out, nothing will
+    assert parser.calls == 1
+    parser = ToolCallParser(HERMES)
+    _, deltas = parser.push('<tool_call>\n{"name": "f", "arguments": {"a": ')
+    assert parser.finish(truncated=True) == ("", [])
+    assert deltas[0].name == "f" and parser.calls == 1 and parser.completed == 0  # the finish reason says: cut
+    parser = ToolCallParser(HERMES)
+    parser.push('<tool_call>\n{"na')
+    assert parser.finish(truncated=True) == ("", []) and parser.calls == 0
+    parser = ToolCallParser(HERMES)
+    parser.push('<tool_call>\n{"na')
+    assert parser.finish() == ('<tool_call>\n{"na', [])  # the model stopped there: it was text

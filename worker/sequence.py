@@ -123,9 +123,9 @@ class Sequence:
         if self.done:
             return
         if calls is None:
-            text, calls = self._split(text, final=True)
-        elif self.tool_parser is not None:
-            tail, more = self.tool_parser.finish()
+            text, calls = self._split(text)
+        if self.tool_parser is not None:
+            tail, more = self.tool_parser.finish(truncated=finish == m.FINISH_LENGTH)
             text, calls = text + tail, calls + more
         parser = self.tool_parser
         if parser is not None and parser.calls and finish == m.FINISH_STOP:
@@ -133,15 +133,11 @@ class Sequence:
         self.done = True
         self.send(text, finish=finish, stop=stop, calls=calls)
 
-    def _split(self, text: str, *, final: bool = False) -> tuple[str, list[ToolCallDelta]]:
+    def _split(self, text: str) -> tuple[str, list[ToolCallDelta]]:
         """Text and tool-call pieces; the text is unchanged when no tools are offered."""
         if self.tool_parser is None:
             return text, []
-        text, calls = self.tool_parser.push(text)
-        if final:
-            tail, more = self.tool_parser.finish()
-            text, calls = text + tail, calls + more
-        return text, calls
+        return self.tool_parser.push(text)
 
     def accept(self, token: int, now: float) -> None:
         """Take one sampled token: emit its text, or finish (end token, stop string, limit, deadline)."""
@@ -167,8 +163,9 @@ class Sequence:
             return
         text, calls = self._split(text)
         parser = self.tool_parser
-        if parser is not None and parser.completed and not self.request.parallel_tool_calls:
-            self._end(text, m.FINISH_STOP, calls=calls)  # one call was asked for, and it is complete
+        if parser is not None and (parser.repeated or (parser.completed and not self.request.parallel_tool_calls)):
+            # One call was asked for and it is complete, or the model started over: the answer is done.
+            self._end(text, m.FINISH_STOP, calls=calls)
             return
         # The first token always goes out at once (time to first token); later
         # ones only when they complete some text.

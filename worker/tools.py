@@ -250,6 +250,11 @@ class _Call:
     sent: int = 0
     """How much of `body` has gone out as arguments."""
     scanner: _ValueScanner = field(default_factory=_ValueScanner)
+    held: list[ToolCallDelta] | None = None
+    """Pieces kept until the call is complete (every call after the first), else None."""
+    name: str = ""
+    start: int = 0
+    """Where the arguments begin in `body`."""
 
 
 @dataclass
@@ -261,24 +266,36 @@ class ToolCallParser:
     """Calls started so far."""
     completed: int = 0
     """Calls whose arguments are complete."""
+    repeated: bool = False
+    """The model repeated a call it had already made: a loop, so the answer should end here."""
     _pending: str = ""
     _held: str = ""
     """Whitespace after a call, sent only if more text follows."""
     _call: _Call | None = None
     _seen_text: bool = False
+    _made: set[tuple[str, str]] = field(default_factory=set)
+    _truncated: bool = False
 
     def push(self, text: str) -> tuple[str, list[ToolCallDelta]]:
+        if self.repeated:
+            return "", []
         self._pending += text
         return self._advance(final=False)
 
-    def finish(self) -> tuple[str, list[ToolCallDelta]]:
-        """Everything still held back, at the end of the answer."""
+    def finish(self, *, truncated: bool = False) -> tuple[str, list[ToolCallDelta]]:
+        """Everything still held back, at the end of the answer.
+
+        A call cut off by the token limit before its name was known is dropped
+        (the finish reason says the answer was cut); other markup that never
+        became a call goes out as the text it was.
+        """
+        self._truncated = truncated
         return self._advance(final=True)
 
     def _advance(self, *, final: bool) -> tuple[str, list[ToolCallDelta]]:
         out: list[str] = []
         deltas: list[ToolCallDelta] = []
-        while True:
+        while not self.repeated:
             if self._call is None and not self._scan_text(out, final):
                 break
             if self._call is not None and not self._scan_call(out, deltas, final):
@@ -323,7 +340,8 @@ class ToolCallParser:
         self._held = ""
 
     def _open_call(self, rest: str) -> None:
-        self._call = _Call(index=self.calls)
+        # The first call streams as it comes; later ones wait until complete, so a repeat can be dropped.
+        self._call = _Call(index=self.calls, held=[] if self.calls else None)
         self.calls += 1
         self._pending = rest
         self._held = ""
@@ -336,24 +354,31 @@ class ToolCallParser:
         self._pending = ""
         end = call.body.find(syntax.close) if syntax.close else -1
         body = call.body if end < 0 else call.body[:end]
+        target = deltas if call.held is None else call.held
         if not call.streaming:
             header = _HEADER.match(body)
             if header is not None and body[header.end() : header.end() + 1] in ("{", "["):
-                name = json.loads(f'"{header.group(1)}"')
-                deltas.append(ToolCallDelta(index=call.index, id=new_call_id(), name=name))
+                call.name = json.loads(f'"{header.group(1)}"')
+                target.append(ToolCallDelta(index=call.index, id=new_call_id(), name=call.name))
                 call.streaming, call.sent = True, header.end()
+                call.start = call.sent
         if call.streaming and not call.scanner.complete:
             fresh = body[call.sent :]
             taken = call.scanner.feed(fresh)
             if taken:
-                deltas.append(ToolCallDelta(index=call.index, arguments=fresh[:taken]))
+                target.append(ToolCallDelta(index=call.index, arguments=fresh[:taken]))
                 call.sent += taken
             if call.scanner.complete:
-                self.completed += 1
+                self._complete(call.name, body[call.start : call.sent], call.held, deltas)
         if end < 0 and not final:
             return False
         if not call.streaming:
-            self._finish_whole(body, out, deltas, closed=end >= 0)
+            if end < 0 and self._truncated:
+                self.calls -= 1
+            else:
+                self._finish_whole(body, out, deltas, closed=end >= 0)
+        elif call.held is not None and not call.scanner.complete:
+            self.calls -= 1  # a later call cut off mid-way: nothing of it went out
         self._call = None
         if end >= 0:
             self._pending = call.body[end + len(syntax.close) :]
@@ -368,10 +393,28 @@ class ToolCallParser:
             return
         self.calls -= 1
         for name, arguments in parsed:
-            index = self.calls
+            if self.repeated:
+                break
             self.calls += 1
-            self.completed += 1
-            deltas.append(ToolCallDelta(index=index, id=new_call_id(), name=name, arguments=arguments))
+            self._complete(name, arguments, [ToolCallDelta(index=self.calls - 1, id=new_call_id(), name=name,
+                                                           arguments=arguments)], deltas)  # fmt: skip
+
+    def _complete(
+        self, name: str, arguments: str, held: list[ToolCallDelta] | None, deltas: list[ToolCallDelta]
+    ) -> None:
+        """A call is whole: send what was held of it, unless it repeats an earlier call."""
+        try:
+            key = (name, json.dumps(json.loads(arguments), sort_keys=True))
+        except ValueError:
+            key = (name, arguments)
+        if key in self._made:
+            self.repeated = True
+            self.calls -= 1
+            return
+        self._made.add(key)
+        self.completed += 1
+        if held is not None:
+            deltas.extend(held)
 
 
 def _parse_calls(body: str, syntax: ToolSyntax) -> list[tuple[str, str]] | None:
