@@ -18,7 +18,7 @@ from cortex.gateway.errors import ApiError, InvalidRequest
 from cortex.gateway.exchange import Answer, Plan
 from cortex.gateway.formats import response_format
 from cortex.gateway.tools import arguments_json, check_choice, check_tools, make_tool
-from cortex.protocol import Chunk, Message, Sampling, Tool, ToolCall, ToolCallDelta, ToolChoice, Usage
+from cortex.protocol import Chunk, Message, Sampling, TokenLogprob, Tool, ToolCall, ToolCallDelta, ToolChoice, Usage
 from cortex.protocol.messages import (
     FINISH_LENGTH,
     FINISH_TOOL_CALLS,
@@ -321,7 +321,7 @@ class MessageFormatter:
     def _delta(self, delta: dict[str, Any]) -> bytes:
         return _event("content_block_delta", {"type": "content_block_delta", "index": self._blocks, "delta": delta})
 
-    def stream_text(self, text: str) -> bytes:
+    def stream_text(self, text: str, logprobs: list[TokenLogprob]) -> bytes:
         out = b"" if self._open == "text" else self._start_block({"type": "text", "text": ""})
         return out + self._delta({"type": "text_delta", "text": text})
 

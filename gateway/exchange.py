@@ -29,6 +29,7 @@ from cortex.protocol import (
     Message,
     ResponseFormat,
     Sampling,
+    TokenLogprob,
     Tool,
     ToolCall,
     ToolCallDelta,
@@ -71,9 +72,11 @@ class Answer:
         self._parts: list[str] = []
         self._calls: dict[int, list[str]] = {}
         self._heads: dict[int, ToolCallDelta] = {}
+        self.logprobs: list[TokenLogprob] = []
 
     def add(self, chunk: Chunk) -> None:
         self._parts.append(chunk.text)
+        self.logprobs += chunk.logprobs
         for delta in chunk.tool_calls:
             if delta.index not in self._heads:
                 self._heads[delta.index] = delta
@@ -99,7 +102,7 @@ class Formatter(Protocol):
 
     def stream_start(self, first: Chunk) -> bytes: ...
 
-    def stream_text(self, text: str) -> bytes: ...
+    def stream_text(self, text: str, logprobs: list[TokenLogprob]) -> bytes: ...
 
     def stream_tool_calls(self, deltas: list[ToolCallDelta]) -> bytes: ...
 
@@ -244,8 +247,9 @@ async def _after_complete(fmt: Formatter, answer: Answer, last: Chunk) -> None:
         await hook(answer, last)
 
 
-def _piece(fmt: Formatter, chunk: Chunk) -> bytes:
-    out = fmt.stream_text(chunk.text) if chunk.text else b""
+def _piece(fmt: Formatter, chunk: Chunk, logprobs: list[TokenLogprob]) -> bytes:
+    """A chunk's text (with the log probabilities of the tokens so far) and tool-call pieces."""
+    out = fmt.stream_text(chunk.text, logprobs) if chunk.text or (chunk.final and logprobs) else b""
     return out + fmt.stream_tool_calls(chunk.tool_calls) if chunk.tool_calls else out
 
 
@@ -272,18 +276,23 @@ async def _events(
         chunk = first
         answer = Answer()
         pending = fmt.stream_start(first)  # sent with the first text, in one write
+        logprobs: list[TokenLogprob] = []  # tokens whose text is still held back go out with the next text
         while not chunk.final:
             answer.add(chunk)
+            logprobs += chunk.logprobs
             if chunk.text or chunk.tool_calls or pending:
-                yield pending + _piece(fmt, chunk)
+                yield pending + _piece(fmt, chunk, logprobs)
                 pending = b""
+                if chunk.text:
+                    logprobs = []
             chunk = await stream.next()
             raise_for_chunk(chunk)
             account(timer, chunk)
         answer.add(chunk)
+        logprobs += chunk.logprobs
         await _after_complete(fmt, answer, chunk)
         status, code = 200, None
-        yield pending + _piece(fmt, chunk) + fmt.stream_end(chunk)
+        yield pending + _piece(fmt, chunk, logprobs) + fmt.stream_end(chunk)
     except ApiError as exc:
         status, code = exc.status, exc.code or exc.type
         yield fmt.stream_error(exc)

@@ -11,9 +11,20 @@ from cortex.gateway.errors import ApiError, InvalidRequest
 from cortex.gateway.exchange import Answer, Plan
 from cortex.gateway.formats import response_format
 from cortex.gateway.openai_errors import decode_body, error_body, error_response
-from cortex.gateway.openai_params import check_sampling, to_sampling
+from cortex.gateway.openai_params import check_logprobs, check_sampling, logprob_objects, to_sampling
 from cortex.gateway.tools import check_choice, check_tools, make_tool
-from cortex.protocol import Chunk, Message, ResponseFormat, Sampling, Tool, ToolCall, ToolCallDelta, ToolChoice, Usage
+from cortex.protocol import (
+    Chunk,
+    Message,
+    ResponseFormat,
+    Sampling,
+    TokenLogprob,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoice,
+    Usage,
+)
 from cortex.protocol.messages import (
     FINISH_LENGTH,
     FINISH_TOOL_CALLS,
@@ -108,6 +119,8 @@ class ChatRequest(msgspec.Struct, kw_only=True):
     tools: list[ToolDef] | None = None
     tool_choice: str | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
 
 
 _decoder = msgspec.json.Decoder(ChatRequest)
@@ -140,6 +153,7 @@ def _validate(req: ChatRequest) -> None:
                         param=f"messages[{i}].content[{j}]",
                     )
     check_sampling(req)
+    check_logprobs(bool(req.logprobs), req.top_logprobs)
     for name in ("max_tokens", "max_completion_tokens"):
         value = getattr(req, name)
         if value is not None and value < 1:
@@ -203,7 +217,8 @@ def canonical_tools(req: ChatRequest) -> tuple[list[Tool], ToolChoice]:
 
 def sampling(req: ChatRequest) -> Sampling:
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    return to_sampling(req, max_tokens=max_tokens, stop=_stops(req))
+    return to_sampling(req, max_tokens=max_tokens, stop=_stops(req), logprobs=bool(req.logprobs),
+                       top_logprobs=req.top_logprobs or 0)  # fmt: skip
 
 
 def usage_object(usage: Usage | None) -> dict[str, object] | None:
@@ -221,8 +236,19 @@ def tool_call_object(call: ToolCall) -> dict[str, Any]:
     return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
+def choice_logprobs(entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    return None if entries is None else {"content": logprob_objects(entries), "refusal": None}
+
+
 def completion_body(
-    *, completion_id: str, model: str, created: int, answer: Answer, finish_reason: str, usage: Usage | None
+    *,
+    completion_id: str,
+    model: str,
+    created: int,
+    answer: Answer,
+    finish_reason: str,
+    usage: Usage | None,
+    logprobs: bool = False,
 ) -> bytes:
     calls = answer.tool_calls
     message: dict[str, Any] = {"role": "assistant", "content": answer.text or (None if calls else ""), "refusal": None}
@@ -237,7 +263,7 @@ def completion_body(
             {
                 "index": 0,
                 "message": message,
-                "logprobs": None,
+                "logprobs": choice_logprobs(answer.logprobs if logprobs else None),
                 "finish_reason": finish_reason,
             }
         ],
@@ -249,11 +275,14 @@ def completion_body(
 class ChunkFormatter:
     """Builds the ``chat.completion.chunk`` SSE events of one streamed answer."""
 
-    def __init__(self, *, completion_id: str, model: str, created: int, include_usage: bool) -> None:
+    def __init__(
+        self, *, completion_id: str, model: str, created: int, include_usage: bool, logprobs: bool = False
+    ) -> None:
         self.completion_id = completion_id
         self.model = model
         self.created = created
         self.include_usage = include_usage
+        self.logprobs = logprobs
         self._role_sent = False
 
     def _event(self, choices: list[dict[str, Any]], usage: Usage | None = None, *, final_usage: bool = False) -> bytes:
@@ -268,14 +297,15 @@ class ChunkFormatter:
             body["usage"] = usage_object(usage) if final_usage else None
         return b"data: " + _encoder.encode(body) + b"\n\n"
 
-    def delta(self, text: str, finish_reason: str | None = None) -> bytes:
+    def delta(self, text: str, finish_reason: str | None = None, logprobs: list[TokenLogprob] | None = None) -> bytes:
         delta: dict[str, Any] = {}
         if not self._role_sent:
             delta["role"] = "assistant"
             self._role_sent = True
         if text or finish_reason is None:
             delta["content"] = text
-        return self._event([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}])
+        entries = choice_logprobs(logprobs) if self.logprobs and logprobs else None
+        return self._event([{"index": 0, "delta": delta, "logprobs": entries, "finish_reason": finish_reason}])
 
     def tool_calls(self, deltas: list[ToolCallDelta]) -> bytes:
         """Each call's id, type and name in its first piece only: the SDK concatenates what repeats."""
@@ -308,26 +338,26 @@ def error_event(exc: ApiError) -> bytes:
 
 
 class ChatFormatter:
-    def __init__(self, *, request_id: str, model: str, created: int, include_usage: bool) -> None:
+    def __init__(self, *, request_id: str, model: str, created: int, include_usage: bool, logprobs: bool) -> None:
         self.request_id = request_id
         self.model = model
         self.created = created
-        self.chunks = ChunkFormatter(
-            completion_id=f"chatcmpl-{request_id}", model=model, created=created, include_usage=include_usage
-        )
+        self.logprobs = logprobs
+        self.chunks = ChunkFormatter(completion_id=f"chatcmpl-{request_id}", model=model, created=created,
+                                     include_usage=include_usage, logprobs=logprobs)  # fmt: skip
 
     def complete(self, answer: Answer, last: Chunk) -> Response:
         body = completion_body(
             completion_id=f"chatcmpl-{self.request_id}", model=self.model, created=self.created, answer=answer,
-            finish_reason=finish_reason(last), usage=last.usage,
+            finish_reason=finish_reason(last), usage=last.usage, logprobs=self.logprobs,
         )  # fmt: skip
         return Response(body, media_type="application/json")
 
     def stream_start(self, first: Chunk) -> bytes:
         return self.chunks.delta("")  # the role
 
-    def stream_text(self, text: str) -> bytes:
-        return self.chunks.delta(text)
+    def stream_text(self, text: str, logprobs: list[TokenLogprob]) -> bytes:
+        return self.chunks.delta(text, logprobs=logprobs)
 
     def stream_tool_calls(self, deltas: list[ToolCallDelta]) -> bytes:
         return self.chunks.tool_calls(deltas)
@@ -371,7 +401,8 @@ class OpenAIChat:
         )
 
     def formatter(self, plan: Plan, request_id: str, model: str, created: int) -> ChatFormatter:
-        return ChatFormatter(request_id=request_id, model=model, created=created, include_usage=plan.include_usage)
+        return ChatFormatter(request_id=request_id, model=model, created=created, include_usage=plan.include_usage,
+                             logprobs=plan.sampling.logprobs)  # fmt: skip
 
     def error_response(self, exc: ApiError) -> Response:
         return error_response(exc)

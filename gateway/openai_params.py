@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from cortex.gateway.errors import InvalidRequest
-from cortex.protocol import Sampling
+from cortex.protocol import Sampling, TokenLogprob
+
+MAX_TOP_LOGPROBS = 20
 
 
 def check_sampling(req: Any) -> None:
@@ -25,7 +27,29 @@ def check_sampling(req: Any) -> None:
             raise InvalidRequest(f"`{name}` must be between -2 and 2.", param=name)
 
 
-def to_sampling(req: Any, *, max_tokens: int | None, stop: list[str] | None = None) -> Sampling:
+def check_logprobs(logprobs: bool, top_logprobs: int | None) -> None:
+    if top_logprobs is not None and not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+        raise InvalidRequest(f"`top_logprobs` must be between 0 and {MAX_TOP_LOGPROBS}.", param="top_logprobs")
+    if top_logprobs and not logprobs:
+        raise InvalidRequest("`top_logprobs` needs `logprobs` set to true.", param="top_logprobs")
+
+
+def logprob_objects(entries: list[TokenLogprob]) -> list[dict[str, Any]]:
+    """OpenAI's per-token log probabilities (chat ``logprobs.content``, Responses ``output_text.logprobs``)."""
+    return [
+        {
+            "token": e.token,
+            "logprob": e.logprob,
+            "bytes": list(e.token.encode()),
+            "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.token.encode())} for t in e.top],
+        }
+        for e in entries
+    ]
+
+
+def to_sampling(
+    req: Any, *, max_tokens: int | None, stop: list[str] | None = None, logprobs: bool = False, top_logprobs: int = 0
+) -> Sampling:
     """The canonical sampling of a validated request; OpenAI's defaults for what it leaves out."""
     temperature, top_p = getattr(req, "temperature", None), getattr(req, "top_p", None)
     return Sampling(
@@ -36,4 +60,6 @@ def to_sampling(req: Any, *, max_tokens: int | None, stop: list[str] | None = No
         seed=getattr(req, "seed", None),
         presence_penalty=getattr(req, "presence_penalty", None) or 0.0,
         frequency_penalty=getattr(req, "frequency_penalty", None) or 0.0,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
     )

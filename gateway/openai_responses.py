@@ -21,10 +21,10 @@ from cortex.gateway.errors import ApiError, InvalidRequest, ModelNotFound, NoCap
 from cortex.gateway.exchange import Answer, Plan
 from cortex.gateway.formats import response_format
 from cortex.gateway.openai_errors import decode_body, error_body, error_response
-from cortex.gateway.openai_params import check_sampling, to_sampling
+from cortex.gateway.openai_params import check_logprobs, check_sampling, logprob_objects, to_sampling
 from cortex.gateway.services import Services
 from cortex.gateway.tools import check_choice, check_tools, make_tool
-from cortex.protocol import Chunk, Message, Tool, ToolCall, ToolCallDelta, ToolChoice, Usage
+from cortex.protocol import Chunk, Message, TokenLogprob, Tool, ToolCall, ToolCallDelta, ToolChoice, Usage
 from cortex.protocol.messages import (
     FINISH_LENGTH,
     TOOL_CHOICE_AUTO,
@@ -94,6 +94,11 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     tools: list[FunctionTool] | None = None
     tool_choice: str | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    top_logprobs: int | None = None
+    include: list[str] | None = None
+
+
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
 
 
 class Stored(msgspec.Struct, kw_only=True):
@@ -123,9 +128,14 @@ def parse(body: bytes) -> ResponsesRequest:
     if req.max_output_tokens is not None and req.max_output_tokens < 1:
         raise InvalidRequest("`max_output_tokens` must be at least 1.", param="max_output_tokens")
     check_sampling(req)
+    check_logprobs(wants_logprobs(req), req.top_logprobs)
     if req.previous_response_id is not None and not _RESPONSE_ID.fullmatch(req.previous_response_id):
         raise InvalidRequest("`previous_response_id` is not a response id.", param="previous_response_id")
     return req
+
+
+def wants_logprobs(req: ResponsesRequest) -> bool:
+    return LOGPROBS_INCLUDE in (req.include or [])
 
 
 def input_messages(req: ResponsesRequest) -> list[Message]:
@@ -207,6 +217,7 @@ class ResponsesFormatter:
         self.plan = plan
         self.request = plan.request
         self.sequence = 0
+        self.logprobs = plan.sampling.logprobs
         self.items: list[dict[str, Any]] = []
         """Output items streamed so far, kept current (the last one may still be open)."""
         self._open = False
@@ -226,6 +237,7 @@ class ResponsesFormatter:
             "max_output_tokens": req.max_output_tokens,
             "temperature": self.plan.sampling.temperature,
             "top_p": self.plan.sampling.top_p,
+            "top_logprobs": req.top_logprobs,
             "parallel_tool_calls": self.plan.parallel_tool_calls,
             "tool_choice": self._tool_choice(),
             "tools": [self._tool(t) for t in self.plan.tools],
@@ -257,9 +269,8 @@ class ResponsesFormatter:
     def _message_id(self) -> str:
         return f"msg_{self.request_id}" if not self.items else f"msg_{self.request_id}_{len(self.items)}"
 
-    @staticmethod
-    def _message(item_id: str, text: str | None, status: str) -> dict[str, Any]:
-        content = [] if text is None else [{"type": "output_text", "text": text, "annotations": []}]
+    def _message(self, item_id: str, text: str | None, status: str, logprobs: list[TokenLogprob]) -> dict[str, Any]:
+        content = [] if text is None else [self._part(text, logprobs)]
         return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
 
     def _call(self, call: ToolCall, index: int, status: str) -> dict[str, Any]:
@@ -269,7 +280,8 @@ class ResponsesFormatter:
     def final(self, answer: Answer, last: Chunk) -> dict[str, Any]:
         status = "incomplete" if last.finish_reason == FINISH_LENGTH else "completed"
         calls = answer.tool_calls
-        output = [self._message(f"msg_{self.request_id}", answer.text, status)] if answer.text or not calls else []
+        message = self._message(f"msg_{self.request_id}", answer.text, status, answer.logprobs)
+        output = [message] if answer.text or not calls else []
         output += [self._call(call, i, status) for i, call in enumerate(calls)]
         return self.response(status, output, last.usage)
 
@@ -315,26 +327,36 @@ class ResponsesFormatter:
         if item["type"] == "message":
             text = item["content"][0]["text"]
             where = {"item_id": item["id"], "output_index": index, "content_index": 0}
-            out += self._event("response.output_text.done", {**where, "text": text, "logprobs": []})
+            logprobs = item["content"][0].get("logprobs", [])
+            out += self._event("response.output_text.done", {**where, "text": text, "logprobs": logprobs})
             out += self._event("response.content_part.done", {**where, "part": item["content"][0]})
         else:
             done = {"item_id": item["id"], "output_index": index, "name": item["name"], "arguments": item["arguments"]}
             out += self._event("response.function_call_arguments.done", done)
         return out + self._event("response.output_item.done", {"output_index": index, "item": item})
 
-    def stream_text(self, text: str) -> bytes:
+    def stream_text(self, text: str, logprobs: list[TokenLogprob]) -> bytes:
         out = b""
         if not (self._open and self.items[-1]["type"] == "message"):
-            item = self._message(self._message_id(), None, "in_progress")
+            item = self._message(self._message_id(), None, "in_progress", [])
             out += self._add(item)
-            part = {"type": "output_text", "text": "", "annotations": []}
+            part = self._part("", [])
             where = {"item_id": item["id"], "output_index": len(self.items) - 1, "content_index": 0}
             out += self._event("response.content_part.added", {**where, "part": dict(part)})
             item["content"].append(part)
         item = self.items[-1]
         item["content"][0]["text"] += text
         where = {"item_id": item["id"], "output_index": len(self.items) - 1, "content_index": 0}
-        return out + self._event("response.output_text.delta", {**where, "delta": text, "logprobs": []})
+        entries = logprob_objects(logprobs) if self.logprobs else []
+        if self.logprobs:
+            item["content"][0]["logprobs"] += entries
+        return out + self._event("response.output_text.delta", {**where, "delta": text, "logprobs": entries})
+
+    def _part(self, text: str, logprobs: list[TokenLogprob]) -> dict[str, Any]:
+        part: dict[str, Any] = {"type": "output_text", "text": text, "annotations": []}
+        if self.logprobs:
+            part["logprobs"] = logprob_objects(logprobs)
+        return part
 
     def stream_tool_calls(self, deltas: list[ToolCallDelta]) -> bytes:
         out = b""
@@ -393,7 +415,8 @@ class OpenAIResponses:
         req = parse(body)
         history = input_messages(req)
         messages = _with_instructions(req, history)
-        sampling = to_sampling(req, max_tokens=req.max_output_tokens)
+        sampling = to_sampling(req, max_tokens=req.max_output_tokens, logprobs=wants_logprobs(req),
+                               top_logprobs=req.top_logprobs or 0)  # fmt: skip
         fmt = req.text.format if req.text else None
         constraint = response_format(fmt.type, fmt.schema, param="text.format") if fmt else None
         tools, choice = canonical_tools(req)

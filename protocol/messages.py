@@ -54,6 +54,9 @@ class Sampling(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     """OpenAI's penalties: subtracted from a token's logit once if it was generated, and per time it was."""
+    logprobs: bool = False
+    """Report each generated token's log probability (and `top_logprobs` alternatives) in the chunks."""
+    top_logprobs: int = 0
 
 
 class ResponseFormat(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -132,6 +135,23 @@ ERROR_CODES = frozenset(
 )
 
 
+class TopLogprob(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    token: str
+    logprob: float
+
+
+class TokenLogprob(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
+    """A generated token, its log probability, and the most likely alternatives at that step.
+
+    The probabilities are the model's after constraints (a grammar's masks,
+    penalties) and before temperature, top-p and top-k.
+    """
+
+    token: str
+    logprob: float
+    top: list[TopLogprob] = []
+
+
 class ToolCallDelta(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """A piece of the `index`-th tool call of an answer.
 
@@ -170,6 +190,8 @@ class Chunk(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_f
     """On the last chunk: the stop string that ended the answer, if one did."""
     tool_calls: list[ToolCallDelta] = []
     """Tool-call pieces, after this chunk's `text`."""
+    logprobs: list[TokenLogprob] = []
+    """One entry per token covered by this chunk, when the request asked for them."""
 
     @property
     def final(self) -> bool:

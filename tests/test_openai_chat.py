@@ -234,7 +234,7 @@ def test_models_list(client: openai.OpenAI) -> None:
     assert extra["ready"] is True and extra["loaded_on"] == ["test-worker"]
     assert TINY_ALIAS in extra["aliases"]
     assert extra["context_length"] == extra["max_model_len"] == 4096  # learned from the loaded model
-    assert extra["supports"] == {"json": True, "tools": False, "reasoning": False}
+    assert extra["supports"] == {"json": True, "tools": True, "reasoning": False}
     assert (models["smollm2-135m-instruct"].model_extra or {})["ready"] is False
 
 

@@ -73,7 +73,7 @@ def test_stop(client: openai.OpenAI) -> None:
         ({"echo": True}, "echo"),
         ({"n": 2}, "n"),
         ({"best_of": 3}, "best_of"),
-        ({"logprobs": 2}, "logprobs"),
+        ({"logprobs": 6}, "logprobs"),
         ({"suffix": "end"}, "suffix"),
         ({"prompt": ["a", "b"]}, "prompt"),
         ({"prompt": [1, 2, 3]}, "prompt"),

@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 import torch
 from transformers import DynamicCache
 
-from cortex.protocol import Chunk, ChunkError, GenerateRequest, Usage
+from cortex.protocol import Chunk, ChunkError, GenerateRequest, TokenLogprob, Usage
 from cortex.protocol import messages as m
 from cortex.worker import kvcache
 from cortex.worker.batch import Batch, forward
@@ -454,21 +454,28 @@ class Engine:
         if greedy:
             picks = torch.argmax(logits[greedy], dim=-1).tolist()
             tokens.update(zip(greedy, picks, strict=True))
+        logprobs: dict[int, TokenLogprob] = {}
         for i, row in enumerate(rows):
-            if i not in tokens:
-                sampling = row.request.sampling
-                try:
-                    tokens[i] = sample(row.processed(logits[i]), temperature=sampling.temperature,
-                                       top_p=sampling.top_p, generator=row.generator, top_k=sampling.top_k)  # fmt: skip
-                except Exception as exc:  # a logits processor (grammar, penalties) or sampling failed
-                    log.exception("sampling failed for %s", row.request_id)
-                    row.finish(error=ChunkError(code=m.ERROR_INTERNAL, message=f"sampling failed: {exc}"))
+            sampling = row.request.sampling
+            if i in tokens and not sampling.logprobs:
+                continue
+            try:
+                processed = row.processed(logits[i])
+                if i not in tokens:
+                    tokens[i] = sample(processed, temperature=sampling.temperature, top_p=sampling.top_p,
+                                       generator=row.generator, top_k=sampling.top_k)  # fmt: skip
+                if sampling.logprobs:
+                    logprobs[i] = row.logprob(processed, tokens[i])
+            except Exception as exc:  # a logits processor (grammar, penalties) or sampling failed
+                log.exception("sampling failed for %s", row.request_id)
+                row.finish(error=ChunkError(code=m.ERROR_INTERNAL, message=f"sampling failed: {exc}"))
+                tokens.pop(i, None)
         now = time.time()
         for i, row in enumerate(rows):
             if i not in tokens:
                 continue
             try:
-                row.accept(tokens[i], now)
+                row.accept(tokens[i], now, logprobs.get(i))
             except Exception as exc:
                 log.exception("token handling failed for %s", row.request_id)
                 row.finish(error=ChunkError(code=m.ERROR_INTERNAL, message=f"generation failed: {exc}"))

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cortex.protocol import Chunk, ChunkError, GenerateRequest, ToolCallDelta, Usage
+from cortex.protocol import Chunk, ChunkError, GenerateRequest, TokenLogprob, ToolCallDelta, TopLogprob, Usage
 from cortex.protocol import messages as m
 from cortex.worker.detokenize import IncrementalDetokenizer
 from cortex.worker.loader import LoadedModel
@@ -59,6 +59,7 @@ class Sequence:
     """Prompt tokens already in this sequence's cache (prefix hit + prefill chunks)."""
     seq_no: int = 0
     unsent_tokens: int = 0
+    unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
     done: bool = False
 
     @property
@@ -105,9 +106,11 @@ class Sequence:
             error=error,
             stop_sequence=stop,
             tool_calls=calls or [],
+            logprobs=self.unsent_logprobs,
         )
         self.seq_no += 1
         self.unsent_tokens = 0
+        self.unsent_logprobs = []
         self.emit(chunk)
 
     def finish(
@@ -139,10 +142,27 @@ class Sequence:
             return text, []
         return self.tool_parser.push(text)
 
-    def accept(self, token: int, now: float) -> None:
+    def logprob(self, logits: torch.Tensor, token: int) -> TokenLogprob:
+        """`token`'s log probability under `logits`, with the request's number of top alternatives."""
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        top = []
+        if self.request.sampling.top_logprobs:
+            values, ids = torch.topk(logprobs, self.request.sampling.top_logprobs)
+            top = [
+                TopLogprob(token=self._piece(i), logprob=_finite(v))
+                for v, i in zip(values.tolist(), ids.tolist(), strict=True)
+            ]
+        return TokenLogprob(token=self._piece(token), logprob=_finite(float(logprobs[token])), top=top)
+
+    def _piece(self, token: int) -> str:
+        return str(self.loaded.tokenizer.decode([token]))
+
+    def accept(self, token: int, now: float, logprob: TokenLogprob | None = None) -> None:
         """Take one sampled token: emit its text, or finish (end token, stop string, limit, deadline)."""
         self.generated_ids.append(token)
         self.unsent_tokens += 1
+        if logprob is not None:
+            self.unsent_logprobs.append(logprob)
         if token in self.loaded.eos_ids and not self.request.sampling.ignore_eos:
             text, _ = self.stops.push(self.detok.flush())
             self._end(text + self.stops.flush(), m.FINISH_STOP)
@@ -176,3 +196,11 @@ class Sequence:
         for processor in self.logits_processors:
             logits = processor(self.generated_ids, logits)
         return logits
+
+
+LOWEST_LOGPROB = -9999.0
+"""Stands for minus infinity (a masked token), which JSON cannot carry; OpenAI uses the same floor."""
+
+
+def _finite(value: float) -> float:
+    return max(value, LOWEST_LOGPROB)
