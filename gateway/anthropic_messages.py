@@ -18,7 +18,18 @@ from cortex.gateway.errors import ApiError, InvalidRequest
 from cortex.gateway.exchange import Answer, Plan
 from cortex.gateway.formats import response_format
 from cortex.gateway.tools import arguments_json, check_choice, check_tools, make_tool
-from cortex.protocol import Chunk, Message, Sampling, TokenLogprob, Tool, ToolCall, ToolCallDelta, ToolChoice, Usage
+from cortex.protocol import (
+    Chunk,
+    Message,
+    Reasoning,
+    Sampling,
+    TokenLogprob,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoice,
+    Usage,
+)
 from cortex.protocol.messages import (
     FINISH_LENGTH,
     FINISH_TOOL_CALLS,
@@ -70,6 +81,11 @@ class ToolDef(msgspec.Struct, kw_only=True):
     type: str | None = None
 
 
+class ThinkingIn(msgspec.Struct, kw_only=True):
+    type: str
+    budget_tokens: int | None = None
+
+
 class ToolChoiceIn(msgspec.Struct, kw_only=True):
     type: str
     name: str | None = None
@@ -102,6 +118,7 @@ class MessagesRequest(msgspec.Struct, kw_only=True):
     output_config: OutputConfig | None = None
     tools: list[ToolDef] | None = None
     tool_choice: ToolChoiceIn | None = None
+    thinking: ThinkingIn | None = None
 
 
 _decoder = msgspec.json.Decoder(MessagesRequest)
@@ -153,7 +170,27 @@ def parse(body: bytes, *, need_max_tokens: bool = True) -> MessagesRequest:
         raise InvalidRequest("top_k: must be greater than or equal to 0")
     if req.stop_sequences and len(req.stop_sequences) > MAX_STOP:
         raise InvalidRequest(f"stop_sequences: at most {MAX_STOP} are supported")
+    thinking(req)
     return req
+
+
+def thinking(req: MessagesRequest) -> Reasoning:
+    """``thinking``: enabled (with a token budget below `max_tokens`), adaptive, or disabled."""
+    spec = req.thinking
+    if spec is None:
+        return Reasoning()
+    if spec.type == "disabled":
+        return Reasoning(enabled=False)
+    if spec.type == "adaptive":
+        return Reasoning(enabled=True)
+    if spec.type != "enabled":
+        raise InvalidRequest("thinking.type: Input should be 'enabled', 'adaptive' or 'disabled'")
+    budget = spec.budget_tokens
+    if budget is None or budget < 1:
+        raise InvalidRequest("thinking.budget_tokens: a positive number of tokens is required")
+    if req.max_tokens is not None and budget >= req.max_tokens:
+        raise InvalidRequest("thinking.budget_tokens: must be less than max_tokens")
+    return Reasoning(enabled=True, budget_tokens=budget)
 
 
 def _describe(text: str) -> str:
@@ -272,10 +309,13 @@ def _input(arguments: str) -> Any:
 
 
 class MessageFormatter:
-    def __init__(self, *, request_id: str, model: str) -> None:
+    def __init__(self, *, request_id: str, model: str, show_thinking: bool = False) -> None:
         self.id = f"msg_{request_id}"
         self.model = model
+        self.show_thinking = show_thinking
+        """Thinking blocks only for a request that turned thinking on, as in Anthropic's API."""
         self._blocks = 0
+        self._answer_blocks = 0
         self._open: str | None = None
         """Type of the content block being streamed (``text`` or ``tool_use``), if one is open."""
 
@@ -283,6 +323,8 @@ class MessageFormatter:
         calls = answer.tool_calls
         content: list[dict[str, Any]] = [{"type": "text", "text": answer.text}] if answer.text or not calls else []
         content += [{"type": "tool_use", "id": c.id, "name": c.name, "input": _input(c.arguments)} for c in calls]
+        if answer.reasoning and self.show_thinking:
+            content.insert(0, {"type": "thinking", "thinking": answer.reasoning, "signature": ""})
         body = {
             "id": self.id,
             "type": "message",
@@ -306,6 +348,7 @@ class MessageFormatter:
     def _start_block(self, block: dict[str, Any]) -> bytes:
         out = self._stop_block()
         self._open = block["type"]
+        self._answer_blocks += block["type"] != "thinking"
         out += _event("content_block_start", {"type": "content_block_start", "index": self._blocks,
                                               "content_block": block})  # fmt: skip
         # Anthropic pings right after the first block opens; clients that count events expect it there.
@@ -325,6 +368,16 @@ class MessageFormatter:
         out = b"" if self._open == "text" else self._start_block({"type": "text", "text": ""})
         return out + self._delta({"type": "text_delta", "text": text})
 
+    def stream_reasoning(self, text: str) -> bytes:
+        if not self.show_thinking:
+            return b""
+        out = (
+            b""
+            if self._open == "thinking"
+            else self._start_block({"type": "thinking", "thinking": "", "signature": ""})
+        )
+        return out + self._delta({"type": "thinking_delta", "thinking": text})
+
     def stream_tool_calls(self, deltas: list[ToolCallDelta]) -> bytes:
         out = b""
         for d in deltas:
@@ -336,7 +389,7 @@ class MessageFormatter:
 
     def stream_end(self, last: Chunk) -> bytes:
         out = b""
-        if self._blocks == 0 and self._open is None:
+        if self._answer_blocks == 0 and self._open in (None, "thinking"):
             out += self._start_block({"type": "text", "text": ""})  # as the whole answer has: one text block
         delta = {"stop_reason": stop_reason(last), "stop_sequence": last.stop_sequence}
         usage = _usage(last.usage)  # complete here, since the cached part is known only at the end
@@ -383,11 +436,11 @@ class AnthropicMessages:
         return Plan(model=req.model, sampling=sampling, messages=canonical_messages(req),
                     stream=bool(req.stream) and not self.count_only, count_only=self.count_only,
                     response_format=constraint, tools=tools, tool_choice=choice,
-                    parallel_tool_calls=parallel)  # fmt: skip
+                    parallel_tool_calls=parallel, reasoning=thinking(req))  # fmt: skip
 
     def formatter(self, plan: Plan, request_id: str, model: str, created: int) -> MessageFormatter:
         cls = CountFormatter if self.count_only else MessageFormatter
-        return cls(request_id=request_id, model=model)
+        return cls(request_id=request_id, model=model, show_thinking=plan.reasoning.enabled is True)
 
     def error_response(self, exc: ApiError) -> Response:
         return error_response(exc)

@@ -27,6 +27,7 @@ from cortex.protocol import (
     Chunk,
     GenerateRequest,
     Message,
+    Reasoning,
     ResponseFormat,
     Sampling,
     TokenLogprob,
@@ -63,6 +64,7 @@ class Plan:
     tools: list[Tool] = field(default_factory=list)
     tool_choice: ToolChoice = field(default_factory=ToolChoice)
     parallel_tool_calls: bool = True
+    reasoning: Reasoning = field(default_factory=Reasoning)
 
 
 class Answer:
@@ -73,9 +75,12 @@ class Answer:
         self._calls: dict[int, list[str]] = {}
         self._heads: dict[int, ToolCallDelta] = {}
         self.logprobs: list[TokenLogprob] = []
+        self._thoughts: list[str] = []
 
     def add(self, chunk: Chunk) -> None:
         self._parts.append(chunk.text)
+        if chunk.reasoning:
+            self._thoughts.append(chunk.reasoning)
         self.logprobs += chunk.logprobs
         for delta in chunk.tool_calls:
             if delta.index not in self._heads:
@@ -86,6 +91,10 @@ class Answer:
     @property
     def text(self) -> str:
         return "".join(self._parts)
+
+    @property
+    def reasoning(self) -> str:
+        return "".join(self._thoughts)
 
     @property
     def tool_calls(self) -> list[ToolCall]:
@@ -101,6 +110,8 @@ class Formatter(Protocol):
     def complete(self, answer: Answer, last: Chunk) -> Response: ...
 
     def stream_start(self, first: Chunk) -> bytes: ...
+
+    def stream_reasoning(self, text: str) -> bytes: ...
 
     def stream_text(self, text: str, logprobs: list[TokenLogprob]) -> bytes: ...
 
@@ -167,6 +178,7 @@ async def handle(request: Request, dialect: Dialect) -> Response:
             tools=plan.tools,
             tool_choice=plan.tool_choice,
             parallel_tool_calls=plan.parallel_tool_calls,
+            reasoning=plan.reasoning,
         )
         stream = await svc.relay.submit(canonical)
         fmt = dialect.formatter(plan, request_id, entry.id, int(now))
@@ -248,8 +260,9 @@ async def _after_complete(fmt: Formatter, answer: Answer, last: Chunk) -> None:
 
 
 def _piece(fmt: Formatter, chunk: Chunk, logprobs: list[TokenLogprob]) -> bytes:
-    """A chunk's text (with the log probabilities of the tokens so far) and tool-call pieces."""
-    out = fmt.stream_text(chunk.text, logprobs) if chunk.text or (chunk.final and logprobs) else b""
+    """A chunk's thinking, text (with the log probabilities of the tokens so far) and tool-call pieces."""
+    out = fmt.stream_reasoning(chunk.reasoning) if chunk.reasoning else b""
+    out += fmt.stream_text(chunk.text, logprobs) if chunk.text or (chunk.final and logprobs) else b""
     return out + fmt.stream_tool_calls(chunk.tool_calls) if chunk.tool_calls else out
 
 
@@ -280,7 +293,7 @@ async def _events(
         while not chunk.final:
             answer.add(chunk)
             logprobs += chunk.logprobs
-            if chunk.text or chunk.tool_calls or pending:
+            if chunk.text or chunk.tool_calls or chunk.reasoning or pending:
                 yield pending + _piece(fmt, chunk, logprobs)
                 pending = b""
                 if chunk.text:

@@ -28,6 +28,8 @@ class ModelEntry:
     ready_on: list[str]
     loading_on: list[str]
     failed: list[str]
+    reasoning: bool = False
+    """A worker that loaded the model found it thinks before answering."""
 
 
 MODELS_CACHE_S = 0.5
@@ -72,6 +74,7 @@ class FleetView:
         loading: dict[str, list[str]] = {}
         failed: dict[str, list[str]] = {}
         loaded_context: dict[str, int] = {}
+        reasoning: set[str] = set()
         for advert in self.workers():
             for card in advert.catalogue:
                 cards.setdefault(card.id, card)
@@ -82,6 +85,8 @@ class FleetView:
                 bucket.setdefault(state.id, []).append(detail)
                 if state.context_length:
                     loaded_context.setdefault(state.id, state.context_length)
+                if state.reasoning:
+                    reasoning.add(state.id)
         # A catalogue that leaves the context length open learns it from a worker that loaded the model.
         for model_id, context in loaded_context.items():
             if not cards[model_id].context_length:
@@ -93,6 +98,7 @@ class FleetView:
                 ready_on=ready.get(model_id, []),
                 loading_on=loading.get(model_id, []),
                 failed=failed.get(model_id, []),
+                reasoning=model_id in reasoning,
             )
             for model_id, card in sorted(cards.items())
         }

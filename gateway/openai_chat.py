@@ -11,7 +11,7 @@ from cortex.gateway.errors import ApiError, InvalidRequest
 from cortex.gateway.exchange import Answer, Plan
 from cortex.gateway.formats import response_format
 from cortex.gateway.openai_errors import decode_body, error_body, error_response
-from cortex.gateway.openai_params import check_logprobs, check_sampling, logprob_objects, to_sampling
+from cortex.gateway.openai_params import check_logprobs, check_sampling, logprob_objects, reasoning, to_sampling
 from cortex.gateway.tools import check_choice, check_tools, make_tool
 from cortex.protocol import (
     Chunk,
@@ -121,6 +121,7 @@ class ChatRequest(msgspec.Struct, kw_only=True):
     parallel_tool_calls: bool | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    reasoning_effort: str | None = None
 
 
 _decoder = msgspec.json.Decoder(ChatRequest)
@@ -154,6 +155,7 @@ def _validate(req: ChatRequest) -> None:
                     )
     check_sampling(req)
     check_logprobs(bool(req.logprobs), req.top_logprobs)
+    reasoning(req.reasoning_effort, param="reasoning_effort")
     for name in ("max_tokens", "max_completion_tokens"):
         value = getattr(req, name)
         if value is not None and value < 1:
@@ -229,6 +231,7 @@ def usage_object(usage: Usage | None) -> dict[str, object] | None:
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
         "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens},
     }
 
 
@@ -254,6 +257,8 @@ def completion_body(
     message: dict[str, Any] = {"role": "assistant", "content": answer.text or (None if calls else ""), "refusal": None}
     if calls:
         message["tool_calls"] = [tool_call_object(call) for call in calls]
+    if answer.reasoning:
+        message["reasoning_content"] = answer.reasoning  # as DeepSeek's and vLLM's APIs name it
     body: dict[str, Any] = {
         "id": completion_id,
         "object": "chat.completion",
@@ -306,6 +311,13 @@ class ChunkFormatter:
             delta["content"] = text
         entries = choice_logprobs(logprobs) if self.logprobs and logprobs else None
         return self._event([{"index": 0, "delta": delta, "logprobs": entries, "finish_reason": finish_reason}])
+
+    def reasoning(self, text: str) -> bytes:
+        delta: dict[str, Any] = {"reasoning_content": text}
+        if not self._role_sent:
+            delta["role"] = "assistant"
+            self._role_sent = True
+        return self._event([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
 
     def tool_calls(self, deltas: list[ToolCallDelta]) -> bytes:
         """Each call's id, type and name in its first piece only: the SDK concatenates what repeats."""
@@ -362,6 +374,9 @@ class ChatFormatter:
     def stream_tool_calls(self, deltas: list[ToolCallDelta]) -> bytes:
         return self.chunks.tool_calls(deltas)
 
+    def stream_reasoning(self, text: str) -> bytes:
+        return self.chunks.reasoning(text)
+
     def stream_end(self, last: Chunk) -> bytes:
         out = self.chunks.delta("", finish_reason=finish_reason(last))
         if self.chunks.include_usage:
@@ -398,6 +413,7 @@ class OpenAIChat:
             tools=tools,
             tool_choice=choice,
             parallel_tool_calls=req.parallel_tool_calls is not False,
+            reasoning=reasoning(req.reasoning_effort, param="reasoning_effort"),
         )
 
     def formatter(self, plan: Plan, request_id: str, model: str, created: int) -> ChatFormatter:

@@ -112,6 +112,9 @@ class CompletionFormatter:
     def stream_tool_calls(self, deltas: list[ToolCallDelta]) -> bytes:
         return b""  # a raw completion offers no tools
 
+    def stream_reasoning(self, text: str) -> bytes:
+        return b""  # nor separates thinking: the text is continued as is
+
     def stream_end(self, last: Chunk) -> bytes:
         out = self._event({**self.base, "choices": [self._choice("", finish_reason(last))]})
         if self.include_usage:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from cortex.gateway.errors import InvalidRequest
-from cortex.protocol import Sampling, TokenLogprob
+from cortex.protocol import Reasoning, Sampling, TokenLogprob
 
 MAX_TOP_LOGPROBS = 20
 
@@ -32,6 +32,18 @@ def check_logprobs(logprobs: bool, top_logprobs: int | None) -> None:
         raise InvalidRequest(f"`top_logprobs` must be between 0 and {MAX_TOP_LOGPROBS}.", param="top_logprobs")
     if top_logprobs and not logprobs:
         raise InvalidRequest("`top_logprobs` needs `logprobs` set to true.", param="top_logprobs")
+
+
+EFFORTS = {"none": False, "minimal": False, "low": True, "medium": True, "high": True, "xhigh": True}
+"""OpenAI's reasoning efforts: the lowest ones ask a model to skip its thinking, the rest to think."""
+
+
+def reasoning(effort: str | None, *, param: str) -> Reasoning:
+    if effort is None:
+        return Reasoning()
+    if effort not in EFFORTS:
+        raise InvalidRequest(f"Invalid reasoning effort {effort!r}; expected one of {', '.join(EFFORTS)}.", param=param)
+    return Reasoning(enabled=EFFORTS[effort])
 
 
 def logprob_objects(entries: list[TokenLogprob]) -> list[dict[str, Any]]:

@@ -21,7 +21,7 @@ from cortex.gateway.errors import ApiError, InvalidRequest, ModelNotFound, NoCap
 from cortex.gateway.exchange import Answer, Plan
 from cortex.gateway.formats import response_format
 from cortex.gateway.openai_errors import decode_body, error_body, error_response
-from cortex.gateway.openai_params import check_logprobs, check_sampling, logprob_objects, to_sampling
+from cortex.gateway.openai_params import check_logprobs, check_sampling, logprob_objects, reasoning, to_sampling
 from cortex.gateway.services import Services
 from cortex.gateway.tools import check_choice, check_tools, make_tool
 from cortex.protocol import Chunk, Message, TokenLogprob, Tool, ToolCall, ToolCallDelta, ToolChoice, Usage
@@ -62,6 +62,11 @@ class FunctionTool(msgspec.Struct, kw_only=True):
     strict: bool | None = None
 
 
+class ReasoningOptions(msgspec.Struct, kw_only=True):
+    effort: str | None = None
+    summary: str | None = None
+
+
 class NamedToolChoice(msgspec.Struct, kw_only=True):
     type: str
     name: str | None = None
@@ -96,6 +101,7 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     parallel_tool_calls: bool | None = None
     top_logprobs: int | None = None
     include: list[str] | None = None
+    reasoning: ReasoningOptions | None = None
 
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
@@ -129,6 +135,7 @@ def parse(body: bytes) -> ResponsesRequest:
         raise InvalidRequest("`max_output_tokens` must be at least 1.", param="max_output_tokens")
     check_sampling(req)
     check_logprobs(wants_logprobs(req), req.top_logprobs)
+    reasoning(req.reasoning.effort if req.reasoning else None, param="reasoning.effort")
     if req.previous_response_id is not None and not _RESPONSE_ID.fullmatch(req.previous_response_id):
         raise InvalidRequest("`previous_response_id` is not a response id.", param="previous_response_id")
     return req
@@ -197,7 +204,7 @@ def usage_object(usage: Usage | None) -> dict[str, Any]:
         "input_tokens": prompt,
         "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
         "output_tokens": completion,
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens if usage else 0},
         "total_tokens": prompt + completion,
     }
 
@@ -267,11 +274,17 @@ class ResponsesFormatter:
         return {"type": "json_schema", "name": fmt.name or "response", "schema": fmt.schema, "strict": bool(fmt.strict)}
 
     def _message_id(self) -> str:
-        return f"msg_{self.request_id}" if not self.items else f"msg_{self.request_id}_{len(self.items)}"
+        n = sum(item["type"] == "message" for item in self.items)
+        return f"msg_{self.request_id}" if not n else f"msg_{self.request_id}_{n}"
 
     def _message(self, item_id: str, text: str | None, status: str, logprobs: list[TokenLogprob]) -> dict[str, Any]:
         content = [] if text is None else [self._part(text, logprobs)]
         return {"type": "message", "id": item_id, "status": status, "role": "assistant", "content": content}
+
+    def _reasoning(self, text: str | None, status: str) -> dict[str, Any]:
+        content = [] if text is None else [{"type": "reasoning_text", "text": text}]
+        return {"type": "reasoning", "id": f"rs_{self.request_id}", "summary": [], "content": content,
+                "status": status}  # fmt: skip
 
     def _call(self, call: ToolCall, index: int, status: str) -> dict[str, Any]:
         return {"type": "function_call", "id": f"fc_{self.request_id}_{index}", "call_id": call.id,
@@ -281,7 +294,8 @@ class ResponsesFormatter:
         status = "incomplete" if last.finish_reason == FINISH_LENGTH else "completed"
         calls = answer.tool_calls
         message = self._message(f"msg_{self.request_id}", answer.text, status, answer.logprobs)
-        output = [message] if answer.text or not calls else []
+        output = [self._reasoning(answer.reasoning, status)] if answer.reasoning else []
+        output += [message] if answer.text or not calls else []
         output += [self._call(call, i, status) for i, call in enumerate(calls)]
         return self.response(status, output, last.usage)
 
@@ -324,7 +338,10 @@ class ResponsesFormatter:
         index, item = len(self.items) - 1, self.items[-1]
         item["status"] = status
         out = b""
-        if item["type"] == "message":
+        if item["type"] == "reasoning":
+            where = {"item_id": item["id"], "output_index": index, "content_index": 0}
+            out += self._event("response.reasoning_text.done", {**where, "text": item["content"][0]["text"]})
+        elif item["type"] == "message":
             text = item["content"][0]["text"]
             where = {"item_id": item["id"], "output_index": index, "content_index": 0}
             logprobs = item["content"][0].get("logprobs", [])
@@ -358,6 +375,16 @@ class ResponsesFormatter:
             part["logprobs"] = logprob_objects(logprobs)
         return part
 
+    def stream_reasoning(self, text: str) -> bytes:
+        out = b""
+        if not (self._open and self.items[-1]["type"] == "reasoning"):
+            out += self._add(self._reasoning(None, "in_progress"))
+            self.items[-1]["content"].append({"type": "reasoning_text", "text": ""})
+        item = self.items[-1]
+        item["content"][0]["text"] += text
+        where = {"item_id": item["id"], "output_index": len(self.items) - 1, "content_index": 0}
+        return out + self._event("response.reasoning_text.delta", {**where, "delta": text})
+
     def stream_tool_calls(self, deltas: list[ToolCallDelta]) -> bytes:
         out = b""
         for d in deltas:
@@ -373,7 +400,8 @@ class ResponsesFormatter:
 
     def stream_end(self, last: Chunk) -> bytes:
         status = "incomplete" if last.finish_reason == FINISH_LENGTH else "completed"
-        out = b"" if self.items else self.stream_text("")  # as the whole answer has: one message
+        answered = any(item["type"] != "reasoning" for item in self.items)
+        out = b"" if answered else self.stream_text("", [])  # as the whole answer has: one message
         out += self._close(status)
         final = self.response(status, self.items, last.usage)
         kind = "response.incomplete" if status == "incomplete" else "response.completed"
@@ -424,6 +452,7 @@ class OpenAIResponses:
             model=req.model, sampling=sampling, messages=messages, stream=bool(req.stream), request=req,
             response_format=constraint, history=history, tools=tools, tool_choice=choice,
             parallel_tool_calls=req.parallel_tool_calls is not False,
+            reasoning=reasoning(req.reasoning.effort if req.reasoning else None, param="reasoning.effort"),
         )  # fmt: skip
 
     async def prepare(self, plan: Plan, svc: Services) -> Plan:

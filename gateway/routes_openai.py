@@ -44,7 +44,7 @@ def _model_object(entry: ModelEntry) -> dict[str, object]:
         "context_length": entry.card.context_length,
         "max_model_len": entry.card.context_length,
         # What Cortex serves for every model today (not `capabilities`: Anthropic's SDK types that key).
-        "supports": {"json": True, "tools": True, "reasoning": False},
+        "supports": {"json": True, "tools": True, "reasoning": entry.reasoning},
         "ready": bool(entry.ready_on),
         "loaded_on": entry.ready_on,
         "loading_on": entry.loading_on,

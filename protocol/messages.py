@@ -87,6 +87,15 @@ class ToolChoice(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     name: str = ""
 
 
+class Reasoning(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Thinking, for models that reason before answering."""
+
+    enabled: bool | None = None
+    """None: the model's own default; False asks its chat template to skip thinking, where it can."""
+    budget_tokens: int = 0
+    """Close the thinking after this many tokens (0: no limit)."""
+
+
 class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type", tag="generate"):
     """A generation request, published to ``cortex.req.<model-token>``."""
 
@@ -108,6 +117,7 @@ class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=T
     tool_choice: ToolChoice = ToolChoice()
     parallel_tool_calls: bool = True
     """False: at most one call per answer."""
+    reasoning: Reasoning = Reasoning()
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -116,6 +126,8 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     total_tokens: int
     cached_tokens: int = 0
     """Prompt tokens whose KV the worker reused from an earlier request."""
+    reasoning_tokens: int = 0
+    """Completion tokens spent thinking."""
 
 
 class ChunkError(msgspec.Struct, frozen=True, kw_only=True):
@@ -192,6 +204,8 @@ class Chunk(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_f
     """Tool-call pieces, after this chunk's `text`."""
     logprobs: list[TokenLogprob] = []
     """One entry per token covered by this chunk, when the request asked for them."""
+    reasoning: str = ""
+    """Thinking text, which comes before this chunk's `text`."""
 
     @property
     def final(self) -> bool:
@@ -221,6 +235,8 @@ class ModelState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     in_flight: int = 0
     context_length: int = 0
     error: str = ""
+    reasoning: bool = False
+    """The model thinks before answering (learned when it loaded)."""
 
 
 class WorkerAdvert(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type", tag="advert"):

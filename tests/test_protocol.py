@@ -327,7 +327,7 @@ def _with_extra_fields(data: bytes) -> bytes:
 def test_chunk_decoder_ignores_unknown_fields() -> None:
     chunk = Chunk(request_id="r", seq=1, text="hi", usage=Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2))
     raw = json.loads(codec.encode(chunk))
-    raw["usage"]["reasoning_tokens"] = 5
+    raw["usage"]["future_tokens"] = 5
     raw["brand_new"] = True
     assert codec.decode_chunk(json.dumps(raw).encode()) == chunk
 

@@ -45,6 +45,8 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     aliases: list[str] = []
     tool_format: str = ""
     """How the model writes tool calls: ``hermes`` or ``llama3``; empty: read it from the chat template."""
+    reasoning: bool | None = None
+    """Whether the model thinks in ``<think>`` tags; unset: read it from the chat template."""
 
     @property
     def source(self) -> str:

@@ -43,6 +43,8 @@ from cortex.worker.batch import Batch, forward
 from cortex.worker.constrain import GrammarError, request_constraints
 from cortex.worker.detokenize import IncrementalDetokenizer
 from cortex.worker.loader import LoadedModel, PromptError
+from cortex.worker.output import OutputSplitter
+from cortex.worker.reasoning import ReasoningParser, opens_thinking
 from cortex.worker.sampling import is_greedy, make_generator, penalties, sample
 from cortex.worker.sequence import Emit, LogitsProcessor, RequestRejected, Sequence, error_chunk
 from cortex.worker.stops import StopMatcher
@@ -245,11 +247,16 @@ class Engine:
         if request.deadline and time.time() > request.deadline:
             raise RequestRejected(m.ERROR_DEADLINE, "the request's deadline passed before it was started")
         tools = offered_tools(request.tools, request.tool_choice)
+        syntax = loaded.reasoning if request.prompt is None else None
         try:
             if request.prompt is not None:
                 prompt_ids = loaded.tokenize(request.prompt)
+                opened = False
             else:
-                prompt_ids = loaded.render_prompt(request.messages, tools)
+                switch = request.reasoning.enabled if syntax is not None else None
+                text = loaded.render_text(request.messages, tools, switch)
+                prompt_ids = list(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
+                opened = syntax is not None and opens_thinking(text, syntax)
         except PromptError as exc:
             raise RequestRejected(m.ERROR_INVALID_REQUEST, str(exc)) from exc
         if request.count_only:
@@ -271,7 +278,7 @@ class Engine:
         greedy = is_greedy(sampling.temperature)
         builtin = []
         try:
-            builtin += request_constraints(loaded, request)
+            constraints = request_constraints(loaded, request)
         except GrammarError as exc:
             raise RequestRejected(m.ERROR_INVALID_REQUEST, str(exc)) from exc
         if sampling.presence_penalty or sampling.frequency_penalty:
@@ -286,7 +293,14 @@ class Engine:
             max_new_tokens=wanted if wanted is not None else room,
             detok=IncrementalDetokenizer(loaded.tokenizer, prompt_ids),
             stops=StopMatcher(list(sampling.stop)),
-            tool_parser=ToolCallParser(loaded.tool_syntax) if tools else None,
+            output=OutputSplitter(
+                reasoning=ReasoningParser(syntax, thinking=opened) if syntax is not None else None,
+                tools=ToolCallParser(loaded.tool_syntax) if tools else None,
+            ),
+            constraints=constraints,
+            constraint_factory=(lambda: request_constraints(loaded, request)) if constraints else None,
+            open_thinking_id=thinking_ids(loaded)[0] if syntax is not None else None,
+            close_thinking_ids=thinking_ids(loaded)[1] if syntax is not None else [],
             generator=None if greedy else make_generator(loaded.device, sampling.seed),
             worker_id=self.worker_id,
         )
@@ -449,7 +463,7 @@ class Engine:
         log.info("preempted %s (batch over its KV budget of %d)", victim.request_id, state.kv_budget)
 
     def _sample_and_accept(self, rows: list[Sequence], logits: torch.Tensor) -> None:
-        greedy = [i for i, row in enumerate(rows) if row.greedy and not row.logits_processors]
+        greedy = [i for i, row in enumerate(rows) if row.greedy and not row.needs_processing]
         tokens: dict[int, int] = {}
         if greedy:
             picks = torch.argmax(logits[greedy], dim=-1).tolist()
@@ -501,3 +515,16 @@ def default_kv_budget(loaded: LoadedModel) -> int:
         except (ValueError, OSError):
             budget = 2 * 2**30
     return max(budget // kv_bytes_per_token(loaded), loaded.context_length)
+
+
+def thinking_ids(loaded: LoadedModel) -> tuple[int | None, list[int]]:
+    """The token that opens a thinking block (if the tag is one token), and the tokens that close one."""
+    cached = loaded.extra.get("thinking_ids")
+    if cached is None:
+        assert loaded.reasoning is not None
+        tokenizer, syntax = loaded.tokenizer, loaded.reasoning
+        opening = tokenizer(syntax.open, add_special_tokens=False)["input_ids"]
+        closing = tokenizer("\n" + syntax.close, add_special_tokens=False)["input_ids"]
+        cached = (opening[0] if len(opening) == 1 else None, list(closing))
+        loaded.extra["thinking_ids"] = cached
+    return cached  # type: ignore[no-any-return]

@@ -13,6 +13,7 @@ import torch
 
 from cortex.protocol import Message, Tool
 from cortex.worker.catalogue import ModelSpec
+from cortex.worker.reasoning import ReasoningSyntax, detect_reasoning
 from cortex.worker.tools import HERMES, ToolSyntax, chat_turns, detect_syntax
 
 log = logging.getLogger("cortex.worker")
@@ -45,27 +46,38 @@ class LoadedModel:
     cache_arg: str = "past_key_values"
     """Name of forward()'s KV-cache argument (transformers renamed it to ``cache``)."""
     tool_syntax: ToolSyntax = HERMES
+    reasoning: ReasoningSyntax | None = None
+    """Set for models that think in tags before answering."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def tokenize(self, text: str) -> list[int]:
         """Raw text (no chat template), with the special tokens the tokenizer adds by itself."""
         return list(self.tokenizer(text)["input_ids"])
 
-    def render_prompt(self, messages: list[Message], tools: list[Tool] | None = None) -> list[int]:
+    def render_prompt(
+        self, messages: list[Message], tools: list[Tool] | None = None, thinking: bool | None = None
+    ) -> list[int]:
         """Token ids of the conversation, and the tools offered, through the model's own chat template."""
+        return list(self.tokenizer(self.render_text(messages, tools, thinking), add_special_tokens=False)["input_ids"])
+
+    def render_text(
+        self, messages: list[Message], tools: list[Tool] | None = None, thinking: bool | None = None
+    ) -> str:
+        """The prompt text; `thinking` is handed to templates that can switch reasoning on or off."""
         turns, template_tools = chat_turns(messages, tools or [], self.tokenizer.chat_template, self.tool_syntax)
         # A conversation ending with an assistant turn is a prefill: the answer continues it
         # (Anthropic's semantics) instead of closing it and starting a new turn.
         prefill = bool(messages) and messages[-1].role == "assistant" and not messages[-1].tool_calls
+        switches = {} if thinking is None else {"enable_thinking": thinking}  # Qwen3's and SmolLM3's name
         try:
-            text = self.tokenizer.apply_chat_template(
-                turns, tools=template_tools, add_generation_prompt=not prefill, continue_final_message=prefill,
-                tokenize=False,
+            return str(
+                self.tokenizer.apply_chat_template(
+                    turns, tools=template_tools, add_generation_prompt=not prefill, continue_final_message=prefill,
+                    tokenize=False, **switches,
+                )
             )  # fmt: skip
         except Exception as exc:  # jinja raises TemplateError for conversations the template rejects
             raise PromptError(f"the chat template of {self.spec.id} rejected the messages: {exc}") from exc
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return list(ids)
 
 
 def _dtype(spec: ModelSpec, device: torch.device) -> torch.dtype:
@@ -114,6 +126,7 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
         eos_ids=_eos_ids(model, tokenizer),
         load_seconds=time.monotonic() - started,
         tool_syntax=detect_syntax(tokenizer.chat_template, spec.tool_format),
+        reasoning=detect_reasoning(tokenizer.chat_template, spec.reasoning),
         cache_arg="cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values",
     )
     log.info("loaded %s on %s in %.1fs (context %d)", spec.id, device, loaded.load_seconds, context_length)

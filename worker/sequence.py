@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cortex.protocol import Chunk, ChunkError, GenerateRequest, TokenLogprob, ToolCallDelta, TopLogprob, Usage
+from cortex.protocol import Chunk, ChunkError, GenerateRequest, TokenLogprob, TopLogprob, Usage
 from cortex.protocol import messages as m
 from cortex.worker.detokenize import IncrementalDetokenizer
 from cortex.worker.loader import LoadedModel
+from cortex.worker.output import OutputSplitter, Piece
+from cortex.worker.reasoning import START, ReasoningParser
 from cortex.worker.stops import StopMatcher
-from cortex.worker.tools import ToolCallParser
 
 Emit = Callable[[Chunk], None]
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
@@ -50,8 +51,18 @@ class Sequence:
     generator: torch.Generator | None
     worker_id: str
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
-    tool_parser: ToolCallParser | None = None
-    """Set when tools are offered: takes tool calls out of the text."""
+    """Processors that see every generated token (penalties, and the caller's own)."""
+    output: OutputSplitter = field(default_factory=OutputSplitter)
+    constraint_factory: Callable[[], list[LogitsProcessor]] | None = None
+    """Builds the grammar processors (structured output, tool calls) that shape the answer."""
+    constraints: list[LogitsProcessor] = field(default_factory=list)
+    """The grammar processors; they see only the answer's tokens, after any thinking."""
+    answer_start: int = 0
+    forced: list[int] = field(default_factory=list)
+    """Tokens that must come next (closing the thinking when its budget is spent)."""
+    close_thinking_ids: list[int] = field(default_factory=list)
+    open_thinking_id: int | None = None
+    reasoning_tokens: int = 0
     generated_ids: list[int] = field(default_factory=list)
     cached_tokens: int = 0
     """Prompt tokens whose KV came from the prefix cache."""
@@ -81,22 +92,22 @@ class Sequence:
 
     def send(
         self,
-        text: str = "",
+        piece: Piece | None = None,
         *,
         finish: str | None = None,
         error: ChunkError | None = None,
         stop: str | None = None,
-        calls: list[ToolCallDelta] | None = None,
     ) -> None:
+        piece = piece or Piece()
         usage = None
         if finish is not None:
             n_prompt, n_gen = len(self.prompt_ids), len(self.generated_ids)
             usage = Usage(prompt_tokens=n_prompt, completion_tokens=n_gen, total_tokens=n_prompt + n_gen,
-                          cached_tokens=self.cached_tokens)  # fmt: skip
+                          cached_tokens=self.cached_tokens, reasoning_tokens=self.reasoning_tokens)  # fmt: skip
         chunk = Chunk(
             request_id=self.request_id,
             seq=self.seq_no,
-            text=text,
+            text=piece.text,
             tokens=self.unsent_tokens,
             prompt_tokens=len(self.prompt_ids) if self.seq_no == 0 else 0,
             completion_tokens=len(self.generated_ids),
@@ -105,42 +116,32 @@ class Sequence:
             worker_id=self.worker_id if self.seq_no == 0 else "",
             error=error,
             stop_sequence=stop,
-            tool_calls=calls or [],
+            tool_calls=piece.calls,
             logprobs=self.unsent_logprobs,
+            reasoning=piece.reasoning,
         )
         self.seq_no += 1
         self.unsent_tokens = 0
         self.unsent_logprobs = []
         self.emit(chunk)
 
-    def finish(
-        self, *, text: str = "", finish: str | None = None, error: ChunkError | None = None, stop: str | None = None
-    ) -> None:
+    def finish(self, *, finish: str | None = None, error: ChunkError | None = None) -> None:
+        """End the answer abnormally (an error, a cancellation)."""
         if self.done:
             return
         self.done = True
-        self.send(text, finish=finish or m.FINISH_ERROR, error=error, stop=stop)
+        self.send(finish=finish or m.FINISH_ERROR, error=error)
 
-    def _end(self, text: str, finish: str, stop: str | None = None, calls: list[ToolCallDelta] | None = None) -> None:
-        """Finish normally, with the last text (raw, or already split into `calls`) and what the parser holds."""
+    def _end(self, piece: Piece, finish: str, stop: str | None = None) -> None:
+        """End the answer normally, with its last piece and whatever the parsers still hold."""
         if self.done:
             return
-        if calls is None:
-            text, calls = self._split(text)
-        if self.tool_parser is not None:
-            tail, more = self.tool_parser.finish(truncated=finish == m.FINISH_LENGTH)
-            text, calls = text + tail, calls + more
-        parser = self.tool_parser
-        if parser is not None and parser.calls and finish == m.FINISH_STOP:
+        piece += self.output.finish(truncated=finish == m.FINISH_LENGTH)
+        tools = self.output.tools
+        if tools is not None and tools.calls and finish == m.FINISH_STOP:
             finish, stop = m.FINISH_TOOL_CALLS, None
         self.done = True
-        self.send(text, finish=finish, stop=stop, calls=calls)
-
-    def _split(self, text: str) -> tuple[str, list[ToolCallDelta]]:
-        """Text and tool-call pieces; the text is unchanged when no tools are offered."""
-        if self.tool_parser is None:
-            return text, []
-        return self.tool_parser.push(text)
+        self.send(piece, finish=finish, stop=stop)
 
     def logprob(self, logits: torch.Tensor, token: int) -> TokenLogprob:
         """`token`'s log probability under `logits`, with the request's number of top alternatives."""
@@ -163,39 +164,72 @@ class Sequence:
         self.unsent_tokens += 1
         if logprob is not None:
             self.unsent_logprobs.append(logprob)
+        if self.forced and token == self.forced[0]:
+            self.forced.pop(0)
+        thinking = self.output.reasoning
+        was_thinking = thinking is not None and thinking.thinking
+        self.reasoning_tokens += was_thinking
         if token in self.loaded.eos_ids and not self.request.sampling.ignore_eos:
             text, _ = self.stops.push(self.detok.flush())
-            self._end(text + self.stops.flush(), m.FINISH_STOP)
+            self._end(self.output.push(text + self.stops.flush()), m.FINISH_STOP)
             return
         text, hit = self.stops.push(self.detok.push(token))
         if hit is not None:
-            self._end(text, m.FINISH_STOP, stop=hit)
+            self._end(self.output.push(text), m.FINISH_STOP, stop=hit)
             return
         if len(self.generated_ids) >= self.max_new_tokens:
             tail, hit = self.stops.push(self.detok.flush())
             text += tail if hit is not None else tail + self.stops.flush()
-            self._end(text, m.FINISH_STOP if hit else m.FINISH_LENGTH, stop=hit)
+            self._end(self.output.push(text), m.FINISH_STOP if hit else m.FINISH_LENGTH, stop=hit)
             return
+        piece = self.output.push(text)
+        if thinking is not None:
+            self._follow_thinking(thinking, was_thinking)
         if self.request.deadline and now > self.request.deadline:
-            text, calls = self._split(text)
-            self.send(text, calls=calls)
+            self.send(piece)
             self.finish(error=ChunkError(code=m.ERROR_DEADLINE, message="deadline passed during generation"))
             return
-        text, calls = self._split(text)
-        parser = self.tool_parser
-        if parser is not None and (parser.repeated or (parser.completed and not self.request.parallel_tool_calls)):
+        tools = self.output.tools
+        if tools is not None and (tools.repeated or (tools.completed and not self.request.parallel_tool_calls)):
             # One call was asked for and it is complete, or the model started over: the answer is done.
-            self._end(text, m.FINISH_STOP, calls=calls)
+            self._end(piece, m.FINISH_STOP)
             return
         # The first token always goes out at once (time to first token); later
         # ones only when they complete some text.
-        if text or calls or self.seq_no == 0:
-            self.send(text, calls=calls)
+        if piece or self.seq_no == 0:
+            self.send(piece)
+
+    def _follow_thinking(self, thinking: ReasoningParser, was_thinking: bool) -> None:
+        """Start the constraints where the answer starts; close the thinking when its budget is spent."""
+        if thinking.thinking and not was_thinking and len(self.generated_ids) > 1 and self.constraint_factory:
+            self.constraints = self.constraint_factory()  # it saw a token or two before the thinking opened
+        if was_thinking and not thinking.thinking:
+            self.answer_start = len(self.generated_ids)
+        budget = self.request.reasoning.budget_tokens
+        if thinking.thinking and budget and self.reasoning_tokens >= budget and not self.forced:
+            self.forced = list(self.close_thinking_ids)
 
     def processed(self, logits: torch.Tensor) -> torch.Tensor:
         for processor in self.logits_processors:
             logits = processor(self.generated_ids, logits)
+        if self.forced:
+            only = torch.full_like(logits, float("-inf"))
+            only[self.forced[0]] = logits[self.forced[0]]
+            return only
+        thinking = self.output.reasoning
+        if self.constraints and (thinking is None or not thinking.thinking):
+            unconstrained = logits
+            answer = self.generated_ids[self.answer_start :]
+            for constraint in self.constraints:
+                logits = constraint(answer, logits)
+            if thinking is not None and thinking.state == START and self.open_thinking_id is not None:
+                # The model may still open its thinking before the constrained answer.
+                logits[self.open_thinking_id] = unconstrained[self.open_thinking_id]
         return logits
+
+    @property
+    def needs_processing(self) -> bool:
+        return bool(self.logits_processors or self.constraints or self.forced)
 
 
 LOWEST_LOGPROB = -9999.0

@@ -52,6 +52,7 @@ class ModelSlot:
     error: str = ""
     context_length: int = 0
     in_flight: int = 0
+    reasoning: bool = False
 
 
 @dataclass
@@ -132,6 +133,7 @@ class WorkerService:
         self.engine.add_model(loaded)
         pull = await self._open_pull_queue(slot)
         slot.state, slot.context_length = m.MODEL_READY, loaded.context_length
+        slot.reasoning = getattr(loaded, "reasoning", None) is not None  # the synthetic model has no tags
         await self._advertise()
         try:
             await self._pull_loop(slot, pull)
@@ -294,7 +296,12 @@ class WorkerService:
             memory_free=free,
             models=[
                 ModelState(
-                    id=s.spec.id, state=s.state, in_flight=s.in_flight, context_length=s.context_length, error=s.error
+                    id=s.spec.id,
+                    state=s.state,
+                    in_flight=s.in_flight,
+                    context_length=s.context_length,
+                    error=s.error,
+                    reasoning=s.reasoning,
                 )
                 for s in self._models.values()
             ],

@@ -325,7 +325,7 @@ class ToolCallParser:
             self._emit_text(out, pending[:at])
             self._open_call(pending[at + len(syntax.open) :])
             return True
-        keep = 0 if final else _partial_suffix(pending, syntax.open)
+        keep = 0 if final else partial_suffix(pending, syntax.open)
         self._emit_text(out, pending[: len(pending) - keep], final=final)
         self._pending = pending[len(pending) - keep :]
         return False
@@ -433,7 +433,7 @@ def _parse_calls(body: str, syntax: ToolSyntax) -> list[tuple[str, str]] | None:
     return calls or None
 
 
-def _partial_suffix(text: str, tag: str) -> int:
+def partial_suffix(text: str, tag: str) -> int:
     """Length of the longest end of `text` that begins `tag`."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:n]):
