@@ -216,6 +216,12 @@ class Bus:
             raise BrokerUnavailable(f"cannot read {key}: {exc}") from exc
         return entry.value
 
+    async def delete_stored(self, key: str) -> None:
+        try:
+            await self._responses.delete(key)
+        except Exception as exc:
+            raise BrokerUnavailable(f"cannot delete {key}: {exc}") from exc
+
     async def read_fleet(self) -> dict[str, bytes]:
         """Every live key of the fleet bucket and its value."""
         out: dict[str, bytes] = {}

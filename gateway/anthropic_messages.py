@@ -414,6 +414,8 @@ class AnthropicMessages:
     """The exchange dialect of ``POST /v1/messages``."""
 
     name = "anthropic"
+    ignored_fields = frozenset({"metadata", "service_tier", "speed", "inference_geo", "container", "diagnostics",
+                                "mcp_servers", "context_management"})  # fmt: skip
     count_only = False
 
     def parse(self, body: bytes) -> Plan:

@@ -73,6 +73,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Starlette:
         Route("/v1/chat/completions", routes_openai.chat_completions, methods=["POST"]),
         Route("/v1/completions", routes_openai.completions, methods=["POST"]),
         Route("/v1/responses", routes_openai.responses, methods=["POST"]),
+        Route("/v1/responses/{response_id}", routes_openai.stored_response, methods=["GET", "DELETE"]),
         Route("/v1/messages", routes_anthropic.messages, methods=["POST"]),
         Route("/v1/messages/count_tokens", routes_anthropic.count_tokens, methods=["POST"]),
     ]

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
+import msgspec
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
@@ -124,6 +125,8 @@ class Formatter(Protocol):
 
 class Dialect(Protocol):
     name: str
+    ignored_fields: frozenset[str]
+    """Fields the dialect knows and has no use for: named in a `Warning` header when a request sends them."""
 
     def parse(self, body: bytes) -> Plan: ...
 
@@ -148,6 +151,19 @@ async def read_body(request: Request, limit: int) -> bytes:
     return body
 
 
+_fields = msgspec.json.Decoder(dict[str, msgspec.Raw])
+
+
+def ignored_warning(body: bytes, ignored: frozenset[str]) -> dict[str, str]:
+    """A ``Warning: 299`` header naming the known fields this request sent that have no effect."""
+    try:
+        sent = _fields.decode(body)
+    except msgspec.DecodeError:
+        return {}
+    names = sorted(ignored.intersection(sent))
+    return {"Warning": f'299 cortex "Ignored fields: {", ".join(names)}"'} if names else {}
+
+
 async def handle(request: Request, dialect: Dialect) -> Response:
     """Serve one generation request end to end in `dialect`."""
     svc = services(request)
@@ -156,7 +172,9 @@ async def handle(request: Request, dialect: Dialect) -> Response:
     stream: ReplyStream | None = None
     streaming_started = False
     try:
-        plan = dialect.parse(await read_body(request, svc.bus.max_payload))
+        body = await read_body(request, svc.bus.max_payload)
+        plan = dialect.parse(body)
+        warning = ignored_warning(body, dialect.ignored_fields)
         prepare = getattr(dialect, "prepare", None)
         if prepare is not None:
             plan = await prepare(plan, svc)  # I/O a dialect needs first (a stored conversation)
@@ -183,7 +201,9 @@ async def handle(request: Request, dialect: Dialect) -> Response:
         stream = await svc.relay.submit(canonical)
         fmt = dialect.formatter(plan, request_id, entry.id, int(now))
         if not plan.stream:
-            return await until_disconnected(request, _complete(stream, timer, fmt), stream)
+            response = await until_disconnected(request, _complete(stream, timer, fmt), stream)
+            response.headers.update(warning)
+            return response
         try:
             first: Chunk | None = await until_disconnected(
                 request, stream.next(patience=svc.settings.stream_headers_within), stream
@@ -196,7 +216,7 @@ async def handle(request: Request, dialect: Dialect) -> Response:
         streaming_started = True
         return EventStreamResponse(  # type: ignore[return-value]
             _events(first, stream, timer, fmt, dialect, svc.settings.keepalive_interval),
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **warning},
         )
     except (ClientGone, ClientDisconnect):
         record(svc, timer, dialect.name, CLIENT_CLOSED, "client_closed")

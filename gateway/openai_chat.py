@@ -399,6 +399,9 @@ class OpenAIChat:
     """The exchange dialect of ``POST /v1/chat/completions``."""
 
     name = "openai"
+    ignored_fields = frozenset({"logit_bias", "store", "metadata", "service_tier", "prediction", "audio", "modalities",
+                                "web_search_options", "verbosity", "functions", "function_call", "prompt_cache_key",
+                                "safety_identifier"})  # fmt: skip
 
     def parse(self, body: bytes) -> Plan:
         req = parse(body)

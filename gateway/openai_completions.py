@@ -127,6 +127,7 @@ class CompletionFormatter:
 
 class OpenAICompletions:
     name = "openai-completions"
+    ignored_fields = frozenset({"logit_bias"})
 
     def parse(self, body: bytes) -> Plan:
         req = parse(body)

@@ -108,9 +108,11 @@ LOGPROBS_INCLUDE = "message.output_text.logprobs"
 
 
 class Stored(msgspec.Struct, kw_only=True):
-    """What the responses bucket keeps per response id: the conversation, without instructions."""
+    """What the responses bucket keeps per response id: the conversation, without instructions, and the response."""
 
     messages: list[Message]
+    response: msgspec.Raw = msgspec.Raw(b"null")
+    """The response object as returned (JSON); null if an older gateway stored only the conversation."""
 
 
 _decoder = msgspec.json.Decoder(ResponsesRequest)
@@ -304,7 +306,8 @@ class ResponsesFormatter:
         if not self.request.store:
             return
         reply = Message(role="assistant", content=answer.text, tool_calls=answer.tool_calls)
-        stored = Stored(messages=[*self.plan.history, reply])
+        response = msgspec.Raw(_encoder.encode(self.final(answer, last)))
+        stored = Stored(messages=[*self.plan.history, reply], response=response)
         try:
             await self.plan.bus.put_stored(self.id, _encoder.encode(stored))
         except BrokerError as exc:
@@ -434,10 +437,49 @@ def _with_instructions(req: ResponsesRequest, history: list[Message]) -> list[Me
     return [Message(role="system", content=req.instructions), *history]
 
 
+async def _load(svc: Services, response_id: str, *, param: str) -> Stored:
+    """A stored response, or 404 in OpenAI's words."""
+    if not _RESPONSE_ID.fullmatch(response_id):
+        raise ModelNotFound(f"Response with id '{response_id}' not found.", param=param, code="not_found")
+    try:
+        raw = await svc.bus.get_stored(response_id)
+    except BrokerError as exc:
+        raise NoCapacity(f"Stored responses are unavailable: {exc}") from exc
+    stored = None
+    if raw is not None:
+        try:
+            stored = _stored_decoder.decode(raw)
+        except msgspec.DecodeError:
+            log.warning("stored response %s is unreadable", response_id)
+    if stored is None:
+        raise ModelNotFound(f"Response with id '{response_id}' not found.", param=param, code="not_found")
+    return stored
+
+
+async def retrieve(svc: Services, response_id: str) -> bytes:
+    """``GET /v1/responses/{id}``: the response as it was returned."""
+    stored = await _load(svc, response_id, param="response_id")
+    if bytes(stored.response) == b"null":
+        raise ModelNotFound(f"Response with id '{response_id}' not found.", param="response_id", code="not_found")
+    return bytes(stored.response)
+
+
+async def delete(svc: Services, response_id: str) -> bytes:
+    """``DELETE /v1/responses/{id}``: forget it (a follow-up naming it is then a 404)."""
+    await _load(svc, response_id, param="response_id")
+    try:
+        await svc.bus.delete_stored(response_id)
+    except BrokerError as exc:
+        raise NoCapacity(f"Stored responses are unavailable: {exc}") from exc
+    return _encoder.encode({"id": response_id, "object": "response", "deleted": True})
+
+
 class OpenAIResponses:
     """The exchange dialect of ``POST /v1/responses``."""
 
     name = "openai-responses"
+    ignored_fields = frozenset({"metadata", "truncation", "background", "service_tier", "prompt_cache_key",
+                                "safety_identifier", "prompt", "conversation", "max_tool_calls"})  # fmt: skip
 
     def parse(self, body: bytes) -> Plan:
         req = parse(body)
@@ -463,18 +505,10 @@ class OpenAIResponses:
         if previous is None:
             return plan
         try:
-            raw = await svc.bus.get_stored(previous)
-        except BrokerError as exc:
-            raise NoCapacity(f"Stored responses are unavailable: {exc}") from exc
-        stored = None
-        if raw is not None:
-            try:
-                stored = _stored_decoder.decode(raw)
-            except msgspec.DecodeError:
-                log.warning("stored response %s is unreadable", previous)
-        if stored is None:
+            stored = await _load(svc, previous, param="previous_response_id")
+        except ModelNotFound:
             raise ModelNotFound(f"Previous response with id '{previous}' not found.", param="previous_response_id",
-                                code="previous_response_not_found")  # fmt: skip
+                                code="previous_response_not_found") from None  # fmt: skip
         # Earlier turns' instructions are not kept (as in OpenAI's API); this turn's lead.
         plan.history = [*stored.messages, *plan.history]
         plan.messages = _with_instructions(plan.request, plan.history)

@@ -12,6 +12,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
+from cortex.gateway import openai_responses
 from cortex.gateway.errors import ApiError
 from cortex.gateway.exchange import handle, services
 from cortex.gateway.fleet import ModelEntry
@@ -82,3 +83,16 @@ async def completions(request: Request) -> Response:
 
 async def responses(request: Request) -> Response:
     return await handle(request, RESPONSES)
+
+
+async def stored_response(request: Request) -> Response:
+    """``GET`` or ``DELETE /v1/responses/{id}``."""
+    svc, response_id = services(request), request.path_params["response_id"]
+    try:
+        if request.method == "DELETE":
+            body = await openai_responses.delete(svc, response_id)
+        else:
+            body = await openai_responses.retrieve(svc, response_id)
+    except ApiError as exc:
+        return error_response(exc)
+    return Response(body, media_type="application/json")

@@ -45,11 +45,12 @@ def test_create_message(client: anthropic.Anthropic) -> None:
 
 def test_alias_system_blocks_and_unknown_fields(client: anthropic.Anthropic) -> None:
     system = [{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}]
-    message = create(
-        client, model=TINY_ALIAS, system=system, metadata={"user_id": "u1"},
-        extra_body={"service_tier": "auto", "speed": "fast", "container": None},
+    raw = client.messages.with_raw_response.create(
+        model=TINY_ALIAS, max_tokens=4, messages=HELLO, system=system, metadata={"user_id": "u1"},  # type: ignore[arg-type]
+        extra_body={"service_tier": "auto", "speed": "fast", "container": None, "brand_new": 1},
     )  # fmt: skip
-    assert message.model == TINY_MODEL
+    assert raw.parse().model == TINY_MODEL
+    assert raw.headers["warning"] == '299 cortex "Ignored fields: container, metadata, service_tier, speed"'
 
 
 def test_stream_helper_matches_non_streaming(client: anthropic.Anthropic) -> None:

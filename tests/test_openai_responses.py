@@ -123,3 +123,24 @@ def test_follow_up_keeps_developer_messages_but_not_old_instructions(client: ope
     assert follow.usage is not None and replay.usage is not None
     # Same conversation with the developer message kept and the old instructions dropped.
     assert follow.usage.input_tokens == replay.usage.input_tokens
+
+
+def test_retrieve_and_delete_a_stored_response(client: openai.OpenAI) -> None:
+    created = client.responses.create(model=TINY_MODEL, input="Hello", temperature=0, max_output_tokens=4)
+    fetched = client.responses.retrieve(created.id)
+    assert fetched.id == created.id and fetched.output_text == created.output_text
+    assert fetched.usage == created.usage
+    deleted = client.responses.delete(created.id)
+    assert deleted is None  # the SDK returns nothing; the body says {"deleted": true}
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(created.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.create(model=TINY_MODEL, input="More", previous_response_id=created.id, max_output_tokens=2)
+
+
+def test_unstored_response_cannot_be_retrieved(client: openai.OpenAI) -> None:
+    created = client.responses.create(model=TINY_MODEL, input="Hello", store=False, max_output_tokens=2)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(created.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve("resp_not-an-id")
