@@ -17,7 +17,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
-from nats.js.errors import APIError, KeyDeletedError, KeyNotFoundError, NoStreamResponseError
+from nats.js.errors import APIError, KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError, NoStreamResponseError
 from nats.js.kv import KeyValue
 
 from cortex.broker import provision
@@ -87,6 +87,14 @@ class PullQueue:
             raise BrokerUnavailable(f"fetch from {self.model} failed: {exc!r}") from exc
         return [Delivery(m) for m in msgs]
 
+    async def pending(self) -> int:
+        """Requests waiting in the model's queue, not yet given to any worker."""
+        try:
+            info = await self._sub.consumer_info()
+        except Exception as exc:
+            raise BrokerUnavailable(f"cannot read the queue of {self.model}: {exc!r}") from exc
+        return int(info.num_pending or 0)
+
     async def close(self) -> None:
         try:
             await self._sub.unsubscribe()
@@ -104,11 +112,14 @@ class Bus:
         await bus.close()
     """
 
-    def __init__(self, nc: NATS, js: JetStreamContext, fleet: KeyValue, responses: KeyValue) -> None:
+    def __init__(
+        self, nc: NATS, js: JetStreamContext, fleet: KeyValue, responses: KeyValue, placement: KeyValue
+    ) -> None:
         self._nc = nc
         self._js = js
         self._fleet = fleet
         self._responses = responses
+        self._placement = placement
         self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod
@@ -116,11 +127,11 @@ class Bus:
         nc = await connect(url, name=name)
         js = nc.jetstream(timeout=5.0)
         try:
-            fleet, responses = await provision.ensure_all(js)
+            fleet, responses, placement = await provision.ensure_all(js)
         except Exception as exc:
             await nc.close()
             raise BrokerUnavailable(f"cannot provision JetStream at {url} (is JetStream enabled?): {exc}") from exc
-        return cls(nc, js, fleet, responses)
+        return cls(nc, js, fleet, responses, placement)
 
     @property
     def connected(self) -> bool:
@@ -222,10 +233,56 @@ class Bus:
         except Exception as exc:
             raise BrokerUnavailable(f"cannot delete {key}: {exc}") from exc
 
+    # -- placement bucket ---------------------------------------------------
+
+    async def read_decision(self, key: str) -> tuple[bytes | None, int]:
+        """A placement-bucket value and its revision (None and 0 when absent)."""
+        try:
+            entry = await self._placement.get(key)
+        except (KeyNotFoundError, KeyDeletedError):
+            return None, 0
+        except Exception as exc:
+            raise BrokerUnavailable(f"cannot read {key}: {exc}") from exc
+        return entry.value, int(entry.revision or 0)
+
+    async def write_decision(self, key: str, value: bytes, revision: int) -> bool:
+        """Compare-and-set: write only if the key is still at `revision` (0: absent); False if someone else won."""
+        try:
+            if revision:
+                await self._placement.update(key, value, last=revision)
+            else:
+                await self._placement.create(key, value)
+        except KeyWrongLastSequenceError:
+            return False
+        except APIError as exc:
+            if "wrong last sequence" in str(exc).lower():
+                return False
+            raise BrokerUnavailable(f"cannot write {key}: {exc}") from exc
+        except Exception as exc:
+            raise BrokerUnavailable(f"cannot write {key}: {exc}") from exc
+        return True
+
+    async def delete_decision(self, key: str) -> None:
+        try:
+            await self._placement.delete(key)
+        except Exception as exc:
+            raise BrokerUnavailable(f"cannot delete {key}: {exc}") from exc
+
+    async def read_decisions(self) -> dict[str, bytes]:
+        """Every key of the placement bucket and its value."""
+        return await self._read_all(self._placement)
+
+    async def watch_decisions(self, handler: FleetHandler) -> None:
+        """Start calling `handler` for every change of the placement bucket, in the background."""
+        await self._watch(self._placement, handler, "cortex-placement-watch")
+
     async def read_fleet(self) -> dict[str, bytes]:
         """Every live key of the fleet bucket and its value."""
+        return await self._read_all(self._fleet)
+
+    async def _read_all(self, bucket: KeyValue) -> dict[str, bytes]:
         out: dict[str, bytes] = {}
-        watcher = await self._fleet.watchall()
+        watcher = await bucket.watchall()
         try:
             while True:
                 entry = await watcher.updates(timeout=5.0)
@@ -245,7 +302,10 @@ class Bus:
 
     async def watch_fleet(self, handler: FleetHandler) -> None:
         """Start calling `handler` for every change of the fleet bucket, in the background."""
-        watcher = await self._fleet.watchall()
+        await self._watch(self._fleet, handler, "cortex-fleet-watch")
+
+    async def _watch(self, bucket: KeyValue, handler: FleetHandler, name: str) -> None:
+        watcher = await bucket.watchall()
 
         async def pump() -> None:
             try:
@@ -260,4 +320,4 @@ class Bus:
                 with contextlib.suppress(Exception):
                     await watcher.stop()
 
-        self._tasks.append(asyncio.create_task(pump(), name="cortex-fleet-watch"))
+        self._tasks.append(asyncio.create_task(pump(), name=name))

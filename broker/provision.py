@@ -107,6 +107,16 @@ async def ensure_responses_bucket(js: JetStreamContext) -> KeyValue:
     )  # fmt: skip
 
 
-async def ensure_all(js: JetStreamContext) -> tuple[KeyValue, KeyValue]:
+async def ensure_placement_bucket(js: JetStreamContext) -> KeyValue:
+    return await _ensure_bucket(
+        js,
+        KeyValueConfig(
+            bucket=names.PLACEMENT_BUCKET, description="Cortex placements, pins and drains (kept until changed)",
+            history=8, storage=StorageType.FILE,
+        ),
+    )  # fmt: skip
+
+
+async def ensure_all(js: JetStreamContext) -> tuple[KeyValue, KeyValue, KeyValue]:
     await ensure_request_stream(js)
-    return await ensure_fleet_bucket(js), await ensure_responses_bucket(js)
+    return await ensure_fleet_bucket(js), await ensure_responses_bucket(js), await ensure_placement_bucket(js)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import AsyncIterator
 
@@ -18,6 +19,7 @@ from cortex.gateway import anthropic_messages, routes_anthropic, routes_openai
 from cortex.gateway.errors import ApiError
 from cortex.gateway.fleet import FleetView
 from cortex.gateway.metrics import Metrics
+from cortex.gateway.placing import ensure_placed
 from cortex.gateway.relay import Relay
 from cortex.gateway.services import Services, Settings
 
@@ -59,7 +61,10 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Starlette:
         relay = Relay(bus, fleet.is_live)
         await relay.start()
         await bus.watch_fleet(fleet.on_change)
-        app.state.services = Services(settings=settings, bus=bus, relay=relay, fleet=fleet, metrics=metrics)
+        await bus.watch_decisions(fleet.on_decision)
+        services = Services(settings=settings, bus=bus, relay=relay, fleet=fleet, metrics=metrics)
+        relay.check_waiting = functools.partial(ensure_placed, services)
+        app.state.services = services
         log.info("gateway %s connected to %s", relay.gateway_id, settings.nats_url)
         try:
             yield

@@ -21,6 +21,7 @@ from starlette.responses import Response
 
 from cortex.gateway.errors import ApiError, PayloadTooLarge
 from cortex.gateway.metrics import UNKNOWN_MODEL, RequestTimer
+from cortex.gateway.placing import ensure_placed
 from cortex.gateway.relay import Abandoned, ReplyStream, StillWaiting, raise_for_chunk
 from cortex.gateway.services import Services
 from cortex.gateway.sse import EventStreamResponse, watch_disconnect
@@ -180,6 +181,8 @@ async def handle(request: Request, dialect: Dialect) -> Response:
             plan = await prepare(plan, svc)  # I/O a dialect needs first (a stored conversation)
         entry = svc.fleet.resolve(plan.model)
         timer = RequestTimer(svc.metrics, entry.id, dialect.name)
+        if not entry.ready_on:
+            await ensure_placed(svc, entry.id)  # the request waits in the queue while a worker loads it
         now = time.time()
         canonical = GenerateRequest(
             request_id=request_id,

@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
-from cortex.gateway.errors import ModelNotFound, NoCapacity
-from cortex.protocol import ModelCard, WorkerAdvert, codec, names
+from cortex.gateway.errors import ModelNotFound
+from cortex.protocol import ModelCard, Pin, Placement, WorkerAdvert, codec, names
 from cortex.protocol import messages as m
 
 log = logging.getLogger("cortex.gateway")
@@ -42,6 +43,23 @@ class FleetView:
     _adverts: dict[str, tuple[WorkerAdvert, float]] = field(default_factory=dict)
     _models: tuple[float, dict[str, ModelEntry]] | None = None
     """`models()` as last computed, and when: every request resolves a model, adverts change every few seconds."""
+    placements: dict[str, Placement] = field(default_factory=dict)
+    pins: dict[str, Pin] = field(default_factory=dict)
+
+    def on_decision(self, key: str, value: bytes | None) -> None:
+        """A change in the placement bucket (placements and pins; drains show in the adverts)."""
+        parsed = names.parse_placement_key(key)
+        if parsed is None or parsed[0] == "drain":
+            return
+        kind, model = parsed
+        target: dict[str, Any] = self.placements if kind == "placement" else self.pins
+        if value is None:
+            target.pop(model, None)
+            return
+        try:
+            target[model] = codec.decode_placement(value) if kind == "placement" else codec.decode_pin(value)
+        except codec.DecodeError as exc:
+            log.warning("ignoring malformed %s: %s", key, exc)
 
     def on_change(self, key: str, value: bytes | None) -> None:
         if not names.is_worker_key(key):
@@ -114,12 +132,5 @@ class FleetView:
         return entry
 
     def resolve(self, name: str) -> ModelEntry:
-        """The model a request names; raises 404 or 503 when it can't be served."""
-        entry = self.find(name)
-        if not entry.ready_on and not entry.loading_on:
-            reason = f" Loading failed: {'; '.join(entry.failed)}." if entry.failed else ""
-            raise NoCapacity(
-                f"No worker is serving the model `{entry.id}` right now.{reason} "
-                f"Start one with `cortex-worker --model {entry.id}`."
-            )
-        return entry
+        """The model a request names (loaded or not: it loads on demand); raises 404 when no worker knows it."""
+        return self.find(name)

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from cortex.broker import errors as broker_errors
 from cortex.broker.bus import Bus
@@ -26,6 +26,9 @@ LIVENESS_CHECK_S = 2.0
 
 
 class Relay:
+    check_waiting: Callable[[str], Awaitable[None]] | None = None
+    """Called every few seconds for a request no worker has started (load on demand): raises if it never will."""
+
     def __init__(self, bus: Bus, is_live: Callable[[str], bool], gateway_id: str | None = None) -> None:
         self.bus = bus
         self.is_live = is_live
@@ -152,6 +155,8 @@ class ReplyStream:
                 raise errors.UpstreamError(
                     f"Worker {self.worker_id} stopped answering in the middle of the request (it left the fleet)."
                 )
+            if not self.worker_id and self._relay.check_waiting is not None:
+                await self._relay.check_waiting(self.request.model)
 
     def close(self) -> None:
         """Forget the request; tell the workers to stop if it had not finished."""

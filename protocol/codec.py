@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import msgspec
 
-from cortex.protocol.messages import Chunk, GenerateRequest, WorkerAdvert
+from cortex.protocol.messages import Chunk, GenerateRequest, Pin, Placement, WorkerAdvert
 
 _encoder = msgspec.json.Encoder()
 _request_decoder = msgspec.json.Decoder(GenerateRequest)
 _chunk_decoder = msgspec.json.Decoder(Chunk)
 _advert_decoder = msgspec.json.Decoder(WorkerAdvert)
+_placement_decoder = msgspec.json.Decoder(Placement)
+_pin_decoder = msgspec.json.Decoder(Pin)
 
 DecodeError = msgspec.DecodeError
 """Raised by every ``decode_*`` function on a malformed or mistyped message."""
 
 
-def encode(message: GenerateRequest | Chunk | WorkerAdvert) -> bytes:
+def encode(message: GenerateRequest | Chunk | WorkerAdvert | Placement | Pin) -> bytes:
     return _encoder.encode(message)
 
 
@@ -34,3 +36,11 @@ def decode_chunk(data: bytes) -> Chunk:
 
 def decode_advert(data: bytes) -> WorkerAdvert:
     return _advert_decoder.decode(data)
+
+
+def decode_placement(data: bytes) -> Placement:
+    return _placement_decoder.decode(data)
+
+
+def decode_pin(data: bytes) -> Pin:
+    return _pin_decoder.decode(data)

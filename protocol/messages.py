@@ -212,6 +212,10 @@ class Chunk(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_f
         return self.finish_reason is not None or self.error is not None
 
 
+KEEP_FOREVER = -1.0
+"""`keep_alive` of a model that never unloads for being idle."""
+
+
 class ModelCard(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """What a catalogue says about a model a worker can serve."""
 
@@ -220,10 +224,20 @@ class ModelCard(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     context_length: int = 0
     source: str = ""
     created: int = 0
+    memory: int = 0
+    """Bytes the model needs on this worker's device: weights plus the KV-cache reserve (estimated)."""
+    priority: int = 0
+    """Under the ``priority`` eviction strategy, lower priorities go first."""
+    keep_alive: float = 300.0
+    """Seconds idle before the model unloads; 0: at once, `KEEP_FOREVER`: never."""
+    min_replicas: int = 0
+    max_replicas: int = 1
+    gpus: int = 1
 
 
 MODEL_LOADING = "loading"
 MODEL_READY = "ready"
+MODEL_UNLOADING = "unloading"
 MODEL_FAILED = "failed"
 
 
@@ -237,6 +251,14 @@ class ModelState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     error: str = ""
     reasoning: bool = False
     """The model thinks before answering (learned when it loaded)."""
+    memory: int = 0
+    """Bytes it takes here: the estimate while loading, the weights measured once ready."""
+    last_used: float = 0.0
+    """Unix time its last request finished (or it became ready)."""
+    progress: float = 0.0
+    """0 to 1 while loading."""
+    queue_depth: int = 0
+    """Requests waiting in the model's queue (measured by workers that serve it)."""
 
 
 class WorkerAdvert(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type", tag="advert"):
@@ -252,6 +274,15 @@ class WorkerAdvert(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     catalogue: list[ModelCard] = []
     slots_total: int = 0
     slots_free: int = 0
+    memory_budget: int = 0
+    """Bytes models may take on this worker (``--memory-budget``, else the device's memory)."""
+    memory_used: int = 0
+    """Bytes taken by models that are ready (measured)."""
+    memory_reserved: int = 0
+    """Bytes set aside for models that are loading (estimated)."""
+    draining: bool = False
+    eviction: str = "lru"
+    """How this worker picks models to unload when it needs room: ``lru`` or ``priority``."""
     version: str = ""
     started_at: float = 0.0
     updated_at: float = 0.0
@@ -259,3 +290,39 @@ class WorkerAdvert(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
 
     def ready_models(self) -> list[str]:
         return [m.id for m in self.models if m.state == MODEL_READY]
+
+    def state_of(self, model: str) -> ModelState | None:
+        return next((m for m in self.models if m.id == model), None)
+
+    def card(self, model: str) -> ModelCard | None:
+        return next((c for c in self.catalogue if c.id == model), None)
+
+
+class Placement(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type", tag="placement"):
+    """Where a model should be loaded: the workers named here load it, the others unload it.
+
+    Kept in the placement bucket under `placement_key`; every change is a
+    compare-and-set on the key's revision, so concurrent deciders (gateways,
+    workers, cortexctl) never both win.
+    """
+
+    model: str
+    workers: list[str] = []
+    reason: str = ""
+    """Why the last worker was chosen (or why there is none)."""
+    failed: dict[str, str] = {}
+    """Workers that could not load the model, and why."""
+    error: str = ""
+    """Set when no worker can load the model; requests for it fail with this."""
+    updated_at: float = 0.0
+    by: str = ""
+    """Who wrote this revision: a gateway, a worker or cortexctl."""
+
+
+class Pin(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type", tag="pin"):
+    """A model kept loaded: never evicted or unloaded for idleness, on `replicas` workers (or on `worker`)."""
+
+    model: str
+    replicas: int = 1
+    worker: str = ""
+    pinned_at: float = 0.0

@@ -119,6 +119,39 @@ ADVERT_TTL_S = 10.0
 """Fleet bucket TTL: an advert not refreshed for this long disappears by itself."""
 
 
+PLACEMENT_BUCKET = "cortex-placement"
+"""KV bucket of decisions that outlive any process: placements, pins, drains (no TTL)."""
+_PLACEMENT_PREFIX = "models."
+_PIN_PREFIX = "pins."
+_DRAIN_PREFIX = "drain."
+
+
+def placement_key(model: str) -> str:
+    """Where `model` should be loaded (a `Placement`), in `PLACEMENT_BUCKET`."""
+    return f"{_PLACEMENT_PREFIX}{encode_model_token(model)}"
+
+
+def pin_key(model: str) -> str:
+    """A `Pin` keeping `model` loaded, in `PLACEMENT_BUCKET`."""
+    return f"{_PIN_PREFIX}{encode_model_token(model)}"
+
+
+def drain_key(worker_id: str) -> str:
+    """Present while `worker_id` is draining (cortexctl drain), in `PLACEMENT_BUCKET`."""
+    return f"{_DRAIN_PREFIX}{encode_model_token(worker_id)}"
+
+
+def parse_placement_key(key: str) -> tuple[str, str] | None:
+    """(``placement`` | ``pin`` | ``drain``, model or worker id) for a placement-bucket key, else None."""
+    for kind, prefix in (("placement", _PLACEMENT_PREFIX), ("pin", _PIN_PREFIX), ("drain", _DRAIN_PREFIX)):
+        if key.startswith(prefix):
+            try:
+                return kind, decode_model_token(key[len(prefix) :])
+            except ValueError:
+                return None
+    return None
+
+
 def cancel_subject() -> str:
     """Gateways publish a request id here when its client went away; every worker listens."""
     return "cortex.cancel"

@@ -164,11 +164,42 @@ aliases = ["smollm2"]
     return path
 
 
+COLD_MODEL = "tiny-cold"
+"""In the session worker's catalogue but not loaded at start: it loads on demand."""
+SPARE_MODEL = "tiny-spare"
+"""In the session worker's catalogue; no test asks for it, so it stays unloaded."""
+
+
 @pytest.fixture(scope="session")
-def worker(nats_server: EmbeddedNats, catalogue_file: Path, logs_dir: Path) -> Iterator[subprocess.Popen[bytes]]:
+def worker_catalogue_file(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """The session worker's own catalogue: the tiny model, and a cold copy of it (other models stay elsewhere)."""
+    path = tmp_path_factory.mktemp("worker-catalogue") / "models.toml"
+    path.write_text(
+        f"""
+[[models]]
+id = "{TINY_MODEL}"
+path = "{tiny_model_dir}"
+dtype = "float32"
+aliases = ["{TINY_ALIAS}"]
+keep_alive = -1
+
+[[models]]
+id = "{COLD_MODEL}"
+path = "{tiny_model_dir}"
+
+[[models]]
+id = "{SPARE_MODEL}"
+path = "{tiny_model_dir}"
+"""
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
+def worker(nats_server: EmbeddedNats, worker_catalogue_file: Path, logs_dir: Path) -> Iterator[subprocess.Popen[bytes]]:
     log = open(logs_dir / "worker.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cortex.worker", "--nats", nats_server.url, "--models", str(catalogue_file),
+        [sys.executable, "-m", "cortex.worker", "--nats", nats_server.url, "--models", str(worker_catalogue_file),
          "--model", TINY_MODEL, "--device", "cpu", "--slots", "4", "--worker-id", "test-worker"],
         stdout=log, stderr=subprocess.STDOUT, env=child_env(),
     )  # fmt: skip

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import TINY_ALIAS, TINY_MODEL, Gateway
+from tests.conftest import COLD_MODEL, SPARE_MODEL, TINY_ALIAS, TINY_MODEL, Gateway
 
 pytestmark = pytest.mark.usefixtures("gateway")
 
@@ -133,12 +133,12 @@ def test_unknown_model_is_404(client: openai.OpenAI) -> None:
     assert info.value.code == "model_not_found"
 
 
-def test_model_in_catalogue_but_not_loaded_is_503(client: openai.OpenAI) -> None:
-    # The catalogue lists smollm2, but the test worker only loaded the tiny model.
-    with pytest.raises(openai.InternalServerError) as info:
-        client.chat.completions.create(model="smollm2", messages=PROMPT)
-    assert info.value.status_code == 503
-    assert "smollm2-135m-instruct" in info.value.message
+def test_model_in_a_catalogue_loads_on_demand(client: openai.OpenAI, gateway: Gateway) -> None:
+    # The session worker lists tiny-cold in its catalogue but did not load it at start.
+    reply = client.chat.completions.create(model=COLD_MODEL, messages=PROMPT, max_tokens=3)
+    assert reply.model == COLD_MODEL and reply.usage and reply.usage.completion_tokens == 3
+    entry = client.models.retrieve(COLD_MODEL)
+    assert entry.model_extra["loaded_on"] == ["test-worker"]  # type: ignore[index]
 
 
 def test_prompt_longer_than_context_is_400(client: openai.OpenAI) -> None:
@@ -233,7 +233,7 @@ def test_sixteen_concurrent_streams(client: openai.OpenAI) -> None:
 def test_models_list(client: openai.OpenAI) -> None:
     models = {m.id: m for m in client.models.list()}
     assert TINY_MODEL in models
-    assert "smollm2-135m-instruct" in models  # from the catalogue, not loaded
+    assert SPARE_MODEL in models  # from the catalogue, not loaded
     tiny = models[TINY_MODEL]
     assert tiny.object == "model" and tiny.owned_by == "cortex"
     extra = tiny.model_extra or {}
@@ -241,7 +241,7 @@ def test_models_list(client: openai.OpenAI) -> None:
     assert TINY_ALIAS in extra["aliases"]
     assert extra["context_length"] == extra["max_model_len"] == 4096  # learned from the loaded model
     assert extra["supports"] == {"json": True, "tools": True, "reasoning": False}
-    assert (models["smollm2-135m-instruct"].model_extra or {})["ready"] is False
+    assert (models[SPARE_MODEL].model_extra or {})["ready"] is False
 
 
 def test_retrieve_model_by_id_and_alias(client: openai.OpenAI) -> None:

@@ -10,6 +10,10 @@
     context_length = 8192               # 0: take it from the model's config
     aliases = ["smollm2"]
     tool_format = "hermes"              # hermes | llama3; default: read from the chat template
+    memory = "700MiB"                   # default: estimated from the weights and dtype + KV reserve
+    keep_alive = "5m"                   # idle time before unloading; 0: at once, -1: never
+    priority = 0                        # with --eviction priority, lower goes first
+    min_replicas = 0                    # max_replicas = 1, gpus = 1
 
 Sources: ``path`` (a local folder in transformers layout, optionally with a
 ``gguf_file`` in it), ``hf`` (a Hugging Face id, used only if already in the
@@ -25,6 +29,7 @@ from pathlib import Path
 import msgspec
 
 from cortex.protocol import ModelCard
+from cortex.worker.memory import estimate, parse_duration, parse_size
 from cortex.worker.tools import SYNTAXES
 
 DTYPES = frozenset({"auto", "float32", "bfloat16", "float16"})
@@ -47,6 +52,20 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     """How the model writes tool calls: ``hermes`` or ``llama3``; empty: read it from the chat template."""
     reasoning: bool | None = None
     """Whether the model thinks in ``<think>`` tags; unset: read it from the chat template."""
+    memory: str | int | None = None
+    """What loading it takes (``6GiB``); unset: estimated from the weights and dtype, plus a KV reserve."""
+    priority: int = 0
+    """Under ``--eviction priority``, lower priorities are evicted first."""
+    keep_alive: str | float = "5m"
+    """Idle time before it unloads: a duration (``30s``, ``5m``, ``1h``), ``0`` (at once) or ``-1`` (never)."""
+    min_replicas: int = 0
+    max_replicas: int = 1
+    gpus: int = 1
+    """Devices it needs (a worker started with ``--gpu 0,1`` has two)."""
+
+    @property
+    def keep_alive_seconds(self) -> float:
+        return parse_duration(self.keep_alive)
 
     @property
     def source(self) -> str:
@@ -69,8 +88,23 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
             raise CatalogueError(f"model {self.id!r}: Python package {self.package!r} is not installed")
         return str(next(iter(spec.submodule_search_locations)))
 
-    def card(self) -> ModelCard:
-        return ModelCard(id=self.id, aliases=list(self.aliases), context_length=self.context_length, source=self.source)
+    def card(self, memory: int = 0) -> ModelCard:
+        """The catalogue entry as workers advertise it; `memory`: what it needs on their device."""
+        return ModelCard(id=self.id, aliases=list(self.aliases), context_length=self.context_length, source=self.source,
+                         memory=memory, priority=self.priority, keep_alive=self.keep_alive_seconds,
+                         min_replicas=self.min_replicas, max_replicas=self.max_replicas, gpus=self.gpus)  # fmt: skip
+
+    def memory_needed(self, dtype: str) -> int:
+        """Bytes to load it in `dtype` (the catalogue's ``memory`` if set, else the estimate; 0 if unknown)."""
+        if self.memory is not None:
+            return parse_size(self.memory)
+        if self.hf:
+            return 0  # a hub id names no folder to read weights from without loading them
+        try:
+            folder = Path(self.resolve_folder())
+        except CatalogueError:
+            return 0
+        return estimate(folder, self.gguf_file, self.dtype if self.dtype != "auto" else dtype)
 
 
 class _File(msgspec.Struct, forbid_unknown_fields=True):
@@ -96,6 +130,16 @@ def parse_catalogue(text: str, *, origin: str = "models.toml") -> list[ModelSpec
             raise CatalogueError(f"{origin}: model {spec.id!r} from a package needs gguf_file")
         if spec.dtype not in DTYPES:
             raise CatalogueError(f"{origin}: model {spec.id!r}: dtype must be one of {sorted(DTYPES)}")
+        try:
+            if spec.memory is not None:
+                parse_size(spec.memory)
+            spec.keep_alive_seconds  # noqa: B018 - parsed to be checked
+        except ValueError as exc:
+            raise CatalogueError(f"{origin}: model {spec.id!r}: {exc}") from exc
+        if spec.min_replicas < 0 or spec.max_replicas < max(1, spec.min_replicas) or spec.gpus < 1:
+            raise CatalogueError(
+                f"{origin}: model {spec.id!r}: need 0 <= min_replicas <= max_replicas, max_replicas >= 1, gpus >= 1"
+            )
         if spec.tool_format and spec.tool_format not in SYNTAXES:
             raise CatalogueError(f"{origin}: model {spec.id!r}: tool_format must be one of {sorted(SYNTAXES)}")
         for name in (spec.id, *spec.aliases):

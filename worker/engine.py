@@ -121,6 +121,23 @@ class Engine:
     def add_model(self, loaded: LoadedModel) -> None:
         self._inbox.put(("add", loaded))
 
+    def remove_model(self, model_id: str) -> Future[int]:
+        """Drop a model (its requests must have finished); the Future gives the bytes this freed, measured."""
+        return self.call(lambda: self._remove(model_id))
+
+    def _remove(self, model_id: str) -> int:
+        state = self._models.pop(model_id, None)
+        if state is None:
+            return 0
+        device = state.loaded.device
+        for seq in self._all_sequences():
+            if seq.request.model == model_id:
+                seq.finish(error=ChunkError(code=m.ERROR_MODEL_NOT_LOADED, message=f"{model_id} was unloaded"))
+        self._waiting = deque(s for s in self._waiting if not s.done)
+        before = memory_in_use(device)
+        del state
+        return max(0, before - release_memory(device))
+
     def submit(
         self, request: GenerateRequest, emit: Emit, logits_processors: list[LogitsProcessor] | None = None
     ) -> None:
@@ -528,3 +545,31 @@ def thinking_ids(loaded: LoadedModel) -> tuple[int | None, list[int]]:
         cached = (opening[0] if len(opening) == 1 else None, list(closing))
         loaded.extra["thinking_ids"] = cached
     return cached  # type: ignore[no-any-return]
+
+
+def memory_in_use(device: torch.device) -> int:
+    """Bytes in use: allocated by torch on a GPU, the process's resident memory on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def release_memory(device: torch.device) -> int:
+    """Hand freed memory back (garbage, the CUDA cache, glibc's free lists); the bytes in use afterwards."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    else:
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+    return memory_in_use(device)

@@ -32,8 +32,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", type=Path, default=None, help="models.toml catalogue (default: the bundled one)")
     parser.add_argument(
         "--model", action="append", default=None,
-        help="a catalogue id or alias to load at start (repeatable; default: the catalogue's first model)",
+        help="a catalogue id or alias to load at start (repeatable; default: none, models load on demand)",
     )  # fmt: skip
+    parser.add_argument("--memory-budget", default=None,
+                        help="memory models may take, e.g. 2GiB (default: the device's memory)")  # fmt: skip
+    parser.add_argument("--eviction", choices=["lru", "priority"], default="lru",
+                        help="which models make room: least recently used, or lowest priority first")  # fmt: skip
     parser.add_argument("--slots", type=int, default=8, help="requests run at once (default 8)")
     parser.add_argument("--max-prefill-tokens", type=int, default=2048, help="prompt tokens per prefill round")
     parser.add_argument("--prefill-chunk", type=int, default=512, help="longer prompts are prefilled in chunks")
@@ -58,17 +62,18 @@ async def _serve(args: argparse.Namespace) -> int:
     from cortex.worker.device import pick_device
     from cortex.worker.engine import Engine, EngineLimits
     from cortex.worker.loader import load_model
+    from cortex.worker.memory import parse_size
     from cortex.worker.service import WorkerService
     from cortex.worker.synthetic import SyntheticEngine, load_synthetic
 
     try:
         catalogue = load_catalogue(args.models)
-        wanted = args.model or [catalogue[0].id] if catalogue else []
-        serve = [find_model(catalogue, name) for name in wanted]
-    except CatalogueError as exc:
+        serve = [find_model(catalogue, name) for name in args.model or []]
+        budget = parse_size(args.memory_budget) if args.memory_budget else 0
+    except (CatalogueError, ValueError) as exc:
         log.error("%s", exc)
         return 2
-    if not serve:
+    if not catalogue:
         log.error("nothing to serve: the catalogue is empty")
         return 2
     try:
@@ -96,14 +101,16 @@ async def _serve(args: argparse.Namespace) -> int:
         engine = Engine(worker_id=worker_id, limits=limits)
         loader = partial(load_model, device=device.device)
     engine.start()
+    auto_dtype = "float32" if device.device.type == "cpu" else "bfloat16"
     service = WorkerService(
         bus=bus, engine=engine, device=device, catalogue=catalogue, serve=serve, worker_id=worker_id,
-        slots=max(1, args.slots), loader=loader,
+        slots=max(1, args.slots), loader=loader, memory_budget=budget, eviction=args.eviction, dtype=auto_dtype,
     )  # fmt: skip
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, service.stop)
-    log.info("worker %s on %s serving %s", worker_id, device.label, ", ".join(s.id for s in serve))
+    log.info("worker %s on %s: catalogue %s; loading at start: %s", worker_id, device.label,
+             ", ".join(s.id for s in catalogue), ", ".join(s.id for s in serve) or "nothing")  # fmt: skip
     try:
         await service.run()
     finally:

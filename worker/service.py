@@ -4,11 +4,17 @@ A worker takes from a model's durable consumer only as many requests as it has
 free slots, so warm load balancing needs no router: idle workers pull, busy
 ones don't. Each request is acked once its last chunk is published; while it
 runs, ``in_progress`` keeps JetStream from giving it to another worker.
+
+Which models are loaded follows the placement bucket: a worker loads the models
+whose placement names it and unloads the others (evicted, idle past their
+``keep_alive``, or drained). Room for a new model is made by evicting, under the
+worker's strategy, models that are neither pinned nor busy.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
@@ -18,9 +24,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cortex.broker.bus import Bus, Delivery, PullQueue
+from cortex.broker.decisions import change_placement, with_worker, without_worker
 from cortex.broker.errors import BrokerError
-from cortex.protocol import Chunk, GenerateRequest, ModelState, WorkerAdvert, codec, names
+from cortex.protocol import Chunk, GenerateRequest, ModelState, Pin, Placement, WorkerAdvert, codec, names
 from cortex.protocol import messages as m
+from cortex.protocol.placement import choose_worker, gib, pinned_models, plan_evictions
 from cortex.worker.catalogue import ModelSpec
 from cortex.worker.device import DeviceInfo
 from cortex.worker.engine import Engine
@@ -53,6 +61,14 @@ class ModelSlot:
     context_length: int = 0
     in_flight: int = 0
     reasoning: bool = False
+    memory: int = 0
+    last_used: float = 0.0
+    queue_depth: int = 0
+    failed_at: float = 0.0
+    leaving: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when the model is to unload: its pull loop stops taking requests."""
+    task: asyncio.Task[None] | None = None
+    pull: PullQueue | None = None
 
 
 @dataclass
@@ -66,7 +82,19 @@ class WorkerService:
     slots: int
     loader: Callable[[ModelSpec], Any]
     """Loads a catalogue entry on the engine thread (the transformers loader, or the synthetic one)."""
+    memory_budget: int = 0
+    """Bytes models may take (0: the device's memory)."""
+    eviction: str = "lru"
+    dtype: str = "float32"
+    """What ``dtype = "auto"`` loads as on this device (for memory estimates)."""
     _models: dict[str, ModelSlot] = field(default_factory=dict)
+    _estimates: dict[str, int] = field(default_factory=dict)
+    _fleet: dict[str, WorkerAdvert] = field(default_factory=dict)
+    _placements: dict[str, Placement] = field(default_factory=dict)
+    _pins: dict[str, Pin] = field(default_factory=dict)
+    _draining: bool = False
+    _reconcile_needed: asyncio.Event = field(default_factory=asyncio.Event)
+    _unloading: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     _in_flight: dict[str, InFlight] = field(default_factory=dict)
     _reserved: int = 0
     _outbox: Outbox | None = None
@@ -84,23 +112,29 @@ class WorkerService:
     async def run(self) -> None:
         """Serve until `stop` is called; then finish what is in flight and withdraw."""
         self._outbox = Outbox(asyncio.get_running_loop())
-        self._models = {s.id: ModelSlot(spec=s) for s in self.serve}
+        self._estimates = {spec.id: spec.memory_needed(self.dtype) for spec in self.catalogue}
         await self._advertise()
         cancel_sub = await self.bus.subscribe(names.cancel_subject(), self._on_cancel)
+        await self.bus.watch_fleet(self._on_advert)
+        await self.bus.watch_decisions(self._on_decision)
+        for spec in self.serve:
+            await self._place_here(spec.id, "loaded at start (--model)")
         tasks = [
             asyncio.create_task(self._publisher(), name="chunk-publisher"),
             asyncio.create_task(self._advert_loop(), name="advert"),
             asyncio.create_task(self._progress_loop(), name="in-progress"),
+            asyncio.create_task(self._reconcile_loop(), name="reconcile"),
         ]
-        tasks += [
-            asyncio.create_task(self._serve_model(slot), name=f"serve-{slot.spec.id}") for slot in self._models.values()
-        ]
-        serving = tasks[3:]
         await self._stopping.wait()
         # Pull loops notice the stop within one fetch; a model still loading is abandoned.
-        _, loading = await asyncio.wait(serving, timeout=FETCH_TIMEOUT_S + 5.0)
-        for task in loading:
-            task.cancel()
+        # Placements stay as they are: a restarted worker loads its models again.
+        for slot in self._models.values():
+            slot.leaving.set()
+        serving = [slot.task for slot in self._models.values() if slot.task is not None]
+        if serving:
+            _, loading = await asyncio.wait(serving, timeout=FETCH_TIMEOUT_S + 5.0)
+            for task in loading:
+                task.cancel()
         await self._wait_in_flight(timeout=DRAIN_TIMEOUT_S)
         for request_id in list(self._in_flight):
             self.engine.cancel(request_id)
@@ -120,25 +154,191 @@ class WorkerService:
         self._stopping.set()
         self._slot_freed.set()  # wake pull loops waiting for a slot
 
-    # -- models ---------------------------------------------------------------
+    # -- which models are loaded ---------------------------------------------
+
+    def _on_advert(self, key: str, value: bytes | None) -> None:
+        if not names.is_worker_key(key):
+            return
+        if value is None:
+            self._fleet.pop(key, None)
+            return
+        try:
+            self._fleet[key] = codec.decode_advert(value)
+        except codec.DecodeError:
+            self._fleet.pop(key, None)
+
+    def _on_decision(self, key: str, value: bytes | None) -> None:
+        parsed = names.parse_placement_key(key)
+        if parsed is None:
+            return
+        kind, name = parsed
+        try:
+            if kind == "placement":
+                if value is None:
+                    self._placements.pop(name, None)
+                else:
+                    self._placements[name] = codec.decode_placement(value)
+            elif kind == "pin":
+                if value is None:
+                    self._pins.pop(name, None)
+                else:
+                    self._pins[name] = codec.decode_pin(value)
+            elif name == self.worker_id:
+                self._draining = value is not None
+                self._slot_freed.set()  # pull loops look again
+        except codec.DecodeError:
+            log.warning("ignoring malformed %s", key)
+            return
+        self._reconcile_needed.set()
+
+    async def _place_here(self, model: str, reason: str) -> None:
+        try:
+            await change_placement(self.bus, model, with_worker(self.worker_id, f"{self.worker_id}: {reason}"),
+                                   by=self.worker_id)  # fmt: skip
+        except BrokerError as exc:
+            log.warning("cannot place %s here: %s", model, exc)
+
+    async def _unplace_here(self, model: str, reason: str) -> None:
+        try:
+            await change_placement(self.bus, model, without_worker(self.worker_id, reason), by=self.worker_id)
+        except BrokerError as exc:
+            log.warning("cannot take %s off this worker's placement: %s", model, exc)
+
+    def _wanted(self) -> set[str]:
+        if self._draining:
+            return set()
+        return {model for model, p in self._placements.items() if self.worker_id in p.workers}
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await self._reconcile_needed.wait()
+            self._reconcile_needed.clear()
+            try:
+                await self._reconcile()
+            except Exception:
+                log.exception("reconciling the loaded models failed")  # tried again on the next change
+
+    async def _reconcile(self) -> None:
+        """Load what the placements name this worker for; unload the rest."""
+        wanted = self._wanted()
+        for model, slot in list(self._models.items()):
+            if model not in wanted and model not in self._unloading:
+                why = "drained" if self._draining else "no longer placed here"
+                self._unloading[model] = asyncio.create_task(self._unload(slot, why), name=f"unload-{model}")
+        for model in sorted(wanted):
+            slot = self._models.get(model)
+            placement = self._placements[model]
+            if slot is not None and not (slot.state == m.MODEL_FAILED and placement.updated_at > slot.failed_at):
+                continue
+            spec = next((s for s in self.catalogue if s.id == model), None)
+            if spec is not None and not self._stopping.is_set():
+                await self._start_loading(spec)
+
+    async def _start_loading(self, spec: ModelSpec) -> None:
+        if self._unloading:  # the memory they free is counted only once it is free
+            await asyncio.gather(*self._unloading.values(), return_exceptions=True)
+        self._models.pop(spec.id, None)  # a failed earlier attempt
+        need = self._estimates.get(spec.id, 0)
+        victims = plan_evictions(self.advert(), need, self._pins.values())
+        if victims is None:
+            why = f"{self.worker_id} cannot make room: it needs {gib(need)} and its other models are busy or pinned"
+            await self._load_failed(spec.id, why)
+            return
+        for victim in victims:
+            reason = f"evicted from {self.worker_id} to make room for {spec.id} ({self.eviction})"
+            log.info("%s", reason)
+            await self._unplace_here(victim, reason)
+            slot = self._models.get(victim)
+            if slot is not None and victim not in self._unloading:
+                self._unloading[victim] = asyncio.create_task(self._unload(slot, reason), name=f"unload-{victim}")
+            if victim in self._unloading:
+                await self._unloading[victim]
+        slot = ModelSlot(spec=spec, memory=need)
+        self._models[spec.id] = slot
+        slot.task = asyncio.create_task(self._serve_model(slot), name=f"serve-{spec.id}")
+        await self._advertise()
 
     async def _serve_model(self, slot: ModelSlot) -> None:
         try:
             loaded = await asyncio.wrap_future(self.engine.call(lambda: self.loader(slot.spec)))
         except Exception as exc:
             log.exception("loading %s failed", slot.spec.id)
-            slot.state, slot.error = m.MODEL_FAILED, f"{type(exc).__name__}: {exc}"
+            slot.state, slot.error, slot.failed_at = m.MODEL_FAILED, f"{type(exc).__name__}: {exc}", time.time()
             await self._advertise()
+            await self._load_failed(slot.spec.id, f"{self.worker_id}: {slot.error}")
             return
         self.engine.add_model(loaded)
-        pull = await self._open_pull_queue(slot)
+        slot.pull = await self._open_pull_queue(slot)
         slot.state, slot.context_length = m.MODEL_READY, loaded.context_length
         slot.reasoning = getattr(loaded, "reasoning", None) is not None  # the synthetic model has no tags
+        slot.last_used = time.time()
         await self._advertise()
         try:
-            await self._pull_loop(slot, pull)
+            await self._pull_loop(slot, slot.pull)
         finally:
-            await pull.close()
+            await slot.pull.close()
+
+    async def _load_failed(self, model: str, reason: str) -> None:
+        """Leave the placement with the reason, and hand the model to the next best worker (or record why none)."""
+        me = self.worker_id
+
+        def change(current: Placement | None) -> Placement | None:
+            failed = {**(current.failed if current else {}), me: reason}
+            workers = [w for w in (current.workers if current else []) if w != me]
+            if workers:
+                return Placement(model=model, workers=workers, reason=current.reason if current else "", failed=failed)
+            choice = choose_worker(model, self._fleet.values(), self._pins.values(), exclude=failed)
+            if isinstance(choice, str):
+                return Placement(model=model, reason=choice, failed=failed, error=f"{choice} ({reason})")
+            return Placement(model=model, workers=[choice.worker], failed=failed,
+                             reason=f"{choice.reason}, after {me} failed")  # fmt: skip
+
+        try:
+            await change_placement(self.bus, model, change, by=me)
+        except BrokerError as exc:
+            log.warning("cannot record the failed load of %s: %s", model, exc)
+
+    async def _unload(self, slot: ModelSlot, reason: str) -> None:
+        """Stop taking requests for the model, let those running finish, then free its memory."""
+        model = slot.spec.id
+        try:
+            was_ready = slot.state == m.MODEL_READY
+            slot.state = m.MODEL_UNLOADING if slot.state != m.MODEL_FAILED else slot.state
+            slot.leaving.set()
+            self._slot_freed.set()
+            await self._advertise()
+            while slot.in_flight > 0 and not self._stopping.is_set():
+                self._slot_freed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._slot_freed.wait(), timeout=1.0)
+            if slot.task is not None:
+                slot.task.cancel()
+                await asyncio.gather(slot.task, return_exceptions=True)
+            if was_ready:
+                freed = await asyncio.wrap_future(self.engine.remove_model(model))
+                log.info("unloaded %s (%s); %s freed", model, reason, gib(freed))
+        finally:
+            self._models.pop(model, None)
+            self._unloading.pop(model, None)
+            await self._advertise()
+
+    async def _expire_idle(self) -> None:
+        """Take idle models past their ``keep_alive`` off this worker's placements (pinned ones stay)."""
+        now = time.time()
+        pinned = pinned_models(self._pins.values(), self.worker_id)
+        for model, slot in list(self._models.items()):
+            keep = slot.spec.keep_alive_seconds
+            idle = now - slot.last_used
+            if (slot.state != m.MODEL_READY or keep < 0 or model in pinned or slot.in_flight or slot.queue_depth
+                    or idle < keep):  # fmt: skip
+                continue
+            await self._unplace_here(model, f"idle on {self.worker_id} for {idle:.0f}s (keep_alive {keep:g}s)")
+
+    async def _measure_queues(self) -> None:
+        for slot in list(self._models.values()):
+            if slot.pull is not None and slot.state == m.MODEL_READY:
+                with contextlib.suppress(BrokerError):  # shown as it was until the broker answers
+                    slot.queue_depth = await slot.pull.pending()
 
     async def _open_pull_queue(self, slot: ModelSlot) -> PullQueue:
         """The model's consumer; retried while the broker is away (the worker is useless without it)."""
@@ -152,8 +352,12 @@ class WorkerService:
     async def _pull_loop(self, slot: ModelSlot, pull: PullQueue) -> None:
         self._pulling += 1
         try:
-            while not self._stopping.is_set():
+            while not self._stopping.is_set() and not slot.leaving.is_set():
                 free = self.free_slots
+                if self._draining:
+                    self._slot_freed.clear()
+                    await self._slot_freed.wait()
+                    continue
                 if free <= 0:
                     self._slot_freed.clear()
                     await self._slot_freed.wait()
@@ -240,6 +444,7 @@ class WorkerService:
         slot = self._models.get(flight.model)
         if slot is not None:
             slot.in_flight -= 1
+            slot.last_used = time.time()
         if outcome == "ack":
             await flight.delivery.ack()
         elif outcome == "nak":
@@ -287,6 +492,9 @@ class WorkerService:
 
     def advert(self) -> WorkerAdvert:
         total, free = self.device.memory()
+        slots = list(self._models.values())
+        used = sum(s.memory for s in slots if s.state in (m.MODEL_READY, m.MODEL_UNLOADING))
+        reserved = sum(s.memory for s in slots if s.state == m.MODEL_LOADING)
         return WorkerAdvert(
             worker_id=self.worker_id,
             host=socket.gethostname(),
@@ -302,10 +510,18 @@ class WorkerService:
                     context_length=s.context_length,
                     error=s.error,
                     reasoning=s.reasoning,
+                    memory=s.memory,
+                    last_used=s.last_used,
+                    queue_depth=s.queue_depth,
                 )
-                for s in self._models.values()
+                for s in slots
             ],
-            catalogue=[spec.card() for spec in self.catalogue],
+            catalogue=[spec.card(self._estimates.get(spec.id, 0)) for spec in self.catalogue],
+            memory_budget=self.memory_budget or total,
+            memory_used=used,
+            memory_reserved=reserved,
+            draining=self._draining,
+            eviction=self.eviction,
             slots_total=self.slots,
             slots_free=max(0, self.slots - len(self._in_flight)),
             version=VERSION,
@@ -323,4 +539,6 @@ class WorkerService:
     async def _advert_loop(self) -> None:
         while True:
             await asyncio.sleep(names.ADVERT_INTERVAL_S)
+            await self._measure_queues()
+            await self._expire_idle()
             await self._advertise()

@@ -80,6 +80,9 @@ class SyntheticEngine:
     def add_model(self, loaded: Any) -> None:
         """Nothing to do: every request is answered the same way."""
 
+    def remove_model(self, model_id: str) -> Future[int]:
+        return self.call(lambda: 0)
+
     def submit(self, request: GenerateRequest, emit: Emit) -> None:
         prompt = sum(len(msg.content) for msg in request.messages) // 4 + 1
         job = _Job(request=request, emit=emit, prompt_tokens=prompt, total=request.sampling.max_tokens or 16)

@@ -1,0 +1,62 @@
+"""Load on demand: make sure a model some worker can serve is placed on one, or say why it cannot be.
+
+A request for a model that no worker has ready still goes into the model's
+queue at once and waits there; this only sees to it that exactly one worker is
+asked to load it (the compare-and-set on the placement key settles bursts across
+gateways) and re-places it when its worker died, drained or failed.
+"""
+
+from __future__ import annotations
+
+import time
+
+from cortex.broker.decisions import change_placement
+from cortex.broker.errors import BrokerError
+from cortex.gateway.errors import NoCapacity
+from cortex.gateway.services import Services
+from cortex.protocol import Placement, WorkerAdvert
+from cortex.protocol import messages as m
+from cortex.protocol.placement import choose_worker
+
+RETRY_FAILED_S = 30.0
+"""A model no worker could load is tried again after this long (workers come and go)."""
+
+
+def _serving(placement: Placement | None, model: str, live: dict[str, WorkerAdvert]) -> list[str]:
+    """The workers of `placement` that are alive, not draining, and have not failed to load the model."""
+    if placement is None:
+        return []
+    out = []
+    for worker in placement.workers:
+        advert = live.get(worker)
+        state = advert.state_of(model) if advert is not None else None
+        if advert is not None and not advert.draining and (state is None or state.state != m.MODEL_FAILED):
+            out.append(worker)
+    return out
+
+
+async def ensure_placed(svc: Services, model: str) -> None:
+    """Unless a live worker is meant to have `model`, place it on the best one; 503 if none can load it."""
+    live = {advert.worker_id: advert for advert in svc.fleet.workers()}
+    if _serving(svc.fleet.placements.get(model), model, live):
+        return  # the common case, without a round trip to the broker
+    failed = {w for w, a in live.items() if (s := a.state_of(model)) is not None and s.state == m.MODEL_FAILED}
+
+    def change(current: Placement | None) -> Placement | None:
+        if _serving(current, model, live):
+            return None
+        if current is not None and current.error and time.time() - current.updated_at < RETRY_FAILED_S:
+            raise NoCapacity(f"The model `{model}` cannot be loaded: {current.error}")
+        recent = current is not None and time.time() - current.updated_at < RETRY_FAILED_S
+        previous = current.failed if current is not None and recent else {}
+        choice = choose_worker(model, live.values(), svc.fleet.pins.values(), exclude=failed | set(previous))
+        if isinstance(choice, str):
+            return Placement(model=model, reason=choice, failed=previous, error=choice)
+        return Placement(model=model, workers=[choice.worker], reason=choice.reason, failed=previous)
+
+    try:
+        placement = await change_placement(svc.bus, model, change, by=f"gateway {svc.relay.gateway_id}")
+    except BrokerError as exc:
+        raise NoCapacity(f"Cannot place the model `{model}` right now: {exc}") from exc
+    if placement is not None and placement.error and not placement.workers:
+        raise NoCapacity(f"The model `{model}` cannot be loaded: {placement.error}")

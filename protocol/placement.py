@@ -1,0 +1,120 @@
+"""Where a model should load: one deterministic choice over the fleet's adverts.
+
+Gateways (load on demand), workers (after a failed load) and cortexctl all
+decide with this same function over the same KV state, so they agree; the
+compare-and-set on the placement key makes sure only one decision lands.
+
+The rules, in order: never a draining worker, a worker that already failed to
+load the model, or one whose budget the model exceeds; a worker with room over
+one that must evict; fewer evictions over more; colder evictions over warmer
+ones; more memory left over less; then the worker id, so ties break the same
+way everywhere. Eviction never touches a pinned model or one with requests in
+flight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from cortex.protocol.messages import MODEL_LOADING, MODEL_READY, Pin, WorkerAdvert
+
+STRATEGIES = ("lru", "priority")
+"""``lru``: the least recently used model goes first; ``priority``: the lowest `priority`, then the least recent."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    worker: str
+    evict: list[str]
+    reason: str
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
+
+
+def budget_of(advert: WorkerAdvert) -> int:
+    return advert.memory_budget or advert.memory_total
+
+
+def free_memory(advert: WorkerAdvert) -> int:
+    return budget_of(advert) - advert.memory_used - advert.memory_reserved
+
+
+def pinned_models(pins: Iterable[Pin], worker_id: str) -> set[str]:
+    """Models a pin keeps on `worker_id`: a pin to a worker keeps it there, a pin by count keeps it everywhere."""
+    return {p.model for p in pins if not p.worker or p.worker == worker_id}
+
+
+def plan_evictions(advert: WorkerAdvert, need: int, pins: Iterable[Pin]) -> list[str] | None:
+    """Models to unload from `advert`'s worker so `need` bytes fit (by its strategy); None if they cannot."""
+    free = free_memory(advert)
+    if need <= free:
+        return []
+    keep = pinned_models(pins, advert.worker_id)
+    evictable = [
+        m
+        for m in advert.models
+        if m.state == MODEL_READY and not m.in_flight and not m.queue_depth and m.id not in keep
+    ]
+    priorities = {c.id: c.priority for c in advert.catalogue}
+    if advert.eviction == "priority":
+        evictable.sort(key=lambda m: (priorities.get(m.id, 0), m.last_used, m.id))
+    else:
+        evictable.sort(key=lambda m: (m.last_used, m.id))
+    victims: list[str] = []
+    for state in evictable:
+        victims.append(state.id)
+        free += state.memory
+        if need <= free:
+            return victims
+    return None
+
+
+def choose_worker(
+    model: str, adverts: Iterable[WorkerAdvert], pins: Iterable[Pin], *, exclude: Iterable[str] = ()
+) -> Choice | str:
+    """The worker that should load `model`, or the reason no worker can."""
+    pins = list(pins)
+    skip = set(exclude)
+    ranked: list[tuple[tuple[object, ...], Choice]] = []
+    against: list[str] = []
+    known = False
+    for advert in sorted(adverts, key=lambda a: a.worker_id):
+        card = advert.card(model)
+        if card is None:
+            continue
+        known = True
+        name = advert.worker_id
+        state = advert.state_of(model)
+        if state is not None and state.state in (MODEL_READY, MODEL_LOADING) and name not in skip:
+            return Choice(name, [], f"{name} has it {state.state}")
+        if advert.draining:
+            against.append(f"{name} is draining")
+            continue
+        if name in skip:
+            against.append(f"{name} failed to load it")
+            continue
+        if card.memory > budget_of(advert):
+            against.append(f"{name} has {gib(budget_of(advert))} in all and the model needs {gib(card.memory)}")
+            continue
+        victims = plan_evictions(advert, card.memory, pins)
+        if victims is None:
+            against.append(f"{name} cannot free {gib(card.memory)} (its models are busy or pinned)")
+            continue
+        lasts = [s.last_used for s in advert.models if s.id in victims]
+        freed = sum(s.memory for s in advert.models if s.id in victims)
+        left = free_memory(advert) + freed - card.memory
+        cost = (bool(victims), len(victims), max(lasts, default=0.0), -left, name)
+        how = f"evicting {', '.join(victims)} ({advert.eviction})" if victims else "no eviction"
+        ranked.append((cost, Choice(name, victims, f"{name}: {gib(free_memory(advert))} free, {how}")))
+    if not known:
+        return f"no live worker has {model} in its catalogue"
+    if not ranked:
+        return f"no worker can load {model}: " + "; ".join(against)
+    ranked.sort(key=lambda pair: pair[0])
+    best = ranked[0][1]
+    others = [choice.worker for _, choice in ranked[1:]]
+    reason = best.reason + (f" (preferred over {', '.join(others)})" if others else "")
+    return Choice(best.worker, best.evict, reason)
