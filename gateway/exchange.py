@@ -285,7 +285,8 @@ async def _after_complete(fmt: Formatter, answer: Answer, last: Chunk) -> None:
 def _piece(fmt: Formatter, chunk: Chunk, logprobs: list[TokenLogprob]) -> bytes:
     """A chunk's thinking, text (with the log probabilities of the tokens so far) and tool-call pieces."""
     out = fmt.stream_reasoning(chunk.reasoning) if chunk.reasoning else b""
-    out += fmt.stream_text(chunk.text, logprobs) if chunk.text or (chunk.final and logprobs) else b""
+    held = chunk.final and logprobs and not chunk.tool_calls  # tokens whose text a stop string or the end swallowed
+    out += fmt.stream_text(chunk.text, logprobs) if chunk.text or held else b""
     return out + fmt.stream_tool_calls(chunk.tool_calls) if chunk.tool_calls else out
 
 
@@ -319,7 +320,7 @@ async def _events(
             if chunk.text or chunk.tool_calls or chunk.reasoning or pending:
                 yield pending + _piece(fmt, chunk, logprobs)
                 pending = b""
-                if chunk.text:
+                if chunk.text or chunk.tool_calls:  # a call's tokens have no text to go with
                     logprobs = []
             chunk = await stream.next()
             raise_for_chunk(chunk)

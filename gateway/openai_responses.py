@@ -356,6 +356,8 @@ class ResponsesFormatter:
         return out + self._event("response.output_item.done", {"output_index": index, "item": item})
 
     def stream_text(self, text: str, logprobs: list[TokenLogprob]) -> bytes:
+        if not text and self.items and self.items[-1]["type"] == "function_call":
+            return b""  # only log probabilities of tokens that became no text: no message for them
         out = b""
         if not (self._open and self.items[-1]["type"] == "message"):
             item = self._message(self._message_id(), None, "in_progress", [])

@@ -36,8 +36,8 @@ def parse(syntax: ToolSyntax, pieces: list[str]) -> tuple[str, dict[int, ToolCal
         out, more = parser.push(piece)
         text.append(out)
         deltas += more
-    out, more = parser.finish()
-    text.append(out)
+    out, more, tail = parser.finish()
+    text.append(out + tail)
     deltas += more
     heads = {d.index: d for d in deltas if d.id}
     arguments: dict[int, str] = {}
@@ -163,7 +163,8 @@ def test_a_repeated_call_ends_the_answer_and_is_dropped() -> None:
     other = '<tool_call>\n{"name": "f", "arguments": {"a": 2}}\n</tool_call>\n'
     parser = ToolCallParser(HERMES)
     _, first = parser.push(call + other)
-    assert [d.index for d in first if d.id] == [0, 1]
+    _, second = parser.push("")  # what follows a closed call waits for the next push
+    assert [d.index for d in first + second if d.id] == [0, 1]
     _, again = parser.push(call.replace('"a": 1', '"a":1'))  # the same call, written differently
     assert again == [] and parser.repeated
     assert parser.push("more text") == ("", [])
@@ -173,15 +174,57 @@ def test_a_repeated_call_ends_the_answer_and_is_dropped() -> None:
 def test_calls_cut_off_by_the_token_limit() -> None:
     parser = ToolCallParser(HERMES)
     parser.push('<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>\n<tool_call>\n{"name": "g", "argu')
-    assert parser.finish(truncated=True) == ("", [])  # nothing of the second call went out, nothing will
+    assert parser.finish(truncated=True) == ("", [], "")  # nothing of the second call went out, nothing will
     assert parser.calls == 1
     parser = ToolCallParser(HERMES)
     _, deltas = parser.push('<tool_call>\n{"name": "f", "arguments": {"a": ')
-    assert parser.finish(truncated=True) == ("", [])
+    assert parser.finish(truncated=True) == ("", [], "")
     assert deltas[0].name == "f" and parser.calls == 1 and parser.completed == 0  # the finish reason says: cut
     parser = ToolCallParser(HERMES)
     parser.push('<tool_call>\n{"na')
-    assert parser.finish(truncated=True) == ("", []) and parser.calls == 0
+    assert parser.finish(truncated=True) == ("", [], "") and parser.calls == 0
     parser = ToolCallParser(HERMES)
     parser.push('<tool_call>\n{"na')
-    assert parser.finish() == ('<tool_call>\n{"na', [])  # the model stopped there: it was text
+    assert parser.finish() == ('<tool_call>\n{"na', [], "")  # the model stopped there: it was text
+
+
+def test_a_closing_tag_inside_an_argument_string_is_text() -> None:
+    answer = '<tool_call>\n{"name": "f", "arguments": {"html": "</tool_call>"}}\n</tool_call>'
+    text, heads, arguments = parse(HERMES, list(answer))
+    assert text == "" and heads[0].name == "f"
+    assert json.loads(arguments[0]) == {"html": "</tool_call>"}
+
+
+def test_text_after_a_call_comes_after_it() -> None:
+    parser = ToolCallParser(HERMES)
+    text, deltas = parser.push('<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>\nDone.')
+    assert text == "" and deltas  # "Done." waits: it must not overtake the call
+    assert parser.finish() == ("\nDone.", [], "")  # after the calls already sent
+
+
+def test_llama3_json_that_is_not_a_call_of_an_offered_tool_is_text() -> None:
+    names = frozenset({"get_weather"})
+    for answer in ('{"name": "Bob", "age": 3}', '{"name": "Bob", "parameters": {}}'):
+        parser = ToolCallParser(LLAMA3, names=names)
+        text, deltas = parser.push(answer)
+        tail, more, after = parser.finish()
+        assert text + tail + after == answer and not deltas + more
+    parser = ToolCallParser(LLAMA3, names=names)
+    _, deltas = parser.push('{"name": "get_weather", "parameters": {"city": "Paris"}}')
+    assert deltas[0].name == "get_weather"
+
+
+def test_tool_schemas_with_local_refs_compile() -> None:
+    from llguidance import LLMatcher
+
+    from cortex.protocol import ToolChoice
+    from cortex.worker.tools import tool_grammar
+
+    params = {"type": "object", "properties": {"loc": {"$ref": "#/$defs/Loc"}, "kids": {"type": "array",
+              "items": {"$ref": "#"}}}, "$defs": {"Loc": {"type": "object"}}}  # fmt: skip
+    tools = [Tool(name="f", parameters=json.dumps(params)), Tool(name="g")]
+    for mode in ("auto", "required"):
+        for syntax in (HERMES, LLAMA3):
+            lark = tool_grammar(tools, ToolChoice(mode=mode), True, syntax)
+            if lark is not None:
+                assert LLMatcher.validate_grammar(LLMatcher.grammar_from_lark(lark)) == ""

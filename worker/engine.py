@@ -312,7 +312,7 @@ class Engine:
             stops=StopMatcher(list(sampling.stop)),
             output=OutputSplitter(
                 reasoning=ReasoningParser(syntax, thinking=opened) if syntax is not None else None,
-                tools=ToolCallParser(loaded.tool_syntax) if tools else None,
+                tools=ToolCallParser(loaded.tool_syntax, names=frozenset(t.name for t in tools)) if tools else None,
             ),
             constraints=constraints,
             constraint_factory=(lambda: request_constraints(loaded, request)) if constraints else None,

@@ -11,15 +11,21 @@ from cortex.worker.tools import ToolCallParser
 
 @dataclass
 class Piece:
+    """Thinking, then text, then tool-call pieces, then (rarely, at the very end) text after the calls."""
+
     reasoning: str = ""
     text: str = ""
     calls: list[ToolCallDelta] = field(default_factory=list)
+    tail: str = ""
 
     def __bool__(self) -> bool:
-        return bool(self.reasoning or self.text or self.calls)
+        return bool(self.reasoning or self.text or self.calls or self.tail)
 
     def __add__(self, other: Piece) -> Piece:
-        return Piece(self.reasoning + other.reasoning, self.text + other.text, self.calls + other.calls)
+        if self.calls or self.tail:  # the other's text comes after our calls
+            return Piece(self.reasoning + other.reasoning, self.text, self.calls + other.calls,
+                         self.tail + other.text + other.tail)  # fmt: skip
+        return Piece(self.reasoning + other.reasoning, self.text + other.text, other.calls, other.tail)
 
 
 @dataclass
@@ -42,8 +48,7 @@ class OutputSplitter:
     def _answer(self, thought: str, text: str, *, final: bool, truncated: bool) -> Piece:
         if self.tools is None:
             return Piece(thought, text)
-        text, calls = self.tools.push(text) if text else ("", [])
+        piece = Piece(thought, *self.tools.push(text)) if text else Piece(thought)
         if final:
-            tail, more = self.tools.finish(truncated=truncated)
-            text, calls = text + tail, calls + more
-        return Piece(thought, text, calls)
+            piece += Piece("", *self.tools.finish(truncated=truncated))
+        return piece

@@ -133,14 +133,32 @@ class Sequence:
         self.send(finish=finish or m.FINISH_ERROR, error=error)
 
     def _end(self, piece: Piece, finish: str, stop: str | None = None) -> None:
-        """End the answer normally, with its last piece and whatever the parsers still hold."""
+        """End the answer normally, with its last piece and whatever the parsers still hold.
+
+        After a stop string nothing more is said; otherwise what the parsers
+        held goes through the stop matcher too, and may still hit a stop string.
+        """
         if self.done:
             return
-        piece += self.output.finish(truncated=finish == m.FINISH_LENGTH)
+        if stop is None:
+            more = self.output.finish(truncated=finish == m.FINISH_LENGTH)
+            more.text, stop = self.stops.push(more.text)
+            if stop is None:
+                more.tail, stop = self.stops.push(more.tail)
+                more.tail += self.stops.flush() if stop is None else ""
+            else:
+                more.tail = ""
+            if stop is not None:
+                finish = m.FINISH_STOP
+            piece += more
         tools = self.output.tools
-        if tools is not None and tools.calls and finish == m.FINISH_STOP:
+        if tools is not None and tools.completed and finish == m.FINISH_STOP:
             finish, stop = m.FINISH_TOOL_CALLS, None
         self.done = True
+        if piece.tail:  # text after the calls goes in a chunk of its own, in order
+            tail, piece.tail = piece.tail, ""
+            self.send(piece)
+            piece = Piece(text=tail)
         self.send(piece, finish=finish, stop=stop)
 
     def logprob(self, logits: torch.Tensor, token: int) -> TokenLogprob:
@@ -162,29 +180,26 @@ class Sequence:
         """Take one sampled token: emit its text, or finish (end token, stop string, limit, deadline)."""
         self.generated_ids.append(token)
         self.unsent_tokens += 1
-        if logprob is not None:
+        ended = token in self.loaded.eos_ids and not self.request.sampling.ignore_eos
+        if logprob is not None and not ended:  # the end token is no part of the answer's text
             self.unsent_logprobs.append(logprob)
         if self.forced and token == self.forced[0]:
             self.forced.pop(0)
         thinking = self.output.reasoning
         was_thinking = thinking is not None and thinking.thinking
         self.reasoning_tokens += was_thinking
-        if token in self.loaded.eos_ids and not self.request.sampling.ignore_eos:
-            text, _ = self.stops.push(self.detok.flush())
-            self._end(self.output.push(text + self.stops.flush()), m.FINISH_STOP)
-            return
-        text, hit = self.stops.push(self.detok.push(token))
-        if hit is not None:
-            self._end(self.output.push(text), m.FINISH_STOP, stop=hit)
-            return
-        if len(self.generated_ids) >= self.max_new_tokens:
-            tail, hit = self.stops.push(self.detok.flush())
-            text += tail if hit is not None else tail + self.stops.flush()
-            self._end(self.output.push(text), m.FINISH_STOP if hit else m.FINISH_LENGTH, stop=hit)
-            return
-        piece = self.output.push(text)
+        limit = len(self.generated_ids) >= self.max_new_tokens
+        raw = "" if ended else self.detok.push(token)
+        if ended or limit:
+            raw += self.detok.flush()
+        # Stop strings apply to the answer only: not to the thinking, not inside tool-call markup.
+        piece = self.output.push(raw)
+        piece.text, hit = self.stops.push(piece.text)
         if thinking is not None:
             self._follow_thinking(thinking, was_thinking)
+        if hit is not None or ended or limit:
+            self._end(piece, m.FINISH_STOP if hit is not None or ended else m.FINISH_LENGTH, stop=hit)
+            return
         if self.request.deadline and now > self.request.deadline:
             self.send(piece)
             self.finish(error=ChunkError(code=m.ERROR_DEADLINE, message="deadline passed during generation"))

@@ -174,11 +174,14 @@ def tool_grammar(tools: list[Tool], choice: ToolChoice, parallel: bool, syntax: 
             "anyOf": [
                 {
                     "type": "object",
-                    "properties": {"name": {"const": t.name}, syntax.arguments_key: _schema(t)},
+                    "properties": {
+                        "name": {"const": t.name},
+                        syntax.arguments_key: _rebase(_schema(t), f"#/anyOf/{i}/properties/{syntax.arguments_key}"),
+                    },
                     "required": ["name", syntax.arguments_key],
                     "additionalProperties": False,
                 }
-                for t in callable_tools
+                for i, t in enumerate(callable_tools)
             ],
             # One line, single spaces: unbounded whitespace is where small models loop forever.
             "x-guidance": {"whitespace_pattern": "[ ]?"},
@@ -200,6 +203,21 @@ def tool_grammar(tools: list[Tool], choice: ToolChoice, parallel: bool, syntax: 
         )
     more = ' ("\\n" call)*' if parallel else ""
     return f"start: call{more}\ncall: {json.dumps(syntax.open + chr(10))} %json {schema} {closing}\n"
+
+
+def _rebase(schema: Any, base: str) -> Any:
+    """`schema` moved to `base` inside a bigger document: its local ``$ref``s (``#/$defs/...``) follow it."""
+    if isinstance(schema, dict):
+        out = {}
+        for key, value in schema.items():
+            if key == "$ref" and isinstance(value, str) and value.startswith("#"):
+                out[key] = base + value[1:]
+            else:
+                out[key] = _rebase(value, base)
+        return out
+    if isinstance(schema, list):
+        return [_rebase(item, base) for item in schema]
+    return schema
 
 
 _HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
@@ -262,6 +280,8 @@ class ToolCallParser:
     """Splits a streamed answer into text and tool calls, holding back what may be markup."""
 
     syntax: ToolSyntax
+    names: frozenset[str] = frozenset()
+    """The tools offered: a bare-JSON answer naming anything else is text (empty: any name)."""
     calls: int = 0
     """Calls started so far."""
     completed: int = 0
@@ -277,13 +297,15 @@ class ToolCallParser:
     _truncated: bool = False
 
     def push(self, text: str) -> tuple[str, list[ToolCallDelta]]:
+        """Text and call pieces, text first: what follows a closed call waits for the next push."""
         if self.repeated:
             return "", []
         self._pending += text
-        return self._advance(final=False)
+        before, deltas, _ = self._advance(final=False)
+        return before, deltas
 
-    def finish(self, *, truncated: bool = False) -> tuple[str, list[ToolCallDelta]]:
-        """Everything still held back, at the end of the answer.
+    def finish(self, *, truncated: bool = False) -> tuple[str, list[ToolCallDelta], str]:
+        """Everything still held back, at the end of the answer: (text, call pieces, text after them).
 
         A call cut off by the token limit before its name was known is dropped
         (the finish reason says the answer was cut); other markup that never
@@ -292,15 +314,17 @@ class ToolCallParser:
         self._truncated = truncated
         return self._advance(final=True)
 
-    def _advance(self, *, final: bool) -> tuple[str, list[ToolCallDelta]]:
-        out: list[str] = []
+    def _advance(self, *, final: bool) -> tuple[str, list[ToolCallDelta], str]:
+        before: list[str] = []
+        after: list[str] = []
         deltas: list[ToolCallDelta] = []
         while not self.repeated:
+            out = after if deltas else before
             if self._call is None and not self._scan_text(out, final):
                 break
-            if self._call is not None and not self._scan_call(out, deltas, final):
+            if self._call is not None and (not self._scan_call(out, deltas, final) or not final):
                 break
-        return "".join(out), deltas
+        return "".join(before), deltas, "".join(after)
 
     def _scan_text(self, out: list[str], final: bool) -> bool:
         """Move plain text to `out`; True once a call has opened."""
@@ -352,26 +376,25 @@ class ToolCallParser:
         assert call is not None
         call.body += self._pending
         self._pending = ""
-        end = call.body.find(syntax.close) if syntax.close else -1
-        body = call.body if end < 0 else call.body[:end]
         target = deltas if call.held is None else call.held
         if not call.streaming:
-            header = _HEADER.match(body)
-            if header is not None and body[header.end() : header.end() + 1] in ("{", "["):
-                call.name = json.loads(f'"{header.group(1)}"')
-                target.append(ToolCallDelta(index=call.index, id=new_call_id(), name=call.name))
-                call.streaming, call.sent = True, header.end()
-                call.start = call.sent
+            self._start_streaming(call, target)
         if call.streaming and not call.scanner.complete:
-            fresh = body[call.sent :]
+            # The arguments run to their closing brace: a closing tag inside a string is just text.
+            fresh = call.body[call.sent :]
             taken = call.scanner.feed(fresh)
             if taken:
                 target.append(ToolCallDelta(index=call.index, arguments=fresh[:taken]))
                 call.sent += taken
             if call.scanner.complete:
-                self._complete(call.name, body[call.start : call.sent], call.held, deltas)
+                self._complete(call.name, call.body[call.start : call.sent], call.held, deltas)
+        searched_from = call.sent if call.streaming else 0
+        end = call.body.find(syntax.close, searched_from) if syntax.close else -1
+        if call.streaming and not call.scanner.complete:
+            end = -1
         if end < 0 and not final:
             return False
+        body = call.body if end < 0 else call.body[:end]
         if not call.streaming:
             if end < 0 and self._truncated:
                 self.calls -= 1
@@ -384,9 +407,25 @@ class ToolCallParser:
             self._pending = call.body[end + len(syntax.close) :]
         return end >= 0
 
+    def _start_streaming(self, call: _Call, target: list[ToolCallDelta]) -> None:
+        """Once the name is known (and is one of the tools), the call goes out as it is written."""
+        header = _HEADER.match(call.body)
+        if header is None or call.body[header.end() : header.end() + 1] not in ("{", "["):
+            return
+        try:
+            name = json.loads(f'"{header.group(1)}"')
+        except ValueError:
+            return  # an odd name: parsed whole at the end, or given back as text
+        if self.names and name not in self.names:
+            return
+        call.name = name
+        target.append(ToolCallDelta(index=call.index, id=new_call_id(), name=name))
+        call.streaming, call.sent = True, header.end()
+        call.start = call.sent
+
     def _finish_whole(self, body: str, out: list[str], deltas: list[ToolCallDelta], *, closed: bool) -> None:
         """A call whose header did not stream (an unusual key order, a list of calls): parse it now."""
-        parsed = _parse_calls(body, self.syntax)
+        parsed = _parse_calls(body, self.syntax, self.names)
         if parsed is None:
             self.calls -= 1  # not a call after all: give the text back
             out.append(self.syntax.open + body + (self.syntax.close if closed else ""))
@@ -405,7 +444,7 @@ class ToolCallParser:
         """A call is whole: send what was held of it, unless it repeats an earlier call."""
         try:
             key = (name, json.dumps(json.loads(arguments), sort_keys=True))
-        except ValueError:
+        except (ValueError, RecursionError):
             key = (name, arguments)
         if key in self._made:
             self.repeated = True
@@ -417,16 +456,20 @@ class ToolCallParser:
             deltas.extend(held)
 
 
-def _parse_calls(body: str, syntax: ToolSyntax) -> list[tuple[str, str]] | None:
+def _parse_calls(body: str, syntax: ToolSyntax, names: frozenset[str]) -> list[tuple[str, str]] | None:
     text = body.strip().removeprefix("<|python_tag|>")
     try:
         value = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     items = value if isinstance(value, list) else [value]
     calls = []
     for item in items:
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            return None
+        if not syntax.open and ("arguments" not in item and "parameters" not in item):
+            return None  # bare JSON that is not shaped like a call is an answer
+        if names and item["name"] not in names:
             return None
         arguments = item.get("arguments", item.get("parameters", {}))
         calls.append((item["name"], arguments if isinstance(arguments, str) else json.dumps(arguments)))
