@@ -31,6 +31,8 @@ class ModelEntry:
     failed: list[str]
     reasoning: bool = False
     """A worker that loaded the model found it thinks before answering."""
+    pinned: bool = False
+    placement: Placement | None = None
 
 
 MODELS_CACHE_S = 0.5
@@ -53,6 +55,7 @@ class FleetView:
             return
         kind, model = parsed
         target: dict[str, Any] = self.placements if kind == "placement" else self.pins
+        self._models = None
         if value is None:
             target.pop(model, None)
             return
@@ -117,6 +120,8 @@ class FleetView:
                 loading_on=loading.get(model_id, []),
                 failed=failed.get(model_id, []),
                 reasoning=model_id in reasoning,
+                pinned=model_id in self.pins,
+                placement=self.placements.get(model_id),
             )
             for model_id, card in sorted(cards.items())
         }

@@ -41,6 +41,8 @@ FETCH_TIMEOUT_S = 1.0
 PROGRESS_INTERVAL_S = 10.0
 DRAIN_TIMEOUT_S = 30.0
 """On shutdown, how long in-flight requests may run before they go back to the queue."""
+ADVERT_MIN_GAP_S = 0.25
+"""Adverts that follow a change (a finished request) come at most this often."""
 CANCELLED_KEEP_S = 600.0
 CANCELLED_MAX = 10_000
 VERSION = "0.1.0"
@@ -95,6 +97,7 @@ class WorkerService:
     _draining: bool = False
     _reconcile_needed: asyncio.Event = field(default_factory=asyncio.Event)
     _unloading: dict[str, asyncio.Task[None]] = field(default_factory=dict)
+    _advert_soon: asyncio.Event = field(default_factory=asyncio.Event)
     _in_flight: dict[str, InFlight] = field(default_factory=dict)
     _reserved: int = 0
     _outbox: Outbox | None = None
@@ -445,6 +448,7 @@ class WorkerService:
         if slot is not None:
             slot.in_flight -= 1
             slot.last_used = time.time()
+            self._advert_soon.set()  # placement decisions elsewhere go by how recently models were used
         if outcome == "ack":
             await flight.delivery.ack()
         elif outcome == "nak":
@@ -538,7 +542,10 @@ class WorkerService:
 
     async def _advert_loop(self) -> None:
         while True:
-            await asyncio.sleep(names.ADVERT_INTERVAL_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._advert_soon.wait(), timeout=names.ADVERT_INTERVAL_S)
+            self._advert_soon.clear()
             await self._measure_queues()
             await self._expire_idle()
             await self._advertise()
+            await asyncio.sleep(ADVERT_MIN_GAP_S)

@@ -1,0 +1,166 @@
+"""The fleet with real worker processes: load on demand, exactly one load per burst, eviction, keep_alive.
+
+Three workers share one catalogue of tiny models that each take 100 MiB (set in
+the catalogue) and have a 250 MiB budget, so each holds two models at most.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+import pytest
+
+from cortex.broker.bus import Bus
+from cortex.broker.decisions import read_placement
+from cortex.broker.server import EmbeddedNats
+from cortex.protocol import Pin, Placement, codec, names
+from tests.conftest import Gateway, child_env, get_json, stop_process, wait_for
+
+WORKERS = ["fleet-a", "fleet-b", "fleet-c"]
+PROMPT = [{"role": "user", "content": "Hello"}]
+
+
+@pytest.fixture(scope="module")
+def fleet_catalogue(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    path = tmp_path_factory.mktemp("fleet") / "models.toml"
+    entries = [f'[[models]]\nid = "f{i}"\npath = "{tiny_model_dir}"\nmemory = "100MiB"\nkeep_alive = -1\n'
+               for i in range(1, 9)]  # fmt: skip
+    entries.append(f'[[models]]\nid = "f-idle"\npath = "{tiny_model_dir}"\nmemory = "100MiB"\nkeep_alive = "1s"\n')
+    entries.append(f'[[models]]\nid = "f-huge"\npath = "{tiny_model_dir}"\nmemory = "10GiB"\n')
+    path.write_text("\n".join(entries))
+    return path
+
+
+@pytest.fixture(scope="module")
+def fleet(
+    nats_server: EmbeddedNats, gateway: Gateway, fleet_catalogue: Path, logs_dir: Path
+) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
+    procs = {}
+    for name in WORKERS:
+        log = open(logs_dir / f"{name}.log", "wb")  # noqa: SIM115
+        procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "cortex.worker", "--nats", nats_server.url, "--models", str(fleet_catalogue),
+             "--device", "cpu", "--slots", "4", "--worker-id", name, "--memory-budget", "250MiB"],
+            stdout=log, stderr=subprocess.STDOUT, env=child_env(),
+        )  # fmt: skip
+        log.close()
+
+    def all_up() -> bool:
+        workers = get_json(f"{gateway.root_url}/health")
+        models = {m["id"] for m in get_json(f"{gateway.base_url}/models")["data"]}  # type: ignore[index]
+        return isinstance(workers, dict) and "f1" in models and workers["workers"] >= 4
+
+    wait_for(all_up, timeout=120, what="fleet workers")
+    yield procs
+    for proc in procs.values():
+        stop_process(proc)
+
+
+@pytest.fixture(scope="module")
+def client(gateway: Gateway, fleet: dict[str, subprocess.Popen[bytes]]) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0, timeout=120)
+
+
+def ask(client: openai.OpenAI, model: str) -> int:
+    reply = client.chat.completions.create(model=model, messages=PROMPT, max_tokens=3, temperature=0)  # type: ignore[arg-type]
+    assert reply.usage is not None
+    return reply.usage.completion_tokens
+
+
+def placement(nats_server: EmbeddedNats, model: str) -> Placement | None:
+    async def read() -> Placement | None:
+        bus = await Bus.open(nats_server.url, name="test")
+        try:
+            return (await read_placement(bus, model))[0]
+        finally:
+            await bus.close()
+
+    return asyncio.run(read())
+
+
+def last_used(nats_server: EmbeddedNats, model: str) -> float:
+    """When `model` last finished a request, as its worker advertises it."""
+
+    async def read() -> float:
+        bus = await Bus.open(nats_server.url, name="test")
+        try:
+            adverts = [codec.decode_advert(raw) for key, raw in (await bus.read_fleet()).items()
+                       if names.is_worker_key(key)]  # fmt: skip
+        finally:
+            await bus.close()
+        return max((s.last_used for a in adverts for s in a.models if s.id == model), default=0.0)
+
+    return asyncio.run(read())
+
+
+def loads(logs_dir: Path, model: str) -> int:
+    return sum((logs_dir / f"{w}.log").read_text().count(f"loaded {model} on") for w in WORKERS)
+
+
+def loaded_on(gateway: Gateway, model: str) -> list[str]:
+    entry = get_json(f"{gateway.base_url}/models/{model}")
+    return list(entry["loaded_on"])  # type: ignore[index]
+
+
+def test_a_burst_for_a_cold_model_loads_it_exactly_once(
+    client: openai.OpenAI, gateway: Gateway, nats_server: EmbeddedNats, logs_dir: Path
+) -> None:
+    with ThreadPoolExecutor(20) as pool:
+        assert list(pool.map(lambda _: ask(client, "f1"), range(20))) == [3] * 20
+    assert loads(logs_dir, "f1") == 1
+    where = placement(nats_server, "f1")
+    assert where is not None and len(where.workers) == 1 and where.reason.startswith(where.workers[0])
+    assert loaded_on(gateway, "f1") == where.workers
+
+
+def test_models_spread_then_the_coldest_is_evicted(
+    client: openai.OpenAI, gateway: Gateway, nats_server: EmbeddedNats
+) -> None:
+    for model in ["f2", "f3", "f4", "f5", "f6"]:  # with f1: two per worker, every budget full
+        assert ask(client, model) == 3
+    counts = [sum(w in loaded_on(gateway, f"f{i}") for i in range(1, 7)) for w in WORKERS]
+    assert counts == [2, 2, 2]
+    ask(client, "f1")  # f1 is now the warmest; f2 the coldest
+    wait_for(lambda: last_used(nats_server, "f1") > last_used(nats_server, "f6"), timeout=10, what="adverts current")
+    holder = loaded_on(gateway, "f2")[0]
+    assert ask(client, "f7") == 3
+    assert loaded_on(gateway, "f7") == [holder]
+    wait_for(lambda: loaded_on(gateway, "f2") == [], timeout=10, what="f2 evicted")
+    evicted = placement(nats_server, "f2")
+    assert evicted is not None and evicted.workers == []
+    assert f"evicted from {holder} to make room for f7 (lru)" in evicted.reason
+
+
+def test_a_pinned_model_is_never_evicted(client: openai.OpenAI, gateway: Gateway, nats_server: EmbeddedNats) -> None:
+    coldest = "f3"  # untouched since it loaded
+    holder = loaded_on(gateway, coldest)[0]
+
+    async def pin() -> None:
+        bus = await Bus.open(nats_server.url, name="test")
+        try:
+            await bus.write_decision(names.pin_key(coldest), codec.encode(Pin(model=coldest)), 0)
+        finally:
+            await bus.close()
+
+    asyncio.run(pin())
+    wait_for(lambda: get_json(f"{gateway.base_url}/models/{coldest}")["pinned"], timeout=5, what="pin seen")  # type: ignore[index]
+    assert ask(client, "f8") == 3
+    assert loaded_on(gateway, coldest) == [holder]
+
+
+def test_an_idle_model_unloads_after_keep_alive(client: openai.OpenAI, gateway: Gateway) -> None:
+    assert ask(client, "f-idle") == 3
+    wait_for(lambda: loaded_on(gateway, "f-idle") == [], timeout=15, what="f-idle unloaded after keep_alive 1s")
+
+
+def test_a_model_too_big_for_every_worker_is_a_clear_503(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.InternalServerError) as info:
+        ask(client, "f-huge")
+    assert info.value.status_code == 503
+    assert "fleet-a has 0.24 GiB in all and the model needs 10.00 GiB" in info.value.message

@@ -1,0 +1,66 @@
+"""The placement policy, on hand-made adverts: who loads a model, and what it evicts."""
+
+from __future__ import annotations
+
+import msgspec
+
+from cortex.protocol import ModelCard, ModelState, Pin, WorkerAdvert
+from cortex.protocol.placement import Choice, choose_worker, plan_evictions
+
+MiB = 2**20
+CATALOGUE = [ModelCard(id=f"m{i}", memory=100 * MiB, priority=i) for i in range(1, 8)]
+
+
+def worker(name: str, *loaded: tuple[str, float], budget: int = 250, eviction: str = "lru", busy: tuple[str, ...] = (),
+           queued: tuple[str, ...] = (), draining: bool = False) -> WorkerAdvert:  # fmt: skip
+    models = [ModelState(id=m, state="ready", memory=100 * MiB, last_used=t, in_flight=1 if m in busy else 0,
+                         queue_depth=3 if m in queued else 0) for m, t in loaded]  # fmt: skip
+    return WorkerAdvert(worker_id=name, host="h", device="cpu", memory_budget=budget * MiB,
+                        memory_used=100 * MiB * len(loaded), models=models, catalogue=CATALOGUE, eviction=eviction,
+                        draining=draining)  # fmt: skip
+
+
+def test_room_beats_eviction_and_the_choice_is_explained() -> None:
+    choice = choose_worker("m3", [worker("a", ("m1", 1.0), ("m2", 2.0)), worker("b", ("m4", 3.0))], [])
+    assert isinstance(choice, Choice)
+    assert choice.worker == "b" and choice.evict == []
+    assert "no eviction" in choice.reason and "preferred over a" in choice.reason
+
+
+def test_colder_evictions_first_then_worker_id() -> None:
+    fleet = [worker("a", ("m1", 50.0), ("m2", 60.0)), worker("b", ("m3", 10.0), ("m4", 70.0))]
+    choice = choose_worker("m5", fleet, [])
+    assert isinstance(choice, Choice) and (choice.worker, choice.evict) == ("b", ["m3"])
+    assert "evicting m3 (lru)" in choice.reason
+    assert choose_worker("m5", list(reversed(fleet)), []) == choice  # the order adverts arrive in does not matter
+
+
+def test_pinned_busy_and_queued_models_are_never_evicted() -> None:
+    advert = worker("a", ("m1", 1.0), ("m2", 2.0), busy=("m1",))
+    assert plan_evictions(advert, 100 * MiB, []) == ["m2"]
+    assert plan_evictions(advert, 100 * MiB, [Pin(model="m2")]) is None
+    queued = worker("a", ("m1", 1.0), ("m2", 2.0), queued=("m1",))
+    assert plan_evictions(queued, 100 * MiB, []) == ["m2"]
+    assert plan_evictions(worker("a", ("m1", 1.0), ("m2", 2.0)), 100 * MiB, [Pin(model="m1", worker="b")]) == ["m1"]
+
+
+def test_priority_strategy_evicts_the_lowest_priority_first() -> None:
+    advert = worker("a", ("m5", 1.0), ("m2", 9.0), eviction="priority")
+    assert plan_evictions(advert, 100 * MiB, []) == ["m2"]  # m2 is more recent but of lower priority
+    assert plan_evictions(worker("a", ("m5", 1.0), ("m2", 9.0)), 100 * MiB, []) == ["m5"]  # lru
+
+
+def test_draining_failed_and_too_small_workers_are_skipped_with_reasons() -> None:
+    big = ModelCard(id="huge", memory=1000 * MiB)
+    fleet = [msgspec.structs.replace(worker("a"), catalogue=[*CATALOGUE, big]), worker("b", draining=True)]
+    reason = choose_worker("huge", fleet, [])
+    assert isinstance(reason, str) and "a has 0.24 GiB in all and the model needs 0.98 GiB" in reason
+    reason = choose_worker("m1", [worker("b", draining=True)], [])
+    assert isinstance(reason, str) and "b is draining" in reason
+    assert choose_worker("m1", [worker("a")], [], exclude={"a"}) == "no worker can load m1: a failed to load it"
+    assert choose_worker("nope", [worker("a")], []) == "no live worker has nope in its catalogue"
+
+
+def test_a_worker_that_has_the_model_keeps_it() -> None:
+    choice = choose_worker("m1", [worker("a"), worker("b", ("m1", 1.0))], [])
+    assert isinstance(choice, Choice) and choice.worker == "b" and choice.evict == []
