@@ -3,8 +3,15 @@
 ::
 
     cortexctl up                      # nats-server + gateway :31313 + worker, Ctrl-C stops all
-    cortexctl status                  # workers, devices, models, free slots
+    cortexctl status                  # workers, devices, memory, models, free slots
     cortexctl status --json
+    cortexctl models                  # the catalogue: where each model is loaded, and why
+    cortexctl load MODEL [--worker W] / unload MODEL [--worker W]
+    cortexctl pin MODEL [--worker W] / unpin MODEL
+    cortexctl drain WORKER / undrain WORKER
+
+Every command reads and writes the NATS KV buckets (``cortex-fleet``,
+``cortex-placement``), so any number of gateways and cortexctl agree.
 """
 
 from __future__ import annotations
@@ -94,17 +101,233 @@ def status(
         typer.echo("No live workers.")
         return
     now = time.time()
-    typer.echo(f"{'WORKER':<28} {'DEVICE':<10} {'MEMORY FREE/TOTAL':<20} {'SLOTS':<7} {'AGE':<5} MODELS")
+    typer.echo(f"{'WORKER':<28} {'DEVICE':<10} {'MEMORY USED/BUDGET':<28} {'SLOTS':<7} {'AGE':<5} MODELS")
     for a in adverts:
-        memory = f"{_gib(a.get('memory_free', 0))}/{_gib(a.get('memory_total', 0))} GiB"
+        memory = _bar(a.get("memory_used", 0) + a.get("memory_reserved", 0), a.get("memory_budget", 0))
         slots = f"{a.get('slots_free', 0)}/{a.get('slots_total', 0)}"
-        age = f"{max(0.0, now - a.get('updated_at', now)):.0f}s"
-        models = ", ".join(f"{m['id']} ({m['state']}, {m.get('in_flight', 0)} running)" for m in a.get("models", []))
-        typer.echo(f"{a['worker_id']:<28} {a['device']:<10} {memory:<20} {slots:<7} {age:<5} {models}")
+        age = f"{max(0.0, now - a.get('updated_at', now)):.0f}s" + (" draining" if a.get("draining") else "")
+        models = ", ".join(
+            f"{m['id']} ({m['state']}, {m.get('in_flight', 0)} running, {m.get('queue_depth', 0)} queued)"
+            for m in a.get("models", [])
+        )
+        typer.echo(f"{a['worker_id']:<28} {a['device']:<10} {memory:<28} {slots:<7} {age:<5} {models}")
 
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.1f}"
+
+
+def _bar(used: int, total: int, width: int = 10) -> str:
+    filled = min(width, round(width * used / total)) if total else 0
+    return f"[{'#' * filled}{'.' * (width - filled)}] {_gib(used)}/{_gib(total)} GiB"
+
+
+NatsOption = Annotated[str, typer.Option(help="NATS server URL")]
+
+
+def _run(what: str, work: Any) -> Any:
+    try:
+        return asyncio.run(work)
+    except BrokerError as exc:
+        typer.echo(f"cortexctl {what}: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+class _Refused(Exception):
+    """A command that cannot be carried out (unknown model, pinned model...): said in one line."""
+
+
+async def _with_bus(url: str, action: Any) -> str:
+    from cortex.broker.bus import Bus
+
+    bus = await Bus.open(url, name="cortexctl")
+    try:
+        return str(await action(bus))
+    except _Refused as exc:
+        return f"refused: {exc}"
+    finally:
+        await bus.close()
+
+
+async def _adverts(bus: Any) -> list[Any]:
+    from cortex.protocol import codec, names
+
+    out = []
+    for key, value in sorted((await bus.read_fleet()).items()):
+        if names.is_worker_key(key):
+            try:
+                out.append(codec.decode_advert(value))
+            except codec.DecodeError:
+                continue
+    return out
+
+
+def _model_id(adverts: list[Any], name: str) -> str:
+    for advert in adverts:
+        for card in advert.catalogue:
+            if name == card.id or name in card.aliases:
+                return str(card.id)
+    raise _Refused(f"no live worker has {name!r} in its catalogue")
+
+
+def _done(name: str, result: Any) -> None:
+    typer.echo(result)
+    if str(result).startswith("refused:"):
+        raise typer.Exit(1)
+
+
+@app.command()
+def load(
+    model: str,
+    worker: Annotated[str | None, typer.Option(help="load it on this worker (default: the placement's choice)")] = None,
+    nats: NatsOption = DEFAULT_URL,
+) -> None:
+    """Load a model now, on the best worker (or the one named)."""
+
+    async def action(bus: Any) -> str:
+        from cortex.broker.decisions import change_placement, read_pins, with_worker
+        from cortex.protocol.placement import choose_worker
+
+        adverts = await _adverts(bus)
+        model_id = _model_id(adverts, model)
+        if worker is not None:
+            target, reason = worker, f"{worker}: cortexctl load --worker"
+        else:
+            choice = choose_worker(model_id, adverts, (await read_pins(bus)).values())
+            if isinstance(choice, str):
+                raise _Refused(choice)
+            target, reason = choice.worker, f"{choice.reason} (cortexctl load)"
+        await change_placement(bus, model_id, with_worker(target, reason), by="cortexctl")
+        return f"{model_id} placed on {target}: {reason}"
+
+    _done("load", _run("load", _with_bus(nats, action)))
+
+
+@app.command()
+def unload(
+    model: str,
+    worker: Annotated[str | None, typer.Option(help="unload it from this worker only")] = None,
+    nats: NatsOption = DEFAULT_URL,
+) -> None:
+    """Unload a model (from every worker, or the one named); refused while it is pinned."""
+
+    async def action(bus: Any) -> str:
+        from cortex.broker.decisions import change_placement, read_pins, without_worker
+        from cortex.protocol import Placement
+
+        model_id = _model_id(await _adverts(bus), model)
+        if model_id in await read_pins(bus):
+            raise _Refused(f"{model_id} is pinned; `cortexctl unpin {model_id}` first")
+        if worker is not None:
+            await change_placement(bus, model_id, without_worker(worker, "cortexctl unload --worker"), by="cortexctl")
+            return f"{model_id} unloading from {worker}"
+
+        def everywhere(current: Placement | None) -> Placement | None:
+            if current is None or not current.workers:
+                return None
+            return Placement(model=model_id, reason="cortexctl unload", failed=current.failed)
+
+        await change_placement(bus, model_id, everywhere, by="cortexctl")
+        return f"{model_id} unloading everywhere"
+
+    _done("unload", _run("unload", _with_bus(nats, action)))
+
+
+@app.command()
+def pin(
+    model: str,
+    replicas: Annotated[int, typer.Option(help="workers to keep it on")] = 1,
+    worker: Annotated[str | None, typer.Option(help="keep it on this worker")] = None,
+    nats: NatsOption = DEFAULT_URL,
+) -> None:
+    """Keep a model loaded: never evicted, never unloaded for idleness (kept in KV: survives restarts)."""
+
+    async def action(bus: Any) -> str:
+        from cortex.broker.decisions import change_placement, with_worker
+        from cortex.protocol import Pin, codec, names
+        from cortex.protocol.placement import choose_worker
+
+        adverts = await _adverts(bus)
+        model_id = _model_id(adverts, model)
+        key = names.pin_key(model_id)
+        value = codec.encode(Pin(model=model_id, replicas=replicas, worker=worker or "", pinned_at=time.time()))
+        _, revision = await bus.read_decision(key)
+        if not await bus.write_decision(key, value, revision):
+            raise _Refused("the pin changed meanwhile; try again")
+        target = worker
+        if target is None:
+            choice = choose_worker(model_id, adverts, [])
+            if isinstance(choice, str):
+                return f"{model_id} pinned; not loaded yet: {choice}"
+            target = choice.worker
+        await change_placement(bus, model_id, with_worker(target, f"{target}: pinned (cortexctl pin)"), by="cortexctl")
+        return f"{model_id} pinned on {target}"
+
+    _done("pin", _run("pin", _with_bus(nats, action)))
+
+
+@app.command()
+def unpin(model: str, nats: NatsOption = DEFAULT_URL) -> None:
+    """Let a pinned model be evicted and unload when idle again."""
+
+    async def action(bus: Any) -> str:
+        from cortex.protocol import names
+
+        model_id = _model_id(await _adverts(bus), model)
+        await bus.delete_decision(names.pin_key(model_id))
+        return f"{model_id} unpinned"
+
+    _done("unpin", _run("unpin", _with_bus(nats, action)))
+
+
+@app.command()
+def drain(worker: str, nats: NatsOption = DEFAULT_URL) -> None:
+    """Finish a worker's requests, take no new ones, unload its models (kept in KV until undrain)."""
+
+    async def action(bus: Any) -> str:
+        from cortex.protocol import names
+
+        key = names.drain_key(worker)
+        _, revision = await bus.read_decision(key)
+        await bus.write_decision(key, json.dumps({"since": time.time()}).encode(), revision)
+        return f"{worker} draining"
+
+    _done("drain", _run("drain", _with_bus(nats, action)))
+
+
+@app.command()
+def undrain(worker: str, nats: NatsOption = DEFAULT_URL) -> None:
+    """Let a drained worker take requests again (models load on demand)."""
+
+    async def action(bus: Any) -> str:
+        from cortex.protocol import names
+
+        await bus.delete_decision(names.drain_key(worker))
+        return f"{worker} back in service"
+
+    _done("undrain", _run("undrain", _with_bus(nats, action)))
+
+
+@app.command()
+def models(nats: NatsOption = DEFAULT_URL) -> None:
+    """The catalogue across live workers: where each model is loaded, pins, and the placement's reason."""
+
+    async def action(bus: Any) -> str:
+        from cortex.broker.decisions import read_pins, read_placement
+
+        adverts = await _adverts(bus)
+        pins = await read_pins(bus)
+        lines = [f"{'MODEL':<32} {'MEMORY':<10} {'PINNED':<7} {'LOADED ON':<30} WHY"]
+        for model_id in sorted({c.id for a in adverts for c in a.catalogue}):
+            where = [f"{a.worker_id} ({s.state})" for a in adverts if (s := a.state_of(model_id)) is not None]
+            memory = max((c.memory for a in adverts for c in a.catalogue if c.id == model_id), default=0)
+            placement, _ = await read_placement(bus, model_id)
+            why = placement.error or placement.reason if placement is not None else ""
+            lines.append(f"{model_id:<32} {_gib(memory) + ' GiB':<10} {'yes' if model_id in pins else '':<7} "
+                         f"{', '.join(where) or '-':<30} {why}")  # fmt: skip
+        return "\n".join(lines)
+
+    _done("models", _run("models", _with_bus(nats, action)))
 
 
 async def _read_fleet(url: str) -> list[dict[str, Any]]:

@@ -164,3 +164,55 @@ def test_a_model_too_big_for_every_worker_is_a_clear_503(client: openai.OpenAI) 
         ask(client, "f-huge")
     assert info.value.status_code == 503
     assert "fleet-a has 0.24 GiB in all and the model needs 10.00 GiB" in info.value.message
+
+
+def cortexctl(nats_server: EmbeddedNats, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "cortex.broker", *args, "--nats", nats_server.url],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+
+
+def test_cortexctl_unload_load_and_models(client: openai.OpenAI, gateway: Gateway, nats_server: EmbeddedNats) -> None:
+    result = cortexctl(nats_server, "unload", "f1")
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: loaded_on(gateway, "f1") == [], timeout=15, what="f1 unloaded")
+    result = cortexctl(nats_server, "load", "f1", "--worker", "fleet-c")
+    assert result.returncode == 0 and "f1 placed on fleet-c" in result.stdout, result.stdout + result.stderr
+    wait_for(lambda: loaded_on(gateway, "f1") == ["fleet-c"], timeout=15, what="f1 loaded on fleet-c")
+    listing = cortexctl(nats_server, "models").stdout
+    assert "f1" in listing and "fleet-c (ready)" in listing and "cortexctl load --worker" in listing
+    refused = cortexctl(nats_server, "unload", "f3")  # pinned by an earlier test
+    assert refused.returncode == 1 and "pinned" in refused.stdout
+
+
+def test_drain_moves_work_elsewhere_and_undrain_restores(
+    client: openai.OpenAI, gateway: Gateway, nats_server: EmbeddedNats
+) -> None:
+    assert cortexctl(nats_server, "unpin", "f3").returncode == 0
+    assert cortexctl(nats_server, "drain", "fleet-c").returncode == 0
+    wait_for(lambda: all("fleet-c" not in loaded_on(gateway, f"f{i}") for i in range(1, 9)), timeout=20,
+             what="fleet-c unloaded its models")  # fmt: skip
+    assert ask(client, "f1") == 3  # served by another worker
+    assert "fleet-c" not in loaded_on(gateway, "f1")
+    status = cortexctl(nats_server, "status")
+    assert "draining" in status.stdout
+    assert cortexctl(nats_server, "undrain", "fleet-c").returncode == 0
+
+
+def test_a_pin_survives_a_worker_restart(
+    fleet: dict[str, subprocess.Popen[bytes]], gateway: Gateway, nats_server: EmbeddedNats,
+    fleet_catalogue: Path, logs_dir: Path,
+) -> None:  # fmt: skip
+    result = cortexctl(nats_server, "pin", "f8", "--worker", "fleet-b")
+    assert result.returncode == 0, result.stdout + result.stderr
+    wait_for(lambda: "fleet-b" in loaded_on(gateway, "f8"), timeout=20, what="f8 pinned on fleet-b")
+    assert stop_process(fleet["fleet-b"]) == 0
+    wait_for(lambda: "fleet-b" not in loaded_on(gateway, "f8"), timeout=15, what="fleet-b gone")
+    log = open(logs_dir / "fleet-b-restarted.log", "wb")  # noqa: SIM115
+    fleet["fleet-b"] = subprocess.Popen(
+        [sys.executable, "-m", "cortex.worker", "--nats", nats_server.url, "--models", str(fleet_catalogue),
+         "--device", "cpu", "--slots", "4", "--worker-id", "fleet-b", "--memory-budget", "250MiB"],
+        stdout=log, stderr=subprocess.STDOUT, env=child_env(),
+    )  # fmt: skip
+    log.close()
+    wait_for(lambda: "fleet-b" in loaded_on(gateway, "f8"), timeout=60, what="f8 back on restarted fleet-b")
+    assert cortexctl(nats_server, "unpin", "f8").returncode == 0
