@@ -12,7 +12,7 @@ from cortex.gateway.exchange import Answer, Plan
 from cortex.gateway.formats import response_format
 from cortex.gateway.openai_errors import decode_body, error_body, error_response
 from cortex.gateway.openai_params import check_logprobs, check_sampling, logprob_objects, reasoning, to_sampling
-from cortex.gateway.tools import check_choice, check_tools, make_tool
+from cortex.gateway.tools import check_choice, check_tools, make_tool, openai_tool_choice
 from cortex.protocol import (
     Chunk,
     Message,
@@ -28,10 +28,6 @@ from cortex.protocol import (
 from cortex.protocol.messages import (
     FINISH_LENGTH,
     FINISH_TOOL_CALLS,
-    TOOL_CHOICE_AUTO,
-    TOOL_CHOICE_FUNCTION,
-    TOOL_CHOICE_NONE,
-    TOOL_CHOICE_REQUIRED,
 )
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
@@ -201,18 +197,12 @@ def canonical_tools(req: ChatRequest) -> tuple[list[Tool], ToolChoice]:
         tools.append(make_tool(fn.name, fn.description, fn.parameters, param=f"tools[{i}].function"))
     check_tools(tools, param="tools")
     choice = req.tool_choice
-    if choice is None:
-        canonical = ToolChoice()
-    elif isinstance(choice, str):
-        if choice not in (TOOL_CHOICE_AUTO, TOOL_CHOICE_NONE, TOOL_CHOICE_REQUIRED):
-            raise InvalidRequest(f"Invalid `tool_choice` {choice!r}: expected none, auto, required or a function.",
-                                 param="tool_choice")  # fmt: skip
-        canonical = ToolChoice(mode=choice)
-    elif choice.type != "function" or choice.function is None:
-        raise InvalidRequest("A named `tool_choice` must be {\"type\": \"function\", \"function\": {\"name\": ...}}.",
-                             param="tool_choice")  # fmt: skip
-    else:
-        canonical = ToolChoice(mode=TOOL_CHOICE_FUNCTION, name=choice.function.name)
+    named = (
+        choice.function.name
+        if isinstance(choice, NamedToolChoice) and choice.type == "function" and choice.function
+        else None
+    )
+    canonical = openai_tool_choice(choice, named, shape='{"type": "function", "function": {"name": ...}}')
     check_choice(tools, canonical, param="tool_choice")
     return tools, canonical
 

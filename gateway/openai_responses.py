@@ -23,14 +23,11 @@ from cortex.gateway.formats import response_format
 from cortex.gateway.openai_errors import decode_body, error_body, error_response
 from cortex.gateway.openai_params import check_logprobs, check_sampling, logprob_objects, reasoning, to_sampling
 from cortex.gateway.services import Services
-from cortex.gateway.tools import check_choice, check_tools, make_tool
+from cortex.gateway.tools import check_choice, check_tools, make_tool, openai_tool_choice
 from cortex.protocol import Chunk, Message, TokenLogprob, Tool, ToolCall, ToolCallDelta, ToolChoice, Usage
 from cortex.protocol.messages import (
     FINISH_LENGTH,
-    TOOL_CHOICE_AUTO,
     TOOL_CHOICE_FUNCTION,
-    TOOL_CHOICE_NONE,
-    TOOL_CHOICE_REQUIRED,
 )
 
 log = logging.getLogger("cortex.gateway")
@@ -183,17 +180,8 @@ def canonical_tools(req: ResponsesRequest) -> tuple[list[Tool], ToolChoice]:
         tools.append(make_tool(spec.name, spec.description, spec.parameters, param=f"tools[{i}]"))
     check_tools(tools, param="tools")
     choice_in = req.tool_choice
-    if choice_in is None:
-        choice = ToolChoice()
-    elif isinstance(choice_in, str):
-        if choice_in not in (TOOL_CHOICE_AUTO, TOOL_CHOICE_NONE, TOOL_CHOICE_REQUIRED):
-            raise InvalidRequest(f"Invalid `tool_choice` {choice_in!r}: expected none, auto, required or a function.",
-                                 param="tool_choice")  # fmt: skip
-        choice = ToolChoice(mode=choice_in)
-    elif choice_in.type != "function" or not choice_in.name:
-        raise InvalidRequest('A named `tool_choice` must be {"type": "function", "name": ...}.', param="tool_choice")
-    else:
-        choice = ToolChoice(mode=TOOL_CHOICE_FUNCTION, name=choice_in.name)
+    named = choice_in.name if isinstance(choice_in, NamedToolChoice) and choice_in.type == "function" else None
+    choice = openai_tool_choice(choice_in, named, shape='{"type": "function", "name": ...}')
     check_choice(tools, choice, param="tool_choice")
     return tools, choice
 

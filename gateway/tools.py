@@ -56,6 +56,23 @@ def check_choice(tools: list[Tool], choice: ToolChoice, *, param: str) -> None:
         raise InvalidRequest(f"The tool choice names {choice.name!r}, which is not among the tools.", param=param)
 
 
+OPENAI_MODES = (m.TOOL_CHOICE_AUTO, m.TOOL_CHOICE_NONE, m.TOOL_CHOICE_REQUIRED)
+
+
+def openai_tool_choice(choice: object, named: str | None, *, shape: str) -> ToolChoice:
+    """OpenAI's `tool_choice`: absent, a mode, or an object naming a function (`named`; None when malformed)."""
+    if choice is None:
+        return ToolChoice()
+    if isinstance(choice, str):
+        if choice not in OPENAI_MODES:
+            raise InvalidRequest(f"Invalid `tool_choice` {choice!r}: expected none, auto, required or a function.",
+                                 param="tool_choice")  # fmt: skip
+        return ToolChoice(mode=choice)
+    if not named:
+        raise InvalidRequest(f"A named `tool_choice` must be {shape}.", param="tool_choice")
+    return ToolChoice(mode=m.TOOL_CHOICE_FUNCTION, name=named)
+
+
 def arguments_json(value: Any) -> str:
     """Tool-call arguments as JSON text, whether a client sent an object or (OpenAI) a string."""
     if isinstance(value, str):
