@@ -184,6 +184,11 @@ def test_cortexctl_unload_load_and_models(client: openai.OpenAI, gateway: Gatewa
     assert refused.returncode == 1 and "pinned" in refused.stdout
 
 
+def test_a_model_asked_for_while_it_unloads_loads_again(client: openai.OpenAI, nats_server: EmbeddedNats) -> None:
+    assert cortexctl(nats_server, "unload", "f1").returncode == 0
+    assert ask(client, "f1") == 3  # placed again at once; its worker reloads it after the unload finishes
+
+
 def test_drain_moves_work_elsewhere_and_undrain_restores(
     client: openai.OpenAI, gateway: Gateway, nats_server: EmbeddedNats
 ) -> None:

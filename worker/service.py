@@ -323,6 +323,7 @@ class WorkerService:
         finally:
             self._models.pop(model, None)
             self._unloading.pop(model, None)
+            self._reconcile_needed.set()  # it may have been placed here again meanwhile
             await self._advertise()
 
     async def _expire_idle(self) -> None:
@@ -545,6 +546,7 @@ class WorkerService:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._advert_soon.wait(), timeout=names.ADVERT_INTERVAL_S)
             self._advert_soon.clear()
+            self._reconcile_needed.set()  # cheap when nothing changed; heals a missed notification
             await self._measure_queues()
             await self._expire_idle()
             await self._advertise()
