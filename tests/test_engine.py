@@ -232,3 +232,23 @@ def test_a_failing_logits_processor_fails_only_its_row(engine: Engine, one_at_a_
     assert failed.error is not None and "processor bug" in failed.error.message
     assert collector.outcome("r0") == one_at_a_time["r0"] and collector.outcome("r2") == one_at_a_time["r2"]
     assert run(engine, [request(3, PROMPTS[3])])["r3"] == one_at_a_time["r3"]  # the engine lives on
+
+
+def test_a_removed_model_is_freed(tiny_model_dir: Path) -> None:
+    import gc
+    import weakref
+
+    loaded = load_model(ModelSpec(id="tiny", path=str(tiny_model_dir)), torch.device("cpu"))
+    weights = weakref.ref(loaded.model)
+    engine = make_engine(loaded)
+    del loaded
+    try:
+        collector = Collector(1)
+        engine.submit(request(0, "Hello"), collector.emit_for("r0"))
+        assert collector.done.wait(30)
+        engine.remove_model("tiny").result(timeout=30)
+        gc.collect()
+        assert weights() is None, "something still holds the unloaded model"
+        assert engine.remove_model("tiny").result(timeout=30) == 0  # already gone
+    finally:
+        engine.stop()

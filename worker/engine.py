@@ -164,13 +164,17 @@ class Engine:
                     if self._stopping:
                         break
                     self._prefill_round()
-                    for state in self._models.values():
-                        if state.batch.rows:
-                            self._decode(state)
+                    self._decode_all()
                 except Exception as exc:
                     # A bug must cost the requests in flight, never the engine thread.
                     log.exception("engine step failed; failing the requests in flight")
                     self._fail_all(exc)
+
+    def _decode_all(self) -> None:
+        # A method of its own: a loop variable left in `_run`'s frame would keep a removed model alive.
+        for state in list(self._models.values()):
+            if state.batch.rows:
+                self._decode(state)
 
     def _fail_all(self, exc: Exception) -> None:
         error = ChunkError(code=m.ERROR_INTERNAL, message=f"the engine failed: {exc}")
