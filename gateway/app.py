@@ -64,6 +64,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Starlette:
         await bus.watch_decisions(fleet.on_decision)
         services = Services(settings=settings, bus=bus, relay=relay, fleet=fleet, metrics=metrics)
         relay.check_waiting = functools.partial(ensure_placed, services)
+        metrics.track_fleet(fleet.workers)
         app.state.services = services
         log.info("gateway %s connected to %s", relay.gateway_id, settings.nats_url)
         try:

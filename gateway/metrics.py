@@ -7,9 +7,15 @@ bounded: the model (a catalogue id, or ``_unknown``), the dialect and the status
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from cortex.protocol import WorkerAdvert
+from cortex.protocol.messages import LOAD_SECONDS_BUCKETS
 
 UNKNOWN_MODEL = "_unknown"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -39,6 +45,10 @@ class Metrics:
             buckets=_RATE_BUCKETS, registry=r,
         )  # fmt: skip
         self.in_flight = Gauge("cortex_requests_in_flight", "Requests being answered", ["model"], registry=r)
+
+    def track_fleet(self, workers: Callable[[], list[WorkerAdvert]]) -> None:
+        """Export the fleet's lifecycle, residency and memory from the workers' adverts."""
+        self.registry.register(FleetCollector(workers))
 
     def serve(self, host: str, port: int) -> int:
         """Start the /metrics listener in a thread; returns the bound port."""
@@ -83,3 +93,54 @@ class RequestTimer:
                 labels.tokens_per_second.labels(self.model).observe(
                     (self.completion_tokens - 1) / (end - self.first_token)
                 )
+
+
+class FleetCollector(Collector):
+    """Metrics read from the live workers' adverts at scrape time.
+
+    Every gateway exports the same values (labelled by worker), so a fleet
+    scraped through several gateways agrees; a worker's counters restart with
+    it, as a process's do.
+    """
+
+    def __init__(self, workers: Callable[[], list[WorkerAdvert]]) -> None:
+        self.workers = workers
+
+    def collect(self) -> Iterator[Metric]:
+        cold = CounterMetricFamily("cortex_cold_starts", "Models loaded", labels=["model", "worker"])
+        failures = CounterMetricFamily(
+            "cortex_model_load_failures", "Model loads that failed", labels=["model", "worker"]
+        )
+        evictions = CounterMetricFamily("cortex_evictions", "Models unloaded, by reason", labels=["reason", "worker"])
+        load = HistogramMetricFamily("cortex_model_load_seconds", "Time to load a model", labels=["worker"])
+        resident = GaugeMetricFamily("cortex_model_resident", "1 for each model a worker holds, by state",
+                                     labels=["model", "worker", "state"])  # fmt: skip
+        in_flight = GaugeMetricFamily("cortex_model_in_flight", "Requests running", labels=["model", "worker"])
+        queue = GaugeMetricFamily("cortex_model_queue_depth", "Requests waiting in a model's queue", labels=["model"])
+        memory = GaugeMetricFamily("cortex_worker_memory_bytes", "Worker memory: budget, used, reserved, device total",
+                                   labels=["worker", "device", "kind"])  # fmt: skip
+        depths: dict[str, int] = {}
+        for advert in self.workers():
+            w = advert.worker_id
+            for kind, value in (("budget", advert.memory_budget), ("used", advert.memory_used),
+                                ("reserved", advert.memory_reserved), ("total", advert.memory_total)):  # fmt: skip
+                memory.add_metric([w, advert.device, kind], value)
+            for state in advert.models:
+                resident.add_metric([state.id, w, state.state], 1)
+                in_flight.add_metric([state.id, w], state.in_flight)
+                depths[state.id] = max(depths.get(state.id, 0), state.queue_depth)
+            life = advert.lifecycle
+            if life is None:
+                continue
+            for model, n in life.cold_starts.items():
+                cold.add_metric([model, w], n)
+            for model, n in life.load_failures.items():
+                failures.add_metric([model, w], n)
+            for reason, n in life.evictions.items():
+                evictions.add_metric([reason, w], n)
+            if life.load_seconds_buckets:
+                buckets = [(str(b), n) for b, n in zip(LOAD_SECONDS_BUCKETS, life.load_seconds_buckets, strict=False)]
+                load.add_metric([w], [*buckets, ("+Inf", life.loads)], life.load_seconds_sum)
+        for model, depth in depths.items():
+            queue.add_metric([model], depth)
+        yield from (cold, failures, evictions, load, resident, in_flight, queue, memory)

@@ -261,6 +261,23 @@ class ModelState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Requests waiting in the model's queue (measured by workers that serve it)."""
 
 
+LOAD_SECONDS_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class Lifecycle(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A worker's model loads and unloads since it started (cumulative, as Prometheus counters are)."""
+
+    cold_starts: dict[str, int] = {}
+    """Loads completed, per model."""
+    load_failures: dict[str, int] = {}
+    evictions: dict[str, int] = {}
+    """Unloads per reason: ``lru``/``priority`` (room for another model), ``keep_alive``, ``unplaced``, ``drain``."""
+    load_seconds_buckets: list[int] = []
+    """Loads that took at most each of `LOAD_SECONDS_BUCKETS` seconds (cumulative counts)."""
+    load_seconds_sum: float = 0.0
+    loads: int = 0
+
+
 class WorkerAdvert(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type", tag="advert"):
     """A worker's capacity, kept fresh in the fleet bucket under `worker_key`."""
 
@@ -283,6 +300,7 @@ class WorkerAdvert(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     draining: bool = False
     eviction: str = "lru"
     """How this worker picks models to unload when it needs room: ``lru`` or ``priority``."""
+    lifecycle: Lifecycle | None = None
     version: str = ""
     started_at: float = 0.0
     updated_at: float = 0.0

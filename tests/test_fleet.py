@@ -203,6 +203,26 @@ def test_drain_moves_work_elsewhere_and_undrain_restores(
     assert cortexctl(nats_server, "undrain", "fleet-c").returncode == 0
 
 
+def test_lifecycle_metrics(gateway: Gateway, fleet: dict[str, subprocess.Popen[bytes]]) -> None:
+    import urllib.request
+
+    with urllib.request.urlopen(gateway.metrics_url, timeout=10) as resp:
+        text = resp.read().decode()
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    assert sum(v for k, v in samples.items() if k.startswith('cortex_cold_starts_total{model="f1"')) >= 1
+    assert sum(v for k, v in samples.items() if k.startswith('cortex_evictions_total{reason="lru"')) >= 1
+    evicted = {k: v for k, v in samples.items() if k.startswith('cortex_evictions_total')}
+    assert sum(v for k, v in evicted.items() if 'reason="keep_alive"' in k) >= 1, evicted
+    assert sum(v for k, v in samples.items() if k.startswith('cortex_evictions_total{reason="drain"')) >= 1
+    assert sum(v for k, v in samples.items() if k.startswith("cortex_model_load_seconds_count")) >= 8
+    assert samples['cortex_worker_memory_bytes{device="cpu",kind="budget",worker="fleet-a"}'] == 250 * 2**20
+    assert any(k.startswith("cortex_model_resident{") and 'state="ready"' in k for k in samples)
+
+
 def test_a_pin_survives_a_worker_restart(
     fleet: dict[str, subprocess.Popen[bytes]], gateway: Gateway, nats_server: EmbeddedNats,
     fleet_catalogue: Path, logs_dir: Path,

@@ -98,6 +98,9 @@ class WorkerService:
     _reconcile_needed: asyncio.Event = field(default_factory=asyncio.Event)
     _unloading: dict[str, asyncio.Task[None]] = field(default_factory=dict)
     _advert_soon: asyncio.Event = field(default_factory=asyncio.Event)
+    _lifecycle: m.Lifecycle = field(default_factory=m.Lifecycle)
+    _unload_kind: dict[str, str] = field(default_factory=dict)
+    """Why a model is about to unload, for the evictions metric (set where the decision is made)."""
     _in_flight: dict[str, InFlight] = field(default_factory=dict)
     _reserved: int = 0
     _outbox: Outbox | None = None
@@ -227,8 +230,11 @@ class WorkerService:
         for model, slot in list(self._models.items()):
             if model not in wanted and model not in self._unloading:
                 why = "drained" if self._draining else "no longer placed here"
+                self._unload_kind.setdefault(model, "drain" if self._draining else "unplaced")
                 self._unloading[model] = asyncio.create_task(self._unload(slot, why), name=f"unload-{model}")
         for model in sorted(wanted):
+            if model not in self._wanted():
+                continue  # evicted by an earlier load of this same pass
             slot = self._models.get(model)
             placement = self._placements[model]
             if slot is not None and not (slot.state == m.MODEL_FAILED and placement.updated_at > slot.failed_at):
@@ -250,6 +256,7 @@ class WorkerService:
         for victim in victims:
             reason = f"evicted from {self.worker_id} to make room for {spec.id} ({self.eviction})"
             log.info("%s", reason)
+            self._unload_kind[victim] = self.eviction
             await self._unplace_here(victim, reason)
             slot = self._models.get(victim)
             if slot is not None and victim not in self._unloading:
@@ -262,15 +269,26 @@ class WorkerService:
         await self._advertise()
 
     async def _serve_model(self, slot: ModelSlot) -> None:
+        started = time.monotonic()
+        life = self._lifecycle
         try:
             loaded = await asyncio.wrap_future(self.engine.call(lambda: self.loader(slot.spec)))
         except Exception as exc:
             log.exception("loading %s failed", slot.spec.id)
+            life.load_failures[slot.spec.id] = life.load_failures.get(slot.spec.id, 0) + 1
             slot.state, slot.error, slot.failed_at = m.MODEL_FAILED, f"{type(exc).__name__}: {exc}", time.time()
             await self._advertise()
             await self._load_failed(slot.spec.id, f"{self.worker_id}: {slot.error}")
             return
         self.engine.add_model(loaded)
+        seconds = time.monotonic() - started
+        life.cold_starts[slot.spec.id] = life.cold_starts.get(slot.spec.id, 0) + 1
+        if not life.load_seconds_buckets:
+            life.load_seconds_buckets = [0] * len(m.LOAD_SECONDS_BUCKETS)
+        for i, bound in enumerate(m.LOAD_SECONDS_BUCKETS):
+            life.load_seconds_buckets[i] += seconds <= bound
+        life.load_seconds_sum += seconds
+        life.loads += 1
         slot.pull = await self._open_pull_queue(slot)
         slot.state, slot.context_length = m.MODEL_READY, loaded.context_length
         slot.reasoning = getattr(loaded, "reasoning", None) is not None  # the synthetic model has no tags
@@ -320,9 +338,12 @@ class WorkerService:
             if was_ready:
                 freed = await asyncio.wrap_future(self.engine.remove_model(model))
                 log.info("unloaded %s (%s); %s freed", model, reason, gib(freed))
+                kind = self._unload_kind.pop(model, "unplaced")
+                self._lifecycle.evictions[kind] = self._lifecycle.evictions.get(kind, 0) + 1
         finally:
             self._models.pop(model, None)
             self._unloading.pop(model, None)
+            self._unload_kind.pop(model, None)
             self._reconcile_needed.set()  # it may have been placed here again meanwhile
             await self._advertise()
 
@@ -336,6 +357,7 @@ class WorkerService:
             if (slot.state != m.MODEL_READY or keep < 0 or model in pinned or slot.in_flight or slot.queue_depth
                     or idle < keep):  # fmt: skip
                 continue
+            self._unload_kind[model] = "keep_alive"
             await self._unplace_here(model, f"idle on {self.worker_id} for {idle:.0f}s (keep_alive {keep:g}s)")
 
     async def _measure_queues(self) -> None:
@@ -527,6 +549,7 @@ class WorkerService:
             memory_reserved=reserved,
             draining=self._draining,
             eviction=self.eviction,
+            lifecycle=self._lifecycle,
             slots_total=self.slots,
             slots_free=max(0, self.slots - len(self._in_flight)),
             version=VERSION,
