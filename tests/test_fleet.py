@@ -215,7 +215,7 @@ def test_lifecycle_metrics(gateway: Gateway, fleet: dict[str, subprocess.Popen[b
             samples[name] = float(value)
     assert sum(v for k, v in samples.items() if k.startswith('cortex_cold_starts_total{model="f1"')) >= 1
     assert sum(v for k, v in samples.items() if k.startswith('cortex_evictions_total{reason="lru"')) >= 1
-    evicted = {k: v for k, v in samples.items() if k.startswith('cortex_evictions_total')}
+    evicted = {k: v for k, v in samples.items() if k.startswith("cortex_evictions_total")}
     assert sum(v for k, v in evicted.items() if 'reason="keep_alive"' in k) >= 1, evicted
     assert sum(v for k, v in samples.items() if k.startswith('cortex_evictions_total{reason="drain"')) >= 1
     assert sum(v for k, v in samples.items() if k.startswith("cortex_model_load_seconds_count")) >= 8
