@@ -21,7 +21,7 @@ from starlette.responses import Response
 
 from cortex.gateway.errors import ApiError, PayloadTooLarge
 from cortex.gateway.metrics import UNKNOWN_MODEL, RequestTimer
-from cortex.gateway.placing import ensure_placed
+from cortex.gateway.placing import consider_replica, ensure_placed
 from cortex.gateway.relay import Abandoned, ReplyStream, StillWaiting, raise_for_chunk
 from cortex.gateway.services import Services
 from cortex.gateway.sse import EventStreamResponse, watch_disconnect
@@ -183,6 +183,8 @@ async def handle(request: Request, dialect: Dialect) -> Response:
         timer = RequestTimer(svc.metrics, entry.id, dialect.name)
         if not entry.ready_on:
             await ensure_placed(svc, entry.id)  # the request waits in the queue while a worker loads it
+        else:
+            await consider_replica(svc, entry.id)
         now = time.time()
         canonical = GenerateRequest(
             request_id=request_id,

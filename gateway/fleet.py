@@ -47,6 +47,8 @@ class FleetView:
     """`models()` as last computed, and when: every request resolves a model, adverts change every few seconds."""
     placements: dict[str, Placement] = field(default_factory=dict)
     pins: dict[str, Pin] = field(default_factory=dict)
+    deep_since: dict[str, float] = field(default_factory=dict)
+    """Since when (monotonic) each model's queue has been deep: a replica is added once it stays deep."""
 
     def on_decision(self, key: str, value: bytes | None) -> None:
         """A change in the placement bucket (placements and pins; drains show in the adverts)."""

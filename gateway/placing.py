@@ -8,6 +8,7 @@ gateways) and re-places it when its worker died, drained or failed.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 from cortex.broker.decisions import change_placement
@@ -20,6 +21,8 @@ from cortex.protocol.placement import choose_worker
 
 RETRY_FAILED_S = 30.0
 """A model no worker could load is tried again after this long (workers come and go)."""
+DEEP_FOR_S = 2.0
+"""A queue at least as deep as the slots serving it for this long asks for another replica."""
 
 
 def _serving(placement: Placement | None, model: str, live: dict[str, WorkerAdvert]) -> list[str]:
@@ -60,3 +63,39 @@ async def ensure_placed(svc: Services, model: str) -> None:
         raise NoCapacity(f"Cannot place the model `{model}` right now: {exc}") from exc
     if placement is not None and placement.error and not placement.workers:
         raise NoCapacity(f"The model `{model}` cannot be loaded: {placement.error}")
+
+
+async def consider_replica(svc: Services, model: str) -> None:
+    """Add a replica of `model` when its queue has stayed deep and a worker has room for it without evicting.
+
+    Up to the catalogue's ``max_replicas``; replicas above ``min_replicas``
+    leave again when idle past their ``keep_alive``.
+    """
+    live = {advert.worker_id: advert for advert in svc.fleet.workers()}
+    placement = svc.fleet.placements.get(model)
+    serving = _serving(placement, model, live)
+    card = next((c for a in live.values() if (c := a.card(model)) is not None), None)
+    if not serving or card is None or len(serving) >= card.max_replicas:
+        svc.fleet.deep_since.pop(model, None)
+        return
+    depth = max((s.queue_depth for w in serving if (s := live[w].state_of(model)) is not None), default=0)
+    if depth < sum(live[w].slots_total for w in serving):
+        svc.fleet.deep_since.pop(model, None)
+        return
+    now = time.monotonic()
+    if now - svc.fleet.deep_since.setdefault(model, now) < DEEP_FOR_S:
+        return
+    others = [a for w, a in live.items() if w not in serving]
+    choice = choose_worker(model, others, svc.fleet.pins.values())
+    if isinstance(choice, str) or choice.evict:
+        return  # nobody has room to spare: the queue drains where it is
+    svc.fleet.deep_since.pop(model, None)
+    reason = f"{choice.reason}; replica {len(serving) + 1} of {card.max_replicas}: {depth} requests queued"
+
+    def change(current: Placement | None) -> Placement | None:
+        if current is None or choice.worker in current.workers or len(current.workers) >= card.max_replicas:
+            return None
+        return Placement(model=model, workers=[*current.workers, choice.worker], reason=reason, failed=current.failed)
+
+    with contextlib.suppress(BrokerError):  # the next request asks again
+        await change_placement(svc.bus, model, change, by=f"gateway {svc.relay.gateway_id}")

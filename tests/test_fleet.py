@@ -33,6 +33,7 @@ def fleet_catalogue(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Pa
                for i in range(1, 9)]  # fmt: skip
     entries.append(f'[[models]]\nid = "f-idle"\npath = "{tiny_model_dir}"\nmemory = "100MiB"\nkeep_alive = "1s"\n')
     entries.append(f'[[models]]\nid = "f-huge"\npath = "{tiny_model_dir}"\nmemory = "10GiB"\n')
+    entries.append(f'[[models]]\nid = "f-hot"\npath = "{tiny_model_dir}"\nmemory = "10MiB"\nmax_replicas = 2\n')
     path.write_text("\n".join(entries))
     return path
 
@@ -164,6 +165,19 @@ def test_a_model_too_big_for_every_worker_is_a_clear_503(client: openai.OpenAI) 
         ask(client, "f-huge")
     assert info.value.status_code == 503
     assert "fleet-a has 0.24 GiB in all and the model needs 10.00 GiB" in info.value.message
+
+
+def test_a_deep_queue_gets_a_second_replica(client: openai.OpenAI, gateway: Gateway, nats_server: EmbeddedNats) -> None:
+    def busy_client(_: int) -> None:
+        for _ in range(3):
+            reply = client.chat.completions.create(model="f-hot", messages=PROMPT, max_tokens=300, temperature=0)  # type: ignore[arg-type]
+            assert reply.usage is not None and reply.usage.completion_tokens == 300
+
+    with ThreadPoolExecutor(12) as pool:  # 12 clients, 4 slots: the queue stays deep while they run
+        list(pool.map(busy_client, range(12)))
+    wait_for(lambda: len(loaded_on(gateway, "f-hot")) == 2, timeout=30, what="a second replica of f-hot")
+    where = placement(nats_server, "f-hot")
+    assert where is not None and "replica 2 of 2" in where.reason
 
 
 def cortexctl(nats_server: EmbeddedNats, *args: str) -> subprocess.CompletedProcess[str]:

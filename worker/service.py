@@ -357,6 +357,9 @@ class WorkerService:
             if (slot.state != m.MODEL_READY or keep < 0 or model in pinned or slot.in_flight or slot.queue_depth
                     or idle < keep):  # fmt: skip
                 continue
+            placement = self._placements.get(model)
+            if placement is not None and len(placement.workers) <= slot.spec.min_replicas:
+                continue  # the fleet keeps at least min_replicas of it
             self._unload_kind[model] = "keep_alive"
             await self._unplace_here(model, f"idle on {self.worker_id} for {idle:.0f}s (keep_alive {keep:g}s)")
 
