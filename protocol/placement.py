@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from cortex.protocol.messages import MODEL_LOADING, MODEL_READY, Pin, WorkerAdvert
+from cortex.protocol.messages import MODEL_LOADING, MODEL_READY, ModelState, Pin, WorkerAdvert
 
 STRATEGIES = ("lru", "priority")
 """``lru``: the least recently used model goes first; ``priority``: the lowest `priority`, then the least recent."""
@@ -47,17 +47,23 @@ def pinned_models(pins: Iterable[Pin], worker_id: str) -> set[str]:
     return {p.model for p in pins if not p.worker or p.worker == worker_id}
 
 
-def plan_evictions(advert: WorkerAdvert, need: int, pins: Iterable[Pin]) -> list[str] | None:
-    """Models to unload from `advert`'s worker so `need` bytes fit (by its strategy); None if they cannot."""
+def _evictable(state: ModelState, *, busy_too: bool) -> bool:
+    if busy_too:  # a model still loading or busy can be swapped out once its requests are done
+        return state.state in (MODEL_READY, MODEL_LOADING)
+    return state.state == MODEL_READY and not (state.in_flight or state.queue_depth)
+
+
+def plan_evictions(advert: WorkerAdvert, need: int, pins: Iterable[Pin], *, busy_too: bool = False) -> list[str] | None:
+    """Models to unload from `advert`'s worker so `need` bytes fit (by its strategy); None if they cannot.
+
+    `busy_too` also counts models with requests running or queued (a swap that
+    has to wait for them); pinned models never count.
+    """
     free = free_memory(advert)
     if need <= free:
         return []
     keep = pinned_models(pins, advert.worker_id)
-    evictable = [
-        m
-        for m in advert.models
-        if m.state == MODEL_READY and not m.in_flight and not m.queue_depth and m.id not in keep
-    ]
+    evictable = [m for m in advert.models if m.id not in keep and _evictable(m, busy_too=busy_too)]
     priorities = {c.id: c.priority for c in advert.catalogue}
     if advert.eviction == "priority":
         evictable.sort(key=lambda m: (priorities.get(m.id, 0), m.last_used, m.id))
@@ -100,14 +106,20 @@ def choose_worker(
             against.append(f"{name} has {gib(budget_of(advert))} in all and the model needs {gib(card.memory)}")
             continue
         victims = plan_evictions(advert, card.memory, pins)
+        waits = False
         if victims is None:
-            against.append(f"{name} cannot free {gib(card.memory)} (its models are busy or pinned)")
+            # Only busy models stand in the way: the worker swaps once they drain (or its wait cap passes).
+            victims = plan_evictions(advert, card.memory, pins, busy_too=True)
+            waits = True
+        if victims is None:
+            against.append(f"{name} cannot free {gib(card.memory)} (its models are pinned)")
             continue
         lasts = [s.last_used for s in advert.models if s.id in victims]
         freed = sum(s.memory for s in advert.models if s.id in victims)
         left = free_memory(advert) + freed - card.memory
-        cost = (bool(victims), len(victims), max(lasts, default=0.0), -left, name)
+        cost = (waits, bool(victims), len(victims), max(lasts, default=0.0), -left, name)
         how = f"evicting {', '.join(victims)} ({advert.eviction})" if victims else "no eviction"
+        how += " once their requests are done" if waits else ""
         ranked.append((cost, Choice(name, victims, f"{name}: {gib(free_memory(advert))} free, {how}")))
     if not known:
         return f"no live worker has {model} in its catalogue"

@@ -180,6 +180,45 @@ def test_a_deep_queue_gets_a_second_replica(client: openai.OpenAI, gateway: Gate
     assert where is not None and "replica 2 of 2" in where.reason
 
 
+@pytest.fixture(scope="module")
+def swap_worker(
+    nats_server: EmbeddedNats, gateway: Gateway, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory,
+    logs_dir: Path,
+) -> Iterator[Path]:  # fmt: skip
+    """One worker with room for one of its two models: they must take turns."""
+    catalogue = tmp_path_factory.mktemp("swap") / "models.toml"
+    catalogue.write_text("\n".join(f'[[models]]\nid = "{m}"\npath = "{tiny_model_dir}"\nmemory = "100MiB"\n'
+                                   for m in ("s1", "s2")))  # fmt: skip
+    log_path = logs_dir / "swap.log"
+    log = open(log_path, "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cortex.worker", "--nats", nats_server.url, "--models", str(catalogue), "--device",
+         "cpu", "--slots", "2", "--worker-id", "swapper", "--memory-budget", "150MiB"],
+        stdout=log, stderr=subprocess.STDOUT, env=child_env(),
+    )  # fmt: skip
+    log.close()
+    wait_for(lambda: "s1" in {m["id"] for m in get_json(f"{gateway.base_url}/models")["data"]}, timeout=60,  # type: ignore[index]
+             what="swap worker")  # fmt: skip
+    yield log_path
+    stop_process(proc)
+
+
+def test_two_hot_models_on_one_small_worker_take_turns(client: openai.OpenAI, swap_worker: Path) -> None:
+    def busy_client(model: str) -> list[int]:
+        out = []
+        for _ in range(2):
+            reply = client.chat.completions.create(model=model, messages=PROMPT, max_tokens=100, temperature=0)  # type: ignore[arg-type]
+            out.append(reply.usage.completion_tokens if reply.usage else 0)
+        return out
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(busy_client, ["s1", "s2"] * 4))
+    assert results == [[100, 100]] * 8  # every request served: none refused for want of room
+    text = swap_log = swap_worker.read_text()
+    loads = text.count("loaded s1 on") + text.count("loaded s2 on")
+    assert 2 <= loads <= 6, swap_log  # they took turns, without thrashing
+
+
 def cortexctl(nats_server: EmbeddedNats, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "cortex.broker", *args, "--nats", nats_server.url],
                           capture_output=True, text=True, timeout=60)  # fmt: skip

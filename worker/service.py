@@ -41,6 +41,9 @@ FETCH_TIMEOUT_S = 1.0
 PROGRESS_INTERVAL_S = 10.0
 DRAIN_TIMEOUT_S = 30.0
 """On shutdown, how long in-flight requests may run before they go back to the queue."""
+SWAP_WAIT_CAP_S = 30.0
+"""A model waiting for room on this worker waits at most this long for busy models to drain."""
+SWAP_POLL_S = 0.25
 ADVERT_MIN_GAP_S = 0.25
 """Adverts that follow a change (a finished request) come at most this often."""
 CANCELLED_KEEP_S = 600.0
@@ -248,9 +251,11 @@ class WorkerService:
             await asyncio.gather(*self._unloading.values(), return_exceptions=True)
         self._models.pop(spec.id, None)  # a failed earlier attempt
         need = self._estimates.get(spec.id, 0)
-        victims = plan_evictions(self.advert(), need, self._pins.values())
+        victims = await self._make_room_for(spec.id, need)
+        if spec.id not in self._wanted() or self._stopping.is_set():
+            return
         if victims is None:
-            why = f"{self.worker_id} cannot make room: it needs {gib(need)} and its other models are busy or pinned"
+            why = f"{self.worker_id} cannot make room: it needs {gib(need)} and its other models are pinned"
             await self._load_failed(spec.id, why)
             return
         for victim in victims:
@@ -267,6 +272,34 @@ class WorkerService:
         self._models[spec.id] = slot
         slot.task = asyncio.create_task(self._serve_model(slot), name=f"serve-{spec.id}")
         await self._advertise()
+
+    async def _make_room_for(self, model: str, need: int) -> list[str] | None:
+        """The models to evict for `model`, once they are idle: swap-aware queueing.
+
+        Models with requests running or queued are served first; after
+        `SWAP_WAIT_CAP_S` they stop taking requests (theirs wait in the queue)
+        so the model that has waited gets its turn. None if only pinned models
+        stand in the way.
+        """
+        deadline = time.monotonic() + SWAP_WAIT_CAP_S
+        while True:
+            victims = plan_evictions(self.advert(), need, self._pins.values())
+            if victims is not None:
+                return victims
+            blocked = plan_evictions(self.advert(), need, self._pins.values(), busy_too=True)
+            if blocked is None:
+                return None
+            if self._stopping.is_set() or model not in self._wanted():
+                return []  # no longer to be loaded here: the caller looks again
+            if time.monotonic() >= deadline:
+                for victim in blocked:  # their queues wait; the unload lets running requests finish
+                    if (slot := self._models.get(victim)) is not None:
+                        slot.leaving.set()
+                        slot.queue_depth = 0
+                log.info("swapping %s out for %s after waiting %.0fs", ", ".join(blocked), model, SWAP_WAIT_CAP_S)
+                return blocked
+            await asyncio.sleep(SWAP_POLL_S)
+            await self._measure_queues()
 
     async def _serve_model(self, slot: ModelSlot) -> None:
         started = time.monotonic()
