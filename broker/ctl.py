@@ -87,16 +87,27 @@ def up(
 def status(
     nats: Annotated[str, typer.Option(help="NATS server URL")] = DEFAULT_URL,
     as_json: Annotated[bool, typer.Option("--json", help="print the adverts as JSON")] = False,
+    watch: Annotated[bool, typer.Option("--watch", help="redraw every 2 s until Ctrl-C")] = False,
 ) -> None:
-    """Workers, devices, loaded models and free slots, from the fleet bucket."""
-    try:
-        adverts = asyncio.run(_read_fleet(nats))
-    except BrokerError as exc:
-        typer.echo(f"cortexctl status: {exc}", err=True)
-        raise typer.Exit(1) from None
-    if as_json:
-        typer.echo(json.dumps({"workers": adverts}, indent=2))
-        return
+    """Workers, devices, memory, loaded models, running and queued requests, from the fleet bucket."""
+    while True:
+        try:
+            adverts = asyncio.run(_read_fleet(nats))
+        except BrokerError as exc:
+            typer.echo(f"cortexctl status: {exc}", err=True)
+            raise typer.Exit(1) from None
+        if as_json:
+            typer.echo(json.dumps({"workers": adverts}, indent=2))
+        else:
+            if watch:
+                typer.echo("\x1b[2J\x1b[H", nl=False)  # clear the screen, cursor home
+            _print_status(adverts)
+        if not watch:
+            return
+        time.sleep(2.0)
+
+
+def _print_status(adverts: list[dict[str, Any]]) -> None:
     if not adverts:
         typer.echo("No live workers.")
         return

@@ -64,3 +64,15 @@ def test_draining_failed_and_too_small_workers_are_skipped_with_reasons() -> Non
 def test_a_worker_that_has_the_model_keeps_it() -> None:
     choice = choose_worker("m1", [worker("a"), worker("b", ("m1", 1.0))], [])
     assert isinstance(choice, Choice) and choice.worker == "b" and choice.evict == []
+
+
+def test_busy_models_make_a_worker_wait_not_refuse() -> None:
+    busy = worker("a", ("m1", 1.0), ("m2", 2.0), busy=("m1",), queued=("m2",))
+    choice = choose_worker("m3", [busy], [])
+    assert isinstance(choice, Choice) and choice.evict == ["m1"]
+    assert "once their requests are done" in choice.reason
+    spare = worker("b", ("m4", 1.0), ("m5", 2.0))
+    choice = choose_worker("m3", [busy, spare], [])
+    assert isinstance(choice, Choice) and choice.worker == "b"  # an idle eviction beats waiting
+    pinned = choose_worker("m3", [busy], [Pin(model="m1"), Pin(model="m2")])
+    assert isinstance(pinned, str) and "pinned" in pinned
