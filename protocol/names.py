@@ -19,10 +19,10 @@ REQUEST_STREAM = "CORTEX_REQUESTS"
 """JetStream stream holding pending generation requests (work-queue retention)."""
 
 FLEET_BUCKET = "cortex-fleet"
+"""KV bucket with one advert per live worker (entries expire by TTL)."""
 RESPONSES_BUCKET = "cortex-responses"
 """KV bucket of stored OpenAI Responses (``store``), keyed by response id, so any gateway can continue one."""
 RESPONSES_TTL_S = 30 * 24 * 3600.0
-"""KV bucket with one advert per live worker (entries expire by TTL)."""
 
 _REQUEST_PREFIX = "cortex.req"
 _REPLY_PREFIX = "cortex.reply"
