@@ -124,7 +124,7 @@ def batched_prefill_s(loaded: LoadedModel, ids: list[list[int]]) -> float:
 
 def measure(device: str | None = None, tokens: int = 32, levels: tuple[int, ...] = (1, 4, 16, 32),
             model: str = "smollm2-135m-instruct", models: Path | None = None) -> dict[str, object]:  # fmt: skip
-    info = pick_device(0, device)
+    info = pick_device([0], device)
     spec = find_model(load_catalogue(models), model)
     loaded = load_model(spec, info.device)
     engine = Engine(worker_id="bench")

@@ -43,7 +43,7 @@ def up(
     model: Annotated[str, typer.Option(help="catalogue id the worker loads")] = "smollm2-135m-instruct",
     models: Annotated[Path | None, typer.Option(help="models.toml catalogue (default: bundled)")] = None,
     device: Annotated[str | None, typer.Option(help="cpu or cuda (default: cuda if present)")] = None,
-    gpu: Annotated[int, typer.Option(help="CUDA device index")] = 0,
+    gpu: Annotated[str, typer.Option(help="CUDA device index, or several: 0,1")] = "0",
     slots: Annotated[int, typer.Option(help="requests the worker runs at once")] = 8,
     data_dir: Annotated[Path | None, typer.Option(help="JetStream store and logs")] = None,
 ) -> None:

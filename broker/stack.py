@@ -30,7 +30,7 @@ class StackConfig:
     model: str = "smollm2-135m-instruct"
     models_file: Path | None = None
     device: str | None = None
-    gpu: int = 0
+    gpu: str = "0"
     slots: int = 8
     ready_timeout: float = 600.0
 

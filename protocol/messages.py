@@ -298,6 +298,8 @@ class WorkerAdvert(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     memory_reserved: int = 0
     """Bytes set aside for models that are loading (estimated)."""
     draining: bool = False
+    devices: int = 1
+    """Devices the worker owns (a model needs `ModelCard.gpus` of them)."""
     eviction: str = "lru"
     """How this worker picks models to unload when it needs room: ``lru`` or ``priority``."""
     lifecycle: Lifecycle | None = None

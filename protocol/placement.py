@@ -102,6 +102,9 @@ def choose_worker(
         if name in skip:
             against.append(f"{name} failed to load it")
             continue
+        if card.gpus > advert.devices:
+            against.append(f"{name} has {advert.devices} device(s) and the model needs {card.gpus}")
+            continue
         if card.memory > budget_of(advert):
             against.append(f"{name} has {gib(budget_of(advert))} in all and the model needs {gib(card.memory)}")
             continue

@@ -34,6 +34,10 @@ def fleet_catalogue(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Pa
     entries.append(f'[[models]]\nid = "f-idle"\npath = "{tiny_model_dir}"\nmemory = "100MiB"\nkeep_alive = "1s"\n')
     entries.append(f'[[models]]\nid = "f-huge"\npath = "{tiny_model_dir}"\nmemory = "10GiB"\n')
     entries.append(f'[[models]]\nid = "f-hot"\npath = "{tiny_model_dir}"\nmemory = "10MiB"\nmax_replicas = 2\n')
+    entries.append(f'[[models]]\nid = "f-min"\npath = "{tiny_model_dir}"\nmemory = "10MiB"\nmin_replicas = 1\n')
+    broken = path.parent / "broken-model"  # a folder without weights: every load fails
+    broken.mkdir()
+    entries.append(f'[[models]]\nid = "f-broken"\npath = "{broken}"\nmemory = "10MiB"\n')
     path.write_text("\n".join(entries))
     return path
 
@@ -158,6 +162,22 @@ def test_a_pinned_model_is_never_evicted(client: openai.OpenAI, gateway: Gateway
 def test_an_idle_model_unloads_after_keep_alive(client: openai.OpenAI, gateway: Gateway) -> None:
     assert ask(client, "f-idle") == 3
     wait_for(lambda: loaded_on(gateway, "f-idle") == [], timeout=15, what="f-idle unloaded after keep_alive 1s")
+
+
+def test_min_replicas_are_loaded_before_anyone_asks(
+    gateway: Gateway, fleet: dict[str, subprocess.Popen[bytes]]
+) -> None:
+    wait_for(lambda: len(loaded_on(gateway, "f-min")) == 1, timeout=20, what="f-min loaded without a request")
+
+
+def test_a_model_every_worker_fails_to_load_is_a_503_with_the_reasons(client: openai.OpenAI, logs_dir: Path) -> None:
+    with pytest.raises(openai.InternalServerError) as info:
+        ask(client, "f-broken")
+    assert info.value.status_code == 503
+    message = info.value.message
+    assert "cannot be loaded" in message and "fleet-a" in message and "fleet-b" in message and "fleet-c" in message
+    attempts = sum((logs_dir / f"{w}.log").read_text().count("loading f-broken failed") for w in WORKERS)
+    assert attempts == 3  # each worker tried once, then the fleet gave up
 
 
 def test_a_model_too_big_for_every_worker_is_a_clear_503(client: openai.OpenAI) -> None:

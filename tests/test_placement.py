@@ -76,3 +76,24 @@ def test_busy_models_make_a_worker_wait_not_refuse() -> None:
     assert isinstance(choice, Choice) and choice.worker == "b"  # an idle eviction beats waiting
     pinned = choose_worker("m3", [busy], [Pin(model="m1"), Pin(model="m2")])
     assert isinstance(pinned, str) and "pinned" in pinned
+
+
+def test_a_model_that_needs_two_gpus_goes_to_a_worker_with_two() -> None:
+    two = ModelCard(id="big", memory=100 * MiB, gpus=2)
+    one_gpu = msgspec.structs.replace(worker("a"), catalogue=[two])
+    two_gpus = msgspec.structs.replace(worker("b"), catalogue=[two], devices=2)
+    choice = choose_worker("big", [one_gpu, two_gpus], [])
+    assert isinstance(choice, Choice) and choice.worker == "b"
+    reason = choose_worker("big", [one_gpu], [])
+    assert isinstance(reason, str) and "a has 1 device(s) and the model needs 2" in reason
+
+
+def test_gpu_lists_parse() -> None:
+    import pytest
+
+    from cortex.worker.device import parse_gpus
+
+    assert parse_gpus("0") == [0] and parse_gpus("0,1") == [0, 1]
+    for bad in ("", "a", "0,0", "-1"):
+        with pytest.raises(ValueError):
+            parse_gpus(bad)

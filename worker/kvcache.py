@@ -44,7 +44,9 @@ def concat_rows(first: KV, second: KV) -> KV:
 
 
 def select_rows(kv: KV, rows: torch.Tensor) -> KV:
-    return [(keys.index_select(0, rows), values.index_select(0, rows)) for keys, values in kv]
+    # Layers may live on different GPUs (a model spread over several): the index follows each layer.
+    return [(keys.index_select(0, rows.to(keys.device)), values.index_select(0, rows.to(values.device)))
+            for keys, values in kv]  # fmt: skip
 
 
 def crop_left(kv: KV, n: int) -> KV:

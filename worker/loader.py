@@ -100,8 +100,12 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
-    """Load tokenizer and weights through transformers (the GGUF path for GGUF files)."""
+def load_model(spec: ModelSpec, device: torch.device, spread_over: list[torch.device] | None = None) -> LoadedModel:
+    """Load tokenizer and weights through transformers (the GGUF path for GGUF files).
+
+    With several CUDA devices in `spread_over` the layers are spread over them
+    by accelerate's ``device_map``; inputs go to `device`, the first.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.monotonic()
@@ -112,8 +116,13 @@ def load_model(spec: ModelSpec, device: torch.device) -> LoadedModel:
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     if not tokenizer.chat_template:
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    gpus = [d for d in spread_over or [] if d.type == "cuda"]
+    if len(gpus) > 1:
+        kwargs["device_map"] = "auto"
+        kwargs["max_memory"] = {d.index: int(torch.cuda.mem_get_info(d)[0] * 0.9) for d in gpus}
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=_dtype(spec, device), **kwargs)
-    model.to(device)
+    if len(gpus) <= 1:
+        model.to(device)
     model.eval()
     configured = int(getattr(model.config, "max_position_embeddings", 0) or _DEFAULT_CONTEXT)
     context_length = min(spec.context_length, configured) if spec.context_length else configured

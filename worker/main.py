@@ -24,7 +24,8 @@ log = logging.getLogger("cortex.worker")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="cortex-worker", description="Serve models from the Cortex request stream.")
-    parser.add_argument("--gpu", type=int, default=0, help="CUDA device index (default 0); ignored on the CPU")
+    parser.add_argument("--gpu", default="0",
+                        help="CUDA device index, or several (0,1) to spread models over")  # fmt: skip
     parser.add_argument(
         "--device", choices=["cpu", "cuda"], default=None, help="force a device (default: cuda if present)"
     )
@@ -59,7 +60,7 @@ async def _serve(args: argparse.Namespace) -> int:
     from cortex.broker.bus import Bus
     from cortex.broker.errors import BrokerError
     from cortex.worker.catalogue import CatalogueError, find_model, load_catalogue
-    from cortex.worker.device import pick_device
+    from cortex.worker.device import parse_gpus, pick_device
     from cortex.worker.engine import Engine, EngineLimits
     from cortex.worker.loader import load_model
     from cortex.worker.memory import parse_size
@@ -77,11 +78,12 @@ async def _serve(args: argparse.Namespace) -> int:
         log.error("nothing to serve: the catalogue is empty")
         return 2
     try:
-        device = pick_device(args.gpu, args.device)
-    except RuntimeError as exc:
+        device = pick_device(parse_gpus(args.gpu), args.device)
+    except (RuntimeError, ValueError) as exc:
         log.error("%s", exc)
         return 2
-    worker_id = args.worker_id or f"{socket.gethostname()}-{'cpu' if device.device.type == 'cpu' else f'gpu{args.gpu}'}"
+    gpu_name = "gpu" + "-".join(str(d.index) for d in device.devices)
+    worker_id = args.worker_id or f"{socket.gethostname()}-{'cpu' if device.device.type == 'cpu' else gpu_name}"
     try:
         bus = await Bus.open(args.nats, name=f"cortex-worker {worker_id}")
     except BrokerError as exc:
@@ -99,7 +101,7 @@ async def _serve(args: argparse.Namespace) -> int:
             kv_budget_tokens=args.kv_budget_tokens, prefix_cache_tokens=args.prefix_cache_tokens,
         )  # fmt: skip
         engine = Engine(worker_id=worker_id, limits=limits)
-        loader = partial(load_model, device=device.device)
+        loader = partial(load_model, device=device.device, spread_over=device.devices)
     engine.start()
     auto_dtype = "float32" if device.device.type == "cpu" else "bfloat16"
     service = WorkerService(

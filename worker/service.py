@@ -28,7 +28,7 @@ from cortex.broker.decisions import change_placement, with_worker, without_worke
 from cortex.broker.errors import BrokerError
 from cortex.protocol import Chunk, GenerateRequest, ModelState, Pin, Placement, WorkerAdvert, codec, names
 from cortex.protocol import messages as m
-from cortex.protocol.placement import choose_worker, gib, pinned_models, plan_evictions
+from cortex.protocol.placement import Choice, choose_worker, gib, pinned_models, plan_evictions
 from cortex.worker.catalogue import ModelSpec
 from cortex.worker.device import DeviceInfo
 from cortex.worker.engine import Engine
@@ -396,6 +396,24 @@ class WorkerService:
             self._unload_kind[model] = "keep_alive"
             await self._unplace_here(model, f"idle on {self.worker_id} for {idle:.0f}s (keep_alive {keep:g}s)")
 
+    async def _keep_min_replicas(self) -> None:
+        """Place models with ``min_replicas`` before anyone asks: every worker computes the same choice, the chosen
+        one places itself (the compare-and-set keeps it to one)."""
+        if self._draining:
+            return
+        live = {a.worker_id: a for a in self._fleet.values() if not a.draining}
+        for spec in self.catalogue:
+            if spec.min_replicas <= 0:
+                continue
+            placement = self._placements.get(spec.id)
+            serving = [w for w in (placement.workers if placement else []) if w in live]
+            if len(serving) >= spec.min_replicas or self.worker_id in serving:
+                continue
+            others = [a for w, a in live.items() if w not in serving]
+            choice = choose_worker(spec.id, others, self._pins.values())
+            if isinstance(choice, Choice) and choice.worker == self.worker_id and not choice.evict:
+                await self._place_here(spec.id, f"keeping min_replicas = {spec.min_replicas} ({choice.reason})")
+
     async def _measure_queues(self) -> None:
         for slot in list(self._models.values()):
             if slot.pull is not None and slot.state == m.MODEL_READY:
@@ -584,6 +602,7 @@ class WorkerService:
             memory_used=used,
             memory_reserved=reserved,
             draining=self._draining,
+            devices=len(self.device.devices) or 1,
             eviction=self.eviction,
             lifecycle=self._lifecycle,
             slots_total=self.slots,
@@ -608,5 +627,6 @@ class WorkerService:
             self._reconcile_needed.set()  # cheap when nothing changed; heals a missed notification
             await self._measure_queues()
             await self._expire_idle()
+            await self._keep_min_replicas()
             await self._advertise()
             await asyncio.sleep(ADVERT_MIN_GAP_S)
