@@ -117,11 +117,19 @@ def _print_status(adverts: list[dict[str, Any]]) -> None:
         memory = _bar(a.get("memory_used", 0) + a.get("memory_reserved", 0), a.get("memory_budget", 0))
         slots = f"{a.get('slots_free', 0)}/{a.get('slots_total', 0)}"
         age = f"{max(0.0, now - a.get('updated_at', now)):.0f}s" + (" draining" if a.get("draining") else "")
-        models = ", ".join(
-            f"{m['id']} ({m['state']}, {m.get('in_flight', 0)} running, {m.get('queue_depth', 0)} queued)"
-            for m in a.get("models", [])
-        )
+        models = ", ".join(_model_status(m) for m in a.get("models", []))
         typer.echo(f"{a['worker_id']:<28} {a['device']:<10} {memory:<28} {slots:<7} {age:<5} {models}")
+
+
+def _model_status(model: dict[str, Any]) -> str:
+    if model["state"] == "loading":
+        done = model.get("progress", 0.0)
+        return f"{model['id']} (loading [{'#' * round(10 * done)}{'.' * (10 - round(10 * done))}] {done:.0%})"
+    if model["state"] == "failed":
+        return f"{model['id']} (failed: {model.get('error', '')})"
+    return (
+        f"{model['id']} ({model['state']}, {model.get('in_flight', 0)} running, {model.get('queue_depth', 0)} queued)"
+    )
 
 
 def _gib(n: int) -> str:

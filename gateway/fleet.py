@@ -33,6 +33,8 @@ class ModelEntry:
     """A worker that loaded the model found it thinks before answering."""
     pinned: bool = False
     placement: Placement | None = None
+    progress: dict[str, float] = field(default_factory=dict)
+    """Load progress (0 to 1) per worker loading the model."""
 
 
 MODELS_CACHE_S = 0.5
@@ -98,6 +100,7 @@ class FleetView:
         failed: dict[str, list[str]] = {}
         loaded_context: dict[str, int] = {}
         reasoning: set[str] = set()
+        progress: dict[str, dict[str, float]] = {}
         for advert in self.workers():
             for card in advert.catalogue:
                 cards.setdefault(card.id, card)
@@ -110,6 +113,8 @@ class FleetView:
                     loaded_context.setdefault(state.id, state.context_length)
                 if state.reasoning:
                     reasoning.add(state.id)
+                if state.state == m.MODEL_LOADING:
+                    progress.setdefault(state.id, {})[advert.worker_id] = state.progress
         # A catalogue that leaves the context length open learns it from a worker that loaded the model.
         for model_id, context in loaded_context.items():
             if not cards[model_id].context_length:
@@ -123,6 +128,7 @@ class FleetView:
                 failed=failed.get(model_id, []),
                 reasoning=model_id in reasoning,
                 pinned=model_id in self.pins,
+                progress=progress.get(model_id, {}),
                 placement=self.placements.get(model_id),
             )
             for model_id, card in sorted(cards.items())

@@ -49,6 +49,7 @@ def _model_object(entry: ModelEntry) -> dict[str, object]:
         "ready": bool(entry.ready_on),
         "loaded_on": entry.ready_on,
         "loading_on": entry.loading_on,
+        "load_progress": entry.progress,
         "pinned": entry.pinned,
         # Why it is where it is (or why it cannot load): the placement's reason, from the placement bucket.
         "placement": entry.placement.reason if entry.placement is not None else None,

@@ -97,3 +97,18 @@ def test_gpu_lists_parse() -> None:
     for bad in ("", "a", "0,0", "-1"):
         with pytest.raises(ValueError):
             parse_gpus(bad)
+
+
+def test_load_progress_follows_the_last_load_time() -> None:
+    import time
+
+    from cortex.worker.catalogue import ModelSpec
+    from cortex.worker.service import ModelSlot, _progress
+
+    spec = ModelSpec(id="m", path="/nowhere")
+    slot = ModelSlot(spec=spec, loading_since=time.monotonic() - 1.0, expected_load_s=4.0)
+    assert 0.24 < _progress(slot) < 0.5
+    slot.expected_load_s = 0.5
+    assert _progress(slot) == 0.99  # late, but not done until it is ready
+    slot.state = "ready"
+    assert _progress(slot) == 1.0

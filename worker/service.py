@@ -41,6 +41,8 @@ FETCH_TIMEOUT_S = 1.0
 PROGRESS_INTERVAL_S = 10.0
 DRAIN_TIMEOUT_S = 30.0
 """On shutdown, how long in-flight requests may run before they go back to the queue."""
+LOAD_BYTES_PER_S = 50 * 2**20
+"""For load progress before a model has loaded here once: a guess of how fast weights load."""
 SWAP_WAIT_CAP_S = 30.0
 """A model waiting for room on this worker waits at most this long for busy models to drain."""
 SWAP_POLL_S = 0.25
@@ -70,6 +72,8 @@ class ModelSlot:
     last_used: float = 0.0
     queue_depth: int = 0
     failed_at: float = 0.0
+    loading_since: float = 0.0
+    expected_load_s: float = 0.0
     leaving: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when the model is to unload: its pull loop stops taking requests."""
     task: asyncio.Task[None] | None = None
@@ -103,6 +107,8 @@ class WorkerService:
     _advert_soon: asyncio.Event = field(default_factory=asyncio.Event)
     _lifecycle: m.Lifecycle = field(default_factory=m.Lifecycle)
     _unload_kind: dict[str, str] = field(default_factory=dict)
+    _load_times: dict[str, float] = field(default_factory=dict)
+    """How long each model took to load here last time: the yardstick of load progress."""
     """Why a model is about to unload, for the evictions metric (set where the decision is made)."""
     _in_flight: dict[str, InFlight] = field(default_factory=dict)
     _reserved: int = 0
@@ -268,7 +274,8 @@ class WorkerService:
                 self._unloading[victim] = asyncio.create_task(self._unload(slot, reason), name=f"unload-{victim}")
             if victim in self._unloading:
                 await self._unloading[victim]
-        slot = ModelSlot(spec=spec, memory=need)
+        slot = ModelSlot(spec=spec, memory=need, loading_since=time.monotonic(),
+                         expected_load_s=self._load_times.get(spec.id, max(1.0, need / LOAD_BYTES_PER_S)))  # fmt: skip
         self._models[spec.id] = slot
         slot.task = asyncio.create_task(self._serve_model(slot), name=f"serve-{spec.id}")
         await self._advertise()
@@ -315,6 +322,7 @@ class WorkerService:
             return
         self.engine.add_model(loaded)
         seconds = time.monotonic() - started
+        self._load_times[slot.spec.id] = seconds
         life.cold_starts[slot.spec.id] = life.cold_starts.get(slot.spec.id, 0) + 1
         if not life.load_seconds_buckets:
             life.load_seconds_buckets = [0] * len(m.LOAD_SECONDS_BUCKETS)
@@ -594,6 +602,7 @@ class WorkerService:
                     memory=s.memory,
                     last_used=s.last_used,
                     queue_depth=s.queue_depth,
+                    progress=_progress(s),
                 )
                 for s in slots
             ],
@@ -630,3 +639,12 @@ class WorkerService:
             await self._keep_min_replicas()
             await self._advertise()
             await asyncio.sleep(ADVERT_MIN_GAP_S)
+
+
+def _progress(slot: ModelSlot) -> float:
+    """How far a load has got, judged by the time the last load of the model took (transformers reports none)."""
+    if slot.state == m.MODEL_READY:
+        return 1.0
+    if slot.state != m.MODEL_LOADING or not slot.expected_load_s:
+        return 0.0
+    return min(0.99, (time.monotonic() - slot.loading_since) / slot.expected_load_s)
