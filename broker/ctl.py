@@ -92,22 +92,22 @@ def status(
     """Workers, devices, memory, loaded models, running and queued requests, from the fleet bucket."""
     while True:
         try:
-            adverts = asyncio.run(_read_fleet(nats))
+            adverts, placements = asyncio.run(_read_fleet(nats))
         except BrokerError as exc:
             typer.echo(f"cortexctl status: {exc}", err=True)
             raise typer.Exit(1) from None
         if as_json:
-            typer.echo(json.dumps({"workers": adverts}, indent=2))
+            typer.echo(json.dumps({"workers": adverts, "placements": placements}, indent=2))
         else:
             if watch:
                 typer.echo("\x1b[2J\x1b[H", nl=False)  # clear the screen, cursor home
-            _print_status(adverts)
+            _print_status(adverts, placements)
         if not watch:
             return
         time.sleep(2.0)
 
 
-def _print_status(adverts: list[dict[str, Any]]) -> None:
+def _print_status(adverts: list[dict[str, Any]], placements: dict[str, Any] | None = None) -> None:
     if not adverts:
         typer.echo("No live workers.")
         return
@@ -119,6 +119,11 @@ def _print_status(adverts: list[dict[str, Any]]) -> None:
         age = f"{max(0.0, now - a.get('updated_at', now)):.0f}s" + (" draining" if a.get("draining") else "")
         models = ", ".join(_model_status(m) for m in a.get("models", []))
         typer.echo(f"{a['worker_id']:<28} {a['device']:<10} {memory:<28} {slots:<7} {age:<5} {models}")
+    if placements:
+        typer.echo(f"\n{'MODEL':<32} {'PLACED ON':<30} WHY")
+        for model, p in sorted(placements.items()):
+            why = p.get("error") or p.get("reason", "")
+            typer.echo(f"{model:<32} {', '.join(p.get('workers', [])) or '-':<30} {why}")
 
 
 def _model_status(model: dict[str, Any]) -> str:
@@ -273,14 +278,22 @@ def pin(
         _, revision = await bus.read_decision(key)
         if not await bus.write_decision(key, value, revision):
             raise _Refused("the pin changed meanwhile; try again")
-        target = worker
-        if target is None:
-            choice = choose_worker(model_id, adverts, [])
+        if worker is not None:
+            await change_placement(bus, model_id, with_worker(worker, f"{worker}: pinned (cortexctl pin)"),
+                                   by="cortexctl")  # fmt: skip
+            return f"{model_id} pinned on {worker}"
+        placed: list[str] = []
+        for _ in range(replicas):
+            others = [a for a in adverts if a.worker_id not in placed]
+            choice = choose_worker(model_id, others, [])
             if isinstance(choice, str):
-                return f"{model_id} pinned; not loaded yet: {choice}"
-            target = choice.worker
-        await change_placement(bus, model_id, with_worker(target, f"{target}: pinned (cortexctl pin)"), by="cortexctl")
-        return f"{model_id} pinned on {target}"
+                break
+            placed.append(choice.worker)
+            await change_placement(bus, model_id, with_worker(choice.worker, f"{choice.reason} (cortexctl pin)"),
+                                   by="cortexctl")  # fmt: skip
+        if not placed:
+            return f"{model_id} pinned; not loaded yet: no worker can take it now"
+        return f"{model_id} pinned on {', '.join(placed)}"
 
     _done("pin", _run("pin", _with_bus(nats, action)))
 
@@ -349,13 +362,15 @@ def models(nats: NatsOption = DEFAULT_URL) -> None:
     _done("models", _run("models", _with_bus(nats, action)))
 
 
-async def _read_fleet(url: str) -> list[dict[str, Any]]:
+async def _read_fleet(url: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The live adverts, and the placements (model -> placement), as plain data."""
     from cortex.broker.bus import Bus
     from cortex.protocol import codec, names
 
     bus = await Bus.open(url, name="cortexctl")
     try:
         raw = await bus.read_fleet()
+        decisions = await bus.read_decisions()
     finally:
         await bus.close()
     adverts = []
@@ -365,7 +380,15 @@ async def _read_fleet(url: str) -> list[dict[str, Any]]:
                 adverts.append(msgspec.to_builtins(codec.decode_advert(value)))
             except codec.DecodeError:
                 continue
-    return adverts
+    placements = {}
+    for key, value in decisions.items():
+        parsed = names.parse_placement_key(key)
+        if parsed is not None and parsed[0] == "placement":
+            try:
+                placements[parsed[1]] = msgspec.to_builtins(codec.decode_placement(value))
+            except codec.DecodeError:
+                continue
+    return adverts, placements
 
 
 def main() -> None:

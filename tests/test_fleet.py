@@ -239,6 +239,37 @@ def test_two_hot_models_on_one_small_worker_take_turns(client: openai.OpenAI, sw
     assert 2 <= loads <= 6, swap_log  # they took turns, without thrashing
 
 
+def running(nats_server: EmbeddedNats, model: str) -> int:
+    """Requests of `model` running on any worker, as the adverts say."""
+
+    async def read() -> int:
+        bus = await Bus.open(nats_server.url, name="test")
+        try:
+            adverts = [codec.decode_advert(raw) for key, raw in (await bus.read_fleet()).items()
+                       if names.is_worker_key(key)]  # fmt: skip
+        finally:
+            await bus.close()
+        return sum(s.in_flight for a in adverts for s in a.models if s.id == model)
+
+    return asyncio.run(read())
+
+
+def test_a_model_with_a_request_in_flight_is_not_evicted(
+    client: openai.OpenAI, swap_worker: Path, nats_server: EmbeddedNats
+) -> None:
+    def long_answer() -> int:
+        reply = client.chat.completions.create(model="s1", messages=PROMPT, max_tokens=1500, temperature=0)  # type: ignore[arg-type]
+        return reply.usage.completion_tokens if reply.usage else 0
+
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(long_answer)
+        wait_for(lambda: running(nats_server, "s1") >= 1 or first.done(), timeout=30, what="s1 running")
+        assert ask(client, "s2") == 3  # s2 waits for room: s1 finishes its answer first
+        assert first.result(timeout=60) == 1500  # never cut short by an eviction
+    log = swap_worker.read_text()
+    assert log.rindex("unloaded s1") > log.rindex("loaded s1 on")
+
+
 def cortexctl(nats_server: EmbeddedNats, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "cortex.broker", *args, "--nats", nats_server.url],
                           capture_output=True, text=True, timeout=60)  # fmt: skip
@@ -260,6 +291,15 @@ def test_cortexctl_unload_load_and_models(client: openai.OpenAI, gateway: Gatewa
 def test_a_model_asked_for_while_it_unloads_loads_again(client: openai.OpenAI, nats_server: EmbeddedNats) -> None:
     assert cortexctl(nats_server, "unload", "f1").returncode == 0
     assert ask(client, "f1") == 3  # placed again at once; its worker reloads it after the unload finishes
+
+
+def test_pin_with_replicas_keeps_that_many(gateway: Gateway, nats_server: EmbeddedNats) -> None:
+    result = cortexctl(nats_server, "pin", "f-min", "--replicas", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    wait_for(lambda: len(loaded_on(gateway, "f-min")) == 2, timeout=20, what="two replicas of pinned f-min")
+    status = cortexctl(nats_server, "status").stdout
+    assert "PLACED ON" in status and "f-min" in status
+    assert cortexctl(nats_server, "unpin", "f-min").returncode == 0
 
 
 def test_drain_moves_work_elsewhere_and_undrain_restores(

@@ -405,22 +405,30 @@ class WorkerService:
             await self._unplace_here(model, f"idle on {self.worker_id} for {idle:.0f}s (keep_alive {keep:g}s)")
 
     async def _keep_min_replicas(self) -> None:
-        """Place models with ``min_replicas`` before anyone asks: every worker computes the same choice, the chosen
-        one places itself (the compare-and-set keeps it to one)."""
+        """Place models with ``min_replicas`` or a pin before anyone asks.
+
+        Every worker computes the same choice; the chosen one places itself (the
+        compare-and-set keeps it to one). A pin to a worker places it there.
+        """
         if self._draining:
             return
         live = {a.worker_id: a for a in self._fleet.values() if not a.draining}
         for spec in self.catalogue:
-            if spec.min_replicas <= 0:
-                continue
+            pin = self._pins.get(spec.id)
             placement = self._placements.get(spec.id)
             serving = [w for w in (placement.workers if placement else []) if w in live]
-            if len(serving) >= spec.min_replicas or self.worker_id in serving:
+            if self.worker_id in serving:
+                continue
+            if pin is not None and pin.worker == self.worker_id:
+                await self._place_here(spec.id, "pinned to this worker")
+                continue
+            wanted = max(spec.min_replicas, pin.replicas if pin is not None and not pin.worker else 0)
+            if len(serving) >= wanted:
                 continue
             others = [a for w, a in live.items() if w not in serving]
             choice = choose_worker(spec.id, others, self._pins.values())
             if isinstance(choice, Choice) and choice.worker == self.worker_id and not choice.evict:
-                await self._place_here(spec.id, f"keeping min_replicas = {spec.min_replicas} ({choice.reason})")
+                await self._place_here(spec.id, f"keeping {wanted} replica(s) ({choice.reason})")
 
     async def _measure_queues(self) -> None:
         for slot in list(self._models.values()):
