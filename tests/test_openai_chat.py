@@ -69,7 +69,12 @@ def test_greedy_is_deterministic_and_stream_matches(client: openai.OpenAI) -> No
 def test_stream_include_usage(client: openai.OpenAI) -> None:
     chunks = list(
         client.chat.completions.create(
-            model=TINY_MODEL, messages=PROMPT, max_tokens=5, stream=True, stream_options={"include_usage": True}
+            model=TINY_MODEL,
+            messages=PROMPT,
+            max_tokens=5,
+            stream=True,
+            stream_options={"include_usage": True},
+            temperature=0,
         )
     )
     *body, last = chunks
@@ -135,7 +140,7 @@ def test_unknown_model_is_404(client: openai.OpenAI) -> None:
 
 def test_model_in_a_catalogue_loads_on_demand(client: openai.OpenAI, gateway: Gateway) -> None:
     # The session worker lists tiny-cold in its catalogue but did not load it at start.
-    reply = client.chat.completions.create(model=COLD_MODEL, messages=PROMPT, max_tokens=3)
+    reply = client.chat.completions.create(model=COLD_MODEL, messages=PROMPT, max_tokens=3, temperature=0)
     assert reply.model == COLD_MODEL and reply.usage and reply.usage.completion_tokens == 3
     entry = client.models.retrieve(COLD_MODEL)
     assert entry.model_extra["loaded_on"] == ["test-worker"]  # type: ignore[index]
