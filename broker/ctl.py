@@ -194,6 +194,16 @@ def _model_id(adverts: list[Any], name: str) -> str:
     raise _Refused(f"no live worker has {name!r} in its catalogue")
 
 
+def _check_worker(adverts: list[Any], worker: str, model_id: str) -> None:
+    advert = next((a for a in adverts if a.worker_id == worker), None)
+    if advert is None:
+        raise _Refused(f"no live worker is called {worker!r}")
+    if advert.card(model_id) is None:
+        raise _Refused(f"{worker} has no {model_id} in its catalogue")
+    if advert.draining:
+        raise _Refused(f"{worker} is draining")
+
+
 def _done(name: str, result: Any) -> None:
     typer.echo(result)
     if str(result).startswith("refused:"):
@@ -215,6 +225,7 @@ def load(
         adverts = await _adverts(bus)
         model_id = _model_id(adverts, model)
         if worker is not None:
+            _check_worker(adverts, worker, model_id)
             target, reason = worker, f"{worker}: cortexctl load --worker"
         else:
             choice = choose_worker(model_id, adverts, (await read_pins(bus)).values())
@@ -273,6 +284,8 @@ def pin(
 
         adverts = await _adverts(bus)
         model_id = _model_id(adverts, model)
+        if worker is not None:
+            _check_worker(adverts, worker, model_id)
         key = names.pin_key(model_id)
         value = codec.encode(Pin(model=model_id, replicas=replicas, worker=worker or "", pinned_at=time.time()))
         _, revision = await bus.read_decision(key)
@@ -305,9 +318,13 @@ def unpin(model: str, nats: NatsOption = DEFAULT_URL) -> None:
     async def action(bus: Any) -> str:
         from cortex.protocol import names
 
-        model_id = _model_id(await _adverts(bus), model)
-        await bus.delete_decision(names.pin_key(model_id))
-        return f"{model_id} unpinned"
+        key = names.pin_key(model)
+        if (await bus.read_decision(key))[0] is None:  # a pin is kept under the name it was given
+            key = names.pin_key(_model_id(await _adverts(bus), model))
+            if (await bus.read_decision(key))[0] is None:
+                return f"{model} was not pinned"
+        await bus.delete_decision(key)
+        return f"{model} unpinned"
 
     _done("unpin", _run("unpin", _with_bus(nats, action)))
 
@@ -321,8 +338,10 @@ def drain(worker: str, nats: NatsOption = DEFAULT_URL) -> None:
 
         key = names.drain_key(worker)
         _, revision = await bus.read_decision(key)
-        await bus.write_decision(key, json.dumps({"since": time.time()}).encode(), revision)
-        return f"{worker} draining"
+        if not await bus.write_decision(key, json.dumps({"since": time.time()}).encode(), revision):
+            raise _Refused("the drain flag changed meanwhile; try again")
+        live = {a.worker_id for a in await _adverts(bus)}
+        return f"{worker} draining" + ("" if worker in live else " (it is not live now: it drains when it starts)")
 
     _done("drain", _run("drain", _with_bus(nats, action)))
 

@@ -32,8 +32,10 @@ def _serving(placement: Placement | None, model: str, live: dict[str, WorkerAdve
     out = []
     for worker in placement.workers:
         advert = live.get(worker)
-        state = advert.state_of(model) if advert is not None else None
-        if advert is not None and not advert.draining and (state is None or state.state != m.MODEL_FAILED):
+        if advert is None or advert.draining or advert.card(model) is None:
+            continue  # gone, leaving, or never able to load it
+        state = advert.state_of(model)
+        if state is None or state.state != m.MODEL_FAILED:
             out.append(worker)
     return out
 
@@ -52,7 +54,8 @@ async def ensure_placed(svc: Services, model: str) -> None:
             raise NoCapacity(f"The model `{model}` cannot be loaded: {current.error}")
         recent = current is not None and time.time() - current.updated_at < RETRY_FAILED_S
         previous = current.failed if current is not None and recent else {}
-        choice = choose_worker(model, live.values(), svc.fleet.pins.values(), exclude=failed | set(previous))
+        choice = choose_worker(model, live.values(), svc.fleet.pins.values(), exclude=failed | set(previous),
+                               placements=svc.fleet.placements.values())  # fmt: skip
         if isinstance(choice, str):
             return Placement(model=model, reason=choice, failed=previous, error=choice)
         return Placement(model=model, workers=[choice.worker], reason=choice.reason, failed=previous)
@@ -86,7 +89,7 @@ async def consider_replica(svc: Services, model: str) -> None:
     if now - svc.fleet.deep_since.setdefault(model, now) < DEEP_FOR_S:
         return
     others = [a for w, a in live.items() if w not in serving]
-    choice = choose_worker(model, others, svc.fleet.pins.values())
+    choice = choose_worker(model, others, svc.fleet.pins.values(), placements=svc.fleet.placements.values())
     if isinstance(choice, str) or choice.evict:
         return  # nobody has room to spare: the queue drains where it is
     svc.fleet.deep_since.pop(model, None)

@@ -17,7 +17,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from cortex.protocol.messages import MODEL_LOADING, MODEL_READY, ModelState, Pin, WorkerAdvert
+import msgspec
+
+from cortex.protocol.messages import MODEL_LOADING, MODEL_READY, ModelState, Pin, Placement, WorkerAdvert
 
 STRATEGIES = ("lru", "priority")
 """``lru``: the least recently used model goes first; ``priority``: the lowest `priority`, then the least recent."""
@@ -28,6 +30,19 @@ class Choice:
     worker: str
     evict: list[str]
     reason: str
+
+
+def _with_pending(advert: WorkerAdvert, placements: Iterable[Placement]) -> WorkerAdvert:
+    """`advert` with the memory of models placed on its worker but not in its advert yet counted as reserved."""
+    held = {state.id for state in advert.models}
+    pending = 0
+    for placement in placements:
+        if advert.worker_id in placement.workers and placement.model not in held:
+            card = advert.card(placement.model)
+            pending += card.memory if card is not None else 0
+    if not pending:
+        return advert
+    return msgspec.structs.replace(advert, memory_reserved=advert.memory_reserved + pending)
 
 
 def gib(n: int) -> str:
@@ -79,11 +94,22 @@ def plan_evictions(advert: WorkerAdvert, need: int, pins: Iterable[Pin], *, busy
 
 
 def choose_worker(
-    model: str, adverts: Iterable[WorkerAdvert], pins: Iterable[Pin], *, exclude: Iterable[str] = ()
+    model: str,
+    adverts: Iterable[WorkerAdvert],
+    pins: Iterable[Pin],
+    *,
+    exclude: Iterable[str] = (),
+    placements: Iterable[Placement] = (),
 ) -> Choice | str:
-    """The worker that should load `model`, or the reason no worker can."""
+    """The worker that should load `model`, or the reason no worker can.
+
+    `placements` count too: a model placed on a worker that has not started
+    loading it yet (its advert lags) already takes that worker's memory, so a
+    burst of cold models spreads over the fleet instead of piling onto one worker.
+    """
     pins = list(pins)
     skip = set(exclude)
+    adverts = [_with_pending(a, placements) for a in adverts]
     ranked: list[tuple[tuple[object, ...], Choice]] = []
     against: list[str] = []
     known = False
@@ -93,12 +119,12 @@ def choose_worker(
             continue
         known = True
         name = advert.worker_id
-        state = advert.state_of(model)
-        if state is not None and state.state in (MODEL_READY, MODEL_LOADING) and name not in skip:
-            return Choice(name, [], f"{name} has it {state.state}")
         if advert.draining:
             against.append(f"{name} is draining")
             continue
+        state = advert.state_of(model)
+        if state is not None and state.state in (MODEL_READY, MODEL_LOADING) and name not in skip:
+            return Choice(name, [], f"{name} has it {state.state}")
         if name in skip:
             against.append(f"{name} failed to load it")
             continue

@@ -126,14 +126,16 @@ class Engine:
         return self.call(lambda: self._remove(model_id))
 
     def _remove(self, model_id: str) -> int:
-        state = self._models.pop(model_id, None)
-        if state is None:
+        if model_id not in self._models:
             return 0
-        device = state.loaded.device
-        for seq in self._all_sequences():
+        for seq in self._all_sequences():  # none, normally: the worker waits for them first
             if seq.request.model == model_id:
                 seq.finish(error=ChunkError(code=m.ERROR_MODEL_NOT_LOADED, message=f"{model_id} was unloaded"))
         self._waiting = deque(s for s in self._waiting if not s.done)
+        if self._chunked is not None and self._chunked.request.model == model_id:
+            self._chunked, self._chunked_cache = None, None
+        state = self._models.pop(model_id)
+        device = state.loaded.device
         before = memory_in_use(device)
         del state
         return max(0, before - release_memory(device))

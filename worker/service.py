@@ -43,6 +43,8 @@ DRAIN_TIMEOUT_S = 30.0
 """On shutdown, how long in-flight requests may run before they go back to the queue."""
 LOAD_BYTES_PER_S = 50 * 2**20
 """For load progress before a model has loaded here once: a guess of how fast weights load."""
+RETRY_FAILED_S = 30.0
+"""A model no worker could load is not placed again by this worker for this long."""
 SWAP_WAIT_CAP_S = 30.0
 """A model waiting for room on this worker waits at most this long for busy models to drain."""
 SWAP_POLL_S = 0.25
@@ -249,7 +251,10 @@ class WorkerService:
             if slot is not None and not (slot.state == m.MODEL_FAILED and placement.updated_at > slot.failed_at):
                 continue
             spec = next((s for s in self.catalogue if s.id == model), None)
-            if spec is not None and not self._stopping.is_set():
+            if spec is None:
+                if self.worker_id not in placement.failed:
+                    await self._load_failed(model, f"{self.worker_id} has no {model} in its catalogue")
+            elif not self._stopping.is_set():
                 await self._start_loading(spec)
 
     async def _start_loading(self, spec: ModelSpec) -> None:
@@ -289,6 +294,7 @@ class WorkerService:
         stand in the way.
         """
         deadline = time.monotonic() + SWAP_WAIT_CAP_S
+        await self._measure_queues()  # queued requests spare a model: look at the queues as they are now
         while True:
             victims = plan_evictions(self.advert(), need, self._pins.values())
             if victims is not None:
@@ -298,7 +304,10 @@ class WorkerService:
                 return None
             if self._stopping.is_set() or model not in self._wanted():
                 return []  # no longer to be loaded here: the caller looks again
-            if time.monotonic() >= deadline:
+            if any((v := self._models.get(b)) is not None and v.state != m.MODEL_READY for b in blocked):
+                # A model still loading gets its full turn once ready: swapping it out unserved would livelock.
+                deadline = time.monotonic() + SWAP_WAIT_CAP_S
+            elif time.monotonic() >= deadline:
                 for victim in blocked:  # their queues wait; the unload lets running requests finish
                     if (slot := self._models.get(victim)) is not None:
                         slot.leaving.set()
@@ -320,6 +329,8 @@ class WorkerService:
             await self._advertise()
             await self._load_failed(slot.spec.id, f"{self.worker_id}: {slot.error}")
             return
+        if slot.leaving.is_set():
+            return  # unloaded while it loaded: the weights go with this frame
         self.engine.add_model(loaded)
         seconds = time.monotonic() - started
         self._load_times[slot.spec.id] = seconds
@@ -331,6 +342,9 @@ class WorkerService:
         life.load_seconds_sum += seconds
         life.loads += 1
         slot.pull = await self._open_pull_queue(slot)
+        if slot.leaving.is_set():
+            await slot.pull.close()
+            return
         slot.state, slot.context_length = m.MODEL_READY, loaded.context_length
         slot.reasoning = getattr(loaded, "reasoning", None) is not None  # the synthetic model has no tags
         slot.last_used = time.time()
@@ -349,7 +363,8 @@ class WorkerService:
             workers = [w for w in (current.workers if current else []) if w != me]
             if workers:
                 return Placement(model=model, workers=workers, reason=current.reason if current else "", failed=failed)
-            choice = choose_worker(model, self._fleet.values(), self._pins.values(), exclude=failed)
+            choice = choose_worker(model, self._fleet.values(), self._pins.values(), exclude=failed,
+                                   placements=self._placements.values())  # fmt: skip
             if isinstance(choice, str):
                 return Placement(model=model, reason=choice, failed=failed, error=f"{choice} ({reason})")
             return Placement(model=model, workers=[choice.worker], failed=failed,
@@ -369,6 +384,10 @@ class WorkerService:
             slot.leaving.set()
             self._slot_freed.set()
             await self._advertise()
+            if slot.task is not None:
+                # The pull loop notices `leaving` within one fetch; cancelling it mid-fetch would strand
+                # the requests it was being handed until JetStream's ack wait gives them to someone else.
+                await asyncio.wait([slot.task], timeout=FETCH_TIMEOUT_S + 2.0)
             while slot.in_flight > 0 and not self._stopping.is_set():
                 self._slot_freed.clear()
                 with contextlib.suppress(TimeoutError):
@@ -376,8 +395,9 @@ class WorkerService:
             if slot.task is not None:
                 slot.task.cancel()
                 await asyncio.gather(slot.task, return_exceptions=True)
-            if was_ready:
-                freed = await asyncio.wrap_future(self.engine.remove_model(model))
+            # Always: a load that finished while this unload waited has put the model in the engine.
+            freed = await asyncio.wrap_future(self.engine.remove_model(model))
+            if was_ready or freed:
                 log.info("unloaded %s (%s); %s freed", model, reason, gib(freed))
                 kind = self._unload_kind.pop(model, "unplaced")
                 self._lifecycle.evictions[kind] = self._lifecycle.evictions.get(kind, 0) + 1
@@ -398,11 +418,27 @@ class WorkerService:
             if (slot.state != m.MODEL_READY or keep < 0 or model in pinned or slot.in_flight or slot.queue_depth
                     or idle < keep):  # fmt: skip
                 continue
-            placement = self._placements.get(model)
-            if placement is not None and len(placement.workers) <= slot.spec.min_replicas:
-                continue  # the fleet keeps at least min_replicas of it
             self._unload_kind[model] = "keep_alive"
-            await self._unplace_here(model, f"idle on {self.worker_id} for {idle:.0f}s (keep_alive {keep:g}s)")
+            reason = f"idle on {self.worker_id} for {idle:.0f}s (keep_alive {keep:g}s)"
+            try:
+                await change_placement(self.bus, model, self._leave_above_minimum(slot.spec, reason), by=self.worker_id)
+            except BrokerError as exc:
+                log.warning("cannot take idle %s off this worker: %s", model, exc)
+
+    def _leave_above_minimum(self, spec: ModelSpec, reason: str) -> Callable[[Placement | None], Placement | None]:
+        """Leave a placement only while its other live workers keep ``min_replicas`` (checked at write time)."""
+        me = self.worker_id
+        live = {a.worker_id for a in self._fleet.values() if not a.draining}
+
+        def change(current: Placement | None) -> Placement | None:
+            if current is None or me not in current.workers:
+                return None
+            others = [w for w in current.workers if w != me and w in live]  # dead workers go too
+            if len(others) < spec.min_replicas:
+                return None  # the fleet keeps at least min_replicas of it
+            return Placement(model=current.model, workers=others, reason=reason, failed=current.failed)
+
+        return change
 
     async def _keep_min_replicas(self) -> None:
         """Place models with ``min_replicas`` or a pin before anyone asks.
@@ -420,13 +456,19 @@ class WorkerService:
             if self.worker_id in serving:
                 continue
             if pin is not None and pin.worker == self.worker_id:
-                await self._place_here(spec.id, "pinned to this worker")
+                if placement is None or self.worker_id not in placement.failed:
+                    await self._place_here(spec.id, "pinned to this worker")
                 continue
             wanted = max(spec.min_replicas, pin.replicas if pin is not None and not pin.worker else 0)
             if len(serving) >= wanted:
                 continue
+            recent = placement is not None and time.time() - placement.updated_at < RETRY_FAILED_S
+            if recent and placement is not None and placement.error:
+                continue  # nobody could load it a moment ago: no endless retries
+            failed = set(placement.failed) if placement is not None and recent else set()
             others = [a for w, a in live.items() if w not in serving]
-            choice = choose_worker(spec.id, others, self._pins.values())
+            choice = choose_worker(spec.id, others, self._pins.values(), exclude=failed,
+                                   placements=self._placements.values())  # fmt: skip
             if isinstance(choice, Choice) and choice.worker == self.worker_id and not choice.evict:
                 await self._place_here(spec.id, f"keeping {wanted} replica(s) ({choice.reason})")
 
