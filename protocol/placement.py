@@ -33,16 +33,17 @@ class Choice:
 
 
 def _with_pending(advert: WorkerAdvert, placements: Iterable[Placement]) -> WorkerAdvert:
-    """`advert` with the memory of models placed on its worker but not in its advert yet counted as reserved."""
+    """`advert` with the models placed on its worker but not in its advert yet, as loading (they take memory)."""
     held = {state.id for state in advert.models}
-    pending = 0
+    pending = []
     for placement in placements:
-        if advert.worker_id in placement.workers and placement.model not in held:
-            card = advert.card(placement.model)
-            pending += card.memory if card is not None else 0
+        card = advert.card(placement.model)
+        if advert.worker_id in placement.workers and placement.model not in held and card is not None:
+            pending.append(ModelState(id=placement.model, state=MODEL_LOADING, memory=card.memory))
     if not pending:
         return advert
-    return msgspec.structs.replace(advert, memory_reserved=advert.memory_reserved + pending)
+    reserved = advert.memory_reserved + sum(state.memory for state in pending)
+    return msgspec.structs.replace(advert, models=[*advert.models, *pending], memory_reserved=reserved)
 
 
 def gib(n: int) -> str:

@@ -327,10 +327,9 @@ def test_lifecycle_metrics(gateway: Gateway, fleet: dict[str, subprocess.Popen[b
             name, _, value = line.rpartition(" ")
             samples[name] = float(value)
     assert sum(v for k, v in samples.items() if k.startswith('cortex_cold_starts_total{model="f1"')) >= 1
-    assert sum(v for k, v in samples.items() if k.startswith('cortex_evictions_total{reason="lru"')) >= 1
     evicted = {k: v for k, v in samples.items() if k.startswith("cortex_evictions_total")}
-    assert sum(v for k, v in evicted.items() if 'reason="keep_alive"' in k) >= 1, evicted
-    assert sum(v for k, v in samples.items() if k.startswith('cortex_evictions_total{reason="drain"')) >= 1
+    for reason in ("lru", "keep_alive", "drain"):
+        assert sum(v for k, v in evicted.items() if f'reason="{reason}"' in k) >= 1, (reason, evicted)
     assert sum(v for k, v in samples.items() if k.startswith("cortex_model_load_seconds_count")) >= 8
     assert samples['cortex_worker_memory_bytes{device="cpu",kind="budget",worker="fleet-a"}'] == 250 * 2**20
     assert any(k.startswith("cortex_model_resident{") and 'state="ready"' in k for k in samples)

@@ -112,3 +112,15 @@ def test_load_progress_follows_the_last_load_time() -> None:
     assert _progress(slot) == 0.99  # late, but not done until it is ready
     slot.state = "ready"
     assert _progress(slot) == 1.0
+
+
+def test_placements_not_yet_in_adverts_take_memory() -> None:
+    from cortex.protocol import Placement
+
+    fleet = [worker("a"), worker("b")]
+    pending = [Placement(model="m1", workers=["a"]), Placement(model="m2", workers=["a"])]
+    choice = choose_worker("m3", fleet, [], placements=pending)
+    assert isinstance(choice, Choice) and choice.worker == "b"  # a burst of cold models spreads out
+    waiting = choose_worker("m3", [worker("a")], [], placements=pending)
+    assert isinstance(waiting, Choice) and "once their requests are done" in waiting.reason
+    assert choose_worker("m1", fleet, [], placements=pending) == Choice("a", [], "a has it loading")
