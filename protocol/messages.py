@@ -252,7 +252,7 @@ class ModelState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     reasoning: bool = False
     """The model thinks before answering (learned when it loaded)."""
     memory: int = 0
-    """Bytes it takes here: the estimate while loading, the weights measured once ready."""
+    """Bytes it takes here, as planned: the catalogue's ``memory`` or the estimate (unloading logs what it freed)."""
     last_used: float = 0.0
     """Unix time its last request finished (or it became ready)."""
     progress: float = 0.0
@@ -294,7 +294,7 @@ class WorkerAdvert(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     memory_budget: int = 0
     """Bytes models may take on this worker (``--memory-budget``, else the device's memory)."""
     memory_used: int = 0
-    """Bytes taken by models that are ready (measured)."""
+    """Bytes taken by models that are ready or unloading (their planned `ModelState.memory`)."""
     memory_reserved: int = 0
     """Bytes set aside for models that are loading (estimated)."""
     draining: bool = False
