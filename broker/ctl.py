@@ -204,6 +204,31 @@ def _check_worker(adverts: list[Any], worker: str, model_id: str) -> None:
         raise _Refused(f"{worker} is draining")
 
 
+async def _place(
+    bus: Any, adverts: list[Any], model_id: str, *, worker: str | None, replicas: int, why: str
+) -> list[tuple[str, str]]:
+    """Place `model_id` on `worker`, or on up to `replicas` workers by the placement policy: (worker, reason) each."""
+    from cortex.broker.decisions import change_placement, read_pins, with_worker
+    from cortex.protocol.placement import choose_worker
+
+    if worker is not None:
+        _check_worker(adverts, worker, model_id)
+        choices = [(worker, f"{worker}: {why} --worker")]
+    else:
+        pins = (await read_pins(bus)).values()
+        choices = []
+        for _ in range(replicas):
+            choice = choose_worker(model_id, [a for a in adverts if a.worker_id not in dict(choices)], pins)
+            if isinstance(choice, str):
+                if not choices:
+                    raise _Refused(choice)
+                break
+            choices.append((choice.worker, f"{choice.reason} ({why})"))
+    for target, reason in choices:
+        await change_placement(bus, model_id, with_worker(target, reason), by="cortexctl")
+    return choices
+
+
 def _done(name: str, result: Any) -> None:
     typer.echo(result)
     if str(result).startswith("refused:"):
@@ -219,21 +244,12 @@ def load(
     """Load a model now, on the best worker (or the one named)."""
 
     async def action(bus: Any) -> str:
-        from cortex.broker.decisions import change_placement, read_pins, with_worker
-        from cortex.protocol.placement import choose_worker
-
         adverts = await _adverts(bus)
         model_id = _model_id(adverts, model)
-        if worker is not None:
-            _check_worker(adverts, worker, model_id)
-            target, reason = worker, f"{worker}: cortexctl load --worker"
-        else:
-            choice = choose_worker(model_id, adverts, (await read_pins(bus)).values())
-            if isinstance(choice, str):
-                raise _Refused(choice)
-            target, reason = choice.worker, f"{choice.reason} (cortexctl load)"
-        await change_placement(bus, model_id, with_worker(target, reason), by="cortexctl")
-        return f"{model_id} placed on {target}: {reason}"
+        placed = await _place(bus, adverts, model_id, worker=worker, replicas=1, why="cortexctl load")
+        if not placed:
+            raise _Refused(f"no worker can load {model_id} now")
+        return f"{model_id} placed on {placed[0][0]}: {placed[0][1]}"
 
     _done("load", _run("load", _with_bus(nats, action)))
 
@@ -278,9 +294,7 @@ def pin(
     """Keep a model loaded: never evicted, never unloaded for idleness (kept in KV: survives restarts)."""
 
     async def action(bus: Any) -> str:
-        from cortex.broker.decisions import change_placement, with_worker
         from cortex.protocol import Pin, codec, names
-        from cortex.protocol.placement import choose_worker
 
         adverts = await _adverts(bus)
         model_id = _model_id(adverts, model)
@@ -291,22 +305,10 @@ def pin(
         _, revision = await bus.read_decision(key)
         if not await bus.write_decision(key, value, revision):
             raise _Refused("the pin changed meanwhile; try again")
-        if worker is not None:
-            await change_placement(bus, model_id, with_worker(worker, f"{worker}: pinned (cortexctl pin)"),
-                                   by="cortexctl")  # fmt: skip
-            return f"{model_id} pinned on {worker}"
-        placed: list[str] = []
-        for _ in range(replicas):
-            others = [a for a in adverts if a.worker_id not in placed]
-            choice = choose_worker(model_id, others, [])
-            if isinstance(choice, str):
-                break
-            placed.append(choice.worker)
-            await change_placement(bus, model_id, with_worker(choice.worker, f"{choice.reason} (cortexctl pin)"),
-                                   by="cortexctl")  # fmt: skip
+        placed = await _place(bus, adverts, model_id, worker=worker, replicas=replicas, why="cortexctl pin")
         if not placed:
             return f"{model_id} pinned; not loaded yet: no worker can take it now"
-        return f"{model_id} pinned on {', '.join(placed)}"
+        return f"{model_id} pinned on {', '.join(w for w, _ in placed)}"
 
     _done("pin", _run("pin", _with_bus(nats, action)))
 
@@ -388,17 +390,10 @@ async def _read_fleet(url: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 
     bus = await Bus.open(url, name="cortexctl")
     try:
-        raw = await bus.read_fleet()
+        adverts = [msgspec.to_builtins(advert) for advert in await _adverts(bus)]
         decisions = await bus.read_decisions()
     finally:
         await bus.close()
-    adverts = []
-    for key, value in sorted(raw.items()):
-        if names.is_worker_key(key):
-            try:
-                adverts.append(msgspec.to_builtins(codec.decode_advert(value)))
-            except codec.DecodeError:
-                continue
     placements = {}
     for key, value in decisions.items():
         parsed = names.parse_placement_key(key)

@@ -59,13 +59,11 @@ def without_worker(worker_id: str, reason: str) -> Callable[[Placement | None], 
     return change
 
 
-def with_worker(
-    worker_id: str, reason: str, *, replace: frozenset[str] = frozenset()
-) -> Callable[[Placement | None], Placement | None]:
-    """A change that adds `worker_id` (dropping the workers in `replace`, gone or failed)."""
+def with_worker(worker_id: str, reason: str) -> Callable[[Placement | None], Placement | None]:
+    """A change that adds `worker_id` (and clears its failure and any error)."""
 
     def change(current: Placement | None) -> Placement | None:
-        workers = [w for w in (current.workers if current else []) if w not in replace]
+        workers = list(current.workers) if current else []
         if worker_id in workers and current is not None and not current.error:
             return None
         failed = {w: why for w, why in (current.failed if current else {}).items() if w != worker_id}
