@@ -19,7 +19,7 @@ import pytest
 from cortex.broker.bus import Bus
 from cortex.broker.decisions import read_placement
 from cortex.broker.server import EmbeddedNats
-from cortex.protocol import Pin, Placement, codec, names
+from cortex.protocol import Pin, Placement, WorkerAdvert, codec, names
 from tests.conftest import Gateway, child_env, get_json, stop_process, wait_for
 
 WORKERS = ["fleet-a", "fleet-b", "fleet-c"]
@@ -89,19 +89,23 @@ def placement(nats_server: EmbeddedNats, model: str) -> Placement | None:
     return asyncio.run(read())
 
 
-def last_used(nats_server: EmbeddedNats, model: str) -> float:
-    """When `model` last finished a request, as its worker advertises it."""
+def adverts(nats_server: EmbeddedNats) -> list[WorkerAdvert]:
+    """The live workers' adverts, read from the fleet bucket."""
 
-    async def read() -> float:
+    async def read() -> list[WorkerAdvert]:
         bus = await Bus.open(nats_server.url, name="test")
         try:
-            adverts = [codec.decode_advert(raw) for key, raw in (await bus.read_fleet()).items()
-                       if names.is_worker_key(key)]  # fmt: skip
+            raw = await bus.read_fleet()
         finally:
             await bus.close()
-        return max((s.last_used for a in adverts for s in a.models if s.id == model), default=0.0)
+        return [codec.decode_advert(value) for key, value in raw.items() if names.is_worker_key(key)]
 
     return asyncio.run(read())
+
+
+def last_used(nats_server: EmbeddedNats, model: str) -> float:
+    """When `model` last finished a request, as its worker advertises it."""
+    return max((s.last_used for a in adverts(nats_server) for s in a.models if s.id == model), default=0.0)
 
 
 def loads(logs_dir: Path, model: str) -> int:
@@ -241,17 +245,7 @@ def test_two_hot_models_on_one_small_worker_take_turns(client: openai.OpenAI, sw
 
 def running(nats_server: EmbeddedNats, model: str) -> int:
     """Requests of `model` running on any worker, as the adverts say."""
-
-    async def read() -> int:
-        bus = await Bus.open(nats_server.url, name="test")
-        try:
-            adverts = [codec.decode_advert(raw) for key, raw in (await bus.read_fleet()).items()
-                       if names.is_worker_key(key)]  # fmt: skip
-        finally:
-            await bus.close()
-        return sum(s.in_flight for a in adverts for s in a.models if s.id == model)
-
-    return asyncio.run(read())
+    return sum(s.in_flight for a in adverts(nats_server) for s in a.models if s.id == model)
 
 
 def test_a_model_with_a_request_in_flight_is_not_evicted(
