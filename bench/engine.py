@@ -134,7 +134,8 @@ def measure(device: str | None = None, tokens: int = 32, levels: tuple[int, ...]
         run_level(engine, spec.id, prompts(4), 8, "warmup")
         single = [run_level(engine, spec.id, prompts(1), tokens, f"one{i}") for i in range(3)]
         results = {"1": {k: p50([s[k] for s in single]) for k in single[0]}}
-        for level in levels:
+        # The ratios compare 16 streams with one, so both always run whatever --levels says.
+        for level in sorted(set(levels) | {16}):
             if level != 1:
                 results[str(level)] = run_level(engine, spec.id, prompts(level), tokens, f"c{level}")
     finally:
