@@ -270,7 +270,7 @@ class Bus:
 
     async def read_decisions(self) -> dict[str, bytes]:
         """Every key of the placement bucket and its value."""
-        return await self._read_all(self._placement)
+        return await self._read_all(self._placement, names.PLACEMENT_BUCKET)
 
     async def watch_decisions(self, handler: FleetHandler) -> None:
         """Start calling `handler` for every change of the placement bucket, in the background."""
@@ -278,27 +278,22 @@ class Bus:
 
     async def read_fleet(self) -> dict[str, bytes]:
         """Every live key of the fleet bucket and its value."""
-        return await self._read_all(self._fleet)
+        return await self._read_all(self._fleet, names.FLEET_BUCKET)
 
-    async def _read_all(self, bucket: KeyValue) -> dict[str, bytes]:
-        out: dict[str, bytes] = {}
-        watcher = await bucket.watchall()
+    async def _read_all(self, bucket: KeyValue, bucket_name: str) -> dict[str, bytes]:
+        """A snapshot of a bucket: the stream's subjects, then each key's latest value.
+
+        Not a watcher: its "initial values done" mark comes early while keys are being
+        rewritten (adverts are, every few seconds), and a read then missed live keys.
+        """
+        prefix = f"$KV.{bucket_name}."
         try:
-            while True:
-                entry = await watcher.updates(timeout=5.0)
-                if entry is None:
-                    break
-                if entry.operation in _KV_DELETE_OPS or entry.value is None:
-                    out.pop(entry.key, None)
-                else:
-                    out[entry.key] = entry.value
-                if entry.delta == 0:
-                    break
-        except nats.errors.TimeoutError:
-            pass
-        finally:
-            await watcher.stop()
-        return out
+            info = await self._js.stream_info(f"KV_{bucket_name}", subjects_filter=f"{prefix}>")
+            keys = [subject[len(prefix) :] for subject in info.state.subjects or {}]
+            values = await asyncio.gather(*(_latest_value(bucket, key) for key in keys))
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BrokerUnavailable(f"cannot read the {bucket_name} bucket: {exc!r}") from exc
+        return {key: value for key, value in zip(keys, values, strict=True) if value}
 
     async def watch_fleet(self, handler: FleetHandler) -> None:
         """Start calling `handler` for every change of the fleet bucket, in the background."""
@@ -321,3 +316,12 @@ class Bus:
                     await watcher.stop()
 
         self._tasks.append(asyncio.create_task(pump(), name=name))
+
+
+async def _latest_value(bucket: KeyValue, key: str) -> bytes | None:
+    """The key's value; None once deleted, purged or expired (a marker has no value)."""
+    try:
+        entry = await bucket.get(key, validate_keys=False)
+    except KeyNotFoundError:  # deleted or purged since the subjects were listed, too
+        return None
+    return entry.value or None
