@@ -2,7 +2,8 @@
 # The engine benchmark on CUDA, for a GPU machine with no network. CI never runs it.
 #
 #   bench/gpu.sh prepare   # here, with network: fills .gpu/ (wheels, tokenizer, config), git-ignored
-#   bench/gpu.sh run       # there, from the repo root with .gpu/ carried along: prints the JSON
+#   bench/gpu.sh run       # there, from the repo root with .gpu/ carried along: runs
+#                          # tests/test_engine.py on the GPU, then prints the benchmark's JSON
 #
 # The GPU image is expected to have python3 with torch and transformers (as the
 # lent H100/H200 machines do); what it lacks travels as wheels in .gpu/wheels.
@@ -47,8 +48,13 @@ torch.manual_seed(0)
 AutoModelForCausalLM.from_config(config).save_pretrained("/tmp/cortex-gpu/smollm2-random")
 PY
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+    # The engine's correctness tests (batched = alone token for token, cancellation, stops) on
+    # this device first; the benchmark's JSON stays the last line printed.
+    local tests_rc=0
+    CORTEX_TEST_DEVICE="$DEVICE" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_engine.py >&2 || tests_rc=$?
     "$PYTHON" -m bench.engine --device "$DEVICE" --models "$GPU_DIR/models.toml" --model smollm2-random \
         --tokens "${TOKENS:-128}" --levels "${LEVELS:-1,4,16,32,64}"
+    return "$tests_rc"
 }
 
 case "${1:-}" in

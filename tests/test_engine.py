@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,11 +26,18 @@ PROMPTS = [
     "Ünïcödé têxt",
 ]
 Outcome = tuple[str, str | None, int]
+# bench/gpu.sh runs this file on CUDA. float32 everywhere: these tests check the batching logic,
+# and 16-bit rounding differs between chunked and whole prefills (docs/architecture.md).
+DEVICE = torch.device(os.environ.get("CORTEX_TEST_DEVICE", "cpu"))
+
+
+def load_tiny(folder: Path) -> LoadedModel:
+    return load_model(ModelSpec(id="tiny", path=str(folder), dtype="float32"), DEVICE)
 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir: Path) -> LoadedModel:
-    return load_model(ModelSpec(id="tiny", path=str(tiny_model_dir)), torch.device("cpu"))
+    return load_tiny(tiny_model_dir)
 
 
 def make_engine(tiny: LoadedModel, **limits: int) -> Engine:
@@ -238,7 +246,7 @@ def test_a_removed_model_is_freed(tiny_model_dir: Path) -> None:
     import gc
     import weakref
 
-    loaded = load_model(ModelSpec(id="tiny", path=str(tiny_model_dir)), torch.device("cpu"))
+    loaded = load_tiny(tiny_model_dir)
     weights = weakref.ref(loaded.model)
     engine = make_engine(loaded)
     del loaded
