@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 from starlette.responses import Response
 
-from cortex.gateway.errors import ApiError, InvalidRequest
+from cortex.gateway.errors import UNREADABLE_BODY_ERRORS, ApiError, InvalidRequest, unreadable_body
 from cortex.gateway.exchange import Answer, Plan
 from cortex.gateway.formats import response_format
 from cortex.gateway.tools import arguments_json, check_choice, check_tools, make_tool
@@ -151,6 +151,8 @@ def parse(body: bytes, *, need_max_tokens: bool = True) -> MessagesRequest:
         raise InvalidRequest(_describe(str(exc))) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
+    except UNREADABLE_BODY_ERRORS as exc:
+        raise unreadable_body(exc) from None
     if not req.model:
         raise InvalidRequest("model: Field required")
     if need_max_tokens and req.max_tokens is None:
@@ -303,7 +305,7 @@ def _input(arguments: str) -> Any:
     """A call's arguments as the object Anthropic's `input` must be (empty if cut off mid-way)."""
     try:
         value = msgspec.json.decode(arguments or "{}")
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, *UNREADABLE_BODY_ERRORS):
         return {}
     return value if isinstance(value, dict) else {}
 

@@ -69,3 +69,14 @@ class DeadlineExceeded(ApiError):
     status = 504
     type = "timeout"
     code = "deadline_exceeded"
+
+
+UNREADABLE_BODY_ERRORS = (RecursionError, UnicodeDecodeError)
+"""What msgspec raises, beside its DecodeError, for JSON nested too deeply or strings not UTF-8."""
+
+
+def unreadable_body(exc: Exception) -> InvalidRequest:
+    """The 400 for a body msgspec could not read for one of `UNREADABLE_BODY_ERRORS`."""
+    if isinstance(exc, RecursionError):
+        return InvalidRequest("The request body is not valid JSON: it is nested too deeply (1,000 levels at most).")
+    return InvalidRequest(f"The request body is not valid JSON: a string is not valid UTF-8 ({exc}).")

@@ -19,7 +19,7 @@ import msgspec
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from cortex.gateway.errors import ApiError, PayloadTooLarge
+from cortex.gateway.errors import UNREADABLE_BODY_ERRORS, ApiError, PayloadTooLarge
 from cortex.gateway.metrics import UNKNOWN_MODEL, RequestTimer
 from cortex.gateway.placing import consider_replica, ensure_placed
 from cortex.gateway.relay import Abandoned, ReplyStream, StillWaiting, raise_for_chunk
@@ -159,7 +159,7 @@ def ignored_warning(body: bytes, ignored: frozenset[str]) -> dict[str, str]:
     """A ``Warning: 299`` header naming the known fields this request sent that have no effect."""
     try:
         sent = _fields.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, *UNREADABLE_BODY_ERRORS):
         return {}
     names = sorted(ignored.intersection(sent))
     return {"Warning": f'299 cortex "Ignored fields: {", ".join(names)}"'} if names else {}

@@ -8,7 +8,7 @@ from typing import TypeVar
 import msgspec
 from starlette.responses import Response
 
-from cortex.gateway.errors import ApiError, InvalidRequest
+from cortex.gateway.errors import UNREADABLE_BODY_ERRORS, ApiError, InvalidRequest, unreadable_body
 
 T = TypeVar("T")
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
@@ -29,6 +29,8 @@ def decode_body(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
         req = decoder.decode(body)
     except msgspec.DecodeError as exc:
         raise from_decode_error(exc) from None
+    except UNREADABLE_BODY_ERRORS as exc:
+        raise unreadable_body(exc) from None
     if not getattr(req, "model", None):
         raise InvalidRequest("`model` must not be empty.", param="model")
     return req

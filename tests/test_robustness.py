@@ -209,3 +209,22 @@ def test_responses_stream_that_breaks_ends_with_response_failed(impatient_gatewa
         events = [line.removeprefix("event: ") for line in response.iter_lines() if line.startswith("event: ")]
     assert "response.output_text.delta" in events  # it had started
     assert events[-2:] == ["error", "response.failed"]
+
+
+UNREADABLE = {
+    "nested too deeply": b'{"model": "tiny-llama", "metadata": ' + b"[" * 1500 + b"]" * 1500 + b"}",
+    "not valid UTF-8": b'{"model": "tiny-\xff", "max_tokens": 4}',
+}
+
+
+@pytest.mark.parametrize("path", ["chat/completions", "completions", "responses", "messages", "messages/count_tokens"])
+@pytest.mark.parametrize("what", list(UNREADABLE))
+def test_unreadable_bodies_are_400_in_the_dialect(gateway: Gateway, path: str, what: str) -> None:
+    response = httpx.post(f"{gateway.base_url}/{path}", content=UNREADABLE[what],
+                          headers={"Content-Type": "application/json"}, timeout=30)  # fmt: skip
+    assert response.status_code == 400, response.text
+    body = response.json()
+    error = body["error"]
+    if path.startswith("messages"):
+        assert body["type"] == "error"
+    assert error["type"] == "invalid_request_error" and what in error["message"]
