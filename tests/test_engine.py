@@ -260,3 +260,12 @@ def test_a_removed_model_is_freed(tiny_model_dir: Path) -> None:
         assert engine.remove_model("tiny").result(timeout=30) == 0  # already gone
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("top_p", [1e-50, 1e-300, 1e-9])
+def test_a_tiny_top_p_keeps_the_most_likely_token(top_p: float) -> None:
+    from cortex.worker.sampling import sample
+
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    picked = sample(logits, temperature=1.0, top_p=top_p, generator=torch.Generator().manual_seed(1))
+    assert picked == int(torch.argmax(logits))

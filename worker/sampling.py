@@ -27,6 +27,7 @@ def sample(
         cumulative = torch.cumsum(sorted_probs, dim=-1)
         # Keep the smallest prefix whose mass reaches top_p (always at least one token).
         drop = cumulative - sorted_probs >= top_p
+        drop[0] = False  # a top_p that rounds to 0 in float32 (1e-50) would otherwise drop every token
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         choice = torch.multinomial(sorted_probs, 1, generator=generator)
         return int(order[choice].item())
