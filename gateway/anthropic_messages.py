@@ -249,7 +249,15 @@ def canonical_tools(req: MessagesRequest) -> tuple[list[Tool], ToolChoice, bool]
             raise InvalidRequest(f"tools.{i}.type: server tools ({spec.type!r}) are not supported; "
                                  "define the tool with a name and an input_schema")  # fmt: skip
         try:
-            tools.append(make_tool(spec.name, spec.description, spec.input_schema or {}, param=f"tools.{i}"))
+            tools.append(
+                make_tool(
+                    spec.name,
+                    spec.description,
+                    spec.input_schema or {},
+                    param=f"tools.{i}",
+                    schema_field="input_schema",
+                )
+            )
         except InvalidRequest as exc:
             raise InvalidRequest(f"{exc.param}: {exc.message}") from None
     choice_in = req.tool_choice

@@ -22,8 +22,10 @@ MAX_TOOLS = 128
 _encoder = msgspec.json.Encoder()
 
 
-def make_tool(name: str, description: str | None, parameters: Any, *, param: str) -> Tool:
-    """A canonical tool; `parameters` is the arguments' JSON schema (None: any object)."""
+def make_tool(
+    name: str, description: str | None, parameters: Any, *, param: str, schema_field: str = "parameters"
+) -> Tool:
+    """A canonical tool; `parameters` is the arguments' JSON schema (None: any object), sent as `schema_field`."""
     if not TOOL_NAME.fullmatch(name):
         raise InvalidRequest(
             f"Invalid tool name {name!r}: use 1 to 64 letters, digits, underscores or dashes.", param=f"{param}.name"
@@ -31,10 +33,10 @@ def make_tool(name: str, description: str | None, parameters: Any, *, param: str
     if parameters is None:
         return Tool(name=name, description=description or "")
     if not isinstance(parameters, dict):
-        raise InvalidRequest("A tool's parameters must be a JSON schema object.", param=f"{param}.parameters")
+        raise InvalidRequest("A tool's parameters must be a JSON schema object.", param=f"{param}.{schema_field}")
     problem = schema_problem(parameters)
     if problem:
-        raise InvalidRequest(f"The tool's parameter schema cannot be used: {problem}", param=f"{param}.parameters")
+        raise InvalidRequest(f"The tool's parameter schema cannot be used: {problem}", param=f"{param}.{schema_field}")
     return Tool(name=name, description=description or "", parameters=_encoder.encode(parameters).decode())
 
 

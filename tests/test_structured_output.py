@@ -112,6 +112,10 @@ def test_anthropic_output_config_format(gateway: Gateway) -> None:
             {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}},
             "response_format.schema",
         ),
+        (  # compiles, but no finite value matches it: the worker's grammar would fail mid-answer
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}},
+            "response_format.schema",
+        ),
     ],
 )
 def test_bad_formats_are_400(gateway: Gateway, fmt: dict[str, object], param: str) -> None:
@@ -119,3 +123,15 @@ def test_bad_formats_are_400(gateway: Gateway, fmt: dict[str, object], param: st
     response = httpx.post(f"{gateway.base_url}/chat/completions", json=body, timeout=30)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param
+
+
+def test_a_recursive_schema_with_an_end_is_accepted(client: openai.OpenAI) -> None:
+    tree = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+            "children": {"type": "array", "items": {"$ref": "#"}, "maxItems": 2}}, "required": ["name"]}  # fmt: skip
+    reply = client.chat.completions.create(
+        model=TINY_MODEL, messages=[{"role": "user", "content": "A tree"}], max_tokens=200, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "tree", "schema": tree}},
+    )  # fmt: skip
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    if reply.choices[0].finish_reason == "stop":
+        assert "name" in json.loads(reply.choices[0].message.content or "")

@@ -138,6 +138,8 @@ def test_tool_results_continue_the_conversation(client: openai.OpenAI) -> None:
         ({"tools": [], "tool_choice": "required"}, "tool_choice"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]},
          "tools[0].function.parameters"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"$ref": "#"}}}]},
+         "tools[0].function.parameters"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0]"),
     ],
 )  # fmt: skip
@@ -281,6 +283,11 @@ def test_anthropic_tool_result_turn(claude: anthropic.Anthropic) -> None:
         {"tool_choice": {"type": "tool", "name": "nope"}},
         {"tool_choice": {"type": "sometimes"}},
         {"tools": [{"name": "f", "input_schema": {"type": "nonsense"}}]},
+        {
+            "tools": [
+                {"name": "f", "input_schema": {"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}}
+            ]
+        },
         {"messages": [{"role": "user", "content": [{"type": "tool_result", "content": "x"}]}]},
     ],
 )
@@ -288,3 +295,5 @@ def test_anthropic_bad_tools_are_400(claude: anthropic.Anthropic, change: dict[s
     with pytest.raises(anthropic.BadRequestError) as caught:
         message(claude, **change)
     assert caught.value.body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+    if "input_schema" in str(change):
+        assert "tools.0.input_schema" in caught.value.message  # the field as Anthropic names it

@@ -9,6 +9,7 @@ so it works inside the batch like any other per-request setting.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from cortex.worker.loader import LoadedModel
 from cortex.worker.sequence import LogitsProcessor
 from cortex.worker.tools import offered_tools, tool_grammar
 
+log = logging.getLogger("cortex.worker")
 _BITS = torch.arange(32, dtype=torch.int32)
 WHITESPACE = "[ \\n\\t]{0,24}"
 """Whitespace allowed between JSON tokens of structured output."""
@@ -91,7 +93,7 @@ def grammar_processor(loaded: LoadedModel, grammar: str, *, what: str) -> Logits
 
     matcher = LLMatcher(_tokenizer(loaded), grammar)
     if matcher.is_error():
-        raise GrammarError(f"{what} cannot be used: {matcher.get_error()}")
+        raise GrammarError(f"{what} cannot be used: {_first_line(matcher.get_error())}")
     consumed = 0
 
     def constrain(generated: list[int], logits: torch.Tensor) -> torch.Tensor:
@@ -102,7 +104,7 @@ def grammar_processor(loaded: LoadedModel, grammar: str, *, what: str) -> Logits
         mask = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.int32)
         if matcher.is_error():
             # The matcher would now allow only the end token: a silent, invalid answer. Fail loudly.
-            raise RuntimeError(f"structured output failed: {matcher.get_error()}")
+            raise RuntimeError(f"structured output failed: {_first_line(matcher.get_error())}")
         allowed = ((mask.unsqueeze(1) >> _BITS) & 1).flatten().bool()
         vocab = logits.shape[-1]
         if allowed.shape[0] < vocab:
@@ -110,3 +112,11 @@ def grammar_processor(loaded: LoadedModel, grammar: str, *, what: str) -> Logits
         return logits.masked_fill(~allowed[:vocab].to(logits.device), float("-inf"))
 
     return constrain
+
+
+def _first_line(error: str, limit: int = 300) -> str:
+    """llguidance's errors can carry the parser state and the whole grammar: clients get the headline."""
+    if len(error) > limit or "\n" in error:
+        log.warning("llguidance: %s", error)
+    headline = error.split("\n", 1)[0].split(" <", 1)[0]
+    return headline if len(headline) <= limit else headline[: limit - 1] + "…"
