@@ -269,3 +269,16 @@ def test_a_tiny_top_p_keeps_the_most_likely_token(top_p: float) -> None:
     logits = torch.randn(1000, generator=torch.Generator().manual_seed(0))
     picked = sample(logits, temperature=1.0, top_p=top_p, generator=torch.Generator().manual_seed(1))
     assert picked == int(torch.argmax(logits))
+
+
+def test_a_prompt_no_context_can_hold_is_refused_by_its_length(engine: Engine, tiny: LoadedModel) -> None:
+    assert tiny.max_token_chars > 0
+    bound = 2 * tiny.context_length * tiny.max_token_chars
+    collector = Collector(2)
+    for req in (request(0, "x" * (bound + 1)), request(1, "x" * (bound // 4))):
+        engine.submit(req, collector.emit_for(req.request_id))
+    assert collector.done.wait(60)
+    refused = [c.error for c in collector.chunks["r0"] if c.error]
+    assert refused and refused[0].code == "context_length_exceeded" and "characters long" in refused[0].message
+    tokenized = [c.error for c in collector.chunks["r1"] if c.error]  # under the bound: counted in tokens
+    assert tokenized and " in the messages" in tokenized[0].message

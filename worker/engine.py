@@ -273,11 +273,13 @@ class Engine:
         syntax = loaded.reasoning if request.prompt is None else None
         try:
             if request.prompt is not None:
+                _refuse_if_surely_too_long(loaded, request.prompt)
                 prompt_ids = loaded.tokenize(request.prompt)
                 opened = False
             else:
                 switch = request.reasoning.enabled if syntax is not None else None
                 text = loaded.render_text(request.messages, tools, switch)
+                _refuse_if_surely_too_long(loaded, text)
                 prompt_ids = list(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
                 opened = syntax is not None and opens_thinking(text, syntax)
         except PromptError as exc:
@@ -516,6 +518,16 @@ class Engine:
             except Exception as exc:
                 log.exception("token handling failed for %s", row.request_id)
                 row.finish(error=ChunkError(code=m.ERROR_INTERNAL, message=f"generation failed: {exc}"))
+
+
+def _refuse_if_surely_too_long(loaded: LoadedModel, text: str) -> None:
+    if loaded.surely_too_long(text):
+        raise RequestRejected(
+            m.ERROR_CONTEXT_LENGTH,
+            f"This model's maximum context length is {loaded.context_length} tokens. However, your prompt is "
+            f"{len(text)} characters long, more than that many tokens can hold. Please reduce the length of the "
+            "messages.",
+        )
 
 
 def kv_bytes_per_token(loaded: LoadedModel) -> int:

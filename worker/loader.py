@@ -49,6 +49,17 @@ class LoadedModel:
     reasoning: ReasoningSyntax | None = None
     """Set for models that think in tags before answering."""
     extra: dict[str, Any] = field(default_factory=dict)
+    max_token_chars: int = 0
+    """The longest token of the vocabulary, in characters (0: unknown)."""
+
+    def surely_too_long(self, text: str) -> bool:
+        """Whether `text` cannot fit the context whatever it says, known without tokenizing it.
+
+        No token covers more than `max_token_chars` characters, so a longer text needs more
+        tokens than the context holds; twice that leaves room for normalizers that drop
+        characters. Tokenizing megabytes only to refuse them took seconds of the engine thread.
+        """
+        return self.max_token_chars > 0 and len(text) > 2 * self.context_length * self.max_token_chars
 
     def tokenize(self, text: str) -> list[int]:
         """Raw text (no chat template), with the special tokens the tokenizer adds by itself."""
@@ -137,6 +148,7 @@ def load_model(spec: ModelSpec, device: torch.device, spread_over: list[torch.de
         tool_syntax=detect_syntax(tokenizer.chat_template, spec.tool_format),
         reasoning=detect_reasoning(tokenizer.chat_template, spec.reasoning),
         cache_arg="cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values",
+        max_token_chars=max(map(len, tokenizer.get_vocab()), default=0),
     )
     log.info("loaded %s on %s in %.1fs (context %d)", spec.id, device, loaded.load_seconds, context_length)
     return loaded
