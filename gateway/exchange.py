@@ -67,6 +67,8 @@ class Plan:
     tool_choice: ToolChoice = field(default_factory=ToolChoice)
     parallel_tool_calls: bool = True
     reasoning: Reasoning = field(default_factory=Reasoning)
+    prompt_param: str = "messages"
+    """The dialect's name for what becomes the prompt, named in errors about it."""
 
 
 class Answer:
@@ -206,7 +208,7 @@ async def handle(request: Request, dialect: Dialect) -> Response:
         stream = await svc.relay.submit(canonical)
         fmt = dialect.formatter(plan, request_id, entry.id, int(now))
         if not plan.stream:
-            response = await until_disconnected(request, _complete(stream, timer, fmt), stream)
+            response = await until_disconnected(request, _complete(stream, timer, fmt, plan.prompt_param), stream)
             response.headers.update(warning)
             return response
         try:
@@ -216,11 +218,11 @@ async def handle(request: Request, dialect: Dialect) -> Response:
         except StillWaiting:
             first = None  # a long prefill or a cold load: start the stream and keep it alive
         if first is not None:
-            raise_for_chunk(first)
+            raise_for_chunk(first, plan.prompt_param)
             account(timer, first)
         streaming_started = True
         return EventStreamResponse(  # type: ignore[return-value]
-            _events(first, stream, timer, fmt, dialect, svc.settings.keepalive_interval),
+            _events(first, stream, timer, fmt, dialect, plan.prompt_param, svc.settings.keepalive_interval),
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **warning},
         )
     except (ClientGone, ClientDisconnect):
@@ -262,11 +264,11 @@ async def until_disconnected(request: Request, work: Awaitable[T], stream: Reply
         watcher.cancel()
 
 
-async def _complete(stream: ReplyStream, timer: RequestTimer, fmt: Formatter) -> Response:
+async def _complete(stream: ReplyStream, timer: RequestTimer, fmt: Formatter, prompt_param: str) -> Response:
     answer = Answer()
     while True:
         chunk = await stream.next()
-        raise_for_chunk(chunk)
+        raise_for_chunk(chunk, prompt_param)
         account(timer, chunk)
         answer.add(chunk)
         if chunk.final:
@@ -298,6 +300,7 @@ async def _events(
     timer: RequestTimer,
     fmt: Formatter,
     dialect: Dialect,
+    prompt_param: str,
     keepalive: float,
 ) -> AsyncIterator[bytes]:
     # Whatever ends this generator early (cancellation, GeneratorExit) means the
@@ -310,7 +313,7 @@ async def _events(
             except StillWaiting:
                 yield KEEPALIVE  # an SSE comment: every client ignores it, proxies see traffic
                 continue
-            raise_for_chunk(first)
+            raise_for_chunk(first, prompt_param)
             account(timer, first)
         chunk = first
         answer = Answer()
@@ -325,7 +328,7 @@ async def _events(
                 if chunk.text or chunk.tool_calls:  # a call's tokens have no text to go with
                     logprobs = []
             chunk = await stream.next()
-            raise_for_chunk(chunk)
+            raise_for_chunk(chunk, prompt_param)
             account(timer, chunk)
         answer.add(chunk)
         logprobs += chunk.logprobs

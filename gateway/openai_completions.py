@@ -135,7 +135,7 @@ class OpenAICompletions:
         sampling = to_sampling(req, max_tokens=DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens,
                                stop=_stops(req), logprobs=req.logprobs is not None,
                                top_logprobs=req.logprobs or 0)  # fmt: skip
-        return Plan(model=req.model, sampling=sampling, prompt=prompt, stream=bool(req.stream),
+        return Plan(model=req.model, sampling=sampling, prompt=prompt, stream=bool(req.stream), prompt_param="prompt",
                     include_usage=bool(req.stream_options and req.stream_options.include_usage))  # fmt: skip
 
     def formatter(self, plan: Plan, request_id: str, model: str, created: int) -> CompletionFormatter:

@@ -482,7 +482,7 @@ class OpenAIResponses:
         tools, choice = canonical_tools(req)
         return ResponsesPlan(
             model=req.model, sampling=sampling, messages=messages, stream=bool(req.stream), request=req,
-            response_format=constraint, history=history, tools=tools, tool_choice=choice,
+            prompt_param="input", response_format=constraint, history=history, tools=tools, tool_choice=choice,
             parallel_tool_calls=req.parallel_tool_calls is not False,
             reasoning=reasoning(req.reasoning.effort if req.reasoning else None, param="reasoning.effort"),
         )  # fmt: skip

@@ -166,15 +166,15 @@ class ReplyStream:
             self._relay._cancel_soon(self.request.request_id)
 
 
-def raise_for_chunk(chunk: Chunk) -> None:
-    """Turn a worker's error chunk into the gateway's exception for it."""
+def raise_for_chunk(chunk: Chunk, prompt_param: str = "messages") -> None:
+    """Turn a worker's error chunk into the gateway's exception for it (prompt errors name `prompt_param`)."""
     if chunk.error is None:
         return
     code, message = chunk.error.code, chunk.error.message
     if code == "context_length_exceeded":
-        raise errors.InvalidRequest(message, param="messages", code=code)
+        raise errors.InvalidRequest(message, param=prompt_param, code=code)
     if code == "invalid_request":
-        raise errors.InvalidRequest(message, param="messages")
+        raise errors.InvalidRequest(message, param=prompt_param)
     if code == "deadline_exceeded":
         raise errors.DeadlineExceeded(message)
     if code == "model_not_loaded":

@@ -138,7 +138,7 @@ def test_bearer_key_and_wrong_method_in_anthropic_shape(gateway: Gateway) -> Non
     assert ok.status_code == 200
     wrong = httpx.get(f"{gateway.base_url}/messages", timeout=30)
     assert wrong.status_code == 405
-    assert wrong.json()["type"] == "error"
+    assert wrong.json()["type"] == "error" and wrong.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_models_list_and_retrieve(client: anthropic.Anthropic) -> None:

@@ -90,3 +90,12 @@ def test_unsupported_or_bad_parameters_are_400(gateway: Gateway, extra: dict[str
 def test_empty_prompt_is_400(gateway: Gateway) -> None:
     response = httpx.post(f"{gateway.base_url}/completions", json={"model": TINY_MODEL, "prompt": ""}, timeout=30)
     assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == "prompt"
+
+
+def test_a_prompt_over_the_context_names_prompt(gateway: Gateway) -> None:
+    body = {"model": TINY_MODEL, "prompt": "x " * 5000, "max_tokens": 4}
+    response = httpx.post(f"{gateway.base_url}/completions", json=body, timeout=30)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "context_length_exceeded"
+    assert response.json()["error"]["param"] == "prompt"
