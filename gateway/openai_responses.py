@@ -218,6 +218,7 @@ class ResponsesFormatter:
         self.items: list[dict[str, Any]] = []
         """Output items streamed so far, kept current (the last one may still be open)."""
         self._open = False
+        self._started = False
 
     def response(self, status: str, output: list[dict[str, Any]], usage: Usage | None = None) -> dict[str, Any]:
         req = self.request
@@ -311,6 +312,7 @@ class ResponsesFormatter:
         return b"event: " + kind.encode() + b"\ndata: " + _encoder.encode(body) + b"\n\n"
 
     def stream_start(self, first: Chunk) -> bytes:
+        self._started = True
         return self._event("response.created", {"response": self.response("in_progress", [])}) + self._event(
             "response.in_progress", {"response": self.response("in_progress", [])}
         )
@@ -401,16 +403,17 @@ class ResponsesFormatter:
         return out + self._event(kind, {"response": final})
 
     def stream_error(self, exc: ApiError) -> bytes:
-        """`error`, then `response.failed`, as OpenAI ends a stream that broke."""
+        """`error`, then `response.failed`, as OpenAI ends a stream that broke (created first if not yet)."""
+        opening = b"" if self._started else self.stream_start(Chunk(request_id=self.request_id, seq=0))
         error = error_body(exc)["error"]
         failed = self.response("failed", [])
-        failed["error"] = {
-            "code": "rate_limit_exceeded" if exc.status == 429 else "server_error",
-            "message": exc.message,
-        }
-        return self._event("error", {"code": error["code"], "message": error["message"], "param": error["param"]}) + (
-            self._event("response.failed", {"response": failed})
-        )
+        failed["error"] = {"code": _RESPONSE_ERROR_CODES.get(exc.status, "server_error"), "message": exc.message}
+        broke = self._event("error", {"code": error["code"], "message": error["message"], "param": error["param"]})
+        return opening + broke + self._event("response.failed", {"response": failed})
+
+
+_RESPONSE_ERROR_CODES = {400: "invalid_prompt", 429: "rate_limit_exceeded"}
+"""`response.error.code` is one of OpenAI's few codes; the `error` event carries the exact one."""
 
 
 @dataclass

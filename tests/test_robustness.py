@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import subprocess
 import sys
@@ -209,6 +210,26 @@ def test_responses_stream_that_breaks_ends_with_response_failed(impatient_gatewa
         events = [line.removeprefix("event: ") for line in response.iter_lines() if line.startswith("event: ")]
     assert "response.output_text.delta" in events  # it had started
     assert events[-2:] == ["error", "response.failed"]
+
+
+def test_responses_stream_refused_before_its_first_token_opens_then_fails(
+    nats_server: EmbeddedNats, logs_dir: Path, gateway: Gateway
+) -> None:
+    eager = start_gateway(nats_server.url, logs_dir, "--stream-headers-within", "0")  # headers before any answer
+    try:
+        wait_for(lambda: TINY_MODEL in ready_models(eager.base_url), timeout=30, what="fleet view")
+        body = {"model": TINY_MODEL, "input": "x " * 5000, "max_output_tokens": 4, "stream": True}
+        with httpx.stream("POST", f"{eager.base_url}/responses", json=body, timeout=60) as response:
+            assert response.status_code == 200
+            lines = [line for line in response.iter_lines() if line]
+    finally:
+        stop_process(eager.proc)
+    events = [line.removeprefix("event: ") for line in lines if line.startswith("event: ")]
+    assert events == ["response.created", "response.in_progress", "error", "response.failed"]
+    failed = json.loads(lines[-1].removeprefix("data: "))["response"]
+    assert failed["status"] == "failed" and failed["error"]["code"] == "invalid_prompt"
+    error = json.loads(next(line for line in lines if '"context_length_exceeded"' in line).removeprefix("data: "))
+    assert error["param"] == "input"
 
 
 UNREADABLE = {
