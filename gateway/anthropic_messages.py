@@ -139,8 +139,10 @@ def _text(content: str | list[Block] | list[ResultBlock] | None, where: str, *, 
     for i, block in enumerate(content):
         if block.type in _SKIPPED_BLOCKS:
             continue
-        if block.type != "text" or block.text is None:
+        if block.type != "text":
             raise InvalidRequest(f"{where}.{i}: content blocks of type {block.type!r} are not supported.")
+        if block.text is None:
+            raise InvalidRequest(f"{where}.{i}.text: Field required")
         parts.append(block.text)
     return sep.join(parts)
 

@@ -190,9 +190,11 @@ def canonical_messages(req: ChatRequest) -> list[Message]:
 def canonical_tools(req: ChatRequest) -> tuple[list[Tool], ToolChoice]:
     tools = []
     for i, spec in enumerate(req.tools or []):
-        if spec.type != "function" or spec.function is None:
+        if spec.type != "function":
             raise InvalidRequest(f"Tools of type {spec.type!r} are not supported; only `function` tools are.",
                                  param=f"tools[{i}]")  # fmt: skip
+        if spec.function is None:
+            raise InvalidRequest("A function tool needs a `function` object with its `name`.", param=f"tools[{i}]")
         fn = spec.function
         tools.append(make_tool(fn.name, fn.description, fn.parameters, param=f"tools[{i}].function"))
     check_tools(tools, param="tools")

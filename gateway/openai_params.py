@@ -27,11 +27,12 @@ def check_sampling(req: Any) -> None:
             raise InvalidRequest(f"`{name}` must be between -2 and 2.", param=name)
 
 
-def check_logprobs(logprobs: bool, top_logprobs: int | None) -> None:
+def check_logprobs(logprobs: bool, top_logprobs: int | None, *, asked_by: str = "`logprobs` set to true") -> None:
+    """`asked_by`: how this dialect asks for log probabilities, named when `top_logprobs` comes without it."""
     if top_logprobs is not None and not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
         raise InvalidRequest(f"`top_logprobs` must be between 0 and {MAX_TOP_LOGPROBS}.", param="top_logprobs")
     if top_logprobs and not logprobs:
-        raise InvalidRequest("`top_logprobs` needs `logprobs` set to true.", param="top_logprobs")
+        raise InvalidRequest(f"`top_logprobs` needs {asked_by}.", param="top_logprobs")
 
 
 EFFORTS = {"none": False, "minimal": False, "low": True, "medium": True, "high": True, "xhigh": True}

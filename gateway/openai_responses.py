@@ -121,8 +121,10 @@ def _text(content: str | list[Part] | None, where: str) -> str:
     if content is None or isinstance(content, str):
         return content or ""
     for i, part in enumerate(content):
-        if part.type not in _TEXT_PARTS or part.text is None:
+        if part.type not in _TEXT_PARTS:
             raise InvalidRequest(f"Content parts of type {part.type!r} are not supported yet.", param=f"{where}[{i}]")
+        if part.text is None:
+            raise InvalidRequest(f"A {part.type!r} content part needs its `text`.", param=f"{where}[{i}].text")
     return "".join(part.text or "" for part in content)
 
 
@@ -133,7 +135,7 @@ def parse(body: bytes) -> ResponsesRequest:
     if req.max_output_tokens is not None and req.max_output_tokens < 1:
         raise InvalidRequest("`max_output_tokens` must be at least 1.", param="max_output_tokens")
     check_sampling(req)
-    check_logprobs(wants_logprobs(req), req.top_logprobs)
+    check_logprobs(wants_logprobs(req), req.top_logprobs, asked_by=f'`include: ["{LOGPROBS_INCLUDE}"]`')
     reasoning(req.reasoning.effort if req.reasoning else None, param="reasoning.effort")
     if req.previous_response_id is not None and not _RESPONSE_ID.fullmatch(req.previous_response_id):
         raise InvalidRequest("`previous_response_id` is not a response id.", param="previous_response_id")
@@ -166,6 +168,9 @@ def input_messages(req: ResponsesRequest) -> list[Message]:
                 raise InvalidRequest("A `function_call_output` item needs the `call_id` it answers.", param=where)
             output = _text(item.output, f"{where}.output")
             messages.append(Message(role="tool", content=output, tool_call_id=item.call_id))
+        elif item.type == "message":
+            raise InvalidRequest(f"A message item's role must be one of {', '.join(_ROLES)}; tool results are "
+                                 "`function_call_output` items.", param=f"{where}.role")  # fmt: skip
         elif item.type != "reasoning":  # earlier reasoning is not fed back to these models
             raise InvalidRequest(f"Input items of type {item.type!r} are not supported.", param=where)
     return messages
@@ -174,9 +179,12 @@ def input_messages(req: ResponsesRequest) -> list[Message]:
 def canonical_tools(req: ResponsesRequest) -> tuple[list[Tool], ToolChoice]:
     tools = []
     for i, spec in enumerate(req.tools or []):
-        if spec.type != "function" or not spec.name:
+        if spec.type != "function":
             raise InvalidRequest(f"Tools of type {spec.type!r} are not supported; only `function` tools are.",
                                  param=f"tools[{i}]")  # fmt: skip
+        if not spec.name:
+            raise InvalidRequest("A function tool needs its `name` (Responses tools are flat: no `function` object).",
+                                 param=f"tools[{i}].name")  # fmt: skip
         tools.append(make_tool(spec.name, spec.description, spec.parameters, param=f"tools[{i}]"))
     check_tools(tools, param="tools")
     choice_in = req.tool_choice

@@ -120,6 +120,10 @@ def test_unknown_model_is_not_found_error(client: anthropic.Anthropic) -> None:
             {"model": TINY_MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "image"}]}]},
             "image",
         ),
+        (
+            {"model": TINY_MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": [{"type": "text"}]}]},
+            "messages.0.content.0.text: Field required",
+        ),
     ],
 )
 def test_bad_bodies_are_400_in_anthropic_shape(gateway: Gateway, body: dict[str, object], fragment: str) -> None:

@@ -99,6 +99,10 @@ def test_unstored_or_unknown_previous_response_is_404(client: openai.OpenAI) -> 
         ({"input": [{"type": "function_call_output", "output": "x"}]}, "input[0]"),
         ({"input": [{"type": "web_search_call", "id": "x"}]}, "input[0]"),
         ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input[0].content[0]"),
+        ({"input": [{"role": "user", "content": [{"type": "input_text"}]}]}, "input[0].content[0].text"),
+        ({"input": [{"type": "message", "role": "tool", "content": "x"}]}, "input[0].role"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools[0].name"),  # chat's shape
+        ({"top_logprobs": 2}, "top_logprobs"),
         ({"max_output_tokens": 0}, "max_output_tokens"),
         ({"previous_response_id": "nope"}, "previous_response_id"),
     ],
