@@ -282,3 +282,40 @@ def test_a_prompt_no_context_can_hold_is_refused_by_its_length(engine: Engine, t
     assert refused and refused[0].code == "context_length_exceeded" and "characters long" in refused[0].message
     tokenized = [c.error for c in collector.chunks["r1"] if c.error]  # under the bound: counted in tokens
     assert tokenized and " in the messages" in tokenized[0].message
+
+
+def test_a_long_prompt_being_tokenized_does_not_hold_up_running_streams(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    from tests.tiny_model import build_tiny_model
+
+    loaded = load_tiny(build_tiny_model(tmp_path_factory.mktemp("long-context"), max_positions=65536))
+    engine = make_engine(loaded, prefix_cache_tokens=0)
+    streaming: list[Chunk] = []
+    started = threading.Event()
+
+    def emit_streaming(chunk: Chunk) -> None:
+        streaming.append(chunk)
+        started.set()
+
+    try:
+        engine.submit(request(0, PROMPTS[1], max_tokens=20000, ignore_eos=True), emit_streaming)
+        assert started.wait(30)
+        long = Collector(1)
+        before = len(streaming)
+        # ~900k characters: under what the context could hold by length, so it is tokenized (a second
+        # or so), then refused for its ~200k tokens. The stream above must go on meanwhile.
+        engine.submit(request(1, "The quick brown fox " * 45_000, max_tokens=4), long.emit_for("r1"))
+        assert long.done.wait(120)
+        steps_meanwhile = len(streaming) - before
+        cancelled = Collector(1)
+        engine.submit(request(2, "x " * 60_000), cancelled.emit_for("r2"))  # cancelled while still in admission
+        engine.cancel("r2")
+        engine.cancel("r0")
+        assert engine.call(engine.running).result(30) == 0
+    finally:
+        engine.stop()
+    error = long.chunks["r1"][-1].error
+    assert error is not None and error.code == "context_length_exceeded"
+    assert steps_meanwhile >= 5, f"the running stream made {steps_meanwhile} steps while a prompt was tokenized"
+    assert not any(c.final for c in cancelled.chunks["r2"]) and not any(c.final for c in streaming)

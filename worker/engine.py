@@ -2,9 +2,12 @@
 
 Requests arrive through `Engine.submit` from the asyncio side and leave as
 `Chunk`s through the `emit` callback each was submitted with (thread-safe,
-non-blocking). Each loop iteration of the thread does:
+non-blocking). An admission thread first renders each prompt through the chat
+template, tokenizes it and compiles its grammar, so a long prompt never holds
+up the decoding of others (the tokenizer releases the GIL). Each loop
+iteration of the engine thread does:
 
-1. take new requests, cancellations and calls from the inbox;
+1. take admitted requests, cancellations and calls from the inbox;
 2. one prefill action: either a group of short waiting prompts in one padded
    forward pass (up to `max_prefill_tokens`), or one `prefill_chunk` of a long
    prompt, a prompt with a prefix-cache hit, or a preempted sequence; each
@@ -93,7 +96,16 @@ class Engine:
         self.worker_id = worker_id
         self.limits = limits or EngineLimits()
         self._models: dict[str, _ModelState] = {}
+        self._loaded: dict[str, LoadedModel] = {}
+        """The models admission may prepare requests for; set at once by add_model (any thread)."""
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._admissions: queue.SimpleQueue[tuple[GenerateRequest, Emit, list[LogitsProcessor]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._cancelled: dict[str, None] = {}
+        """Cancelled request ids the engine thread had not seen yet (insertion-ordered, capped)."""
+        self._cancelled_lock = threading.Lock()
+        self._admission = threading.Thread(target=self._admit_all, name="cortex-admission", daemon=True)
         self._waiting: deque[Sequence] = deque()
         self._chunked: Sequence | None = None
         self._chunked_cache: DynamicCache | None = None
@@ -105,12 +117,15 @@ class Engine:
 
     def start(self) -> None:
         self._thread.start()
+        self._admission.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True
         self._inbox.put(("stop", None))
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        self._admissions.put(None)
+        for thread in (self._thread, self._admission):
+            if thread.is_alive():
+                thread.join(timeout)
 
     def call(self, fn: Callable[[], T]) -> Future[T]:
         """Run `fn` on the engine thread (model loading); its result arrives as a Future."""
@@ -119,6 +134,7 @@ class Engine:
         return future
 
     def add_model(self, loaded: LoadedModel) -> None:
+        self._loaded[loaded.spec.id] = loaded
         self._inbox.put(("add", loaded))
 
     def remove_model(self, model_id: str) -> Future[int]:
@@ -126,6 +142,7 @@ class Engine:
         return self.call(lambda: self._remove(model_id))
 
     def _remove(self, model_id: str) -> int:
+        self._loaded.pop(model_id, None)
         if model_id not in self._models:
             return 0
         for seq in self._all_sequences():  # none, normally: the worker waits for them first
@@ -144,10 +161,23 @@ class Engine:
         self, request: GenerateRequest, emit: Emit, logits_processors: list[LogitsProcessor] | None = None
     ) -> None:
         """Queue a request; `logits_processors` (constrained decoding) run on its logits before each pick."""
-        self._inbox.put(("submit", (request, emit, list(logits_processors or []))))
+        self._admissions.put((request, emit, list(logits_processors or [])))
 
     def cancel(self, request_id: str) -> None:
+        # Remembered for admission too: the request may not have reached the engine thread yet.
+        with self._cancelled_lock:
+            self._cancelled[request_id] = None
+            if len(self._cancelled) > 10_000:  # ids of requests that had already finished
+                del self._cancelled[next(iter(self._cancelled))]
         self._inbox.put(("cancel", request_id))
+
+    def _take_cancel(self, request_id: str) -> bool:
+        """Whether `request_id` was cancelled (forgetting it: each cancel is acted on once)."""
+        with self._cancelled_lock:
+            if request_id not in self._cancelled:
+                return False
+            del self._cancelled[request_id]
+            return True
 
     def running(self) -> int:
         """Sequences waiting, prefilling or decoding. Engine thread only: use ``call(engine.running)``."""
@@ -200,8 +230,8 @@ class Engine:
                 return
 
     def _handle(self, kind: str, payload: Any) -> None:
-        if kind == "submit":
-            self._start(*payload)
+        if kind == "admitted":
+            self._join(payload)
         elif kind == "cancel":
             self._cancel(payload)
         elif kind == "add":
@@ -225,6 +255,7 @@ class Engine:
         for seq in self._all_sequences():
             if seq.request_id == request_id and not seq.done:
                 seq.done = True  # silently: nobody listens any more
+                self._take_cancel(request_id)
                 log.info("cancelled %s after %d tokens", request_id, len(seq.generated_ids))
         self._waiting = deque(s for s in self._waiting if not s.done)
         if self._chunked is not None and self._chunked.done:
@@ -242,31 +273,54 @@ class Engine:
 
     # -- admission ----------------------------------------------------------------
 
-    def _start(self, request: GenerateRequest, emit: Emit, processors: list[LogitsProcessor]) -> None:
+    def _admit_all(self) -> None:
+        """The admission thread: prepare each request in arrival order, then hand it to the engine thread."""
+        while (item := self._admissions.get()) is not None:
+            self._admit(*item)
+            item = None  # a request left in this frame would keep its model alive after an unload
+
+    def _admit(self, request: GenerateRequest, emit: Emit, processors: list[LogitsProcessor]) -> None:
+        if self._take_cancel(request.request_id):
+            return
+        seq = self._start(request, emit, processors)
+        if seq is not None:
+            self._inbox.put(("admitted", seq))
+
+    def _join(self, seq: Sequence) -> None:
+        """Engine thread: an admitted request waits for prefill, unless it was cancelled or its model left."""
+        if self._take_cancel(seq.request_id):
+            return
+        state = self._models.get(seq.request.model)
+        if state is None or state.loaded is not seq.loaded:
+            seq.finish(error=ChunkError(code=m.ERROR_MODEL_NOT_LOADED, message=f"{seq.request.model} was unloaded"))
+            return
+        self._waiting.append(seq)
+
+    def _start(self, request: GenerateRequest, emit: Emit, processors: list[LogitsProcessor]) -> Sequence | None:
+        """Admission thread: the request as a sequence ready to prefill, or None once it has been answered."""
         try:
             seq = self._prepare(request, emit)
             seq.logits_processors.extend(processors)
         except RequestRejected as exc:
             emit(error_chunk(request.request_id, exc.code, exc.message, worker_id=self.worker_id))
-            return
+            return None
         except Counted as counted:
             n = counted.tokens
             usage = Usage(prompt_tokens=n, completion_tokens=0, total_tokens=n)
             emit(Chunk(request_id=request.request_id, seq=0, prompt_tokens=n, finish_reason=m.FINISH_STOP,
                        usage=usage, worker_id=self.worker_id))  # fmt: skip
-            return
+            return None
         except Exception as exc:
-            # Whatever goes wrong with one request must not take the engine thread down.
+            # Whatever goes wrong with one request must not take the admission thread down.
             log.exception("could not start %s", request.request_id)
             emit(error_chunk(request.request_id, m.ERROR_INTERNAL, f"could not start: {exc}", worker_id=self.worker_id))
-            return
-        self._waiting.append(seq)
+            return None
+        return seq
 
     def _prepare(self, request: GenerateRequest, emit: Emit) -> Sequence:
-        state = self._models.get(request.model)
-        if state is None:
+        loaded = self._loaded.get(request.model)
+        if loaded is None:
             raise RequestRejected(m.ERROR_MODEL_NOT_LOADED, f"model {request.model!r} is not loaded on this worker")
-        loaded = state.loaded
         if request.deadline and time.time() > request.deadline:
             raise RequestRejected(m.ERROR_DEADLINE, "the request's deadline passed before it was started")
         tools = offered_tools(request.tools, request.tool_choice)
