@@ -69,6 +69,25 @@ def test_completions_logprobs_legacy_shape(client: openai.OpenAI) -> None:
     assert logprobs.text_offset == sorted(logprobs.text_offset) and logprobs.text_offset[0] == 0
 
 
+def test_completions_logprobs_stop_where_a_stop_sequence_cuts_the_text(client: openai.OpenAI) -> None:
+    params = {"model": TINY_MODEL, "prompt": "The quick brown", "max_tokens": 16, "temperature": 0, "logprobs": 1}
+    first = client.completions.create(**params).choices[0]  # type: ignore[call-overload]
+    whole, logprobs = first.text, first.logprobs
+    assert logprobs is not None and logprobs.tokens and logprobs.text_offset
+    # A later token's own text, first found where that token starts: the stop swallows it whole.
+    stop = next(token for token, offset in zip(logprobs.tokens, logprobs.text_offset, strict=True)
+                if offset > 0 and token.strip() and whole.index(token) == offset)  # fmt: skip
+    cut = client.completions.create(**params, stop=[stop]).choices[0]  # type: ignore[call-overload]
+    # Not strict: the SDK's Completion type has no null finish_reason, which every streamed chunk but the last has.
+    lenient = openai.OpenAI(base_url=client.base_url, api_key="unused", max_retries=0, timeout=60)
+    streamed = list(lenient.completions.create(**params, stop=[stop], stream=True))  # type: ignore[call-overload]
+    assert cut.text == whole[: whole.index(stop)]
+    tokens = [t for c in streamed for t in (c.choices[0].logprobs.tokens or []) if c.choices[0].logprobs]
+    offsets = [o for c in streamed for o in (c.choices[0].logprobs.text_offset or []) if c.choices[0].logprobs]
+    assert cut.logprobs is not None and cut.logprobs.tokens == tokens and cut.logprobs.text_offset == offsets
+    assert "".join(tokens).startswith(cut.text) and all(offset < len(cut.text) for offset in offsets)
+
+
 def test_responses_logprobs_on_output_text(client: openai.OpenAI) -> None:
     response = client.responses.create(model=TINY_MODEL, input="Hello", temperature=0, max_output_tokens=5,
                                        top_logprobs=2, include=["message.output_text.logprobs"])  # fmt: skip
