@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cortex.broker.bus import Bus
 from cortex.gateway import anthropic_messages, routes_anthropic, routes_openai
@@ -83,4 +84,24 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Starlette:
         Route("/v1/messages", routes_anthropic.messages, methods=["POST"]),
         Route("/v1/messages/count_tokens", routes_anthropic.count_tokens, methods=["POST"]),
     ]
-    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    app.add_middleware(IgnoreTrailingSlash)
+    return app
+
+
+class IgnoreTrailingSlash:
+    """``POST /v1/chat/completions/`` is served like the path without the slash.
+
+    Starlette would answer it with an empty 307, which SDKs follow but curl and
+    many scripts do not; a POST redirect gains nothing here.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            raw_path = scope.get("raw_path") or path.encode()
+            scope = {**scope, "path": path.rstrip("/") or "/", "raw_path": raw_path.rstrip(b"/") or b"/"}
+        await self.app(scope, receive, send)

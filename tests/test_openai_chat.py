@@ -207,6 +207,13 @@ def test_unknown_fields_are_ignored(gateway: Gateway) -> None:
         assert streamed.headers["warning"] == '299 cortex "Ignored fields: logit_bias, store"'
 
 
+def test_a_trailing_slash_is_served_not_redirected(gateway: Gateway) -> None:
+    body = {"model": TINY_MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    response = httpx.post(f"{gateway.base_url}/chat/completions/", json=body, timeout=30)  # redirects not followed
+    assert response.status_code == 200, response.text
+    assert response.json()["object"] == "chat.completion"
+
+
 def test_unknown_route_is_404_json(gateway: Gateway) -> None:
     response = httpx.get(f"{gateway.base_url}/nothing-here", timeout=10)
     assert response.status_code == 404
