@@ -313,13 +313,17 @@ def test_drain_moves_work_elsewhere_and_undrain_restores(
 def test_lifecycle_metrics(gateway: Gateway, fleet: dict[str, subprocess.Popen[bytes]]) -> None:
     import urllib.request
 
-    with urllib.request.urlopen(gateway.metrics_url, timeout=10) as resp:
-        text = resp.read().decode()
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
+    def scrape() -> dict[str, float]:
+        with urllib.request.urlopen(gateway.metrics_url, timeout=10) as resp:
+            text = resp.read().decode()
+        return {name: float(value) for name, _, value in
+                (line.rpartition(" ") for line in text.splitlines() if line and not line.startswith("#"))}  # fmt: skip
+
+    def drained() -> bool:  # the drain test's unloads reach the metrics with the worker's next advert
+        return any('reason="drain"' in k for k in scrape() if k.startswith("cortex_evictions_total"))
+
+    wait_for(drained, timeout=15, what="drain evictions in the metrics")
+    samples = scrape()
     assert sum(v for k, v in samples.items() if k.startswith('cortex_cold_starts_total{model="f1"')) >= 1
     evicted = {k: v for k, v in samples.items() if k.startswith("cortex_evictions_total")}
     for reason in ("lru", "keep_alive", "drain"):
