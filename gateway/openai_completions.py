@@ -77,28 +77,17 @@ class CompletionFormatter:
         self.include_usage = include_usage
         self.logprobs = logprobs
         self._offset = 0
-        self._text_end = 0
 
     def _choice(self, text: str, finish: str | None, logprobs: list[TokenLogprob] | None = None) -> dict[str, Any]:
-        self._text_end += len(text)
         return {"text": text, "index": 0, "logprobs": self._logprobs(logprobs or []) if self.logprobs else None,
                 "finish_reason": finish}  # fmt: skip
 
     def _logprobs(self, entries: list[TokenLogprob]) -> dict[str, Any]:
-        """The legacy shape: parallel lists, with each token's offset in the whole answer's text.
-
-        Tokens that start past the end of the text (a stop sequence swallowed them) are left
-        out, so the tokens spell the text and every offset points into it.
-        """
+        """The legacy shape: parallel lists, with each token's offset in the whole answer's text."""
         offsets = []
-        kept = []
         for e in entries:
-            if self._offset >= self._text_end:
-                break
-            kept.append(e)
             offsets.append(self._offset)
             self._offset += len(e.token)
-        entries = kept
         return {
             "tokens": [e.token for e in entries],
             "token_logprobs": [e.logprob for e in entries],
