@@ -319,3 +319,28 @@ def test_a_long_prompt_being_tokenized_does_not_hold_up_running_streams(
     assert error is not None and error.code == "context_length_exceeded"
     assert steps_meanwhile >= 5, f"the running stream made {steps_meanwhile} steps while a prompt was tokenized"
     assert not any(c.final for c in cancelled.chunks["r2"]) and not any(c.final for c in streaming)
+
+
+def test_a_model_removed_while_its_request_is_admitted_ends_that_request_and_is_freed(tiny_model_dir: Path) -> None:
+    import gc
+    import weakref
+
+    loaded = load_tiny(tiny_model_dir)
+    weights = weakref.ref(loaded.model)
+    engine = make_engine(loaded)
+    del loaded
+    try:
+        collector = Collector(2)
+        engine.submit(request(0, "x " * 20_000), collector.emit_for("r0"))  # tokenizing it takes a moment
+        freed = engine.remove_model("tiny")  # queued behind the request: it is admitted first, then removed
+        engine.submit(request(1, "Hello"), collector.emit_for("r1"))  # after the removal: refused at once
+        freed.result(timeout=60)
+        assert collector.done.wait(60)
+        gc.collect()
+        assert weights() is None, "something still holds the removed model"
+    finally:
+        engine.stop()
+    for rid in ("r0", "r1"):
+        last = collector.chunks[rid][-1]
+        assert last.final and last.error is not None, (rid, last)
+    assert collector.chunks["r1"][-1].error.code == "model_not_loaded"  # type: ignore[union-attr]

@@ -25,6 +25,7 @@ recomputation (the client sees nothing but a pause).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -97,11 +98,10 @@ class Engine:
         self.limits = limits or EngineLimits()
         self._models: dict[str, _ModelState] = {}
         self._loaded: dict[str, LoadedModel] = {}
-        """The models admission may prepare requests for; set at once by add_model (any thread)."""
+        """The models admission prepares requests for (admission thread only)."""
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._admissions: queue.SimpleQueue[tuple[GenerateRequest, Emit, list[LogitsProcessor]] | None] = (
-            queue.SimpleQueue()
-        )
+        self._admissions: queue.SimpleQueue[tuple[str, Any] | None] = queue.SimpleQueue()
+        """Requests, model additions and removals, in the order they were asked for."""
         self._cancelled: dict[str, None] = {}
         """Cancelled request ids the engine thread had not seen yet (insertion-ordered, capped)."""
         self._cancelled_lock = threading.Lock()
@@ -134,15 +134,19 @@ class Engine:
         return future
 
     def add_model(self, loaded: LoadedModel) -> None:
-        self._loaded[loaded.spec.id] = loaded
-        self._inbox.put(("add", loaded))
+        self._admissions.put(("add", loaded))
 
     def remove_model(self, model_id: str) -> Future[int]:
-        """Drop a model (its requests must have finished); the Future gives the bytes this freed, measured."""
-        return self.call(lambda: self._remove(model_id))
+        """Drop a model (its requests must have finished); the Future gives the bytes this freed, measured.
+
+        Through admission, like requests and additions: everything asked for before is
+        admitted first, and nothing there still holds the model when it is freed.
+        """
+        future: Future[int] = Future()
+        self._admissions.put(("remove", (model_id, future)))
+        return future
 
     def _remove(self, model_id: str) -> int:
-        self._loaded.pop(model_id, None)
         if model_id not in self._models:
             return 0
         for seq in self._all_sequences():  # none, normally: the worker waits for them first
@@ -161,7 +165,7 @@ class Engine:
         self, request: GenerateRequest, emit: Emit, logits_processors: list[LogitsProcessor] | None = None
     ) -> None:
         """Queue a request; `logits_processors` (constrained decoding) run on its logits before each pick."""
-        self._admissions.put((request, emit, list(logits_processors or [])))
+        self._admissions.put(("request", (request, emit, list(logits_processors or []))))
 
     def cancel(self, request_id: str) -> None:
         # Remembered for admission too: the request may not have reached the engine thread yet.
@@ -275,9 +279,28 @@ class Engine:
 
     def _admit_all(self) -> None:
         """The admission thread: prepare each request in arrival order, then hand it to the engine thread."""
-        while (item := self._admissions.get()) is not None:
-            self._admit(*item)
-            item = None  # a request left in this frame would keep its model alive after an unload
+        while (item := self._admissions.get()) is not None and not self._stopping:
+            kind, payload = item
+            try:
+                if kind == "request":
+                    self._admit(*payload)
+                elif kind == "add":
+                    self._loaded[payload.spec.id] = payload
+                    self._inbox.put(("add", payload))
+                elif kind == "remove":
+                    self._removal(*payload)
+            except BaseException:  # a library panic included: this thread must outlive any one request
+                log.exception("admission failed for a %s", kind)
+                if kind == "request":
+                    request, emit, _ = payload
+                    with contextlib.suppress(BaseException):
+                        emit(error_chunk(request.request_id, m.ERROR_INTERNAL, "could not start the request",
+                                         worker_id=self.worker_id))  # fmt: skip
+            item = payload = None  # a request left in this frame would keep its model alive after an unload
+
+    def _removal(self, model_id: str, future: Future[int]) -> None:
+        self._loaded.pop(model_id, None)  # later requests are refused at once
+        self._inbox.put(("call", (lambda: self._remove(model_id), future)))
 
     def _admit(self, request: GenerateRequest, emit: Emit, processors: list[LogitsProcessor]) -> None:
         if self._take_cancel(request.request_id):
@@ -579,8 +602,7 @@ def _refuse_if_surely_too_long(loaded: LoadedModel, text: str) -> None:
         raise RequestRejected(
             m.ERROR_CONTEXT_LENGTH,
             f"This model's maximum context length is {loaded.context_length} tokens. However, your prompt is "
-            f"{len(text)} characters long, more than that many tokens can hold. Please reduce the length of the "
-            "messages.",
+            f"{len(text)} characters long, more than that many tokens can hold. Please shorten the prompt.",
         )
 
 
