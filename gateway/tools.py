@@ -13,7 +13,7 @@ from typing import Any
 import msgspec
 
 from cortex.gateway.errors import InvalidRequest
-from cortex.gateway.formats import schema_problem
+from cortex.gateway.schemas import schema_problem
 from cortex.protocol import Tool, ToolChoice
 from cortex.protocol import messages as m
 
