@@ -1,4 +1,4 @@
-"""The engine thread: continuous batching, and the only code that touches the device.
+"""The engine thread: continuous batching, and the only code that runs the model.
 
 Requests arrive through `Engine.submit` from the asyncio side and leave as
 `Chunk`s through the `emit` callback each was submitted with (thread-safe,
