@@ -249,3 +249,36 @@ def test_unreadable_bodies_are_400_in_the_dialect(gateway: Gateway, path: str, w
     if path.startswith("messages"):
         assert body["type"] == "error"
     assert error["type"] == "invalid_request_error" and what in error["message"]
+
+
+def test_a_worker_killed_mid_answer_is_a_clear_error_for_each_request(
+    nats_server: EmbeddedNats, gateway: Gateway, logs_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    catalogue = tmp_path / "models.toml"
+    catalogue.write_text(f'[[models]]\nid = "tiny-doomed"\npath = "{tiny_model_dir}"\n')
+    log = open(logs_dir / "doomed-worker.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cortex.worker", "--nats", nats_server.url, "--models", str(catalogue),
+         "--model", "tiny-doomed", "--device", "cpu", "--slots", "2", "--worker-id", "doomed"],
+        stdout=log, stderr=subprocess.STDOUT, env=child_env(),
+    )  # fmt: skip
+    log.close()
+    try:
+        wait_for(lambda: "tiny-doomed" in ready_models(gateway.base_url), timeout=120, what="tiny-doomed", proc=proc)
+        body = {"model": "tiny-doomed", "messages": PROMPT, "max_tokens": LONG, "temperature": 0}
+        with ThreadPoolExecutor(1) as pool:
+            whole = pool.submit(httpx.post, f"{gateway.base_url}/chat/completions", json=body, timeout=90)
+            with httpx.stream("POST", f"{gateway.base_url}/chat/completions", json=body | {"stream": True},
+                              timeout=90) as streamed:  # fmt: skip
+                lines = streamed.iter_lines()
+                assert '"content"' in next(line for line in lines if '"content"' in line)  # it is answering
+                proc.kill()  # no goodbye: its advert stays until it expires
+                rest = [line for line in lines if line]
+            answer = whole.result(timeout=90)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert rest and rest[-1] != "data: [DONE]"
+    error = json.loads(rest[-1].removeprefix("data: "))["error"]
+    assert "doomed" in error["message"] and error["type"] == "server_error", error
+    assert answer.status_code == 502 and "doomed" in answer.json()["error"]["message"], answer.text
