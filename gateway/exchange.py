@@ -181,6 +181,7 @@ async def handle(request: Request, dialect: Dialect) -> Response:
         prepare = getattr(dialect, "prepare", None)
         if prepare is not None:
             plan = await prepare(plan, svc)  # I/O a dialect needs first (a stored conversation)
+        svc.require_broker()
         entry = svc.fleet.resolve(plan.model)
         timer = RequestTimer(svc.metrics, entry.id, dialect.name)
         if not entry.ready_on:

@@ -57,7 +57,12 @@ def _model_object(entry: ModelEntry) -> dict[str, object]:
 
 
 async def list_models(request: Request) -> Response:
-    data = [_model_object(entry) for entry in services(request).fleet.models().values()]
+    svc = services(request)
+    try:
+        svc.require_broker()
+    except ApiError as exc:
+        return error_response(exc)
+    data = [_model_object(entry) for entry in svc.fleet.models().values()]
     body = {
         "object": "list",
         "data": data,
@@ -71,6 +76,7 @@ async def list_models(request: Request) -> Response:
 
 async def retrieve_model(request: Request) -> Response:
     try:
+        services(request).require_broker()
         entry = services(request).fleet.find(request.path_params["model"])
     except ApiError as exc:
         return error_response(exc)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cortex.broker.bus import Bus
+from cortex.gateway.errors import NoCapacity
 from cortex.gateway.fleet import FleetView
 from cortex.gateway.metrics import Metrics
 from cortex.gateway.relay import Relay
@@ -28,3 +29,10 @@ class Services:
     relay: Relay
     fleet: FleetView
     metrics: Metrics
+
+    def require_broker(self) -> None:
+        """A 503 while this gateway is cut off from NATS: its view of the fleet is going stale,
+        so "no such model" would be a lie and a publish would only time out."""
+        if not self.bus.connected:
+            raise NoCapacity("The request broker (NATS) is unreachable from this gateway; retry shortly.",
+                             code="broker_unavailable")  # fmt: skip

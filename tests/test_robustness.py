@@ -282,3 +282,40 @@ def test_a_worker_killed_mid_answer_is_a_clear_error_for_each_request(
     error = json.loads(rest[-1].removeprefix("data: "))["error"]
     assert "doomed" in error["message"] and error["type"] == "server_error", error
     assert answer.status_code == 502 and "doomed" in answer.json()["error"]["message"], answer.text
+
+
+def test_a_broker_outage_is_a_clear_503_and_service_resumes_after_it(
+    catalogue_file: Path, logs_dir: Path, tmp_path: Path
+) -> None:
+    broker = EmbeddedNats(store_dir=tmp_path / "store", port=0, log_file=logs_dir / "outage-nats.log")
+    broker.start()
+    gw: Gateway | None = None
+    log = open(logs_dir / "outage-worker.log", "wb")  # noqa: SIM115
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "cortex.worker", "--nats", broker.url, "--models", str(catalogue_file),
+         "--model", "tiny-b", "--synthetic-engine", "0", "--worker-id", "outage-worker"],
+        stdout=log, stderr=subprocess.STDOUT, env=child_env(),
+    )  # fmt: skip
+    log.close()
+    body = {"model": "tiny-b", "messages": PROMPT, "max_tokens": 3}
+    try:
+        gw = start_gateway(broker.url, logs_dir)
+        url = f"{gw.base_url}/chat/completions"
+        wait_for(lambda: "tiny-b" in ready_models(gw.base_url), timeout=60, what="tiny-b", proc=worker)
+        assert httpx.post(url, json=body, timeout=30).status_code == 200
+        broker.stop()
+        down = httpx.post(url, json=body, timeout=60)  # never a hang, never a 500
+        assert down.status_code == 503, down.text
+        assert down.json()["error"]["type"] == "service_unavailable"
+        # Once the gateway knows it is cut off, its stale fleet view is not taken for "no such model".
+        wait_for(lambda: httpx.get(f"{gw.base_url}/models", timeout=10).status_code == 503, timeout=15,
+                 what="the gateway to notice the outage")  # fmt: skip
+        down = httpx.post(url, json=body, timeout=60)
+        assert down.status_code == 503 and down.json()["error"]["code"] == "broker_unavailable", down.text
+        broker.start()  # same port and store: gateway and worker reconnect by themselves
+        wait_for(lambda: httpx.post(url, json=body, timeout=30).status_code == 200, timeout=60, what="service back")
+    finally:
+        stop_process(worker)
+        if gw is not None:
+            stop_process(gw.proc)
+        broker.stop()
