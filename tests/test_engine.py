@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -242,24 +244,30 @@ def test_a_failing_logits_processor_fails_only_its_row(engine: Engine, one_at_a_
     assert run(engine, [request(3, PROMPTS[3])])["r3"] == one_at_a_time["r3"]  # the engine lives on
 
 
-def test_a_removed_model_is_freed(tiny_model_dir: Path) -> None:
-    import gc
-    import weakref
-
+@pytest.fixture
+def owning_engine(tiny_model_dir: Path) -> Iterator[tuple[Engine, Callable[[], bool]]]:
+    """An engine holding the only reference to its own copy of the tiny model, and a check that it is gone."""
     loaded = load_tiny(tiny_model_dir)
     weights = weakref.ref(loaded.model)
     engine = make_engine(loaded)
     del loaded
-    try:
-        collector = Collector(1)
-        engine.submit(request(0, "Hello"), collector.emit_for("r0"))
-        assert collector.done.wait(30)
-        engine.remove_model("tiny").result(timeout=30)
+
+    def freed() -> bool:
         gc.collect()
-        assert weights() is None, "something still holds the unloaded model"
-        assert engine.remove_model("tiny").result(timeout=30) == 0  # already gone
-    finally:
-        engine.stop()
+        return weights() is None
+
+    yield engine, freed
+    engine.stop()
+
+
+def test_a_removed_model_is_freed(owning_engine: tuple[Engine, Callable[[], bool]]) -> None:
+    engine, freed = owning_engine
+    collector = Collector(1)
+    engine.submit(request(0, "Hello"), collector.emit_for("r0"))
+    assert collector.done.wait(30)
+    engine.remove_model("tiny").result(timeout=30)
+    assert freed(), "something still holds the unloaded model"
+    assert engine.remove_model("tiny").result(timeout=30) == 0  # already gone
 
 
 @pytest.mark.parametrize("top_p", [1e-50, 1e-300, 1e-9])
@@ -321,25 +329,17 @@ def test_a_long_prompt_being_tokenized_does_not_hold_up_running_streams(
     assert not any(c.final for c in cancelled.chunks["r2"]) and not any(c.final for c in streaming)
 
 
-def test_a_model_removed_while_its_request_is_admitted_ends_that_request_and_is_freed(tiny_model_dir: Path) -> None:
-    import gc
-    import weakref
-
-    loaded = load_tiny(tiny_model_dir)
-    weights = weakref.ref(loaded.model)
-    engine = make_engine(loaded)
-    del loaded
-    try:
-        collector = Collector(2)
-        engine.submit(request(0, "x " * 20_000), collector.emit_for("r0"))  # tokenizing it takes a moment
-        freed = engine.remove_model("tiny")  # queued behind the request: it is admitted first, then removed
-        engine.submit(request(1, "Hello"), collector.emit_for("r1"))  # after the removal: refused at once
-        freed.result(timeout=60)
-        assert collector.done.wait(60)
-        gc.collect()
-        assert weights() is None, "something still holds the removed model"
-    finally:
-        engine.stop()
+def test_a_model_removed_while_its_request_is_admitted_ends_that_request_and_is_freed(
+    owning_engine: tuple[Engine, Callable[[], bool]],
+) -> None:
+    engine, freed = owning_engine
+    collector = Collector(2)
+    engine.submit(request(0, "x " * 20_000), collector.emit_for("r0"))  # tokenizing it takes a moment
+    removed = engine.remove_model("tiny")  # queued behind the request: it is admitted first, then removed
+    engine.submit(request(1, "Hello"), collector.emit_for("r1"))  # after the removal: refused at once
+    removed.result(timeout=60)
+    assert collector.done.wait(60)
+    assert freed(), "something still holds the removed model"
     for rid in ("r0", "r1"):
         last = collector.chunks[rid][-1]
         assert last.final and last.error is not None, (rid, last)
