@@ -272,6 +272,8 @@ def test_a_worker_killed_mid_answer_is_a_clear_error_for_each_request(
                               timeout=90) as streamed:  # fmt: skip
                 lines = streamed.iter_lines()
                 assert '"content"' in next(line for line in lines if '"content"' in line)  # it is answering
+                wait_for(lambda: metric(gateway, "cortex_model_in_flight", model="tiny-doomed", worker="doomed") >= 2,
+                         timeout=30, what="both requests running on the doomed worker")  # fmt: skip
                 proc.kill()  # no goodbye: its advert stays until it expires
                 rest = [line for line in lines if line]
             answer = whole.result(timeout=90)
