@@ -94,6 +94,15 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def start_worker(nats_url: str, catalogue: Path, log: Path, *args: str) -> subprocess.Popen[bytes]:
+    """A ``cortex-worker`` process on `catalogue`, writing its log to `log`; `args` are its other options."""
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "cortex.worker", "--nats", nats_url, "--models", str(catalogue), *args],
+            stdout=out, stderr=subprocess.STDOUT, env=child_env(),
+        )  # fmt: skip
+
+
 def start_gateway(nats_url: str, log_dir: Path, *extra: str) -> Gateway:
     port, metrics_port = free_port(), free_port()
     log = open(log_dir / f"gateway-{port}.log", "wb")  # noqa: SIM115
@@ -197,13 +206,8 @@ path = "{tiny_model_dir}"
 
 @pytest.fixture(scope="session")
 def worker(nats_server: EmbeddedNats, worker_catalogue_file: Path, logs_dir: Path) -> Iterator[subprocess.Popen[bytes]]:
-    log = open(logs_dir / "worker.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cortex.worker", "--nats", nats_server.url, "--models", str(worker_catalogue_file),
-         "--model", TINY_MODEL, "--device", "cpu", "--slots", "4", "--worker-id", "test-worker"],
-        stdout=log, stderr=subprocess.STDOUT, env=child_env(),
-    )  # fmt: skip
-    log.close()
+    proc = start_worker(nats_server.url, worker_catalogue_file, logs_dir / "worker.log", "--model", TINY_MODEL,
+                        "--device", "cpu", "--slots", "4", "--worker-id", "test-worker")  # fmt: skip
     yield proc
     stop_process(proc)
 

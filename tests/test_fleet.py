@@ -20,7 +20,7 @@ from cortex.broker.bus import Bus
 from cortex.broker.decisions import read_placement
 from cortex.broker.server import EmbeddedNats
 from cortex.protocol import Pin, Placement, WorkerAdvert, codec, names
-from tests.conftest import Gateway, child_env, get_json, stop_process, wait_for
+from tests.conftest import Gateway, get_json, start_worker, stop_process, wait_for
 
 WORKERS = ["fleet-a", "fleet-b", "fleet-c"]
 PROMPT = [{"role": "user", "content": "Hello"}]
@@ -42,19 +42,19 @@ def fleet_catalogue(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Pa
     return path
 
 
+def start_fleet_worker(nats_server: EmbeddedNats, catalogue: Path, log: Path, name: str) -> subprocess.Popen[bytes]:
+    """One of the three fleet workers: 250 MiB for 100 MiB models."""
+    return start_worker(nats_server.url, catalogue, log, "--device", "cpu", "--slots", "4", "--worker-id", name,
+                        "--memory-budget", "250MiB")  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def fleet(
     nats_server: EmbeddedNats, gateway: Gateway, fleet_catalogue: Path, logs_dir: Path
 ) -> Iterator[dict[str, subprocess.Popen[bytes]]]:
     procs = {}
     for name in WORKERS:
-        log = open(logs_dir / f"{name}.log", "wb")  # noqa: SIM115
-        procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "cortex.worker", "--nats", nats_server.url, "--models", str(fleet_catalogue),
-             "--device", "cpu", "--slots", "4", "--worker-id", name, "--memory-budget", "250MiB"],
-            stdout=log, stderr=subprocess.STDOUT, env=child_env(),
-        )  # fmt: skip
-        log.close()
+        procs[name] = start_fleet_worker(nats_server, fleet_catalogue, logs_dir / f"{name}.log", name)
 
     def all_up() -> bool:
         workers = get_json(f"{gateway.root_url}/health")
@@ -214,13 +214,8 @@ def swap_worker(
     catalogue.write_text("\n".join(f'[[models]]\nid = "{m}"\npath = "{tiny_model_dir}"\nmemory = "100MiB"\n'
                                    for m in ("s1", "s2")))  # fmt: skip
     log_path = logs_dir / "swap.log"
-    log = open(log_path, "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cortex.worker", "--nats", nats_server.url, "--models", str(catalogue), "--device",
-         "cpu", "--slots", "2", "--worker-id", "swapper", "--memory-budget", "150MiB"],
-        stdout=log, stderr=subprocess.STDOUT, env=child_env(),
-    )  # fmt: skip
-    log.close()
+    proc = start_worker(nats_server.url, catalogue, log_path, "--device", "cpu", "--slots", "2", "--worker-id",
+                        "swapper", "--memory-budget", "150MiB")  # fmt: skip
     wait_for(lambda: "s1" in {m["id"] for m in get_json(f"{gateway.base_url}/models")["data"]}, timeout=60,  # type: ignore[index]
              what="swap worker")  # fmt: skip
     yield log_path
@@ -342,12 +337,6 @@ def test_a_pin_survives_a_worker_restart(
     wait_for(lambda: "fleet-b" in loaded_on(gateway, "f8"), timeout=20, what="f8 pinned on fleet-b")
     assert stop_process(fleet["fleet-b"]) == 0
     wait_for(lambda: "fleet-b" not in loaded_on(gateway, "f8"), timeout=15, what="fleet-b gone")
-    log = open(logs_dir / "fleet-b-restarted.log", "wb")  # noqa: SIM115
-    fleet["fleet-b"] = subprocess.Popen(
-        [sys.executable, "-m", "cortex.worker", "--nats", nats_server.url, "--models", str(fleet_catalogue),
-         "--device", "cpu", "--slots", "4", "--worker-id", "fleet-b", "--memory-budget", "250MiB"],
-        stdout=log, stderr=subprocess.STDOUT, env=child_env(),
-    )  # fmt: skip
-    log.close()
+    fleet["fleet-b"] = start_fleet_worker(nats_server, fleet_catalogue, logs_dir / "fleet-b-restarted.log", "fleet-b")
     wait_for(lambda: "fleet-b" in loaded_on(gateway, "f8"), timeout=60, what="f8 back on restarted fleet-b")
     assert cortexctl(nats_server, "unpin", "f8").returncode == 0

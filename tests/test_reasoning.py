@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,7 +18,7 @@ import openai
 import pytest
 
 from cortex.broker.server import EmbeddedNats
-from tests.conftest import Gateway, child_env, ready_models, stop_process, wait_for
+from tests.conftest import Gateway, ready_models, start_worker, stop_process, wait_for
 
 THINKER = "tiny-thinker"
 TEMPLATE = (
@@ -43,13 +41,8 @@ def thinker(
     (folder / "chat_template.jinja").write_text(TEMPLATE)
     catalogue = folder / "models.toml"
     catalogue.write_text(f'[[models]]\nid = "{THINKER}"\npath = "{folder}"\ndtype = "float32"\n')
-    log = open(logs_dir / "thinker-worker.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cortex.worker", "--nats", nats_server.url, "--models", str(catalogue),
-         "--model", THINKER, "--device", "cpu", "--slots", "2", "--worker-id", "thinker"],
-        stdout=log, stderr=subprocess.STDOUT, env=child_env(),
-    )  # fmt: skip
-    log.close()
+    proc = start_worker(nats_server.url, catalogue, logs_dir / "thinker-worker.log", "--model", THINKER, "--device",
+                        "cpu", "--slots", "2", "--worker-id", "thinker")  # fmt: skip
     wait_for(lambda: THINKER in ready_models(gateway.base_url), timeout=120, what="thinker ready", proc=proc)
     yield
     stop_process(proc)

@@ -6,7 +6,6 @@ import asyncio
 import json
 import re
 import subprocess
-import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,7 +15,15 @@ import openai
 import pytest
 
 from cortex.broker.server import EmbeddedNats
-from tests.conftest import TINY_MODEL, Gateway, child_env, ready_models, start_gateway, stop_process, wait_for
+from tests.conftest import (
+    TINY_MODEL,
+    Gateway,
+    ready_models,
+    start_gateway,
+    start_worker,
+    stop_process,
+    wait_for,
+)
 
 SLOW_PREFILL_S = 0.6
 """The synthetic worker's stand-in for a long prefill."""
@@ -102,13 +109,9 @@ def test_non_stream_disconnect_is_counted_and_cancelled(gateway: Gateway) -> Non
 def two_model_worker(
     nats_server: EmbeddedNats, catalogue_file: Path, logs_dir: Path, gateway: Gateway
 ) -> Iterator[subprocess.Popen[bytes]]:
-    log = open(logs_dir / "two-model-worker.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cortex.worker", "--nats", nats_server.url, "--models", str(catalogue_file),
-         "--model", "tiny-a", "--model", "tiny-b", "--device", "cpu", "--slots", "2", "--worker-id", "two-models"],
-        stdout=log, stderr=subprocess.STDOUT, env=child_env(),
-    )  # fmt: skip
-    log.close()
+    proc = start_worker(nats_server.url, catalogue_file, logs_dir / "two-model-worker.log", "--model", "tiny-a",
+                        "--model", "tiny-b", "--device", "cpu", "--slots", "2",
+                        "--worker-id", "two-models")  # fmt: skip
     wait_for(lambda: {"tiny-a", "tiny-b"} <= ready_models(gateway.base_url), timeout=120, what="two models", proc=proc)
     yield proc
     stop_process(proc)
@@ -159,14 +162,9 @@ def test_malformed_requests_on_the_stream_do_not_stop_the_worker(nats_server: Em
 def synthetic_worker(
     nats_server: EmbeddedNats, catalogue_file: Path, logs_dir: Path, gateway: Gateway
 ) -> Iterator[None]:
-    log = open(logs_dir / "synthetic-worker.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cortex.worker", "--nats", nats_server.url, "--models", str(catalogue_file),
-         "--model", "tiny-b", "--synthetic-engine", "0", "--synthetic-prefill", str(SLOW_PREFILL_S),
-         "--worker-id", "synthetic"],
-        stdout=log, stderr=subprocess.STDOUT, env=child_env(),
-    )  # fmt: skip
-    log.close()
+    proc = start_worker(nats_server.url, catalogue_file, logs_dir / "synthetic-worker.log", "--model", "tiny-b",
+                        "--synthetic-engine", "0", "--synthetic-prefill", str(SLOW_PREFILL_S), "--worker-id",
+                        "synthetic")  # fmt: skip
     wait_for(lambda: "tiny-b" in ready_models(gateway.base_url), timeout=60, what="synthetic worker", proc=proc)
     yield
     stop_process(proc)
@@ -256,13 +254,8 @@ def test_a_worker_killed_mid_answer_is_a_clear_error_for_each_request(
 ) -> None:
     catalogue = tmp_path / "models.toml"
     catalogue.write_text(f'[[models]]\nid = "tiny-doomed"\npath = "{tiny_model_dir}"\n')
-    log = open(logs_dir / "doomed-worker.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cortex.worker", "--nats", nats_server.url, "--models", str(catalogue),
-         "--model", "tiny-doomed", "--device", "cpu", "--slots", "2", "--worker-id", "doomed"],
-        stdout=log, stderr=subprocess.STDOUT, env=child_env(),
-    )  # fmt: skip
-    log.close()
+    proc = start_worker(nats_server.url, catalogue, logs_dir / "doomed-worker.log", "--model", "tiny-doomed",
+                        "--device", "cpu", "--slots", "2", "--worker-id", "doomed")  # fmt: skip
     try:
         wait_for(lambda: "tiny-doomed" in ready_models(gateway.base_url), timeout=120, what="tiny-doomed", proc=proc)
         body = {"model": "tiny-doomed", "messages": PROMPT, "max_tokens": LONG, "temperature": 0}
@@ -292,13 +285,8 @@ def test_a_broker_outage_is_a_clear_503_and_service_resumes_after_it(
     broker = EmbeddedNats(store_dir=tmp_path / "store", port=0, log_file=logs_dir / "outage-nats.log")
     broker.start()
     gw: Gateway | None = None
-    log = open(logs_dir / "outage-worker.log", "wb")  # noqa: SIM115
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "cortex.worker", "--nats", broker.url, "--models", str(catalogue_file),
-         "--model", "tiny-b", "--synthetic-engine", "0", "--worker-id", "outage-worker"],
-        stdout=log, stderr=subprocess.STDOUT, env=child_env(),
-    )  # fmt: skip
-    log.close()
+    worker = start_worker(broker.url, catalogue_file, logs_dir / "outage-worker.log", "--model", "tiny-b",
+                          "--synthetic-engine", "0", "--worker-id", "outage-worker")  # fmt: skip
     body = {"model": "tiny-b", "messages": PROMPT, "max_tokens": 3}
     try:
         gw = start_gateway(broker.url, logs_dir)
