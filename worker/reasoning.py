@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from cortex.worker.tools import partial_suffix
+from cortex.worker.stops import partial_suffix
 
 START, THINKING, ANSWER = "start", "thinking", "answer"
 

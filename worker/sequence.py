@@ -73,10 +73,6 @@ class Sequence:
     unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
     unsent_logprob_starts: list[int] = field(default_factory=list)
     """Where each unsent logprob's token starts in the text the stop matcher was given."""
-    stop_matcher_in: int = 0
-    """Characters given to the stop matcher so far."""
-    stop_matcher_out: int = 0
-    """Characters it let through: the answer's text ends here when a stop string matches."""
     done: bool = False
 
     @property
@@ -149,17 +145,17 @@ class Sequence:
             return
         if stop is None:
             more = self.output.finish(truncated=finish == m.FINISH_LENGTH)
-            more.text, stop = self._stop_push(more.text)
+            more.text, stop = self.stops.push(more.text)
             if stop is None:
-                more.tail, stop = self._stop_push(more.tail)
-                more.tail += self._stop_flush() if stop is None else ""
+                more.tail, stop = self.stops.push(more.tail)
+                more.tail += self.stops.flush() if stop is None else ""
             else:
                 more.tail = ""
             if stop is not None:
                 finish = m.FINISH_STOP
             piece += more
         if stop is not None:  # the tokens of the stop string (and after it) are no part of the answer
-            kept = [i for i, at in enumerate(self.unsent_logprob_starts) if at < self.stop_matcher_out]
+            kept = [i for i, at in enumerate(self.unsent_logprob_starts) if at < self.stops.emitted]
             self.unsent_logprobs = [self.unsent_logprobs[i] for i in kept]
         tools = self.output.tools
         if tools is not None and tools.completed and finish == m.FINISH_STOP:
@@ -170,18 +166,6 @@ class Sequence:
             self.send(piece)
             piece = Piece(text=tail)
         self.send(piece, finish=finish, stop=stop)
-
-    def _stop_push(self, text: str) -> tuple[str, str | None]:
-        """The stop matcher's verdict on `text`, counting what goes in and what comes out."""
-        self.stop_matcher_in += len(text)
-        out, hit = self.stops.push(text)
-        self.stop_matcher_out += len(out)
-        return out, hit
-
-    def _stop_flush(self) -> str:
-        held = self.stops.flush()
-        self.stop_matcher_out += len(held)
-        return held
 
     def logprob(self, logits: torch.Tensor, token: int) -> TokenLogprob:
         """`token`'s log probability under `logits`, with the request's number of top alternatives."""
@@ -205,7 +189,7 @@ class Sequence:
         ended = token in self.loaded.eos_ids and not self.request.sampling.ignore_eos
         if logprob is not None and not ended:  # the end token is no part of the answer's text
             self.unsent_logprobs.append(logprob)
-            self.unsent_logprob_starts.append(self.stop_matcher_in)
+            self.unsent_logprob_starts.append(self.stops.taken)
         if self.forced and token == self.forced[0]:
             self.forced.pop(0)
         thinking = self.output.reasoning
@@ -217,7 +201,7 @@ class Sequence:
             raw += self.detok.flush()
         # Stop strings apply to the answer only: not to the thinking, not inside tool-call markup.
         piece = self.output.push(raw)
-        piece.text, hit = self._stop_push(piece.text)
+        piece.text, hit = self.stops.push(piece.text)
         if thinking is not None:
             self._follow_thinking(thinking, was_thinking)
         if hit is not None or ended or limit:

@@ -24,6 +24,7 @@ from typing import Any
 
 from cortex.protocol import Message, Tool, ToolCall, ToolCallDelta, ToolChoice
 from cortex.protocol import messages as m
+from cortex.worker.stops import partial_suffix
 
 
 @dataclass(frozen=True)
@@ -474,11 +475,3 @@ def _parse_calls(body: str, syntax: ToolSyntax, names: frozenset[str]) -> list[t
         arguments = item.get("arguments", item.get("parameters", {}))
         calls.append((item["name"], arguments if isinstance(arguments, str) else json.dumps(arguments)))
     return calls or None
-
-
-def partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest end of `text` that begins `tag`."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if text.endswith(tag[:n]):
-            return n
-    return 0
