@@ -98,6 +98,9 @@ def grammar_processor(loaded: LoadedModel, grammar: str, *, what: str) -> Logits
 
     def constrain(generated: list[int], logits: torch.Tensor) -> torch.Tensor:
         nonlocal consumed
+        if len(generated) < consumed:  # the answer started over (a token or two came before the thinking)
+            matcher.reset()
+            consumed = 0
         for token in generated[consumed:]:
             matcher.consume_token(token)
         consumed = len(generated)

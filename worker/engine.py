@@ -400,7 +400,6 @@ class Engine:
                 tools=ToolCallParser(loaded.tool_syntax, names=frozenset(t.name for t in tools)) if tools else None,
             ),
             constraints=constraints,
-            constraint_factory=(lambda: request_constraints(loaded, request)) if constraints else None,
             open_thinking_id=thinking_ids(loaded)[0] if syntax is not None else None,
             close_thinking_ids=thinking_ids(loaded)[1] if syntax is not None else [],
             generator=None if greedy else make_generator(loaded.device, sampling.seed),

@@ -53,8 +53,6 @@ class Sequence:
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
     """Processors that see every generated token (penalties, and the caller's own)."""
     output: OutputSplitter = field(default_factory=OutputSplitter)
-    constraint_factory: Callable[[], list[LogitsProcessor]] | None = None
-    """Builds the grammar processors (structured output, tool calls) that shape the answer."""
     constraints: list[LogitsProcessor] = field(default_factory=list)
     """The grammar processors; they see only the answer's tokens, after any thinking."""
     answer_start: int = 0
@@ -223,8 +221,6 @@ class Sequence:
 
     def _follow_thinking(self, thinking: ReasoningParser, was_thinking: bool) -> None:
         """Start the constraints where the answer starts; close the thinking when its budget is spent."""
-        if thinking.thinking and not was_thinking and len(self.generated_ids) > 1 and self.constraint_factory:
-            self.constraints = self.constraint_factory()  # it saw a token or two before the thinking opened
         if was_thinking and not thinking.thinking:
             self.answer_start = len(self.generated_ids)
         budget = self.request.reasoning.budget_tokens
