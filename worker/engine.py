@@ -152,9 +152,7 @@ class Engine:
         for seq in self._all_sequences():  # none, normally: the worker waits for them first
             if seq.request.model == model_id:
                 seq.finish(error=ChunkError(code=m.ERROR_MODEL_NOT_LOADED, message=f"{model_id} was unloaded"))
-        self._waiting = deque(s for s in self._waiting if not s.done)
-        if self._chunked is not None and self._chunked.request.model == model_id:
-            self._chunked, self._chunked_cache = None, None
+        self._drop_done()
         state = self._models.pop(model_id)
         device = state.loaded.device
         before = memory_in_use(device)
@@ -261,6 +259,10 @@ class Engine:
                 seq.done = True  # silently: nobody listens any more
                 self._take_cancel(request_id)
                 log.info("cancelled %s after %d tokens", request_id, len(seq.generated_ids))
+        self._drop_done()
+
+    def _drop_done(self) -> None:
+        """Forget the sequences that have finished, wherever they wait or run."""
         self._waiting = deque(s for s in self._waiting if not s.done)
         if self._chunked is not None and self._chunked.done:
             self._chunked, self._chunked_cache = None, None
@@ -357,7 +359,7 @@ class Engine:
                 switch = request.reasoning.enabled if syntax is not None else None
                 text = loaded.render_text(request.messages, tools, switch)
                 _refuse_if_surely_too_long(loaded, text)
-                prompt_ids = list(loaded.tokenizer(text, add_special_tokens=False)["input_ids"])
+                prompt_ids = loaded.tokenize_rendered(text)
                 opened = syntax is not None and opens_thinking(text, syntax)
         except PromptError as exc:
             raise RequestRejected(m.ERROR_INVALID_REQUEST, str(exc)) from exc

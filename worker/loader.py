@@ -69,7 +69,11 @@ class LoadedModel:
         self, messages: list[Message], tools: list[Tool] | None = None, thinking: bool | None = None
     ) -> list[int]:
         """Token ids of the conversation, and the tools offered, through the model's own chat template."""
-        return list(self.tokenizer(self.render_text(messages, tools, thinking), add_special_tokens=False)["input_ids"])
+        return self.tokenize_rendered(self.render_text(messages, tools, thinking))
+
+    def tokenize_rendered(self, text: str) -> list[int]:
+        """A prompt the chat template wrote: its special tokens are in the text already."""
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def render_text(
         self, messages: list[Message], tools: list[Tool] | None = None, thinking: bool | None = None

@@ -126,12 +126,12 @@ class Sequence:
         self.unsent_logprob_starts = []
         self.emit(chunk)
 
-    def finish(self, *, finish: str | None = None, error: ChunkError | None = None) -> None:
+    def finish(self, *, error: ChunkError | None = None) -> None:
         """End the answer abnormally (an error, a cancellation)."""
         if self.done:
             return
         self.done = True
-        self.send(finish=finish or m.FINISH_ERROR, error=error)
+        self.send(finish=m.FINISH_ERROR, error=error)
 
     def _end(self, piece: Piece, finish: str, stop: str | None = None) -> None:
         """End the answer normally, with its last piece and whatever the parsers still hold.

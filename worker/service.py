@@ -109,9 +109,9 @@ class WorkerService:
     _advert_soon: asyncio.Event = field(default_factory=asyncio.Event)
     _lifecycle: m.Lifecycle = field(default_factory=m.Lifecycle)
     _unload_kind: dict[str, str] = field(default_factory=dict)
+    """Why a model is about to unload, for the evictions metric (set where the decision is made)."""
     _load_times: dict[str, float] = field(default_factory=dict)
     """How long each model took to load here last time: the yardstick of load progress."""
-    """Why a model is about to unload, for the evictions metric (set where the decision is made)."""
     _in_flight: dict[str, InFlight] = field(default_factory=dict)
     _reserved: int = 0
     _outbox: Outbox | None = None
