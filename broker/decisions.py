@@ -38,7 +38,7 @@ async def change_placement(
     for _ in range(MAX_ATTEMPTS):
         current, revision = await read_placement(bus, model)
         new = change(current)
-        if new is None or new == current:
+        if new is None:
             return current
         new = Placement(model=model, workers=new.workers, reason=new.reason, failed=new.failed, error=new.error,
                         updated_at=time.time(), by=by)  # fmt: skip
