@@ -252,7 +252,8 @@ def test_a_model_with_a_request_in_flight_is_not_evicted(
 
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(long_answer)
-        wait_for(lambda: running(nats_server, "s1") >= 1 or first.done(), timeout=30, what="s1 running")
+        wait_for(lambda: running(nats_server, "s1") >= 1, timeout=30, what="s1 running")
+        assert not first.done()  # the eviction below must meet a request in flight
         assert ask(client, "s2") == 3  # s2 waits for room: s1 finishes its answer first
         assert first.result(timeout=60) == 1500  # never cut short by an eviction
     log = swap_worker.read_text()
@@ -303,6 +304,8 @@ def test_drain_moves_work_elsewhere_and_undrain_restores(
     status = cortexctl(nats_server, "status")
     assert "draining" in status.stdout
     assert cortexctl(nats_server, "undrain", "fleet-c").returncode == 0
+    wait_for(lambda: not next(a for a in adverts(nats_server) if a.worker_id == "fleet-c").draining, timeout=15,
+             what="fleet-c back in service")  # fmt: skip
 
 
 def test_lifecycle_metrics(gateway: Gateway, fleet: dict[str, subprocess.Popen[bytes]]) -> None:

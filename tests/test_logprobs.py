@@ -65,7 +65,8 @@ def test_completions_logprobs_legacy_shape(client: openai.OpenAI) -> None:
     logprobs = reply.choices[0].logprobs
     assert logprobs is not None and logprobs.tokens is not None and logprobs.text_offset is not None
     assert len(logprobs.tokens) == len(logprobs.token_logprobs or []) == len(logprobs.top_logprobs or []) == 8
-    assert all(len(top) <= 2 for top in logprobs.top_logprobs or [])
+    assert all(1 <= len(top) <= 2 for top in logprobs.top_logprobs or [])
+    assert all(token in top for token, top in zip(logprobs.tokens, logprobs.top_logprobs or [], strict=True))  # greedy
     assert logprobs.text_offset == sorted(logprobs.text_offset) and logprobs.text_offset[0] == 0
 
 

@@ -134,8 +134,9 @@ def test_retrieve_and_delete_a_stored_response(client: openai.OpenAI) -> None:
     fetched = client.responses.retrieve(created.id)
     assert fetched.id == created.id and fetched.output_text == created.output_text
     assert fetched.usage == created.usage
-    deleted = client.responses.delete(created.id)
-    assert deleted is None  # the SDK returns nothing; the body says {"deleted": true}
+    deleted = client.responses.with_raw_response.delete(created.id)  # the plain call returns None
+    assert deleted.parse() is None and deleted.http_response.json() == {"id": created.id, "object": "response",
+                                                                        "deleted": True}  # fmt: skip
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(created.id)
     with pytest.raises(openai.NotFoundError):

@@ -143,5 +143,6 @@ def test_responses_reasoning_item(client: openai.OpenAI) -> None:
     [{"type": "enabled"}, {"type": "enabled", "budget_tokens": 100}, {"type": "sometimes"}],
 )
 def test_bad_thinking_is_400(claude: anthropic.Anthropic, thinking: dict[str, object]) -> None:
-    with pytest.raises(anthropic.BadRequestError):
+    with pytest.raises(anthropic.BadRequestError) as caught:
         claude.messages.create(model=THINKER, max_tokens=50, messages=ASK, thinking=thinking)  # type: ignore[arg-type]
+    assert "thinking." in caught.value.message
