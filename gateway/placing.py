@@ -43,15 +43,18 @@ def _serving(placement: Placement | None, model: str, live: dict[str, WorkerAdve
 async def ensure_placed(svc: Services, model: str) -> None:
     """Unless a live worker is meant to have `model`, place it on the best one; 503 if none can load it."""
     live = {advert.worker_id: advert for advert in svc.fleet.workers()}
-    if _serving(svc.fleet.placements.get(model), model, live):
+    known = svc.fleet.placements.get(model)
+    if _serving(known, model, live):
         return  # the common case, without a round trip to the broker
+    if _failed_recently(known):
+        raise NoCapacity(f"The model `{model}` cannot be loaded: {known.error}")  # type: ignore[union-attr]
     failed = {w for w, a in live.items() if (s := a.state_of(model)) is not None and s.state == m.MODEL_FAILED}
 
     def change(current: Placement | None) -> Placement | None:
         if _serving(current, model, live):
             return None
-        if current is not None and current.error and time.time() - current.updated_at < RETRY_FAILED_S:
-            raise NoCapacity(f"The model `{model}` cannot be loaded: {current.error}")
+        if _failed_recently(current):
+            raise NoCapacity(f"The model `{model}` cannot be loaded: {current.error}")  # type: ignore[union-attr]
         recent = current is not None and time.time() - current.updated_at < RETRY_FAILED_S
         previous = current.failed if current is not None and recent else {}
         choice = choose_worker(model, live.values(), svc.fleet.pins.values(), exclude=failed | set(previous),
@@ -64,8 +67,15 @@ async def ensure_placed(svc: Services, model: str) -> None:
         placement = await change_placement(svc.bus, model, change, by=f"gateway {svc.relay.gateway_id}")
     except BrokerError as exc:
         raise NoCapacity(f"Cannot place the model `{model}` right now: {exc}") from exc
+    if placement is not None:  # seen at once by the next request, before the bucket's watch brings it
+        svc.fleet.placements[model] = placement
     if placement is not None and placement.error and not placement.workers:
         raise NoCapacity(f"The model `{model}` cannot be loaded: {placement.error}")
+
+
+def _failed_recently(placement: Placement | None) -> bool:
+    """Nobody could load the model a moment ago: answering 503 again needs no new attempt yet."""
+    return placement is not None and bool(placement.error) and time.time() - placement.updated_at < RETRY_FAILED_S
 
 
 async def consider_replica(svc: Services, model: str) -> None:
