@@ -333,9 +333,10 @@ async def _events(
             account(timer, chunk)
         answer.add(chunk)
         logprobs += chunk.logprobs
-        await _after_complete(fmt, answer, chunk)
+        end = pending + _piece(fmt, chunk, logprobs) + fmt.stream_end(chunk)
+        await _after_complete(fmt, answer, chunk)  # what it stores is what `end` tells the client
         status, code = 200, None
-        yield pending + _piece(fmt, chunk, logprobs) + fmt.stream_end(chunk)
+        yield end
     except ApiError as exc:
         status, code = exc.status, exc.code or exc.type
         yield fmt.stream_error(exc)

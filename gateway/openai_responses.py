@@ -226,7 +226,11 @@ class ResponsesFormatter:
         self.items: list[dict[str, Any]] = []
         """Output items streamed so far, kept current (the last one may still be open)."""
         self._open = False
+        self._pieces: list[str] = []
+        """The open item's text (or arguments) so far, joined when it closes: no quadratic `+=` per token."""
         self._started = False
+        self._final: dict[str, Any] | None = None
+        """The response as the client got it: stored as is."""
 
     def response(self, status: str, output: list[dict[str, Any]], usage: Usage | None = None) -> dict[str, Any]:
         req = self.request
@@ -290,13 +294,16 @@ class ResponsesFormatter:
                 "name": call.name, "arguments": call.arguments, "status": status}  # fmt: skip
 
     def final(self, answer: Answer, last: Chunk) -> dict[str, Any]:
-        status = "incomplete" if last.finish_reason == FINISH_LENGTH else "completed"
-        calls = answer.tool_calls
-        message = self._message(f"msg_{self.request_id}", answer.text, status, answer.logprobs)
-        output = [self._reasoning(answer.reasoning, status)] if answer.reasoning else []
-        output += [message] if answer.text or not calls else []
-        output += [self._call(call, i, status) for i, call in enumerate(calls)]
-        return self.response(status, output, last.usage)
+        """The finished response: the one `stream_end` sent, or else built from the whole answer."""
+        if self._final is None:
+            status = "incomplete" if last.finish_reason == FINISH_LENGTH else "completed"
+            calls = answer.tool_calls
+            message = self._message(f"msg_{self.request_id}", answer.text, status, answer.logprobs)
+            output = [self._reasoning(answer.reasoning, status)] if answer.reasoning else []
+            output += [message] if answer.text or not calls else []
+            output += [self._call(call, i, status) for i, call in enumerate(calls)]
+            self._final = self.response(status, output, last.usage)
+        return self._final
 
     async def after_complete(self, answer: Answer, last: Chunk) -> None:
         """Store the conversation, with this answer, if asked to."""
@@ -338,6 +345,11 @@ class ResponsesFormatter:
         self._open = False
         index, item = len(self.items) - 1, self.items[-1]
         item["status"] = status
+        joined, self._pieces = "".join(self._pieces), []
+        if item["type"] == "function_call":
+            item["arguments"] = joined
+        else:
+            item["content"][0]["text"] = joined
         out = b""
         if item["type"] == "reasoning":
             where = {"item_id": item["id"], "output_index": index, "content_index": 0}
@@ -365,7 +377,7 @@ class ResponsesFormatter:
             out += self._event("response.content_part.added", {**where, "part": dict(part)})
             item["content"].append(part)
         item = self.items[-1]
-        item["content"][0]["text"] += text
+        self._pieces.append(text)
         where = {"item_id": item["id"], "output_index": len(self.items) - 1, "content_index": 0}
         entries = logprob_objects(logprobs) if self.logprobs else []
         if self.logprobs:
@@ -384,7 +396,7 @@ class ResponsesFormatter:
             out += self._add(self._reasoning(None, "in_progress"))
             self.items[-1]["content"].append({"type": "reasoning_text", "text": ""})
         item = self.items[-1]
-        item["content"][0]["text"] += text
+        self._pieces.append(text)
         where = {"item_id": item["id"], "output_index": len(self.items) - 1, "content_index": 0}
         return out + self._event("response.reasoning_text.delta", {**where, "delta": text})
 
@@ -396,7 +408,7 @@ class ResponsesFormatter:
                 out += self._add(self._call(call, d.index, "in_progress"))
             if d.arguments:
                 item = self.items[-1]
-                item["arguments"] += d.arguments
+                self._pieces.append(d.arguments)
                 where = {"item_id": item["id"], "output_index": len(self.items) - 1}
                 out += self._event("response.function_call_arguments.delta", {**where, "delta": d.arguments})
         return out
@@ -406,9 +418,9 @@ class ResponsesFormatter:
         answered = any(item["type"] != "reasoning" for item in self.items)
         out = b"" if answered else self.stream_text("", [])  # as the whole answer has: one message
         out += self._close(status)
-        final = self.response(status, self.items, last.usage)
+        self._final = self.response(status, self.items, last.usage)
         kind = "response.incomplete" if status == "incomplete" else "response.completed"
-        return out + self._event(kind, {"response": final})
+        return out + self._event(kind, {"response": self._final})
 
     def stream_error(self, exc: ApiError) -> bytes:
         """`error`, then `response.failed`, as OpenAI ends a stream that broke (created first if not yet)."""

@@ -134,8 +134,12 @@ def test_responses_reasoning_item(client: openai.OpenAI) -> None:
     assert response.usage and response.usage.output_tokens_details.reasoning_tokens == 10
     with client.responses.stream(model=THINKER, input="Capital of France?", temperature=0,
                                  max_output_tokens=10) as stream:  # fmt: skip
-        kinds = [e.type for e in stream]
+        events = list(stream)
+    kinds = [e.type for e in events]
     assert "response.reasoning_text.delta" in kinds and "response.reasoning_text.done" in kinds
+    streamed = events[-1].response  # type: ignore[union-attr]  # response.incomplete: cut by max_output_tokens
+    stored = client.responses.retrieve(streamed.id)
+    assert stored.model_dump()["output"] == streamed.model_dump()["output"]  # what was stored is what was seen
 
 
 @pytest.mark.parametrize(
