@@ -679,14 +679,19 @@ class WorkerService:
             log.warning("advert not written: %s", exc)
 
     async def _advert_loop(self) -> None:
+        upkept = 0.0
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._advert_soon.wait(), timeout=names.ADVERT_INTERVAL_S)
             self._advert_soon.clear()
-            self._reconcile_needed.set()  # cheap when nothing changed; heals a missed notification
-            await self._measure_queues()
-            await self._expire_idle()
-            await self._keep_min_replicas()
+            # The upkeep (NATS queue reads, placement checks) runs every interval; a finished
+            # request, up to four wake-ups a second, only needs its new counts advertised.
+            if time.monotonic() - upkept >= names.ADVERT_INTERVAL_S:
+                upkept = time.monotonic()
+                self._reconcile_needed.set()  # cheap when nothing changed; heals a missed notification
+                await self._measure_queues()
+                await self._expire_idle()
+                await self._keep_min_replicas()
             await self._advertise()
             await asyncio.sleep(ADVERT_MIN_GAP_S)
 
