@@ -100,6 +100,8 @@ class WorkerService:
     """What ``dtype = "auto"`` loads as on this device (for memory estimates)."""
     _models: dict[str, ModelSlot] = field(default_factory=dict)
     _estimates: dict[str, int] = field(default_factory=dict)
+    _cards: list[m.ModelCard] = field(default_factory=list)
+    """The catalogue as adverts show it, built once."""
     _fleet: dict[str, WorkerAdvert] = field(default_factory=dict)
     _placements: dict[str, Placement] = field(default_factory=dict)
     _pins: dict[str, Pin] = field(default_factory=dict)
@@ -130,6 +132,7 @@ class WorkerService:
         """Serve until `stop` is called; then finish what is in flight and withdraw."""
         self._outbox = Outbox(asyncio.get_running_loop())
         self._estimates = {spec.id: spec.memory_needed(self.dtype) for spec in self.catalogue}
+        self._cards = [spec.card(self._estimates[spec.id]) for spec in self.catalogue]
         await self._advertise()
         cancel_sub = await self.bus.subscribe(names.cancel_subject(), self._on_cancel)
         await self.bus.watch_fleet(self._on_advert)
@@ -296,10 +299,11 @@ class WorkerService:
         deadline = time.monotonic() + SWAP_WAIT_CAP_S
         await self._measure_queues()  # queued requests spare a model: look at the queues as they are now
         while True:
-            victims = plan_evictions(self.advert(), need, self._pins.values())
+            advert = self.advert()
+            victims = plan_evictions(advert, need, self._pins.values())
             if victims is not None:
                 return victims
-            blocked = plan_evictions(self.advert(), need, self._pins.values(), busy_too=True)
+            blocked = plan_evictions(advert, need, self._pins.values(), busy_too=True)
             if blocked is None:
                 return None
             if self._stopping.is_set() or model not in self._wanted():
@@ -656,7 +660,7 @@ class WorkerService:
                 )
                 for s in slots
             ],
-            catalogue=[spec.card(self._estimates.get(spec.id, 0)) for spec in self.catalogue],
+            catalogue=self._cards,
             memory_budget=self.memory_budget or total,
             memory_used=used,
             memory_reserved=reserved,
