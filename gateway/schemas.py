@@ -7,7 +7,10 @@ when generation reaches the endless part, mid-answer.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
+
+import msgspec
 
 MAX_DEPTH = 256
 """JSON levels, ``$ref``s followed. llguidance's validator overflowed its native stack (a
@@ -16,12 +19,32 @@ MAX_REFS = 1000
 """Distinct local ``$ref`` targets."""
 FINITENESS_BUDGET = 200_000
 """Schema nodes the finiteness check may visit before it gives up and lets the schema through."""
+CACHED_UP_TO = 64 * 1024
+"""Bytes of encoded schema above which its check is not cached (the cache holds 1,024 at most)."""
+_encoder = msgspec.json.Encoder()
 _DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
 """Keywords whose values are JSON data, not schemas: a ``$ref`` inside them is just a string."""
 
 
 def schema_problem(schema: Any) -> str:
-    """Why `schema` cannot be used for constrained decoding; empty if it can."""
+    """Why `schema` cannot be used for constrained decoding; empty if it can.
+
+    Agents send the same tools every turn: answers for schemas up to `CACHED_UP_TO`
+    bytes are remembered (compiling one in llguidance takes about 0.4 ms).
+    """
+    try:
+        encoded = _encoder.encode(schema)
+    except RecursionError:
+        return f"it is nested too deeply (at most {MAX_DEPTH} levels, `$ref`s followed)."
+    return _cached_problem(encoded) if len(encoded) <= CACHED_UP_TO else _problem(schema)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_problem(encoded: bytes) -> str:
+    return _problem(msgspec.json.decode(encoded))
+
+
+def _problem(schema: Any) -> str:
     targets = {ref: _resolve(schema, ref) for ref in _local_refs(schema)}
     if len(targets) > MAX_REFS:
         return f"it has {len(targets)} distinct `$ref` targets; at most {MAX_REFS} are supported."

@@ -56,3 +56,13 @@ def test_a_schema_nested_too_deeply_through_refs_is_refused_before_llguidance() 
     # llguidance's validator overflowed its stack (a segfault) on a chain of 950 of these.
     assert "nested too deeply" in schema_problem(chain(950))
     assert f"at most {MAX_DEPTH} levels" in schema_problem(chain(MAX_DEPTH))
+
+
+def test_a_schema_seen_before_is_answered_from_the_cache() -> None:
+    from cortex.gateway.schemas import _cached_problem
+
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"], "title": "cache"}
+    assert schema_problem(schema) == ""
+    hits = _cached_problem.cache_info().hits
+    assert schema_problem(dict(schema)) == ""  # an equal schema from another request
+    assert _cached_problem.cache_info().hits == hits + 1
