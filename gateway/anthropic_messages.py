@@ -175,7 +175,6 @@ def parse(body: bytes, *, need_max_tokens: bool = True) -> MessagesRequest:
         raise InvalidRequest("top_k: must be greater than or equal to 0")
     if req.stop_sequences and len(req.stop_sequences) > MAX_STOP:
         raise InvalidRequest(f"stop_sequences: at most {MAX_STOP} are supported")
-    thinking(req)
     return req
 
 

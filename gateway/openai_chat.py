@@ -151,7 +151,6 @@ def _validate(req: ChatRequest) -> None:
                     )
     check_sampling(req)
     check_logprobs(bool(req.logprobs), req.top_logprobs)
-    reasoning(req.reasoning_effort, param="reasoning_effort")
     for name in ("max_tokens", "max_completion_tokens"):
         value = getattr(req, name)
         if value is not None and value < 1:

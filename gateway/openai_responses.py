@@ -136,7 +136,6 @@ def parse(body: bytes) -> ResponsesRequest:
         raise InvalidRequest("`max_output_tokens` must be at least 1.", param="max_output_tokens")
     check_sampling(req)
     check_logprobs(wants_logprobs(req), req.top_logprobs, asked_by=f'`include: ["{LOGPROBS_INCLUDE}"]`')
-    reasoning(req.reasoning.effort if req.reasoning else None, param="reasoning.effort")
     if req.previous_response_id is not None and not _RESPONSE_ID.fullmatch(req.previous_response_id):
         raise InvalidRequest("`previous_response_id` is not a response id.", param="previous_response_id")
     return req
@@ -231,6 +230,8 @@ class ResponsesFormatter:
         self._started = False
         self._final: dict[str, Any] | None = None
         """The response as the client got it: stored as is."""
+        self._tools = [self._tool(t) for t in plan.tools]
+        """The tools as every response object shows them, decoded once."""
 
     def response(self, status: str, output: list[dict[str, Any]], usage: Usage | None = None) -> dict[str, Any]:
         req = self.request
@@ -250,7 +251,7 @@ class ResponsesFormatter:
             "top_logprobs": req.top_logprobs,
             "parallel_tool_calls": self.plan.parallel_tool_calls,
             "tool_choice": self._tool_choice(),
-            "tools": [self._tool(t) for t in self.plan.tools],
+            "tools": self._tools,
             "previous_response_id": req.previous_response_id,
             "store": bool(req.store),
             "text": {"format": self._text_format()},
