@@ -366,15 +366,15 @@ def models(nats: NatsOption = DEFAULT_URL) -> None:
     """The catalogue across live workers: where each model is loaded, pins, and the placement's reason."""
 
     async def action(bus: Any) -> str:
-        from cortex.broker.decisions import read_pins, read_placement
+        from cortex.broker.decisions import read_all
 
         adverts = await _adverts(bus)
-        pins = await read_pins(bus)
+        placements, pins = await read_all(bus)
         lines = [f"{'MODEL':<32} {'MEMORY':<10} {'PINNED':<7} {'LOADED ON':<30} WHY"]
         for model_id in sorted({c.id for a in adverts for c in a.catalogue}):
             where = [f"{a.worker_id} ({s.state})" for a in adverts if (s := a.state_of(model_id)) is not None]
             memory = max((c.memory for a in adverts for c in a.catalogue if c.id == model_id), default=0)
-            placement, _ = await read_placement(bus, model_id)
+            placement = placements.get(model_id)
             why = placement.error or placement.reason if placement is not None else ""
             lines.append(f"{model_id:<32} {_gib(memory) + ' GiB':<10} {'yes' if model_id in pins else '':<7} "
                          f"{', '.join(where) or '-':<30} {why}")  # fmt: skip
@@ -386,23 +386,15 @@ def models(nats: NatsOption = DEFAULT_URL) -> None:
 async def _read_fleet(url: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The live adverts, and the placements (model -> placement), as plain data."""
     from cortex.broker.bus import Bus
-    from cortex.protocol import codec, names
+    from cortex.broker.decisions import read_all
 
     bus = await Bus.open(url, name="cortexctl")
     try:
         adverts = [msgspec.to_builtins(advert) for advert in await _adverts(bus)]
-        decisions = await bus.read_decisions()
+        placements = (await read_all(bus))[0]
     finally:
         await bus.close()
-    placements = {}
-    for key, value in decisions.items():
-        parsed = names.parse_placement_key(key)
-        if parsed is not None and parsed[0] == "placement":
-            try:
-                placements[parsed[1]] = msgspec.to_builtins(codec.decode_placement(value))
-            except codec.DecodeError:
-                continue
-    return adverts, placements
+    return adverts, {model: msgspec.to_builtins(placement) for model, placement in placements.items()}
 
 
 def main() -> None:

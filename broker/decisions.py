@@ -75,13 +75,21 @@ def with_worker(worker_id: str, reason: str) -> Callable[[Placement | None], Pla
 
 
 async def read_pins(bus: Bus) -> dict[str, Pin]:
+    return (await read_all(bus))[1]
+
+
+async def read_all(bus: Bus) -> tuple[dict[str, Placement], dict[str, Pin]]:
+    """Every placement and every pin, by model, in one read of the bucket (unreadable entries skipped)."""
+    placements: dict[str, Placement] = {}
     pins: dict[str, Pin] = {}
     for key, raw in (await bus.read_decisions()).items():
         parsed = names.parse_placement_key(key)
-        if parsed is not None and parsed[0] == "pin":
-            try:
+        try:
+            if parsed is not None and parsed[0] == "placement":
+                placements[parsed[1]] = codec.decode_placement(raw)
+            elif parsed is not None and parsed[0] == "pin":
                 pin = codec.decode_pin(raw)
-            except codec.DecodeError:
-                continue
-            pins[pin.model] = pin
-    return pins
+                pins[pin.model] = pin
+        except codec.DecodeError:
+            continue
+    return placements, pins
