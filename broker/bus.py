@@ -245,6 +245,13 @@ class Bus:
             raise BrokerUnavailable(f"cannot read {key}: {exc}") from exc
         return entry.value, int(entry.revision or 0)
 
+    async def put_decision(self, key: str, value: bytes) -> None:
+        """Write a decision whatever it was (a pin or a drain flag does not depend on the old value)."""
+        try:
+            await self._placement.put(key, value)
+        except Exception as exc:
+            raise BrokerUnavailable(f"cannot write {key}: {exc}") from exc
+
     async def write_decision(self, key: str, value: bytes, revision: int) -> bool:
         """Compare-and-set: write only if the key is still at `revision` (0: absent); False if someone else won."""
         try:

@@ -229,7 +229,7 @@ async def _place(
     return choices
 
 
-def _done(name: str, result: Any) -> None:
+def _done(result: Any) -> None:
     typer.echo(result)
     if str(result).startswith("refused:"):
         raise typer.Exit(1)
@@ -251,7 +251,7 @@ def load(
             raise _Refused(f"no worker can load {model_id} now")
         return f"{model_id} placed on {placed[0][0]}: {placed[0][1]}"
 
-    _done("load", _run("load", _with_bus(nats, action)))
+    _done(_run("load", _with_bus(nats, action)))
 
 
 @app.command()
@@ -281,7 +281,7 @@ def unload(
         await change_placement(bus, model_id, everywhere, by="cortexctl")
         return f"{model_id} unloading everywhere"
 
-    _done("unload", _run("unload", _with_bus(nats, action)))
+    _done(_run("unload", _with_bus(nats, action)))
 
 
 @app.command()
@@ -302,15 +302,13 @@ def pin(
             _check_worker(adverts, worker, model_id)
         key = names.pin_key(model_id)
         value = codec.encode(Pin(model=model_id, replicas=replicas, worker=worker or "", pinned_at=time.time()))
-        _, revision = await bus.read_decision(key)
-        if not await bus.write_decision(key, value, revision):
-            raise _Refused("the pin changed meanwhile; try again")
+        await bus.put_decision(key, value)
         placed = await _place(bus, adverts, model_id, worker=worker, replicas=replicas, why="cortexctl pin")
         if not placed:
             return f"{model_id} pinned; not loaded yet: no worker can take it now"
         return f"{model_id} pinned on {', '.join(w for w, _ in placed)}"
 
-    _done("pin", _run("pin", _with_bus(nats, action)))
+    _done(_run("pin", _with_bus(nats, action)))
 
 
 @app.command()
@@ -328,7 +326,7 @@ def unpin(model: str, nats: NatsOption = DEFAULT_URL) -> None:
         await bus.delete_decision(key)
         return f"{model} unpinned"
 
-    _done("unpin", _run("unpin", _with_bus(nats, action)))
+    _done(_run("unpin", _with_bus(nats, action)))
 
 
 @app.command()
@@ -339,13 +337,11 @@ def drain(worker: str, nats: NatsOption = DEFAULT_URL) -> None:
         from cortex.protocol import names
 
         key = names.drain_key(worker)
-        _, revision = await bus.read_decision(key)
-        if not await bus.write_decision(key, json.dumps({"since": time.time()}).encode(), revision):
-            raise _Refused("the drain flag changed meanwhile; try again")
+        await bus.put_decision(key, json.dumps({"since": time.time()}).encode())
         live = {a.worker_id for a in await _adverts(bus)}
         return f"{worker} draining" + ("" if worker in live else " (it is not live now: it drains when it starts)")
 
-    _done("drain", _run("drain", _with_bus(nats, action)))
+    _done(_run("drain", _with_bus(nats, action)))
 
 
 @app.command()
@@ -358,7 +354,7 @@ def undrain(worker: str, nats: NatsOption = DEFAULT_URL) -> None:
         await bus.delete_decision(names.drain_key(worker))
         return f"{worker} back in service"
 
-    _done("undrain", _run("undrain", _with_bus(nats, action)))
+    _done(_run("undrain", _with_bus(nats, action)))
 
 
 @app.command()
@@ -380,7 +376,7 @@ def models(nats: NatsOption = DEFAULT_URL) -> None:
                          f"{', '.join(where) or '-':<30} {why}")  # fmt: skip
         return "\n".join(lines)
 
-    _done("models", _run("models", _with_bus(nats, action)))
+    _done(_run("models", _with_bus(nats, action)))
 
 
 async def _read_fleet(url: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
