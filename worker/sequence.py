@@ -168,17 +168,21 @@ class Sequence:
     def logprob(self, logits: torch.Tensor, token: int) -> TokenLogprob:
         """`token`'s log probability under `logits`, with the request's number of top alternatives."""
         logprobs = torch.log_softmax(logits.float(), dim=-1)
-        top = []
-        if self.request.sampling.top_logprobs:
-            values, ids = torch.topk(logprobs, self.request.sampling.top_logprobs)
-            top = [
-                TopLogprob(token=self._piece(i), logprob=_finite(v))
-                for v, i in zip(values.tolist(), ids.tolist(), strict=True)
-            ]
-        return TokenLogprob(token=self._piece(token), logprob=_finite(float(logprobs[token])), top=top)
+        k = self.request.sampling.top_logprobs
+        values, ids = torch.topk(logprobs, k)
+        # One copy to the host: the chosen value, the top values, their ids (exact in float32 below 2**24).
+        row = torch.cat([logprobs[token].reshape(1), values, ids.float()]).tolist()
+        pairs = zip(row[1 : k + 1], row[k + 1 :], strict=True)
+        top = [TopLogprob(token=self._piece(int(i)), logprob=_finite(v)) for v, i in pairs]
+        return TokenLogprob(token=self._piece(token), logprob=_finite(row[0]), top=top)
 
     def _piece(self, token: int) -> str:
-        return str(self.loaded.tokenizer.decode([token]))
+        """A token's own text, decoded once per model."""
+        texts: dict[int, str] = self.loaded.extra.setdefault("token_texts", {})
+        text = texts.get(token)
+        if text is None:
+            text = texts[token] = str(self.loaded.tokenizer.decode([token]))
+        return text
 
     def accept(self, token: int, now: float, logprob: TokenLogprob | None = None) -> None:
         """Take one sampled token: emit its text, or finish (end token, stop string, limit, deadline)."""
