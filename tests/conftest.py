@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from cortex.broker.server import EmbeddedNats, stop_processes
@@ -92,6 +93,19 @@ def child_env() -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
+
+
+def metric(gateway: Gateway, name: str, **labels: str) -> float:
+    """The sum of `name`'s samples on the gateway's /metrics whose labels include `labels`."""
+    text = httpx.get(gateway.metrics_url, timeout=10).text
+    wanted = {f'{k}="{v}"' for k, v in labels.items()}
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            got = set(line[line.index("{") + 1 : line.index("}")].split(","))
+            if wanted <= got:
+                total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def start_worker(nats_url: str, catalogue: Path, log: Path, *args: str) -> subprocess.Popen[bytes]:

@@ -20,7 +20,7 @@ from cortex.broker.bus import Bus
 from cortex.broker.decisions import read_placement
 from cortex.broker.server import EmbeddedNats
 from cortex.protocol import Pin, Placement, WorkerAdvert, codec, names
-from tests.conftest import Gateway, get_json, start_worker, stop_process, wait_for
+from tests.conftest import Gateway, get_json, metric, start_worker, stop_process, wait_for
 
 WORKERS = ["fleet-a", "fleet-b", "fleet-c"]
 PROMPT = [{"role": "user", "content": "Hello"}]
@@ -309,26 +309,15 @@ def test_drain_moves_work_elsewhere_and_undrain_restores(
 
 
 def test_lifecycle_metrics(gateway: Gateway, fleet: dict[str, subprocess.Popen[bytes]]) -> None:
-    import urllib.request
-
-    def scrape() -> dict[str, float]:
-        with urllib.request.urlopen(gateway.metrics_url, timeout=10) as resp:
-            text = resp.read().decode()
-        return {name: float(value) for name, _, value in
-                (line.rpartition(" ") for line in text.splitlines() if line and not line.startswith("#"))}  # fmt: skip
-
-    def drained() -> bool:  # the drain test's unloads reach the metrics with the worker's next advert
-        return any('reason="drain"' in k for k in scrape() if k.startswith("cortex_evictions_total"))
-
-    wait_for(drained, timeout=15, what="drain evictions in the metrics")
-    samples = scrape()
-    assert sum(v for k, v in samples.items() if k.startswith('cortex_cold_starts_total{model="f1"')) >= 1
-    evicted = {k: v for k, v in samples.items() if k.startswith("cortex_evictions_total")}
+    # The drain test's unloads reach the metrics with the worker's next advert.
+    wait_for(lambda: metric(gateway, "cortex_evictions_total", reason="drain") >= 1, timeout=15,
+             what="drain evictions in the metrics")  # fmt: skip
+    assert metric(gateway, "cortex_cold_starts_total", model="f1") >= 1
     for reason in ("lru", "keep_alive", "drain"):
-        assert sum(v for k, v in evicted.items() if f'reason="{reason}"' in k) >= 1, (reason, evicted)
-    assert sum(v for k, v in samples.items() if k.startswith("cortex_model_load_seconds_count")) >= 8
-    assert samples['cortex_worker_memory_bytes{device="cpu",kind="budget",worker="fleet-a"}'] == 250 * 2**20
-    assert any(k.startswith("cortex_model_resident{") and 'state="ready"' in k for k in samples)
+        assert metric(gateway, "cortex_evictions_total", reason=reason) >= 1, reason
+    assert metric(gateway, "cortex_model_load_seconds_count") >= 8
+    assert metric(gateway, "cortex_worker_memory_bytes", device="cpu", kind="budget", worker="fleet-a") == 250 * 2**20
+    assert metric(gateway, "cortex_model_resident", state="ready") >= 1
 
 
 def test_a_pin_survives_a_worker_restart(

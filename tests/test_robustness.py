@@ -18,6 +18,7 @@ from cortex.broker.server import EmbeddedNats
 from tests.conftest import (
     TINY_MODEL,
     Gateway,
+    metric,
     ready_models,
     start_gateway,
     start_worker,
@@ -64,18 +65,6 @@ def test_deadline_during_a_stream_is_an_error_event(impatient_gateway: Gateway) 
             received.append(chunk.choices[0].delta.content or "")
     assert received  # the stream had started: the error came inside it, not as a status
     assert "deadline" in info.value.message
-
-
-def metric(gateway: Gateway, name: str, **labels: str) -> float:
-    text = httpx.get(gateway.metrics_url, timeout=10).text
-    wanted = {f'{k}="{v}"' for k, v in labels.items()}
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            got = set(line[line.index("{") + 1 : line.index("}")].split(","))
-            if wanted <= got:
-                total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def test_stream_disconnect_cancels_generation(
