@@ -161,16 +161,23 @@ class _Refused(Exception):
     """A command that cannot be carried out (unknown model, pinned model...): said in one line."""
 
 
-async def _with_bus(url: str, action: Any) -> str:
+async def _on_bus(url: str, action: Any) -> Any:
+    """`action(bus)` on a connection of its own."""
     from cortex.broker.bus import Bus
 
     bus = await Bus.open(url, name="cortexctl")
     try:
-        return str(await action(bus))
-    except _Refused as exc:
-        return f"refused: {exc}"
+        return await action(bus)
     finally:
         await bus.close()
+
+
+async def _with_bus(url: str, action: Any) -> str:
+    """A command's one-line answer, refusals included."""
+    try:
+        return str(await _on_bus(url, action))
+    except _Refused as exc:
+        return f"refused: {exc}"
 
 
 async def _adverts(bus: Any) -> list[Any]:
@@ -381,16 +388,13 @@ def models(nats: NatsOption = DEFAULT_URL) -> None:
 
 async def _read_fleet(url: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The live adverts, and the placements (model -> placement), as plain data."""
-    from cortex.broker.bus import Bus
     from cortex.broker.decisions import read_all
 
-    bus = await Bus.open(url, name="cortexctl")
-    try:
-        adverts = [msgspec.to_builtins(advert) for advert in await _adverts(bus)]
-        placements = (await read_all(bus))[0]
-    finally:
-        await bus.close()
-    return adverts, {model: msgspec.to_builtins(placement) for model, placement in placements.items()}
+    async def read(bus: Any) -> tuple[list[Any], dict[str, Any]]:
+        return await _adverts(bus), (await read_all(bus))[0]
+
+    adverts, placements = await _on_bus(url, read)
+    return [msgspec.to_builtins(a) for a in adverts], {model: msgspec.to_builtins(p) for model, p in placements.items()}
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ official SDK clients talking HTTP to it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -15,15 +16,19 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import pytest
 
+from cortex.broker.bus import Bus
 from cortex.broker.server import EmbeddedNats, stop_processes
 from tests.tiny_model import build_tiny_model
+
+T = TypeVar("T")
 
 TINY_MODEL = "tiny-llama"
 TINY_ALIAS = "tiny"
@@ -93,6 +98,19 @@ def child_env() -> dict[str, str]:
     env["PYTHONUNBUFFERED"] = "1"
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
+
+
+def on_bus(url: str, action: Callable[[Bus], Awaitable[T]]) -> T:
+    """`action(bus)` on a broker connection of its own, closed afterwards."""
+
+    async def run() -> T:
+        bus = await Bus.open(url, name="test")
+        try:
+            return await action(bus)
+        finally:
+            await bus.close()
+
+    return asyncio.run(run())
 
 
 def metric(gateway: Gateway, name: str, **labels: str) -> float:

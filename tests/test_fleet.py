@@ -6,7 +6,6 @@ the catalogue) and have a 250 MiB budget, so each holds two models at most.
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from cortex.broker.bus import Bus
 from cortex.broker.decisions import read_placement
 from cortex.broker.server import EmbeddedNats
 from cortex.protocol import Pin, Placement, WorkerAdvert, codec, names
-from tests.conftest import Gateway, get_json, metric, start_worker, stop_process, wait_for
+from tests.conftest import Gateway, get_json, metric, on_bus, start_worker, stop_process, wait_for
 
 WORKERS = ["fleet-a", "fleet-b", "fleet-c"]
 PROMPT = [{"role": "user", "content": "Hello"}]
@@ -79,28 +78,13 @@ def ask(client: openai.OpenAI, model: str) -> int:
 
 
 def placement(nats_server: EmbeddedNats, model: str) -> Placement | None:
-    async def read() -> Placement | None:
-        bus = await Bus.open(nats_server.url, name="test")
-        try:
-            return (await read_placement(bus, model))[0]
-        finally:
-            await bus.close()
-
-    return asyncio.run(read())
+    return on_bus(nats_server.url, lambda bus: read_placement(bus, model))[0]
 
 
 def adverts(nats_server: EmbeddedNats) -> list[WorkerAdvert]:
     """The live workers' adverts, read from the fleet bucket."""
-
-    async def read() -> list[WorkerAdvert]:
-        bus = await Bus.open(nats_server.url, name="test")
-        try:
-            raw = await bus.read_fleet()
-        finally:
-            await bus.close()
-        return [codec.decode_advert(value) for key, value in raw.items() if names.is_worker_key(key)]
-
-    return asyncio.run(read())
+    raw = on_bus(nats_server.url, Bus.read_fleet)
+    return [codec.decode_advert(value) for key, value in raw.items() if names.is_worker_key(key)]
 
 
 def last_used(nats_server: EmbeddedNats, model: str) -> float:
@@ -150,14 +134,7 @@ def test_a_pinned_model_is_never_evicted(client: openai.OpenAI, gateway: Gateway
     coldest = "f3"  # untouched since it loaded
     holder = loaded_on(gateway, coldest)[0]
 
-    async def pin() -> None:
-        bus = await Bus.open(nats_server.url, name="test")
-        try:
-            await bus.write_decision(names.pin_key(coldest), codec.encode(Pin(model=coldest)), 0)
-        finally:
-            await bus.close()
-
-    asyncio.run(pin())
+    on_bus(nats_server.url, lambda bus: bus.write_decision(names.pin_key(coldest), codec.encode(Pin(model=coldest)), 0))
     wait_for(lambda: get_json(f"{gateway.base_url}/models/{coldest}")["pinned"], timeout=5, what="pin seen")  # type: ignore[index]
     assert ask(client, "f8") == 3
     assert loaded_on(gateway, coldest) == [holder]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import subprocess
@@ -19,6 +18,7 @@ from tests.conftest import (
     TINY_MODEL,
     Gateway,
     metric,
+    on_bus,
     ready_models,
     start_gateway,
     start_worker,
@@ -131,18 +131,14 @@ def test_malformed_requests_on_the_stream_do_not_stop_the_worker(nats_server: Em
     from cortex.broker.bus import Bus
     from cortex.protocol import GenerateRequest, Message, codec
 
-    async def publish_garbage() -> None:
-        bus = await Bus.open(nats_server.url, name="test-garbage")
-        try:
-            await bus.publish_request(TINY_MODEL, b"\xff not json", msg_id="garbage-1")
-            no_reply = GenerateRequest(
-                request_id="no-reply-1", model=TINY_MODEL, messages=[Message(role="user", content="x")]
-            )
-            await bus.publish_request(TINY_MODEL, codec.encode(no_reply), msg_id="no-reply-1")
-        finally:
-            await bus.close()
+    async def publish_garbage(bus: Bus) -> None:
+        await bus.publish_request(TINY_MODEL, b"\xff not json", msg_id="garbage-1")
+        no_reply = GenerateRequest(
+            request_id="no-reply-1", model=TINY_MODEL, messages=[Message(role="user", content="x")]
+        )
+        await bus.publish_request(TINY_MODEL, codec.encode(no_reply), msg_id="no-reply-1")
 
-    asyncio.run(publish_garbage())
+    on_bus(nats_server.url, publish_garbage)
     reply = sdk(gateway).chat.completions.create(model=TINY_MODEL, messages=PROMPT, max_tokens=3, temperature=0)  # type: ignore[call-overload]
     assert reply.usage.completion_tokens == 3  # greedy: the tiny model's end token is never the likeliest
 
