@@ -250,18 +250,8 @@ def canonical_tools(req: MessagesRequest) -> tuple[list[Tool], ToolChoice, bool]
         if spec.type not in (None, "custom"):
             raise InvalidRequest(f"tools.{i}.type: server tools ({spec.type!r}) are not supported; "
                                  "define the tool with a name and an input_schema")  # fmt: skip
-        try:
-            tools.append(
-                make_tool(
-                    spec.name,
-                    spec.description,
-                    spec.input_schema or {},
-                    param=f"tools.{i}",
-                    schema_field="input_schema",
-                )
-            )
-        except InvalidRequest as exc:
-            raise InvalidRequest(f"{exc.param}: {exc.message}") from None
+        schema = spec.input_schema or {}
+        tools.append(make_tool(spec.name, spec.description, schema, param=f"tools.{i}", schema_field="input_schema"))
     choice_in = req.tool_choice
     kinds = {"auto": TOOL_CHOICE_AUTO, "any": TOOL_CHOICE_REQUIRED, "tool": TOOL_CHOICE_FUNCTION,
              "none": TOOL_CHOICE_NONE}  # fmt: skip
@@ -270,18 +260,17 @@ def canonical_tools(req: MessagesRequest) -> tuple[list[Tool], ToolChoice, bool]
     if choice_in is not None and choice_in.type == "tool" and not choice_in.name:
         raise InvalidRequest("tool_choice.name: Field required")
     choice = ToolChoice() if choice_in is None else ToolChoice(mode=kinds[choice_in.type], name=choice_in.name or "")
-    try:
-        check_tools(tools, param="tools")
-        check_choice(tools, choice, param="tool_choice")
-    except InvalidRequest as exc:
-        raise InvalidRequest(f"{exc.param}: {exc.message}") from None
+    check_tools(tools, param="tools")
+    check_choice(tools, choice, param="tool_choice")
     parallel = not (choice_in is not None and choice_in.disable_parallel_tool_use)
     return tools, choice, parallel
 
 
 def error_body(exc: ApiError) -> dict[str, Any]:
+    """Anthropic's errors have no `param`: the field leads the message instead (``tools.0.name: ...``)."""
     kind = _ERROR_TYPES.get(exc.status, "api_error")
-    return {"type": "error", "error": {"type": kind, "message": exc.message}}
+    message = f"{exc.param}: {exc.message}" if exc.param else exc.message
+    return {"type": "error", "error": {"type": kind, "message": message}}
 
 
 def error_response(exc: ApiError) -> Response:
@@ -442,10 +431,7 @@ class AnthropicMessages:
         fmt = req.output_config.format if req.output_config else None
         constraint = None
         if fmt is not None and not self.count_only:
-            try:
-                constraint = response_format(fmt.type, fmt.schema, param="output_config.format")
-            except InvalidRequest as exc:
-                raise InvalidRequest(f"output_config.format: {exc.message}") from None
+            constraint = response_format(fmt.type, fmt.schema, param="output_config.format")
         tools, choice, parallel = canonical_tools(req)
         return Plan(model=req.model, sampling=sampling, messages=canonical_messages(req),
                     stream=bool(req.stream) and not self.count_only, count_only=self.count_only,
