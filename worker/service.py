@@ -238,14 +238,21 @@ class WorkerService:
             except Exception:
                 log.exception("reconciling the loaded models failed")  # tried again on the next change
 
+    def _begin_unload(self, slot: ModelSlot, why: str, kind: str) -> None:
+        """Start unloading `slot` unless it already is; `kind` labels the evictions metric (a kind set earlier wins)."""
+        model = slot.spec.id
+        if model in self._unloading:
+            return
+        self._unload_kind.setdefault(model, kind)
+        self._unloading[model] = asyncio.create_task(self._unload(slot, why), name=f"unload-{model}")
+
     async def _reconcile(self) -> None:
         """Load what the placements name this worker for; unload the rest."""
         wanted = self._wanted()
         for model, slot in list(self._models.items()):
-            if model not in wanted and model not in self._unloading:
+            if model not in wanted:
                 why = "drained" if self._draining else "no longer placed here"
-                self._unload_kind.setdefault(model, "drain" if self._draining else "unplaced")
-                self._unloading[model] = asyncio.create_task(self._unload(slot, why), name=f"unload-{model}")
+                self._begin_unload(slot, why, "drain" if self._draining else "unplaced")
         for model in sorted(wanted):
             if model not in self._wanted():
                 continue  # evicted by an earlier load of this same pass
@@ -278,8 +285,8 @@ class WorkerService:
             self._unload_kind[victim] = self.eviction
             await self._unplace_here(victim, reason)
             slot = self._models.get(victim)
-            if slot is not None and victim not in self._unloading:
-                self._unloading[victim] = asyncio.create_task(self._unload(slot, reason), name=f"unload-{victim}")
+            if slot is not None:
+                self._begin_unload(slot, reason, self.eviction)
             if victim in self._unloading:
                 await self._unloading[victim]
         slot = ModelSlot(spec=spec, memory=need, loading_since=time.monotonic(),
