@@ -1,7 +1,9 @@
 """Anthropic ``POST /v1/messages`` and ``/v1/messages/count_tokens``: text, tools and tool results.
 
-Request fields the gateway has no use for (``metadata``, ``cache_control``,
-``service_tier``, ``container``, ...) are accepted and ignored. Errors use
+Request fields that would not change the answer (``metadata``, ``service_tier``,
+``container``, ``output_config.effort``, ...) are ignored and named in a ``Warning``
+header; ``cache_control`` hints need no action (the workers' prefix cache is
+automatic); MCP servers, which Cortex cannot reach, are a 400. Errors use
 Anthropic's envelope ``{"type": "error", "error": {"type", "message"}}`` with
 the same status codes as the OpenAI routes.
 """
@@ -101,7 +103,7 @@ class OutputFormat(msgspec.Struct, kw_only=True):
 class OutputConfig(msgspec.Struct, kw_only=True):
     format: OutputFormat | None = None
     effort: str | None = None
-    """Accepted; the models served have no reasoning budget to set (yet)."""
+    """Checked, then ignored (with a warning): the models served have no effort setting."""
 
 
 class MessagesRequest(msgspec.Struct, kw_only=True):
@@ -120,8 +122,10 @@ class MessagesRequest(msgspec.Struct, kw_only=True):
     tools: list[ToolDef] | None = None
     tool_choice: ToolChoiceIn | None = None
     thinking: ThinkingIn | None = None
+    mcp_servers: list[Any] | None = None
 
 
+EFFORTS = ("low", "medium", "high", "xhigh", "max")
 _decoder = msgspec.json.Decoder(MessagesRequest)
 _encoder = msgspec.json.Encoder()
 
@@ -165,8 +169,8 @@ def parse(body: bytes, *, need_max_tokens: bool = True) -> MessagesRequest:
     if not req.messages:
         raise InvalidRequest("messages: at least one message is required")
     for i, message in enumerate(req.messages):
-        if message.role not in ("user", "assistant"):
-            raise InvalidRequest(f"messages.{i}.role: Input should be 'user' or 'assistant'")
+        if message.role not in ("user", "assistant", "system"):
+            raise InvalidRequest(f"messages.{i}.role: Input should be 'user', 'assistant' or 'system'")
     if req.temperature is not None and not 0.0 <= req.temperature <= 1.0:
         raise InvalidRequest("temperature: must be between 0 and 1")
     if req.top_p is not None and not 0.0 < req.top_p <= 1.0:
@@ -175,6 +179,13 @@ def parse(body: bytes, *, need_max_tokens: bool = True) -> MessagesRequest:
         raise InvalidRequest("top_k: must be greater than or equal to 0")
     if req.stop_sequences and len(req.stop_sequences) > MAX_STOP:
         raise InvalidRequest(f"stop_sequences: at most {MAX_STOP} are supported")
+    effort = req.output_config.effort if req.output_config else None
+    if effort is not None and effort not in EFFORTS:
+        raise InvalidRequest(f"Input should be one of {', '.join(EFFORTS)}", param="output_config.effort")
+    if req.mcp_servers:
+        # Anthropic would connect to them and offer their tools; answering without those tools would mislead.
+        raise InvalidRequest("MCP servers are not supported: this server cannot connect to them; define their "
+                             "tools in `tools` and run the calls yourself.", param="mcp_servers")  # fmt: skip
     return req
 
 
@@ -205,8 +216,11 @@ def _describe(text: str) -> str:
     return f"{field}: {message}" if field else message
 
 
-def _turn(message: AnthropicMessage, where: str) -> list[Message]:
-    """One Anthropic turn as canonical messages: tool results become ``tool`` messages, tool uses calls."""
+def _turn(message: AnthropicMessage, where: str, called: set[str]) -> list[Message]:
+    """One Anthropic turn as canonical messages: tool results become ``tool`` messages, tool uses calls.
+
+    `called` holds the ids of the conversation's earlier tool uses; a result must answer one of them.
+    """
     if isinstance(message.content, str):
         return [Message(role=message.role, content=message.content)]
     results: list[Message] = []
@@ -217,6 +231,9 @@ def _turn(message: AnthropicMessage, where: str) -> list[Message]:
         if block.type == "tool_result" and message.role == "user":
             if not block.tool_use_id:
                 raise InvalidRequest(f"{at}.tool_use_id: Field required")
+            if block.tool_use_id not in called:
+                raise InvalidRequest(f"unexpected `tool_use_id` {block.tool_use_id!r} in a `tool_result` block: "
+                                     "no earlier `tool_use` block has it", param=f"{at}.tool_use_id")  # fmt: skip
             content = _text(block.content, f"{at}.content", sep="\n")
             results.append(Message(role="tool", content=content, tool_call_id=block.tool_use_id,
                                    is_error=bool(block.is_error)))  # fmt: skip
@@ -224,6 +241,7 @@ def _turn(message: AnthropicMessage, where: str) -> list[Message]:
             if not block.id or not block.name:
                 raise InvalidRequest(f"{at}: a tool_use block needs `id` and `name`")
             calls.append(ToolCall(id=block.id, name=block.name, arguments=arguments_json(block.input or {})))
+            called.add(block.id)
         else:
             text.append(block)
     turn = []
@@ -238,9 +256,35 @@ def canonical_messages(req: MessagesRequest) -> list[Message]:
     system = _text(req.system, "system")
     if system:
         messages.append(Message(role="system", content=system))
+    called: set[str] = set()
     for i, message in enumerate(req.messages):
-        messages += _turn(message, f"messages.{i}.content")
-    return messages
+        if message.role == "system":
+            messages.append(_system_turn(message, f"messages.{i}.content"))
+        else:
+            messages += _turn(message, f"messages.{i}.content", called)
+    return _merge_user_turns(messages)
+
+
+def _system_turn(message: AnthropicMessage, where: str) -> Message:
+    """A ``system`` turn inside `messages` (Claude Code sends its environment so) as a reminder in a user turn.
+
+    Chat templates take one system message, first; moving the text there would
+    change the conversation's start (and its cached prefix) whenever a reminder
+    is added, so it stays where it was sent, in the convention Claude Code uses itself.
+    """
+    return Message(role="user", content=f"<system-reminder>\n{_text(message.content, where)}\n</system-reminder>")
+
+
+def _merge_user_turns(messages: list[Message]) -> list[Message]:
+    """Adjacent user turns as one, as Anthropic's API joins them (many chat templates insist on alternation)."""
+    merged: list[Message] = []
+    for msg in messages:
+        last = merged[-1] if merged else None
+        if last is not None and last.role == msg.role == "user":
+            merged[-1] = Message(role="user", content=f"{last.content}\n\n{msg.content}")
+        else:
+            merged.append(msg)
+    return merged
 
 
 def canonical_tools(req: MessagesRequest) -> tuple[list[Tool], ToolChoice, bool]:
@@ -281,9 +325,10 @@ def _event(name: str, body: dict[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + _encoder.encode(body) + b"\n\n"
 
 
-def stop_reason(last: Chunk) -> str:
+def stop_reason(last: Chunk, *, clamped: bool = False) -> str:
+    """Anthropic's stop reason; a limit lowered to fit the context is the context window's, not max_tokens'."""
     if last.finish_reason == FINISH_LENGTH:
-        return "max_tokens"
+        return "model_context_window_exceeded" if clamped else "max_tokens"
     if last.finish_reason == FINISH_TOOL_CALLS:
         return "tool_use"
     return "stop_sequence" if last.stop_sequence else "end_turn"
@@ -298,6 +343,11 @@ def _usage(usage: Usage | None) -> dict[str, int]:
         "cache_creation_input_tokens": 0,
         "cache_read_input_tokens": usage.cached_tokens,
     }
+
+
+def tool_use_id(call_id: str) -> str:
+    """A worker's call id (``call_…``) as Anthropic spells tool-use ids (``toolu_…``): the same id, both ways stable."""
+    return "toolu_" + call_id.removeprefix("call_")
 
 
 def _input(arguments: str) -> Any:
@@ -319,11 +369,14 @@ class MessageFormatter:
         self._answer_blocks = 0
         self._open: str | None = None
         """Type of the content block being streamed (``text`` or ``tool_use``), if one is open."""
+        self._clamped = False
+        """The worker lowered max_tokens to fit the context (the first chunk says so)."""
 
     def complete(self, answer: Answer, last: Chunk) -> Response:
         calls = answer.tool_calls
         content: list[dict[str, Any]] = [{"type": "text", "text": answer.text}] if answer.text or not calls else []
-        content += [{"type": "tool_use", "id": c.id, "name": c.name, "input": _input(c.arguments)} for c in calls]
+        content += [{"type": "tool_use", "id": tool_use_id(c.id), "name": c.name, "input": _input(c.arguments)}
+                    for c in calls]  # fmt: skip
         if answer.reasoning and self.show_thinking:
             content.insert(0, {"type": "thinking", "thinking": answer.reasoning, "signature": ""})
         body = {
@@ -332,13 +385,14 @@ class MessageFormatter:
             "role": "assistant",
             "model": self.model,
             "content": content,
-            "stop_reason": stop_reason(last),
+            "stop_reason": stop_reason(last, clamped=answer.clamped_to > 0),
             "stop_sequence": last.stop_sequence,
             "usage": _usage(last.usage),
         }
         return Response(_encoder.encode(body), media_type="application/json")
 
     def stream_start(self, first: Chunk) -> bytes:
+        self._clamped = first.max_tokens > 0
         message = {
             "id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
             "stop_reason": None, "stop_sequence": None,
@@ -383,7 +437,7 @@ class MessageFormatter:
         out = b""
         for d in deltas:
             if d.id:
-                out += self._start_block({"type": "tool_use", "id": d.id, "name": d.name, "input": {}})
+                out += self._start_block({"type": "tool_use", "id": tool_use_id(d.id), "name": d.name, "input": {}})
             if d.arguments:
                 out += self._delta({"type": "input_json_delta", "partial_json": d.arguments})
         return out
@@ -392,7 +446,7 @@ class MessageFormatter:
         out = b""
         if self._answer_blocks == 0 and self._open in (None, "thinking"):
             out += self._start_block({"type": "text", "text": ""})  # as the whole answer has: one text block
-        delta = {"stop_reason": stop_reason(last), "stop_sequence": last.stop_sequence}
+        delta = {"stop_reason": stop_reason(last, clamped=self._clamped), "stop_sequence": last.stop_sequence}
         usage = _usage(last.usage)  # complete here, since the cached part is known only at the end
         return (
             out
@@ -416,7 +470,8 @@ class AnthropicMessages:
 
     name = "anthropic"
     ignored_fields = frozenset({"metadata", "service_tier", "speed", "inference_geo", "container", "diagnostics",
-                                "mcp_servers", "context_management"})  # fmt: skip
+                                "context_management"})  # fmt: skip
+    """Accepted by Anthropic and without effect here; Claude Code sends `context_management`: never refuse it."""
     count_only = False
 
     def parse(self, body: bytes) -> Plan:
@@ -433,10 +488,12 @@ class AnthropicMessages:
         if fmt is not None and not self.count_only:
             constraint = response_format(fmt.type, fmt.schema, param="output_config.format")
         tools, choice, parallel = canonical_tools(req)
+        effort = req.output_config.effort if req.output_config else None
         return Plan(model=req.model, sampling=sampling, messages=canonical_messages(req),
                     stream=bool(req.stream) and not self.count_only, count_only=self.count_only,
                     response_format=constraint, tools=tools, tool_choice=choice,
-                    parallel_tool_calls=parallel, reasoning=thinking(req))  # fmt: skip
+                    parallel_tool_calls=parallel, reasoning=thinking(req),
+                    ignored=["output_config.effort"] if effort is not None else [])  # fmt: skip
 
     def formatter(self, plan: Plan, request_id: str, model: str, created: int) -> MessageFormatter:
         cls = CountFormatter if self.count_only else MessageFormatter

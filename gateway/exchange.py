@@ -69,6 +69,9 @@ class Plan:
     reasoning: Reasoning = field(default_factory=Reasoning)
     prompt_param: str = "messages"
     """The dialect's name for what becomes the prompt, named in errors about it."""
+    ignored: list[str] = field(default_factory=list)
+    """Fields this request sent without effect that `Dialect.ignored_fields` cannot name: nested ones
+    (``output_config.effort``) or ones ignored only for some values (``truncation: "auto"``)."""
 
 
 class Answer:
@@ -80,8 +83,11 @@ class Answer:
         self._heads: dict[int, ToolCallDelta] = {}
         self.logprobs: list[TokenLogprob] = []
         self._thoughts: list[str] = []
+        self.clamped_to = 0
+        """The completion's token limit when the worker lowered max_tokens to fit the context (0: as asked)."""
 
     def add(self, chunk: Chunk) -> None:
+        self.clamped_to = chunk.max_tokens or self.clamped_to
         self._parts.append(chunk.text)
         if chunk.reasoning:
             self._thoughts.append(chunk.reasoning)
@@ -157,14 +163,23 @@ async def read_body(request: Request, limit: int) -> bytes:
 _fields = msgspec.json.Decoder(dict[str, msgspec.Raw])
 
 
-def ignored_warning(body: bytes, ignored: frozenset[str]) -> dict[str, str]:
-    """A ``Warning: 299`` header naming the known fields this request sent that have no effect."""
+def ignored_warning(body: bytes, ignored: frozenset[str], also: list[str] | None = None) -> dict[str, str]:
+    """A ``Warning: 299`` header naming the known fields this request sent that have no effect, and `also`."""
     try:
         sent = _fields.decode(body)
     except (msgspec.DecodeError, *UNREADABLE_BODY_ERRORS):
         return {}
-    names = sorted(ignored.intersection(sent))
+    names = sorted(ignored.intersection(sent).union(also or ()))
     return {"Warning": f'299 cortex "Ignored fields: {", ".join(names)}"'} if names else {}
+
+
+def with_clamp_warning(warning: dict[str, str], plan: Plan, clamped_to: int) -> dict[str, str]:
+    """`warning`, plus a note that the worker lowered max_tokens to fit the context (the clamp policy)."""
+    if not clamped_to:
+        return warning
+    note = (f'299 cortex "max_tokens lowered from {plan.sampling.max_tokens} to {clamped_to}: that is what the '
+            "model's context leaves after the prompt\"")  # fmt: skip
+    return {"Warning": f"{warning['Warning']}, {note}" if warning else note}
 
 
 async def handle(request: Request, dialect: Dialect) -> Response:
@@ -177,7 +192,7 @@ async def handle(request: Request, dialect: Dialect) -> Response:
     try:
         body = await read_body(request, svc.bus.max_payload)
         plan = dialect.parse(body)
-        warning = ignored_warning(body, dialect.ignored_fields)
+        warning = ignored_warning(body, dialect.ignored_fields, plan.ignored)
         prepare = getattr(dialect, "prepare", None)
         if prepare is not None:
             plan = await prepare(plan, svc)  # I/O a dialect needs first (a stored conversation)
@@ -205,12 +220,15 @@ async def handle(request: Request, dialect: Dialect) -> Response:
             tool_choice=plan.tool_choice,
             parallel_tool_calls=plan.parallel_tool_calls,
             reasoning=plan.reasoning,
+            clamp_max_tokens=svc.settings.max_tokens_policy == "clamp",
         )
         stream = await svc.relay.submit(canonical)
         fmt = dialect.formatter(plan, request_id, entry.id, int(now))
         if not plan.stream:
-            response = await until_disconnected(request, _complete(stream, timer, fmt, plan.prompt_param), stream)
-            response.headers.update(warning)
+            response, answer = await until_disconnected(
+                request, _complete(stream, timer, fmt, plan.prompt_param), stream
+            )
+            response.headers.update(with_clamp_warning(warning, plan, answer.clamped_to))
             return response
         try:
             first: Chunk | None = await until_disconnected(
@@ -221,6 +239,7 @@ async def handle(request: Request, dialect: Dialect) -> Response:
         if first is not None:
             raise_for_chunk(first, plan.prompt_param)
             account(timer, first)
+            warning = with_clamp_warning(warning, plan, first.max_tokens)
         streaming_started = True
         return EventStreamResponse(  # type: ignore[return-value]
             _events(first, stream, timer, fmt, dialect, plan.prompt_param, svc.settings.keepalive_interval),
@@ -265,7 +284,9 @@ async def until_disconnected(request: Request, work: Awaitable[T], stream: Reply
         watcher.cancel()
 
 
-async def _complete(stream: ReplyStream, timer: RequestTimer, fmt: Formatter, prompt_param: str) -> Response:
+async def _complete(
+    stream: ReplyStream, timer: RequestTimer, fmt: Formatter, prompt_param: str
+) -> tuple[Response, Answer]:
     answer = Answer()
     while True:
         chunk = await stream.next()
@@ -277,7 +298,7 @@ async def _complete(stream: ReplyStream, timer: RequestTimer, fmt: Formatter, pr
     await _after_complete(fmt, answer, chunk)
     response = fmt.complete(answer, chunk)
     timer.done(200)
-    return response
+    return response, answer
 
 
 async def _after_complete(fmt: Formatter, answer: Answer, last: Chunk) -> None:

@@ -15,7 +15,7 @@ import uvicorn
 from cortex.broker.connection import DEFAULT_URL
 from cortex.gateway.app import create_app
 from cortex.gateway.metrics import Metrics
-from cortex.gateway.services import Settings
+from cortex.gateway.services import MAX_TOKENS_POLICIES, Settings
 
 log = logging.getLogger("cortex.gateway")
 
@@ -34,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds a stream waits for its first token before sending headers")  # fmt: skip
     parser.add_argument("--keepalive-interval", type=float, default=Settings.keepalive_interval,
                         help="seconds between SSE keep-alive comments while no token has come yet")  # fmt: skip
+    parser.add_argument("--max-tokens-policy", choices=MAX_TOKENS_POLICIES, default=Settings.max_tokens_policy,
+                        help="a max_tokens the context cannot hold after the prompt: clamp it (with a Warning "
+                        "header) or reject it with a 400")  # fmt: skip
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
 
@@ -54,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
             request_timeout=args.request_timeout,
             stream_headers_within=args.stream_headers_within,
             keepalive_interval=args.keepalive_interval,
+            max_tokens_policy=args.max_tokens_policy,
         ),
         metrics,
     )

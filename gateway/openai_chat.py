@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import msgspec
@@ -11,8 +12,24 @@ from cortex.gateway.errors import ApiError, InvalidRequest
 from cortex.gateway.exchange import Answer, Plan
 from cortex.gateway.formats import response_format
 from cortex.gateway.openai_errors import decode_body, error_body, error_response
-from cortex.gateway.openai_params import check_logprobs, check_sampling, logprob_objects, reasoning, to_sampling
-from cortex.gateway.tools import check_choice, check_tools, make_tool, openai_tool_choice
+from cortex.gateway.openai_functions import (
+    call_id,
+    canonical_functions,
+    function_call_delta,
+    function_call_object,
+    function_finish_reason,
+    uses_functions,
+)
+from cortex.gateway.openai_params import (
+    check_logprobs,
+    check_sampling,
+    check_verbosity,
+    logprob_objects,
+    metadata,
+    reasoning,
+    to_sampling,
+)
+from cortex.gateway.tools import check_choice, check_tools, make_tool, openai_tool_choice, unknown_tool_result
 from cortex.protocol import (
     Chunk,
     Message,
@@ -25,12 +42,11 @@ from cortex.protocol import (
     ToolChoice,
     Usage,
 )
-from cortex.protocol.messages import (
-    FINISH_LENGTH,
-    FINISH_TOOL_CALLS,
-)
+from cortex.protocol.messages import FINISH_LENGTH, FINISH_TOOL_CALLS, TOOL_CHOICE_FUNCTION
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool",
+         "function": "tool"}  # fmt: skip
+"""`function`: a result of the deprecated `function_call`, named by its function."""
 MAX_STOP = 16
 
 
@@ -56,6 +72,8 @@ class ChatMessage(msgspec.Struct, kw_only=True):
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
+    function_call: FunctionCallIn | None = None
+    """The deprecated single call of an assistant turn."""
 
 
 class FunctionDef(msgspec.Struct, kw_only=True):
@@ -94,6 +112,13 @@ class StreamOptions(msgspec.Struct, kw_only=True):
     include_usage: bool = False
 
 
+class Prediction(msgspec.Struct, kw_only=True):
+    """Predicted Output: a speed-up for answers known in advance, never a change to them."""
+
+    type: str
+    content: str | list[ContentPart]
+
+
 class ChatRequest(msgspec.Struct, kw_only=True):
     """The fields Cortex reads; any other field is accepted and ignored."""
 
@@ -118,6 +143,21 @@ class ChatRequest(msgspec.Struct, kw_only=True):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     reasoning_effort: str | None = None
+    logit_bias: dict[str, Any] | None = None
+    functions: list[FunctionDef] | None = None
+    function_call: str | FunctionName | None = None
+    # Read only to be checked: ignored (named in the `Warning` header) or refused.
+    store: bool | None = None
+    metadata: dict[str, Any] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    prediction: Prediction | None = None
+    verbosity: str | None = None
+    modalities: list[str] | None = None
+    audio: Any = None
+    web_search_options: Any = None
+    moderation: Any = None
 
 
 _decoder = msgspec.json.Decoder(ChatRequest)
@@ -142,6 +182,12 @@ def _validate(req: ChatRequest) -> None:
             raise InvalidRequest("A `tool` message needs the `tool_call_id` it answers.", param=f"messages[{i}]")
         if message.tool_calls and message.role != "assistant":
             raise InvalidRequest("Only assistant messages carry `tool_calls`.", param=f"messages[{i}].tool_calls")
+        if message.function_call and message.role != "assistant":
+            raise InvalidRequest("Only assistant messages carry `function_call`.",
+                                 param=f"messages[{i}].function_call")  # fmt: skip
+        if message.role == "function" and not message.name:
+            raise InvalidRequest("A `function` message needs the `name` of the function it answers.",
+                                 param=f"messages[{i}].name")  # fmt: skip
         if isinstance(message.content, list):
             for j, part in enumerate(message.content):
                 if part.type != "text" or part.text is None:
@@ -160,6 +206,25 @@ def _validate(req: ChatRequest) -> None:
     stops = _stops(req)
     if len(stops) > MAX_STOP:
         raise InvalidRequest(f"At most {MAX_STOP} stop sequences are supported.", param="stop")
+    _check_output_options(req)
+
+
+def _check_output_options(req: ChatRequest) -> None:
+    """Refuse what Cortex cannot give (audio, web search, moderation); check the shape of what it ignores."""
+    if req.audio is not None:
+        raise InvalidRequest("Audio output is not supported: the models served here answer in text.", param="audio")
+    if req.modalities is not None and any(modality != "text" for modality in req.modalities):
+        raise InvalidRequest('Only text output is supported: `modalities` may only be ["text"].', param="modalities")
+    if req.web_search_options is not None:
+        raise InvalidRequest("Web search is not supported: the models served here cannot search the web.",
+                             param="web_search_options")  # fmt: skip
+    if req.moderation is not None:
+        # Answering unmoderated when moderation was asked for would be worse than refusing.
+        raise InvalidRequest("Moderation is not supported by this server.", param="moderation")
+    if req.prediction is not None and req.prediction.type != "content":
+        raise InvalidRequest("A prediction's `type` must be `content`.", param="prediction.type")
+    metadata(req.metadata)
+    check_verbosity(req.verbosity, param="verbosity")
 
 
 def _stops(req: ChatRequest) -> list[str]:
@@ -178,15 +243,27 @@ def _text(content: str | list[ContentPart] | None) -> str:
 
 def _message(msg: ChatMessage) -> Message:
     calls = [ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments) for c in msg.tool_calls or []]
+    if msg.function_call is not None:
+        fn = msg.function_call
+        calls.append(ToolCall(id=call_id(fn.name), name=fn.name, arguments=fn.arguments))
+    answers = call_id(msg.name or "") if msg.role == "function" else msg.tool_call_id
     return Message(role=ROLES[msg.role], content=_text(msg.content), name=msg.name, tool_calls=calls,
-                   tool_call_id=msg.tool_call_id)  # fmt: skip
+                   tool_call_id=answers)  # fmt: skip
 
 
 def canonical_messages(req: ChatRequest) -> list[Message]:
-    return [_message(msg) for msg in req.messages]
+    messages = [_message(msg) for msg in req.messages]
+    unknown = unknown_tool_result(messages)
+    if unknown is not None:
+        answered = messages[unknown].tool_call_id
+        raise InvalidRequest(f"The `tool` message answers {answered!r}, which no earlier assistant message's "
+                             "`tool_calls` has.", param=f"messages[{unknown}].tool_call_id")  # fmt: skip
+    return messages
 
 
 def canonical_tools(req: ChatRequest) -> tuple[list[Tool], ToolChoice]:
+    if uses_functions(req):
+        return canonical_functions(req)
     tools = []
     for i, spec in enumerate(req.tools or []):
         if spec.type != "function":
@@ -243,10 +320,14 @@ def completion_body(
     finish_reason: str,
     usage: Usage | None,
     logprobs: bool = False,
+    functions: bool = False,
 ) -> bytes:
+    """`functions`: the request used the deprecated `functions`, so a call comes back as `function_call`."""
     calls = answer.tool_calls
     message: dict[str, Any] = {"role": "assistant", "content": answer.text or (None if calls else ""), "refusal": None}
-    if calls:
+    if calls and functions:
+        message["function_call"] = function_call_object(calls)
+    elif calls:
         message["tool_calls"] = [tool_call_object(call) for call in calls]
     if answer.reasoning:
         message["reasoning_content"] = answer.reasoning  # as DeepSeek's and vLLM's APIs name it
@@ -272,13 +353,22 @@ class ChunkFormatter:
     """Builds the ``chat.completion.chunk`` SSE events of one streamed answer."""
 
     def __init__(
-        self, *, completion_id: str, model: str, created: int, include_usage: bool, logprobs: bool = False
+        self,
+        *,
+        completion_id: str,
+        model: str,
+        created: int,
+        include_usage: bool,
+        logprobs: bool = False,
+        functions: bool = False,
     ) -> None:
         self.completion_id = completion_id
         self.model = model
         self.created = created
         self.include_usage = include_usage
         self.logprobs = logprobs
+        self.functions = functions
+        """Calls go out as the deprecated `delta.function_call`."""
         self._role_sent = False
 
     def _event(self, choices: list[dict[str, Any]], usage: Usage | None = None, *, final_usage: bool = False) -> bytes:
@@ -312,6 +402,12 @@ class ChunkFormatter:
 
     def tool_calls(self, deltas: list[ToolCallDelta]) -> bytes:
         """Each call's id, type and name in its first piece only: the SDK concatenates what repeats."""
+        if self.functions:
+            piece = function_call_delta(deltas)
+            if piece is None:
+                return b""
+            return self._event([{"index": 0, "delta": {"function_call": piece}, "logprobs": None,
+                                 "finish_reason": None}])  # fmt: skip
         pieces = []
         for d in deltas:
             if d.id:
@@ -329,7 +425,10 @@ class ChunkFormatter:
 DONE = b"data: [DONE]\n\n"
 
 
-def finish_reason(chunk: Chunk) -> str:
+def finish_reason(chunk: Chunk, *, named_tool: bool = False) -> str:
+    """OpenAI's finish reason; calls forced by naming the function end with ``stop``, as OpenAI's own do."""
+    if chunk.finish_reason == FINISH_TOOL_CALLS and named_tool:
+        return "stop"
     if chunk.finish_reason in (FINISH_LENGTH, FINISH_TOOL_CALLS):
         return chunk.finish_reason
     return "stop"
@@ -341,18 +440,28 @@ def error_event(exc: ApiError) -> bytes:
 
 
 class ChatFormatter:
-    def __init__(self, *, request_id: str, model: str, created: int, include_usage: bool, logprobs: bool) -> None:
+    def __init__(
+        self, *, request_id: str, model: str, created: int, include_usage: bool, logprobs: bool,
+        functions: bool = False, named_tool: bool = False,
+    ) -> None:  # fmt: skip
         self.request_id = request_id
+        self.named_tool = named_tool
         self.model = model
         self.created = created
         self.logprobs = logprobs
+        self.functions = functions
         self.chunks = ChunkFormatter(completion_id=f"chatcmpl-{request_id}", model=model, created=created,
-                                     include_usage=include_usage, logprobs=logprobs)  # fmt: skip
+                                     include_usage=include_usage, logprobs=logprobs, functions=functions)  # fmt: skip
+
+    def _finish_reason(self, last: Chunk) -> str:
+        reason = finish_reason(last, named_tool=self.named_tool)
+        return function_finish_reason(reason) if self.functions else reason
 
     def complete(self, answer: Answer, last: Chunk) -> Response:
         body = completion_body(
             completion_id=f"chatcmpl-{self.request_id}", model=self.model, created=self.created, answer=answer,
-            finish_reason=finish_reason(last), usage=last.usage, logprobs=self.logprobs,
+            finish_reason=self._finish_reason(last), usage=last.usage, logprobs=self.logprobs,
+            functions=self.functions,
         )  # fmt: skip
         return Response(body, media_type="application/json")
 
@@ -369,7 +478,7 @@ class ChatFormatter:
         return self.chunks.reasoning(text)
 
     def stream_end(self, last: Chunk) -> bytes:
-        out = self.chunks.delta("", finish_reason=finish_reason(last))
+        out = self.chunks.delta("", finish_reason=self._finish_reason(last))
         if self.chunks.include_usage:
             out += self.chunks.usage(last.usage)
         return out + DONE
@@ -386,18 +495,26 @@ def _format(req: ChatRequest) -> ResponseFormat | None:
     return response_format(spec.type, schema, param="response_format")
 
 
+@dataclass
+class ChatPlan(Plan):
+    functions: bool = False
+    """The request used the deprecated `functions`: the answer uses `function_call`."""
+
+
 class OpenAIChat:
     """The exchange dialect of ``POST /v1/chat/completions``."""
 
     name = "openai"
-    ignored_fields = frozenset({"logit_bias", "store", "metadata", "service_tier", "prediction", "audio", "modalities",
-                                "web_search_options", "verbosity", "functions", "function_call", "prompt_cache_key",
+    ignored_fields = frozenset({"user", "store", "metadata", "service_tier", "prediction", "verbosity",
+                                "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options",
                                 "safety_identifier"})  # fmt: skip
+    """Accepted by OpenAI and without effect here (they bill, store, route or speed up; never change the answer)."""
 
     def parse(self, body: bytes) -> Plan:
         req = parse(body)
         tools, choice = canonical_tools(req)
-        return Plan(
+        functions = uses_functions(req)
+        return ChatPlan(
             model=req.model,
             sampling=sampling(req),
             messages=canonical_messages(req),
@@ -406,13 +523,16 @@ class OpenAIChat:
             response_format=_format(req),
             tools=tools,
             tool_choice=choice,
-            parallel_tool_calls=req.parallel_tool_calls is not False,
+            parallel_tool_calls=req.parallel_tool_calls is not False and not functions,  # one function call, as then
             reasoning=reasoning(req.reasoning_effort, param="reasoning_effort"),
+            functions=functions,
         )
 
     def formatter(self, plan: Plan, request_id: str, model: str, created: int) -> ChatFormatter:
         return ChatFormatter(request_id=request_id, model=model, created=created, include_usage=plan.include_usage,
-                             logprobs=plan.sampling.logprobs)  # fmt: skip
+                             logprobs=plan.sampling.logprobs,
+                             functions=isinstance(plan, ChatPlan) and plan.functions,
+                             named_tool=plan.tool_choice.mode == TOOL_CHOICE_FUNCTION)  # fmt: skip
 
     def error_response(self, exc: ApiError) -> Response:
         return error_response(exc)

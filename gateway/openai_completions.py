@@ -39,6 +39,7 @@ class CompletionRequest(msgspec.Struct, kw_only=True):
     user: str | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None
 
 
 _decoder = msgspec.json.Decoder(CompletionRequest)
@@ -127,7 +128,8 @@ class CompletionFormatter:
 
 class OpenAICompletions:
     name = "openai-completions"
-    ignored_fields = frozenset({"logit_bias"})
+    ignored_fields = frozenset({"user"})
+    """Accepted by OpenAI and without effect here."""
 
     def parse(self, body: bytes) -> Plan:
         req = parse(body)

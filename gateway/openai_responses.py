@@ -21,9 +21,17 @@ from cortex.gateway.errors import ApiError, InvalidRequest, ModelNotFound, NoCap
 from cortex.gateway.exchange import Answer, Plan
 from cortex.gateway.formats import response_format
 from cortex.gateway.openai_errors import decode_body, error_body, error_response
-from cortex.gateway.openai_params import check_logprobs, check_sampling, logprob_objects, reasoning, to_sampling
+from cortex.gateway.openai_params import (
+    check_logprobs,
+    check_sampling,
+    check_verbosity,
+    logprob_objects,
+    metadata,
+    reasoning,
+    to_sampling,
+)
 from cortex.gateway.services import Services
-from cortex.gateway.tools import check_choice, check_tools, make_tool, openai_tool_choice
+from cortex.gateway.tools import check_choice, check_tools, make_tool, openai_tool_choice, unknown_tool_result
 from cortex.protocol import Chunk, Message, TokenLogprob, Tool, ToolCall, ToolCallDelta, ToolChoice, Usage
 from cortex.protocol.messages import (
     FINISH_LENGTH,
@@ -78,6 +86,8 @@ class TextFormat(msgspec.Struct, kw_only=True):
 
 class TextOptions(msgspec.Struct, kw_only=True):
     format: TextFormat | None = None
+    verbosity: str | None = None
+    """Checked, then ignored: the models served here have no verbosity setting."""
 
 
 class ResponsesRequest(msgspec.Struct, kw_only=True):
@@ -99,8 +109,23 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     top_logprobs: int | None = None
     include: list[str] | None = None
     reasoning: ReasoningOptions | None = None
+    metadata: dict[str, Any] | None = None
+    max_tool_calls: int | None = None
+    """A limit on calls of built-in tools, which Cortex has none of: honoured by never making one."""
+    truncation: str | None = None
+    # Read only to be checked: refused, or ignored (named in the `Warning` header).
+    background: bool | None = None
+    prompt: Any = None
+    conversation: Any = None
+    moderation: Any = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
+    user: str | None = None
 
 
+TRUNCATIONS = ("disabled", "auto")
+"""`disabled` is what Cortex does (a prompt over the context is a 400); `auto` is ignored."""
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
 
 
@@ -138,7 +163,36 @@ def parse(body: bytes) -> ResponsesRequest:
     check_logprobs(wants_logprobs(req), req.top_logprobs, asked_by=f'`include: ["{LOGPROBS_INCLUDE}"]`')
     if req.previous_response_id is not None and not _RESPONSE_ID.fullmatch(req.previous_response_id):
         raise InvalidRequest("`previous_response_id` is not a response id.", param="previous_response_id")
+    _check_options(req)
     return req
+
+
+def _check_options(req: ResponsesRequest) -> None:
+    """Refuse what Cortex cannot do (run in the background, keep prompts or conversations); check the rest."""
+    metadata(req.metadata)
+    if req.max_tool_calls is not None and req.max_tool_calls < 1:
+        raise InvalidRequest("`max_tool_calls` must be at least 1.", param="max_tool_calls")
+    if req.truncation is not None and req.truncation not in TRUNCATIONS:
+        raise InvalidRequest(f"Invalid `truncation` {req.truncation!r}; expected disabled or auto.", param="truncation")
+    check_verbosity(req.text.verbosity if req.text else None, param="text.verbosity")
+    if req.background:
+        raise InvalidRequest("Background responses are not supported: wait for the answer, or stream it.",
+                             param="background")  # fmt: skip
+    if req.prompt is not None:
+        raise InvalidRequest("Prompt templates are not supported: send the `instructions` and `input` themselves.",
+                             param="prompt")  # fmt: skip
+    if req.conversation is not None:
+        raise InvalidRequest("Conversations are not supported: continue a conversation with `previous_response_id`.",
+                             param="conversation")  # fmt: skip
+    if req.moderation is not None:
+        # Answering unmoderated when moderation was asked for would be worse than refusing.
+        raise InvalidRequest("Moderation is not supported by this server.", param="moderation")
+
+
+def ignored_options(req: ResponsesRequest) -> list[str]:
+    """Fields this request sent that are ignored only for their value, or nested: for the `Warning` header."""
+    ignored = ["truncation"] if req.truncation == "auto" else []
+    return ignored + (["text.verbosity"] if req.text and req.text.verbosity is not None else [])
 
 
 def wants_logprobs(req: ResponsesRequest) -> bool:
@@ -255,7 +309,8 @@ class ResponsesFormatter:
             "previous_response_id": req.previous_response_id,
             "store": bool(req.store),
             "text": {"format": self._text_format()},
-            "metadata": {},
+            "metadata": req.metadata or {},
+            "max_tool_calls": req.max_tool_calls,
             "usage": usage_object(usage) if usage is not None or status != "in_progress" else None,
         }
 
@@ -445,6 +500,18 @@ class ResponsesPlan(Plan):
     """The conversation without instructions: what is stored for a follow-up."""
 
 
+def _check_outputs(plan: ResponsesPlan) -> None:
+    """Every `function_call_output` answers a `function_call` of the conversation (stored turns included)."""
+    unknown = unknown_tool_result(plan.history)
+    if unknown is None:
+        return
+    call_id = plan.history[unknown].tool_call_id
+    items = plan.request.input if isinstance(plan.request.input, list) else []
+    at = next((i for i, item in enumerate(items) if item.type == "function_call_output" and item.call_id == call_id), 0)
+    raise InvalidRequest(f"No tool call found for function call output with call_id {call_id}.",
+                         param=f"input[{at}].call_id")  # fmt: skip
+
+
 def _with_instructions(req: ResponsesRequest, history: list[Message]) -> list[Message]:
     if not req.instructions:
         return list(history)
@@ -492,8 +559,9 @@ class OpenAIResponses:
     """The exchange dialect of ``POST /v1/responses``."""
 
     name = "openai-responses"
-    ignored_fields = frozenset({"metadata", "truncation", "background", "service_tier", "prompt_cache_key",
-                                "safety_identifier", "prompt", "conversation", "max_tool_calls"})  # fmt: skip
+    ignored_fields = frozenset({"service_tier", "prompt_cache_key", "prompt_cache_retention", "prompt_cache_options",
+                                "safety_identifier", "user", "context_management"})  # fmt: skip
+    """Accepted by OpenAI and without effect here (they bill, route or speed up; never change the answer)."""
 
     def parse(self, body: bytes) -> Plan:
         req = parse(body)
@@ -509,6 +577,7 @@ class OpenAIResponses:
             prompt_param="input", response_format=constraint, history=history, tools=tools, tool_choice=choice,
             parallel_tool_calls=req.parallel_tool_calls is not False,
             reasoning=reasoning(req.reasoning.effort if req.reasoning else None, param="reasoning.effort"),
+            ignored=ignored_options(req),
         )  # fmt: skip
 
     async def prepare(self, plan: Plan, svc: Services) -> Plan:
@@ -517,6 +586,7 @@ class OpenAIResponses:
         plan.bus = svc.bus
         previous = plan.request.previous_response_id
         if previous is None:
+            _check_outputs(plan)
             return plan
         try:
             stored = await _load(svc, previous, param="previous_response_id")
@@ -526,6 +596,7 @@ class OpenAIResponses:
         # Earlier turns' instructions are not kept (as in OpenAI's API); this turn's lead.
         plan.history = [*stored.messages, *plan.history]
         plan.messages = _with_instructions(plan.request, plan.history)
+        _check_outputs(plan)
         return plan
 
     def formatter(self, plan: Plan, request_id: str, model: str, created: int) -> ResponsesFormatter:

@@ -167,14 +167,17 @@ class ReplyStream:
 
 
 def raise_for_chunk(chunk: Chunk, prompt_param: str = "messages") -> None:
-    """Turn a worker's error chunk into the gateway's exception for it (prompt errors name `prompt_param`)."""
+    """Turn a worker's error chunk into the gateway's exception for it.
+
+    A 400 names the field the worker named (``logit_bias``), else the prompt, as `prompt_param`.
+    """
     if chunk.error is None:
         return
     code, message = chunk.error.code, chunk.error.message
     if code == "context_length_exceeded":
         raise errors.InvalidRequest(message, param=prompt_param, code=code)
     if code == "invalid_request":
-        raise errors.InvalidRequest(message, param=prompt_param)
+        raise errors.InvalidRequest(message, param=chunk.error.param or prompt_param)
     if code == "deadline_exceeded":
         raise errors.DeadlineExceeded(message)
     if code == "model_not_loaded":

@@ -10,6 +10,8 @@ from cortex.gateway.fleet import FleetView
 from cortex.gateway.metrics import Metrics
 from cortex.gateway.relay import Relay
 
+MAX_TOKENS_POLICIES = ("clamp", "reject")
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -20,6 +22,9 @@ class Settings:
     """A streamed request waits this long for its first chunk before sending headers (errors keep their status)."""
     keepalive_interval: float = 5.0
     """Then an SSE comment goes out this often until the first chunk (long prefill, cold load)."""
+    max_tokens_policy: str = "clamp"
+    """``clamp``: a max_tokens over what the context leaves after the prompt is lowered to fit (agents ask for
+    more than small contexts hold); ``reject``: it is a 400 ``context_length_exceeded``."""
 
 
 @dataclass

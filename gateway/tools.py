@@ -14,7 +14,7 @@ import msgspec
 
 from cortex.gateway.errors import InvalidRequest
 from cortex.gateway.schemas import schema_problem
-from cortex.protocol import Tool, ToolChoice
+from cortex.protocol import Message, Tool, ToolChoice
 from cortex.protocol import messages as m
 
 TOOL_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")
@@ -73,6 +73,20 @@ def openai_tool_choice(choice: object, named: str | None, *, shape: str) -> Tool
     if not named:
         raise InvalidRequest(f"A named `tool_choice` must be {shape}.", param="tool_choice")
     return ToolChoice(mode=m.TOOL_CHOICE_FUNCTION, name=named)
+
+
+def unknown_tool_result(messages: list[Message]) -> int | None:
+    """The index of the first tool result that answers no earlier call of the conversation, if one does.
+
+    A result for a call the model never made is a client's bookkeeping error:
+    rendered anyway, the model would read a result out of nowhere.
+    """
+    called: set[str] = set()
+    for i, msg in enumerate(messages):
+        called.update(call.id for call in msg.tool_calls)
+        if msg.role == "tool" and msg.tool_call_id not in called:
+            return i
+    return None
 
 
 def arguments_json(value: Any) -> str:

@@ -57,6 +57,8 @@ class Sampling(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     logprobs: bool = False
     """Report each generated token's log probability (and `top_logprobs` alternatives) in the chunks."""
     top_logprobs: int = 0
+    logit_bias: dict[int, float] = {}
+    """OpenAI's ``logit_bias``: added to these token ids' logits before each pick (-100 bans, +100 forces)."""
 
 
 class ResponseFormat(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -118,6 +120,8 @@ class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=T
     parallel_tool_calls: bool = True
     """False: at most one call per answer."""
     reasoning: Reasoning = Reasoning()
+    clamp_max_tokens: bool = False
+    """A `sampling.max_tokens` over what the context leaves after the prompt is lowered to fit, not refused."""
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -135,6 +139,8 @@ class ChunkError(msgspec.Struct, frozen=True, kw_only=True):
 
     code: str
     message: str
+    param: str = ""
+    """The request field at fault (``logit_bias``); empty: the prompt, as the gateway's dialect names it."""
 
 
 ERROR_INVALID_REQUEST = "invalid_request"
@@ -206,6 +212,9 @@ class Chunk(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_f
     """One entry per token covered by this chunk, when the request asked for them."""
     reasoning: str = ""
     """Thinking text, which comes before this chunk's `text`."""
+    max_tokens: int = 0
+    """On the first chunk: the completion's token limit when the worker lowered the one asked for to fit the
+    context (`GenerateRequest.clamp_max_tokens`); 0 when it runs as asked."""
 
     @property
     def final(self) -> bool:

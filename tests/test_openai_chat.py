@@ -196,15 +196,15 @@ def test_bad_bodies_are_400_in_openai_shape(gateway: Gateway, body: bytes, param
 
 
 def test_unknown_fields_are_ignored(gateway: Gateway) -> None:
-    body = {"model": TINY_MODEL, "messages": PROMPT, "max_tokens": 2, "logit_bias": {}, "store": False, "x-new": 1}
+    body = {"model": TINY_MODEL, "messages": PROMPT, "max_tokens": 2, "user": "u1", "store": False, "x-new": 1}
     response = httpx.post(f"{gateway.base_url}/chat/completions", json=body, timeout=30)
     assert response.status_code == 200, response.text
     # Known fields without effect are named; unknown ones are not (they may be anything).
-    assert response.headers["warning"] == '299 cortex "Ignored fields: logit_bias, store"'
+    assert response.headers["warning"] == '299 cortex "Ignored fields: store, user"'
     with httpx.stream(
         "POST", f"{gateway.base_url}/chat/completions", json=body | {"stream": True}, timeout=30
     ) as streamed:
-        assert streamed.headers["warning"] == '299 cortex "Ignored fields: logit_bias, store"'
+        assert streamed.headers["warning"] == '299 cortex "Ignored fields: store, user"'
 
 
 def test_a_trailing_slash_is_served_not_redirected(gateway: Gateway) -> None:

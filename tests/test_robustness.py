@@ -216,7 +216,7 @@ def test_responses_stream_refused_before_its_first_token_opens_then_fails(
 
 
 UNREADABLE = {
-    "nested too deeply": b'{"model": "tiny-llama", "metadata": ' + b"[" * 1500 + b"]" * 1500 + b"}",
+    "nested too deeply": b'{"model": "tiny-llama", "x_deep": ' + b"[" * 1500 + b"]" * 1500 + b"}",
     "not valid UTF-8": b'{"model": "tiny-\xff", "max_tokens": 4}',
 }
 

@@ -67,7 +67,7 @@ def chat(client: openai.OpenAI, **kwargs: object) -> openai.types.chat.ChatCompl
 def test_named_tool_call_is_returned_whole(client: openai.OpenAI) -> None:
     reply = chat(client, tool_choice={"type": "function", "function": {"name": "get_weather"}})
     choice = reply.choices[0]
-    assert choice.finish_reason == "tool_calls"
+    assert choice.finish_reason == "stop"  # as OpenAI ends a call forced by name
     assert choice.message.content is None
     calls = choice.message.tool_calls
     assert calls is not None and len(calls) == 1
@@ -100,7 +100,7 @@ def test_streamed_tool_call_matches_the_whole_one(client: openai.OpenAI) -> None
     assert arguments == whole[0].function.arguments
     roles = [c.delta.role for p in pieces for c in p.choices if c.delta.role]
     assert roles == ["assistant"]
-    assert [c.finish_reason for p in pieces for c in p.choices if c.finish_reason] == ["tool_calls"]
+    assert [c.finish_reason for p in pieces for c in p.choices if c.finish_reason] == ["stop"]  # named: OpenAI's
     assert not "".join(c.delta.content or "" for p in pieces for c in p.choices), "markup leaked into the text"
 
 
@@ -263,10 +263,12 @@ def test_anthropic_tool_result_turn(claude: anthropic.Anthropic) -> None:
     first = message(claude)
     use = first.content[0]
     assert use.type == "tool_use"
-    history = [*ASK, {"role": "assistant", "content": [{"type": "text", "text": "Let me look."}, use.model_dump()]},
+    other = {"type": "tool_use", "id": "toolu_other", "name": "get_time", "input": {"zone": "UTC"}}
+    history = [*ASK, {"role": "assistant", "content": [{"type": "text", "text": "Let me look."}, use.model_dump(),
+                                                       other]},
                {"role": "user", "content": [
                    {"type": "tool_result", "tool_use_id": use.id, "content": [{"type": "text", "text": "Sunny"}]},
-                   {"type": "tool_result", "tool_use_id": "other", "content": "boom", "is_error": True},
+                   {"type": "tool_result", "tool_use_id": "toolu_other", "content": "boom", "is_error": True},
                    {"type": "text", "text": "Thanks!"}]}]  # fmt: skip
     reply = message(claude, messages=history, tool_choice={"type": "none"}, max_tokens=4)
     assert reply.stop_reason == "max_tokens"

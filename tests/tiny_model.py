@@ -83,6 +83,95 @@ def build_tiny_model(folder: Path, *, seed: int = 0, max_positions: int = 4096) 
     return folder
 
 
+def build_brief_model(
+    folder: Path, corpus: list[str], *, vocab_size: int = 4096, max_positions: int = 65536, seed: int = 0
+) -> Path:
+    """Write a long-context 2-layer Llama that answers one word and ends; return the folder.
+
+    For agent clients (Claude Code), which send a long prompt and a large ``max_tokens`` and
+    wait for the model to end its turn. The byte-level BPE tokenizer is trained on `corpus`
+    (text like the prompts it will read) with `vocab_size` tokens, so a prompt takes about as
+    many tokens as it would with a real model's tokenizer.
+
+    Every layer's output projections are zero, so the logits depend on the current token
+    alone, through weights set here: after the last token of the generation prompt the model
+    writes "Hello", after any other token it ends. Where a grammar forbids the end (a forced
+    tool call), a closing quote and then a closing brace come next, so a call's strings stay
+    empty and its objects close as soon as the schema allows. The margins are wide enough
+    for sampling at temperature 1 to pick the same tokens as greedy decoding.
+    """
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator([*CORPUS * 8, *corpus], trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>", pad_token="<|endoftext|>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+
+    def token(text: str) -> int:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert len(ids) == 1, f"{text!r} is not one token: {ids}"
+        return int(ids[0])
+
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False
+    )
+    assert isinstance(rendered, str)
+    prompt_end = int(tokenizer.encode(rendered, add_special_tokens=False)[-1])
+    eos, word, quote, brace = token("<|im_end|>"), token("Hello"), token('"'), token("}")
+
+    hidden = 64
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    vocab = len(tokenizer)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        # Embeddings: dimension 0 is a constant (the logits' bias), dimension 1 marks the end of
+        # the generation prompt, the rest is noise that ranks the other tokens at random.
+        embed = torch.randn(vocab, hidden) * 0.05
+        embed[:, 0], embed[:, 1] = 1.0, 0.0
+        embed[prompt_end, 1] = 1.0
+        model.model.embed_tokens.weight.copy_(embed)
+        head = torch.randn(vocab, hidden) * 0.3
+        head[:, 0], head[:, 1] = 0.0, 0.0
+        head[eos, 0], head[quote, 0], head[brace, 0] = 8.0, 6.0, 4.0
+        head[word, 1] = 20.0
+        for token_id in range(vocab):  # lone bytes of multi-byte characters: never picked
+            if "\ufffd" in tokenizer.decode([token_id]):
+                head[token_id, 0] = -8.0
+        model.lm_head.weight.copy_(head)
+    model.save_pretrained(folder)
+    GenerationConfig(
+        eos_token_id=eos, bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id
+    ).save_pretrained(folder)
+    return folder
+
+
 if __name__ == "__main__":
     import sys
 

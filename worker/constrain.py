@@ -18,7 +18,7 @@ from cortex.protocol import GenerateRequest, ResponseFormat
 from cortex.protocol import messages as m
 from cortex.worker.loader import LoadedModel
 from cortex.worker.sequence import LogitsProcessor
-from cortex.worker.tools import offered_tools, tool_grammar
+from cortex.worker.tools import offered_tools, one_call, tool_grammar
 
 log = logging.getLogger("cortex.worker")
 _BITS = torch.arange(32, dtype=torch.int32)
@@ -50,7 +50,7 @@ def request_constraints(loaded: LoadedModel, request: GenerateRequest) -> list[L
     lark = None
     if offered_tools(request.tools, request.tool_choice):
         syntax = loaded.tool_syntax
-        lark = tool_grammar(request.tools, request.tool_choice, request.parallel_tool_calls, syntax)
+        lark = tool_grammar(request.tools, request.tool_choice, not one_call(request), syntax)
     forced = request.tool_choice.mode in (m.TOOL_CHOICE_REQUIRED, m.TOOL_CHOICE_FUNCTION)
     if lark is not None and (forced or request.response_format is None):
         return [lark_processor(loaded, lark, what="the tools' parameter schemas")]

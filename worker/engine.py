@@ -49,7 +49,7 @@ from cortex.worker.detokenize import IncrementalDetokenizer
 from cortex.worker.loader import LoadedModel, PromptError
 from cortex.worker.output import OutputSplitter
 from cortex.worker.reasoning import ReasoningParser, opens_thinking
-from cortex.worker.sampling import is_greedy, make_generator, penalties, sample
+from cortex.worker.sampling import is_greedy, logit_bias, make_generator, penalties, sample
 from cortex.worker.sequence import Emit, LogitsProcessor, RequestRejected, Sequence, error_chunk
 from cortex.worker.stops import StopMatcher
 from cortex.worker.tools import ToolCallParser, offered_tools
@@ -333,7 +333,7 @@ class Engine:
             seq = self._prepare(request, emit)
             seq.logits_processors.extend(processors)
         except RequestRejected as exc:
-            emit(error_chunk(request.request_id, exc.code, exc.message, worker_id=self.worker_id))
+            emit(error_chunk(request.request_id, exc.code, exc.message, worker_id=self.worker_id, param=exc.param))
             return None
         except Counted as counted:
             n = counted.tokens
@@ -376,6 +376,9 @@ class Engine:
         limit = loaded.context_length
         room = limit - len(prompt_ids)
         wanted = request.sampling.max_tokens
+        clamped_to = 0
+        if room > 0 and wanted is not None and wanted > room and request.clamp_max_tokens:
+            wanted = clamped_to = room  # the gateway's policy: answer in what the context leaves
         if room <= 0 or (wanted is not None and wanted > room):
             asked = f", {wanted} in the completion" if wanted is not None else ""
             raise RequestRejected(
@@ -394,6 +397,9 @@ class Engine:
         if sampling.presence_penalty or sampling.frequency_penalty:
             vocab = int(loaded.model.config.vocab_size)
             builtin.append(penalties(sampling.presence_penalty, sampling.frequency_penalty, vocab, loaded.device))
+        if sampling.logit_bias:
+            _check_bias(loaded, sampling.logit_bias)
+            builtin.append(logit_bias(sampling.logit_bias, loaded.device))
         return Sequence(
             logits_processors=builtin,
             request=request,
@@ -412,6 +418,7 @@ class Engine:
             close_thinking_ids=thinking_ids(loaded)[1] if syntax is not None else [],
             generator=None if greedy else make_generator(loaded.device, sampling.seed),
             worker_id=self.worker_id,
+            clamped_to=clamped_to,
         )
 
     def _fits(self, state: _ModelState, rows: int, width: int) -> bool:
@@ -611,6 +618,16 @@ def _refuse_if_surely_too_long(loaded: LoadedModel, text: str) -> None:
             f"This model's maximum context length is {loaded.context_length} tokens. However, your prompt is "
             f"{len(text)} characters long, more than that many tokens can hold. Please shorten the prompt.",
         )
+
+
+def _check_bias(loaded: LoadedModel, bias: dict[int, float]) -> None:
+    """A 400 naming ``logit_bias`` for an id that is no token of this model (the gateway cannot know its vocabulary)."""
+    # Ids past the tokenizer are padding rows of the embedding (never real tokens); past the logits, nothing at all.
+    vocab = min(int(loaded.model.config.vocab_size), len(loaded.tokenizer))
+    for token in bias:
+        if not 0 <= token < vocab:
+            raise RequestRejected(m.ERROR_INVALID_REQUEST, f"Invalid key in 'logit_bias': {token}. Maximum value is "
+                                  f"{vocab - 1}.", param="logit_bias")  # fmt: skip
 
 
 def kv_bytes_per_token(loaded: LoadedModel) -> int:

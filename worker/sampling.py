@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 GREEDY_BELOW = 1e-5
@@ -46,6 +48,18 @@ def penalties(presence: float, frequency: float, vocab: int, device: torch.devic
                 counts[token] += 1
         seen = len(generated)
         return logits - frequency * counts[: logits.shape[-1]] - presence * (counts[: logits.shape[-1]] > 0)
+
+    return apply
+
+
+def logit_bias(bias: dict[int, float], device: torch.device) -> Callable[[list[int], torch.Tensor], torch.Tensor]:
+    """A logits processor adding OpenAI's ``logit_bias`` to the listed token ids (checked against the vocabulary)."""
+    ids = torch.tensor(list(bias), dtype=torch.long, device=device)
+    values = torch.tensor(list(bias.values()), dtype=torch.float32, device=device)
+
+    def apply(generated: list[int], logits: torch.Tensor) -> torch.Tensor:
+        # Out of place: `logits` may be a view into the whole batch's logits.
+        return logits.index_add(0, ids, values.to(logits.dtype))
 
     return apply
 

@@ -14,6 +14,7 @@ from cortex.worker.loader import LoadedModel
 from cortex.worker.output import OutputSplitter, Piece
 from cortex.worker.reasoning import START, ReasoningParser
 from cortex.worker.stops import StopMatcher
+from cortex.worker.tools import one_call
 
 Emit = Callable[[Chunk], None]
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
@@ -21,21 +22,22 @@ LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 
 
 class RequestRejected(Exception):
-    """A request that cannot run at all; carries the wire error code."""
+    """A request that cannot run at all; carries the wire error code, and the field at fault if not the prompt."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, *, param: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.param = param
 
 
-def error_chunk(request_id: str, code: str, message: str, *, worker_id: str, seq: int = 0) -> Chunk:
+def error_chunk(request_id: str, code: str, message: str, *, worker_id: str, seq: int = 0, param: str = "") -> Chunk:
     return Chunk(
         request_id=request_id,
         seq=seq,
         finish_reason=m.FINISH_ERROR,
         worker_id=worker_id,
-        error=ChunkError(code=code, message=message),
+        error=ChunkError(code=code, message=message, param=param),
     )
 
 
@@ -72,6 +74,8 @@ class Sequence:
     unsent_logprob_starts: list[int] = field(default_factory=list)
     """Where each unsent logprob's token starts in the text the stop matcher was given."""
     done: bool = False
+    clamped_to: int = 0
+    """The token limit, when the asked one was lowered to fit the context (told to the gateway once)."""
 
     @property
     def request_id(self) -> str:
@@ -119,6 +123,7 @@ class Sequence:
             tool_calls=piece.calls,
             logprobs=self.unsent_logprobs,
             reasoning=piece.reasoning,
+            max_tokens=self.clamped_to if self.seq_no == 0 else 0,
         )
         self.seq_no += 1
         self.unsent_tokens = 0
@@ -214,7 +219,7 @@ class Sequence:
             self.finish(error=ChunkError(code=m.ERROR_DEADLINE, message="deadline passed during generation"))
             return
         tools = self.output.tools
-        if tools is not None and (tools.repeated or (tools.completed and not self.request.parallel_tool_calls)):
+        if tools is not None and (tools.repeated or (tools.completed and one_call(self.request))):
             # One call was asked for and it is complete, or the model started over: the answer is done.
             self._end(piece, m.FINISH_STOP)
             return

@@ -22,7 +22,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from cortex.protocol import Message, Tool, ToolCall, ToolCallDelta, ToolChoice
+from cortex.protocol import GenerateRequest, Message, Tool, ToolCall, ToolCallDelta, ToolChoice
 from cortex.protocol import messages as m
 from cortex.worker.stops import partial_suffix
 
@@ -156,6 +156,11 @@ def chat_turns(
     return turns, None
 
 
+def one_call(request: GenerateRequest) -> bool:
+    """At most one call in the answer: parallel calls are off, or the choice names the tool to call."""
+    return not request.parallel_tool_calls or request.tool_choice.mode == m.TOOL_CHOICE_FUNCTION
+
+
 def offered_tools(tools: list[Tool], choice: ToolChoice) -> list[Tool]:
     """The tools the model may call under `choice` (none under ``none``)."""
     if choice.mode == m.TOOL_CHOICE_NONE:
@@ -166,7 +171,11 @@ def offered_tools(tools: list[Tool], choice: ToolChoice) -> list[Tool]:
 
 
 def tool_grammar(tools: list[Tool], choice: ToolChoice, parallel: bool, syntax: ToolSyntax) -> str | None:
-    """A Lark grammar (llguidance dialect) for the answer, or None when it stays unconstrained."""
+    """A Lark grammar (llguidance dialect) for the answer, or None when it stays unconstrained.
+
+    Calls come last: once one has closed, the answer may hold only more calls
+    (when parallel calls are allowed) or end, so a finished call ends the turn.
+    """
     callable_tools = offered_tools(tools, choice)
     if not callable_tools:
         return None
@@ -177,7 +186,9 @@ def tool_grammar(tools: list[Tool], choice: ToolChoice, parallel: bool, syntax: 
                     "type": "object",
                     "properties": {
                         "name": {"const": t.name},
-                        syntax.arguments_key: _rebase(_schema(t), f"#/anyOf/{i}/properties/{syntax.arguments_key}"),
+                        syntax.arguments_key: _rebase(
+                            closed_objects(_schema(t)), f"#/anyOf/{i}/properties/{syntax.arguments_key}"
+                        ),
                     },
                     "required": ["name", syntax.arguments_key],
                     "additionalProperties": False,
@@ -192,18 +203,48 @@ def tool_grammar(tools: list[Tool], choice: ToolChoice, parallel: bool, syntax: 
         # A bare-JSON syntax can only be enforced for the whole answer (one call).
         return None if choice.mode == m.TOOL_CHOICE_AUTO else f"start: %json {schema}"
     opening, closing = json.dumps(syntax.open), json.dumps("\n" + syntax.close)
+    more = ' ("\\n" call)*' if parallel else ""
+    call = f"call: {json.dumps(syntax.open + chr(10))} %json {schema} {closing}\n"
     if choice.mode == m.TOOL_CHOICE_AUTO:
-        repeat = "*" if parallel else "?"
+        # Free text until the model opens a call (the lazy trigger ends at the first opening tag).
         return (
             "%llguidance {}\n"
-            f"start: call{repeat} tail\n"
-            "tail: TEXT\n"
+            f"start: TEXT | first{more}\n"
             "TEXT: /(.|\\n)*/\n"
             f"trigger[lazy]: TEXT {opening}\n"
-            f'call: trigger "\\n" %json {schema} {closing}\n'
+            f'first: trigger "\\n" %json {schema} {closing}\n'
+            f"{call}"
         )
-    more = ' ("\\n" call)*' if parallel else ""
-    return f"start: call{more}\ncall: {json.dumps(syntax.open + chr(10))} %json {schema} {closing}\n"
+    return f"start: call{more}\n{call}"
+
+
+_DATA_KEYWORDS = frozenset({"const", "enum", "default", "examples"})
+"""Keywords whose values are data, not schemas."""
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+"""Keywords whose values map names to schemas."""
+_OPEN_KEYWORDS = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+
+
+def closed_objects(schema: Any) -> Any:
+    """`schema` with ``additionalProperties: false`` on every object that lists its properties and says nothing else.
+
+    A schema that leaves extra properties open lets a model (a small one
+    especially) invent keys for as long as it likes; the properties a tool
+    declares are the ones it reads, as OpenAI's strict mode assumes.
+    """
+    if isinstance(schema, list):
+        return [closed_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out: dict[str, Any] = {}
+    for key, value in schema.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: closed_objects(sub) for name, sub in value.items()}
+        else:
+            out[key] = value if key in _DATA_KEYWORDS else closed_objects(value)
+    if isinstance(schema.get("properties"), dict) and not any(key in schema for key in _OPEN_KEYWORDS):
+        out["additionalProperties"] = False
+    return out
 
 
 def _rebase(schema: Any, base: str) -> Any:
