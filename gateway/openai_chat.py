@@ -400,22 +400,31 @@ class ChunkFormatter:
             self._role_sent = True
         return self._event([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
 
+    def _opening(self) -> dict[str, Any]:
+        """The role, with the first piece of an answer that opens with a call (OpenAI's ``content: null``)."""
+        if self._role_sent:
+            return {}
+        self._role_sent = True
+        return {"role": "assistant", "content": None}
+
     def tool_calls(self, deltas: list[ToolCallDelta]) -> bytes:
         """Each call's id, type and name in its first piece only: the SDK concatenates what repeats."""
         if self.functions:
             piece = function_call_delta(deltas)
             if piece is None:
                 return b""
-            return self._event([{"index": 0, "delta": {"function_call": piece}, "logprobs": None,
+            return self._event([{"index": 0, "delta": self._opening() | {"function_call": piece}, "logprobs": None,
                                  "finish_reason": None}])  # fmt: skip
-        pieces = []
+        pieces: list[dict[str, Any]] = []
         for d in deltas:
-            if d.id:
+            if pieces and pieces[-1]["index"] == d.index and not d.id:
+                pieces[-1]["function"]["arguments"] += d.arguments  # one entry per call and chunk, as OpenAI's
+            elif d.id:
                 function = {"name": d.name, "arguments": d.arguments}
                 pieces.append({"index": d.index, "id": d.id, "type": "function", "function": function})
             else:
                 pieces.append({"index": d.index, "function": {"arguments": d.arguments}})
-        delta: dict[str, Any] = {"tool_calls": pieces}
+        delta: dict[str, Any] = self._opening() | {"tool_calls": pieces}
         return self._event([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
 
     def usage(self, usage: Usage | None) -> bytes:
@@ -466,7 +475,7 @@ class ChatFormatter:
         return Response(body, media_type="application/json")
 
     def stream_start(self, first: Chunk) -> bytes:
-        return self.chunks.delta("")  # the role
+        return b""  # the role goes with the first piece: its `content` is "" for text, null for a call
 
     def stream_text(self, text: str, logprobs: list[TokenLogprob]) -> bytes:
         return self.chunks.delta(text, logprobs=logprobs)

@@ -284,7 +284,7 @@ class ResponsesFormatter:
         self._started = False
         self._final: dict[str, Any] | None = None
         """The response as the client got it: stored as is."""
-        self._tools = [self._tool(t) for t in plan.tools]
+        self._tools = [self._tool(t, spec.strict) for t, spec in zip(plan.tools, plan.request.tools or [], strict=True)]
         """The tools as every response object shows them, decoded once."""
 
     def response(self, status: str, output: list[dict[str, Any]], usage: Usage | None = None) -> dict[str, Any]:
@@ -319,10 +319,11 @@ class ResponsesFormatter:
         return {"type": "function", "name": choice.name} if choice.mode == TOOL_CHOICE_FUNCTION else choice.mode
 
     @staticmethod
-    def _tool(tool: Tool) -> dict[str, Any]:
+    def _tool(tool: Tool, strict: bool | None) -> dict[str, Any]:
+        """A tool as the response echoes it; `strict` as sent (Responses function tools default to strict)."""
         parameters = msgspec.json.decode(tool.parameters) if tool.parameters else None
         return {"type": "function", "name": tool.name, "description": tool.description or None,
-                "parameters": parameters, "strict": False}  # fmt: skip
+                "parameters": parameters, "strict": strict is not False}  # fmt: skip
 
     def _text_format(self) -> dict[str, Any]:
         fmt = self.request.text.format if self.request.text else None

@@ -227,8 +227,10 @@ def test_a_call_the_model_chose_finishes_with_function_call() -> None:
     assert "tool_calls" not in choice["message"]
     events = formatter.stream_tool_calls([call]) + formatter.stream_end(last)
     deltas = [json.loads(line[6:]) for line in events.decode().split("\n\n") if line.startswith("data: {")]
-    assert deltas[0]["choices"][0]["delta"] == {
-        "function_call": {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+    assert deltas[0]["choices"][0]["delta"] == {  # the role opens a call's answer with `content: null`
+        "role": "assistant",
+        "content": None,
+        "function_call": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
     }
     assert deltas[-1]["choices"][0]["finish_reason"] == "function_call"
 

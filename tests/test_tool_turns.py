@@ -93,6 +93,7 @@ def test_responses_call_item_is_completed(client: openai.OpenAI) -> None:
                                        max_output_tokens=500)  # fmt: skip
     assert response.status == "completed"
     assert [(item.type, item.status) for item in response.output] == [("function_call", "completed")]  # type: ignore[union-attr]
+    assert [tool.strict for tool in response.tools] == [True]  # type: ignore[union-attr]  # echoed as sent
 
 
 # -- ids ---------------------------------------------------------------------------------
@@ -116,6 +117,10 @@ def test_openai_call_ids_are_stable_across_the_stream(client: openai.OpenAI) -> 
     pieces = list(chat(client, tool_choice=NAMED, stream=True))
     streamed = [call.id for p in pieces for c in p.choices for call in c.delta.tool_calls or [] if call.id]
     assert len(streamed) == 1 and streamed[0].startswith("call_")
+    entries = [[call.index for call in c.delta.tool_calls] for p in pieces for c in p.choices if c.delta.tool_calls]
+    assert entries and all(len(set(indices)) == len(indices) for indices in entries)  # one entry per call and chunk
+    openings = [c.delta for p in pieces for c in p.choices if c.delta.role]
+    assert len(openings) == 1 and openings[0].content is None and openings[0].tool_calls  # OpenAI's opening
     with client.responses.stream(model=TINY_MODEL, input="Weather in Paris?", tools=RESPONSES_TOOLS,  # type: ignore[arg-type]
                                  tool_choice="required", temperature=0, max_output_tokens=500) as stream:  # fmt: skip
         added = [event.item for event in stream if event.type == "response.output_item.added"]
