@@ -3,6 +3,7 @@
 # make bench the engine and broker-hop benchmarks; the last line is one JSON object
 # make lock  resolve pyproject.toml + requirements.in again into requirements.lock
 # make test-latest  the suite against the newest releases (in .venv-latest), to see a break coming
+# make lint  ruff, then mypy (strict on protocol/ and broker/); .ci/run runs it after the tests
 #
 # Both create .venv if it is missing and install idempotently (a stamp file
 # skips pip when nothing it depends on changed). Every package comes from
@@ -20,6 +21,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.cortex-installed
 LOCK := requirements.lock
 LATEST ?= .venv-latest
+TYPECHECK := build/typecheck/cortex
 UV := $(BIN)/python -m uv
 LOCK_ARGS := --universal --python-version 3.11 --generate-hashes --no-header --quiet
 
@@ -61,6 +63,9 @@ bench: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	mkdir -p $(TYPECHECK) && touch $(TYPECHECK)/__init__.py
+	for p in protocol broker gateway worker; do ln -sfn ../../../$$p $(TYPECHECK)/$$p; done
+	$(BIN)/mypy -p cortex.protocol -p cortex.broker -p cortex.gateway -p cortex.worker
 
 format: install
 	$(BIN)/ruff format .

@@ -29,6 +29,10 @@ log = logging.getLogger("cortex.broker")
 
 # JetStream API error codes (nats-server errors.json) that mean "queue full".
 _QUEUE_FULL_CODES = frozenset({10077, 10054, 10026})
+# ... and "wrong last sequence" (JSStreamWrongLastSequenceErrF, ...ConstantErr): a compare-and-set lost.
+# nats-py's KV raises KeyWrongLastSequenceError for them; a plain APIError carrying one (another nats-py,
+# another path) is the same lost race. Matched by code: the description text is no API.
+_WRONG_LAST_SEQUENCE_CODES = frozenset({10071, 10164})
 _KV_DELETE_OPS = frozenset({"DEL", "PURGE"})
 
 ReplyHandler = Callable[[str, bytes], None]
@@ -262,7 +266,8 @@ class Bus:
         except KeyWrongLastSequenceError:
             return False
         except APIError as exc:
-            if "wrong last sequence" in str(exc).lower():
+            # nats-py's KV errors (KeyDeletedError...) are APIErrors that never set err_code.
+            if getattr(exc, "err_code", None) in _WRONG_LAST_SEQUENCE_CODES:
                 return False
             raise BrokerUnavailable(f"cannot write {key}: {exc}") from exc
         except Exception as exc:
@@ -320,7 +325,7 @@ class Bus:
                         handler(entry.key, entry.value)
             finally:
                 with contextlib.suppress(Exception):
-                    await watcher.stop()
+                    await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
 
         self._tasks.append(asyncio.create_task(pump(), name=name))
 

@@ -21,6 +21,7 @@ import json
 import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -215,8 +216,8 @@ async def _place(
     bus: Any, adverts: list[Any], model_id: str, *, worker: str | None, replicas: int, why: str
 ) -> list[tuple[str, str]]:
     """Place `model_id` on `worker`, or on up to `replicas` workers by the placement policy: (worker, reason) each."""
-    from cortex.broker.decisions import change_placement, read_pins, with_worker
-    from cortex.protocol.placement import choose_worker
+    from cortex.broker.decisions import change_placement, read_pins
+    from cortex.protocol.placement import add_worker, pick_worker
 
     if worker is not None:
         _check_worker(adverts, worker, model_id)
@@ -225,14 +226,15 @@ async def _place(
         pins = (await read_pins(bus)).values()
         choices = []
         for _ in range(replicas):
-            choice = choose_worker(model_id, [a for a in adverts if a.worker_id not in dict(choices)], pins)
-            if isinstance(choice, str):
+            pick = pick_worker(model_id, [a for a in adverts if a.worker_id not in dict(choices)], pins)
+            if pick.choice is None:
                 if not choices:
-                    raise _Refused(choice)
+                    raise _Refused(pick.reason)
                 break
-            choices.append((choice.worker, f"{choice.reason} ({why})"))
+            choices.append((pick.choice.worker, f"{pick.reason} ({why})"))
     for target, reason in choices:
-        await change_placement(bus, model_id, with_worker(target, reason), by="cortexctl")
+        change = partial(add_worker, model=model_id, worker=target, reason=reason)
+        await change_placement(bus, model_id, change, by="cortexctl")
     return choices
 
 
@@ -270,22 +272,17 @@ def unload(
     """Unload a model (from every worker, or the one named); refused while it is pinned."""
 
     async def action(bus: Any) -> str:
-        from cortex.broker.decisions import change_placement, read_pins, without_worker
-        from cortex.protocol import Placement
+        from cortex.broker.decisions import change_placement, read_pins
+        from cortex.protocol.placement import remove_all_workers, remove_worker
 
         model_id = _model_id(await _adverts(bus), model)
         if model_id in await read_pins(bus):
             raise _Refused(f"{model_id} is pinned; `cortexctl unpin {model_id}` first")
         if worker is not None:
-            await change_placement(bus, model_id, without_worker(worker, "cortexctl unload --worker"), by="cortexctl")
+            change = partial(remove_worker, worker=worker, reason="cortexctl unload --worker")
+            await change_placement(bus, model_id, change, by="cortexctl")
             return f"{model_id} unloading from {worker}"
-
-        def everywhere(current: Placement | None) -> Placement | None:
-            if current is None or not current.workers:
-                return None
-            return Placement(model=model_id, reason="cortexctl unload", failed=current.failed)
-
-        await change_placement(bus, model_id, everywhere, by="cortexctl")
+        await change_placement(bus, model_id, partial(remove_all_workers, reason="cortexctl unload"), by="cortexctl")
         return f"{model_id} unloading everywhere"
 
     _done(_run("unload", _with_bus(nats, action)))
@@ -341,10 +338,9 @@ def drain(worker: str, nats: NatsOption = DEFAULT_URL) -> None:
     """Finish a worker's requests, take no new ones, unload its models (kept in KV until undrain)."""
 
     async def action(bus: Any) -> str:
-        from cortex.protocol import names
+        from cortex.protocol import Drain, codec, names
 
-        key = names.drain_key(worker)
-        await bus.put_decision(key, json.dumps({"since": time.time()}).encode())
+        await bus.put_decision(names.drain_key(worker), codec.encode(Drain(since=time.time())))
         live = {a.worker_id for a in await _adverts(bus)}
         return f"{worker} draining" + ("" if worker in live else " (it is not live now: it drains when it starts)")
 

@@ -1,13 +1,19 @@
-"""Reading and changing placements and pins with compare-and-set, for every component alike."""
+"""Reading and changing placements and pins with compare-and-set, for every component alike.
+
+What a change does is decided by a transition of `cortex.protocol.placement`
+(pure, no I/O); `change_placement` is the one writer that applies it::
+
+    await change_placement(bus, model, partial(add_worker, model=model, worker="w1", reason="..."), by="cortexctl")
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 from cortex.broker.bus import Bus
 from cortex.broker.errors import BrokerUnavailable
 from cortex.protocol import Pin, Placement, codec, names
+from cortex.protocol.placement import Transition
 
 MAX_ATTEMPTS = 8
 
@@ -26,14 +32,13 @@ async def read_placement(bus: Bus, model: str) -> tuple[Placement | None, int]:
         return None, revision  # unreadable: the next write replaces it
 
 
-async def change_placement(
-    bus: Bus, model: str, change: Callable[[Placement | None], Placement | None], *, by: str
-) -> Placement | None:
-    """Apply `change` to the model's current placement until the compare-and-set lands.
+async def change_placement(bus: Bus, model: str, change: Transition, *, by: str) -> Placement | None:
+    """Apply `change` (a transition of `cortex.protocol.placement`) until the compare-and-set lands.
 
     `change` gets the placement as it is (None if there is none) and returns the
-    new one, or None to leave it alone; it may run several times. Returns the
-    placement in force afterwards.
+    new one, or None to leave it alone; it runs again on a fresh read whenever
+    someone else wrote first. The revision written is stamped with the time and
+    `by`. Returns the placement in force afterwards.
     """
     for _ in range(MAX_ATTEMPTS):
         current, revision = await read_placement(bus, model)
@@ -45,33 +50,6 @@ async def change_placement(
         if await bus.write_decision(names.placement_key(model), codec.encode(new), revision):
             return new
     raise Contended(f"the placement of {model} kept changing; gave up after {MAX_ATTEMPTS} tries")
-
-
-def without_worker(worker_id: str, reason: str) -> Callable[[Placement | None], Placement | None]:
-    """A change that takes `worker_id` out of a placement."""
-
-    def change(current: Placement | None) -> Placement | None:
-        if current is None or worker_id not in current.workers:
-            return None
-        return Placement(model=current.model, workers=[w for w in current.workers if w != worker_id], reason=reason,
-                         failed=current.failed)  # fmt: skip
-
-    return change
-
-
-def with_worker(worker_id: str, reason: str) -> Callable[[Placement | None], Placement | None]:
-    """A change that adds `worker_id` (and clears its failure and any error)."""
-
-    def change(current: Placement | None) -> Placement | None:
-        workers = list(current.workers) if current else []
-        if worker_id in workers and current is not None and not current.error:
-            return None
-        failed = {w: why for w, why in (current.failed if current else {}).items() if w != worker_id}
-        model = current.model if current else ""
-        return Placement(model=model, workers=[*workers, worker_id] if worker_id not in workers else workers,
-                         reason=reason, failed=failed)  # fmt: skip
-
-    return change
 
 
 async def read_pins(bus: Bus) -> dict[str, Pin]:

@@ -55,6 +55,14 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
+def own_group_dying_with_parent() -> None:
+    """preexec_fn for children a launcher stops itself, in order: out of the terminal's process group
+    (so Ctrl-C reaches only the launcher, not nats-server before the workers that need it), and
+    dying with the launcher if it is killed outright."""
+    os.setpgrp()
+    die_with_parent()
+
+
 def stop_processes(procs: list[subprocess.Popen[Any]], timeout: float) -> None:
     """SIGTERM every process, wait up to `timeout` in all, then SIGKILL what is left."""
     for proc in procs:
@@ -122,7 +130,11 @@ class EmbeddedNats:
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         try:
             self._proc = subprocess.Popen(
-                args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent
+                args,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=own_group_dying_with_parent,
             )
         finally:
             if self.log_file:

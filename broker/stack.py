@@ -17,7 +17,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cortex.broker.server import EmbeddedNats, die_with_parent, stop_processes
+from cortex.broker.server import EmbeddedNats, own_group_dying_with_parent, stop_processes
 
 
 @dataclass
@@ -72,7 +72,7 @@ class Stack:
         self._spawn("gateway", gateway)
 
     def _spawn(self, name: str, argv: list[str]) -> None:
-        self.children[name] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+        self.children[name] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, preexec_fn=own_group_dying_with_parent)
 
     def wait_ready(self) -> None:
         """Block until the gateway lists the model as ready; raise if a child dies first."""
@@ -112,7 +112,11 @@ class Stack:
             self._stop.wait(0.5)
 
     def stop(self, timeout: float = 20.0) -> None:
-        stop_processes(list(self.children.values()), timeout)
+        """Front to back: the gateway (no new requests), the worker (it finishes or hands back what runs,
+        which needs the broker), then nats-server."""
+        for name in ("gateway", "worker"):
+            if name in self.children:
+                stop_processes([self.children[name]], timeout)
         if self.nats is not None:
             self.nats.stop()
 

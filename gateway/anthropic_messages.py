@@ -4,56 +4,28 @@ Request fields that would not change the answer (``metadata``, ``service_tier``,
 ``container``, ``output_config.effort``, ...) are ignored and named in a ``Warning``
 header; ``cache_control`` hints need no action (the workers' prefix cache is
 automatic); MCP servers, which Cortex cannot reach, are a 400. Errors use
-Anthropic's envelope ``{"type": "error", "error": {"type", "message"}}`` with
-the same status codes as the OpenAI routes.
+Anthropic's envelope (`anthropic_errors`) with the same status codes as the
+OpenAI routes; the answers' JSON and SSE are `anthropic_format`'s.
 """
 
 from __future__ import annotations
 
-import re
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
 from starlette.responses import Response
 
-from cortex.gateway.errors import UNREADABLE_BODY_ERRORS, ApiError, InvalidRequest, unreadable_body
-from cortex.gateway.exchange import Answer, Plan
+from cortex.gateway.anthropic_errors import decode_body, error_response
+from cortex.gateway.anthropic_format import CountFormatter, MessageFormatter
+from cortex.gateway.errors import ApiError, InvalidRequest
+from cortex.gateway.exchange import UNASSIGNED, Dialect, Plan
 from cortex.gateway.formats import response_format
 from cortex.gateway.tools import arguments_json, check_choice, check_tools, make_tool
-from cortex.protocol import (
-    Chunk,
-    Message,
-    Reasoning,
-    Sampling,
-    TokenLogprob,
-    Tool,
-    ToolCall,
-    ToolCallDelta,
-    ToolChoice,
-    Usage,
-)
-from cortex.protocol.messages import (
-    FINISH_LENGTH,
-    FINISH_TOOL_CALLS,
-    TOOL_CHOICE_AUTO,
-    TOOL_CHOICE_FUNCTION,
-    TOOL_CHOICE_NONE,
-    TOOL_CHOICE_REQUIRED,
-)
+from cortex.protocol import GenerateRequest, Message, Reasoning, Sampling, Tool, ToolCall, ToolChoice
+from cortex.protocol.messages import TOOL_CHOICE_AUTO, TOOL_CHOICE_FUNCTION, TOOL_CHOICE_NONE, TOOL_CHOICE_REQUIRED
 
 MAX_STOP = 16
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    503: "overloaded_error",
-    504: "timeout_error",
-}
-_PATH = re.compile(r"at `\$\.?([^`]*)`")
 
 
 class ResultBlock(msgspec.Struct, kw_only=True):
@@ -127,7 +99,6 @@ class MessagesRequest(msgspec.Struct, kw_only=True):
 
 EFFORTS = ("low", "medium", "high", "xhigh", "max")
 _decoder = msgspec.json.Decoder(MessagesRequest)
-_encoder = msgspec.json.Encoder()
 
 
 _SKIPPED_BLOCKS = {"thinking", "redacted_thinking"}
@@ -140,7 +111,8 @@ def _text(content: str | list[Block] | list[ResultBlock] | None, where: str, *, 
     if isinstance(content, str):
         return content
     parts = []
-    for i, block in enumerate(content):
+    blocks: Sequence[Block | ResultBlock] = content
+    for i, block in enumerate(blocks):
         if block.type in _SKIPPED_BLOCKS:
             continue
         if block.type != "text":
@@ -152,14 +124,7 @@ def _text(content: str | list[Block] | list[ResultBlock] | None, where: str, *, 
 
 
 def parse(body: bytes, *, need_max_tokens: bool = True) -> MessagesRequest:
-    try:
-        req = _decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        raise InvalidRequest(_describe(str(exc))) from None
-    except msgspec.DecodeError as exc:
-        raise InvalidRequest(f"The request body is not valid JSON: {exc}") from None
-    except UNREADABLE_BODY_ERRORS as exc:
-        raise unreadable_body(exc) from None
+    req = decode_body(_decoder, body)
     if not req.model:
         raise InvalidRequest("model: Field required")
     if need_max_tokens and req.max_tokens is None:
@@ -206,14 +171,6 @@ def thinking(req: MessagesRequest) -> Reasoning:
     if req.max_tokens is not None and budget >= req.max_tokens:
         raise InvalidRequest("thinking.budget_tokens: must be less than max_tokens")
     return Reasoning(enabled=True, budget_tokens=budget)
-
-
-def _describe(text: str) -> str:
-    """msgspec's message with its JSON path written the way Anthropic's errors name fields."""
-    match = _PATH.search(text)
-    field = match.group(1).replace("[", ".").replace("]", "") if match else ""
-    message = _PATH.sub("", text).strip(" -")
-    return f"{field}: {message}" if field else message
 
 
 def _turn(message: AnthropicMessage, where: str, called: set[str]) -> list[Message]:
@@ -310,162 +267,7 @@ def canonical_tools(req: MessagesRequest) -> tuple[list[Tool], ToolChoice, bool]
     return tools, choice, parallel
 
 
-def error_body(exc: ApiError) -> dict[str, Any]:
-    """Anthropic's errors have no `param`: the field leads the message instead (``tools.0.name: ...``)."""
-    kind = _ERROR_TYPES.get(exc.status, "api_error")
-    message = f"{exc.param}: {exc.message}" if exc.param else exc.message
-    return {"type": "error", "error": {"type": kind, "message": message}}
-
-
-def error_response(exc: ApiError) -> Response:
-    return Response(_encoder.encode(error_body(exc)), status_code=exc.status, media_type="application/json")
-
-
-def _event(name: str, body: dict[str, Any]) -> bytes:
-    return b"event: " + name.encode() + b"\ndata: " + _encoder.encode(body) + b"\n\n"
-
-
-def stop_reason(last: Chunk, *, clamped: bool = False) -> str:
-    """Anthropic's stop reason; a limit lowered to fit the context is the context window's, not max_tokens'."""
-    if last.finish_reason == FINISH_LENGTH:
-        return "model_context_window_exceeded" if clamped else "max_tokens"
-    if last.finish_reason == FINISH_TOOL_CALLS:
-        return "tool_use"
-    return "stop_sequence" if last.stop_sequence else "end_turn"
-
-
-def _usage(usage: Usage | None) -> dict[str, int]:
-    if usage is None:
-        return {"input_tokens": 0, "output_tokens": 0}
-    return {
-        "input_tokens": usage.prompt_tokens - usage.cached_tokens,
-        "output_tokens": usage.completion_tokens,
-        "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": usage.cached_tokens,
-    }
-
-
-def tool_use_id(call_id: str) -> str:
-    """A worker's call id (``call_…``) as Anthropic spells tool-use ids (``toolu_…``): the same id, both ways stable."""
-    return "toolu_" + call_id.removeprefix("call_")
-
-
-def _input(arguments: str) -> Any:
-    """A call's arguments as the object Anthropic's `input` must be (empty if cut off mid-way)."""
-    try:
-        value = msgspec.json.decode(arguments or "{}")
-    except (msgspec.DecodeError, *UNREADABLE_BODY_ERRORS):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-class MessageFormatter:
-    def __init__(self, *, request_id: str, model: str, show_thinking: bool = False) -> None:
-        self.id = f"msg_{request_id}"
-        self.model = model
-        self.show_thinking = show_thinking
-        """Thinking blocks only for a request that turned thinking on, as in Anthropic's API."""
-        self._blocks = 0
-        self._answer_blocks = 0
-        self._open: str | None = None
-        """Type of the content block being streamed (``text`` or ``tool_use``), if one is open."""
-        self._clamped = False
-        """The worker lowered max_tokens to fit the context (the first chunk says so)."""
-
-    def complete(self, answer: Answer, last: Chunk) -> Response:
-        calls = answer.tool_calls
-        content: list[dict[str, Any]] = [{"type": "text", "text": answer.text}] if answer.text or not calls else []
-        content += [{"type": "tool_use", "id": tool_use_id(c.id), "name": c.name, "input": _input(c.arguments)}
-                    for c in calls]  # fmt: skip
-        if answer.reasoning and self.show_thinking:
-            content.insert(0, {"type": "thinking", "thinking": answer.reasoning, "signature": ""})
-        body = {
-            "id": self.id,
-            "type": "message",
-            "role": "assistant",
-            "model": self.model,
-            "content": content,
-            "stop_reason": stop_reason(last, clamped=answer.clamped_to > 0),
-            "stop_sequence": last.stop_sequence,
-            "usage": _usage(last.usage),
-        }
-        return Response(_encoder.encode(body), media_type="application/json")
-
-    def stream_start(self, first: Chunk) -> bytes:
-        self._clamped = first.max_tokens > 0
-        message = {
-            "id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
-            "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": first.prompt_tokens, "output_tokens": 0},
-        }  # fmt: skip
-        return _event("message_start", {"type": "message_start", "message": message})
-
-    def _start_block(self, block: dict[str, Any]) -> bytes:
-        out = self._stop_block()
-        self._open = block["type"]
-        self._answer_blocks += block["type"] != "thinking"
-        out += _event("content_block_start", {"type": "content_block_start", "index": self._blocks,
-                                              "content_block": block})  # fmt: skip
-        # Anthropic pings right after the first block opens; clients that count events expect it there.
-        return out + _event("ping", {"type": "ping"}) if self._blocks == 0 else out
-
-    def _stop_block(self) -> bytes:
-        if self._open is None:
-            return b""
-        self._open = None
-        self._blocks += 1
-        return _event("content_block_stop", {"type": "content_block_stop", "index": self._blocks - 1})
-
-    def _delta(self, delta: dict[str, Any]) -> bytes:
-        return _event("content_block_delta", {"type": "content_block_delta", "index": self._blocks, "delta": delta})
-
-    def stream_text(self, text: str, logprobs: list[TokenLogprob]) -> bytes:
-        out = b"" if self._open == "text" else self._start_block({"type": "text", "text": ""})
-        return out + self._delta({"type": "text_delta", "text": text})
-
-    def stream_reasoning(self, text: str) -> bytes:
-        if not self.show_thinking:
-            return b""
-        out = (
-            b""
-            if self._open == "thinking"
-            else self._start_block({"type": "thinking", "thinking": "", "signature": ""})
-        )
-        return out + self._delta({"type": "thinking_delta", "thinking": text})
-
-    def stream_tool_calls(self, deltas: list[ToolCallDelta]) -> bytes:
-        out = b""
-        for d in deltas:
-            if d.id:
-                out += self._start_block({"type": "tool_use", "id": tool_use_id(d.id), "name": d.name, "input": {}})
-            if d.arguments:
-                out += self._delta({"type": "input_json_delta", "partial_json": d.arguments})
-        return out
-
-    def stream_end(self, last: Chunk) -> bytes:
-        out = b""
-        if self._answer_blocks == 0 and self._open in (None, "thinking"):
-            out += self._start_block({"type": "text", "text": ""})  # as the whole answer has: one text block
-        delta = {"stop_reason": stop_reason(last, clamped=self._clamped), "stop_sequence": last.stop_sequence}
-        usage = _usage(last.usage)  # complete here, since the cached part is known only at the end
-        return (
-            out
-            + self._stop_block()
-            + _event("message_delta", {"type": "message_delta", "delta": delta, "usage": usage})
-            + _event("message_stop", {"type": "message_stop"})
-        )
-
-    def stream_error(self, exc: ApiError) -> bytes:
-        return _event("error", error_body(exc))
-
-
-class CountFormatter(MessageFormatter):
-    def complete(self, answer: Answer, last: Chunk) -> Response:
-        tokens = last.usage.prompt_tokens if last.usage else last.prompt_tokens
-        return Response(_encoder.encode({"input_tokens": tokens}), media_type="application/json")
-
-
-class AnthropicMessages:
+class AnthropicMessages(Dialect):
     """The exchange dialect of ``POST /v1/messages``."""
 
     name = "anthropic"
@@ -489,21 +291,27 @@ class AnthropicMessages:
             constraint = response_format(fmt.type, fmt.schema, param="output_config.format")
         tools, choice, parallel = canonical_tools(req)
         effort = req.output_config.effort if req.output_config else None
-        return Plan(model=req.model, sampling=sampling, messages=canonical_messages(req),
-                    stream=bool(req.stream) and not self.count_only, count_only=self.count_only,
-                    response_format=constraint, tools=tools, tool_choice=choice,
-                    parallel_tool_calls=parallel, reasoning=thinking(req),
-                    ignored=["output_config.effort"] if effort is not None else [])  # fmt: skip
+        request = GenerateRequest(
+            request_id=UNASSIGNED,
+            model=req.model,
+            messages=canonical_messages(req),
+            sampling=sampling,
+            stream=bool(req.stream) and not self.count_only,
+            count_only=self.count_only,
+            response_format=constraint,
+            tools=tools,
+            tool_choice=choice,
+            parallel_tool_calls=parallel,
+            reasoning=thinking(req),
+        )
+        return Plan(request=request, ignored=["output_config.effort"] if effort is not None else [])
 
     def formatter(self, plan: Plan, request_id: str, model: str, created: int) -> MessageFormatter:
         cls = CountFormatter if self.count_only else MessageFormatter
-        return cls(request_id=request_id, model=model, show_thinking=plan.reasoning.enabled is True)
+        return cls(request_id=request_id, model=model, show_thinking=plan.request.reasoning.enabled is True)
 
     def error_response(self, exc: ApiError) -> Response:
         return error_response(exc)
-
-    def internal_error(self, request_id: str) -> ApiError:
-        return ApiError(f"Internal error (request {request_id}); it has been logged.")
 
 
 class AnthropicCountTokens(AnthropicMessages):

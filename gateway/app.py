@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import msgspec
 from starlette.applications import Starlette
@@ -16,8 +16,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cortex.broker.bus import Bus
-from cortex.gateway import anthropic_messages, routes_anthropic, routes_openai
-from cortex.gateway.errors import ApiError
+from cortex.gateway import anthropic_errors, openai_errors, routes_anthropic, routes_openai
+from cortex.gateway.errors import ApiError, InvalidRequest
 from cortex.gateway.fleet import FleetView
 from cortex.gateway.metrics import Metrics
 from cortex.gateway.placing import ensure_placed
@@ -40,16 +40,26 @@ async def health(request: Request) -> Response:
     return Response(msgspec.json.encode(body), status_code=200 if ok else 503, media_type="application/json")
 
 
+ANTHROPIC_PATHS = "/v1/messages"
+"""Where Anthropic's endpoints live: every path under it is Anthropic's API, every other one OpenAI's."""
+
+
+def error_envelope(path: str) -> Callable[[ApiError], Response]:
+    """The error response of the API `path` belongs to, for errors no dialect handled (no such route, wrong method).
+
+    An SDK reads only its own API's envelope; ``/v1/models``, which both SDKs list, answers in OpenAI's.
+    """
+    if path.startswith(ANTHROPIC_PATHS):
+        return anthropic_errors.error_response
+    return openai_errors.error_response
+
+
 async def http_error(request: Request, exc: Exception) -> Response:
-    """Unknown routes and wrong methods still answer in OpenAI's envelope."""
+    """Unknown routes and wrong methods answer in the envelope of the API the path belongs to."""
     assert isinstance(exc, HTTPException)
-    if request.url.path.startswith("/v1/messages"):
-        error = ApiError(f"{exc.detail}: {request.method} {request.url.path}")
-        error.status = exc.status_code
-        return anthropic_messages.error_response(error)
-    body = {"error": {"message": f"{exc.detail}: {request.method} {request.url.path}", "type": "invalid_request_error",
-                      "param": None, "code": None}}  # fmt: skip
-    return Response(msgspec.json.encode(body), status_code=exc.status_code, media_type="application/json")
+    error = InvalidRequest(f"{exc.detail}: {request.method} {request.url.path}")
+    error.status = exc.status_code
+    return error_envelope(request.url.path)(error)
 
 
 def create_app(settings: Settings, metrics: Metrics | None = None) -> Starlette:

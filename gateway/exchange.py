@@ -1,9 +1,11 @@
 """One request's trip through the relay, the same for every dialect.
 
-A dialect (OpenAI chat, OpenAI completions, Anthropic messages) parses its body
-into a `Plan` and formats the chunks that come back through a `Formatter`;
-everything between (model resolution, the canonical request, deadlines,
-client disconnects, metrics, error mapping) happens here, once.
+A dialect (OpenAI chat, completions and responses, Anthropic messages) parses
+its body into a `Plan` (the wire's `GenerateRequest` as the client asked for it,
+plus what only the gateway needs) and formats the chunks that come back through
+a `Formatter`; everything between (model resolution, what the gateway decides
+of the request, deadlines, client disconnects, metrics, error mapping) happens
+here, once.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from abc import abstractmethod
+from collections.abc import AsyncGenerator, Awaitable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
@@ -25,19 +28,7 @@ from cortex.gateway.placing import consider_replica, ensure_placed
 from cortex.gateway.relay import Abandoned, ReplyStream, StillWaiting, raise_for_chunk
 from cortex.gateway.services import Services
 from cortex.gateway.sse import EventStreamResponse, watch_disconnect
-from cortex.protocol import (
-    Chunk,
-    GenerateRequest,
-    Message,
-    Reasoning,
-    ResponseFormat,
-    Sampling,
-    TokenLogprob,
-    Tool,
-    ToolCall,
-    ToolCallDelta,
-    ToolChoice,
-)
+from cortex.protocol import Chunk, GenerateRequest, TokenLogprob, ToolCall, ToolCallDelta
 
 log = logging.getLogger("cortex.gateway")
 T = TypeVar("T")
@@ -50,23 +41,19 @@ class ClientGone(Exception):
     """The HTTP client disconnected before its answer was ready."""
 
 
-@dataclass
-class Plan:
-    """What a dialect asks of the workers."""
+UNASSIGNED = ""
+"""The `request_id` of a dialect's `Plan.request` until `handle` assigns one."""
 
-    model: str
-    sampling: Sampling
-    messages: list[Message] = field(default_factory=list)
-    prompt: str | None = None
-    stream: bool = False
-    count_only: bool = False
+
+@dataclass(kw_only=True)
+class Plan:
+    """What a dialect asks of the workers, and what the gateway alone needs to answer it."""
+
+    request: GenerateRequest
+    """The wire request as the client asked for it (`model` as named, `request_id` `UNASSIGNED`); `handle` fills
+    in what the gateway decides: the id, the model's canonical id, deadline, reply subject, time, clamp policy."""
     include_usage: bool = False
     """OpenAI's ``stream_options.include_usage``."""
-    response_format: ResponseFormat | None = None
-    tools: list[Tool] = field(default_factory=list)
-    tool_choice: ToolChoice = field(default_factory=ToolChoice)
-    parallel_tool_calls: bool = True
-    reasoning: Reasoning = field(default_factory=Reasoning)
     prompt_param: str = "messages"
     """The dialect's name for what becomes the prompt, named in errors about it."""
     ignored: list[str] = field(default_factory=list)
@@ -115,35 +102,60 @@ class Answer:
 
 
 class Formatter(Protocol):
-    """Turns the chunks of one answer into a dialect's JSON or SSE."""
+    """Turns the chunks of one answer into a dialect's JSON or SSE.
 
+    Each formatter subclasses it: one that lacks a method cannot be made, and the hooks default to nothing.
+    """
+
+    @abstractmethod
     def complete(self, answer: Answer, last: Chunk) -> Response: ...
 
+    @abstractmethod
     def stream_start(self, first: Chunk) -> bytes: ...
 
+    @abstractmethod
     def stream_reasoning(self, text: str) -> bytes: ...
 
+    @abstractmethod
     def stream_text(self, text: str, logprobs: list[TokenLogprob]) -> bytes: ...
 
+    @abstractmethod
     def stream_tool_calls(self, deltas: list[ToolCallDelta]) -> bytes: ...
 
+    @abstractmethod
     def stream_end(self, last: Chunk) -> bytes: ...
 
+    @abstractmethod
     def stream_error(self, exc: ApiError) -> bytes: ...
+
+    async def after_complete(self, answer: Answer, last: Chunk, svc: Services) -> None:
+        """Hook: runs once the whole answer is in, before its end goes out (Responses stores the response here)."""
+        return None
 
 
 class Dialect(Protocol):
+    """An HTTP API's request and answer shapes; each dialect subclasses it, as formatters do `Formatter`."""
+
     name: str
     ignored_fields: frozenset[str]
     """Fields the dialect knows and has no use for: named in a `Warning` header when a request sends them."""
 
+    @abstractmethod
     def parse(self, body: bytes) -> Plan: ...
 
+    @abstractmethod
     def formatter(self, plan: Plan, request_id: str, model: str, created: int) -> Formatter: ...
 
+    @abstractmethod
     def error_response(self, exc: ApiError) -> Response: ...
 
-    def internal_error(self, request_id: str) -> ApiError: ...
+    async def prepare(self, plan: Plan, svc: Services) -> Plan:
+        """Hook: I/O the plan needs before it goes out (Responses loads a stored conversation here)."""
+        return plan
+
+    def internal_error(self, request_id: str) -> ApiError:
+        """What the client is told of a bug (the details are in the log, under the request id)."""
+        return ApiError(f"Internal error (request {request_id}); it has been logged.")
 
 
 def services(request: Request) -> Services:
@@ -177,7 +189,7 @@ def with_clamp_warning(warning: dict[str, str], plan: Plan, clamped_to: int) -> 
     """`warning`, plus a note that the worker lowered max_tokens to fit the context (the clamp policy)."""
     if not clamped_to:
         return warning
-    note = (f'299 cortex "max_tokens lowered from {plan.sampling.max_tokens} to {clamped_to}: that is what the '
+    note = (f'299 cortex "max_tokens lowered from {plan.request.sampling.max_tokens} to {clamped_to}: that is what the '
             "model's context leaves after the prompt\"")  # fmt: skip
     return {"Warning": f"{warning['Warning']}, {note}" if warning else note}
 
@@ -193,40 +205,29 @@ async def handle(request: Request, dialect: Dialect) -> Response:
         body = await read_body(request, svc.bus.max_payload)
         plan = dialect.parse(body)
         warning = ignored_warning(body, dialect.ignored_fields, plan.ignored)
-        prepare = getattr(dialect, "prepare", None)
-        if prepare is not None:
-            plan = await prepare(plan, svc)  # I/O a dialect needs first (a stored conversation)
+        plan = await dialect.prepare(plan, svc)
         svc.require_broker()
-        entry = svc.fleet.resolve(plan.model)
+        entry = svc.fleet.resolve(plan.request.model)
         timer = RequestTimer(svc.metrics, entry.id, dialect.name)
         if not entry.ready_on:
             await ensure_placed(svc, entry.id)  # the request waits in the queue while a worker loads it
         else:
             await consider_replica(svc, entry.id)
         now = time.time()
-        canonical = GenerateRequest(
+        canonical = msgspec.structs.replace(
+            plan.request,
             request_id=request_id,
             model=entry.id,
-            messages=plan.messages,
-            sampling=plan.sampling,
-            stream=plan.stream,
             deadline=now + svc.settings.request_timeout,
             reply_subject=svc.relay.reply_subject(request_id),
             created=now,
-            prompt=plan.prompt,
-            count_only=plan.count_only,
-            response_format=plan.response_format,
-            tools=plan.tools,
-            tool_choice=plan.tool_choice,
-            parallel_tool_calls=plan.parallel_tool_calls,
-            reasoning=plan.reasoning,
             clamp_max_tokens=svc.settings.max_tokens_policy == "clamp",
         )
         stream = await svc.relay.submit(canonical)
         fmt = dialect.formatter(plan, request_id, entry.id, int(now))
-        if not plan.stream:
+        if not plan.request.stream:
             response, answer = await until_disconnected(
-                request, _complete(stream, timer, fmt, plan.prompt_param), stream
+                request, _complete(stream, timer, fmt, plan.prompt_param, svc), stream
             )
             response.headers.update(with_clamp_warning(warning, plan, answer.clamped_to))
             return response
@@ -242,7 +243,7 @@ async def handle(request: Request, dialect: Dialect) -> Response:
             warning = with_clamp_warning(warning, plan, first.max_tokens)
         streaming_started = True
         return EventStreamResponse(  # type: ignore[return-value]
-            _events(first, stream, timer, fmt, dialect, plan.prompt_param, svc.settings.keepalive_interval),
+            _events(first, stream, timer, fmt, dialect, plan.prompt_param, svc),
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **warning},
         )
     except (ClientGone, ClientDisconnect):
@@ -285,7 +286,7 @@ async def until_disconnected(request: Request, work: Awaitable[T], stream: Reply
 
 
 async def _complete(
-    stream: ReplyStream, timer: RequestTimer, fmt: Formatter, prompt_param: str
+    stream: ReplyStream, timer: RequestTimer, fmt: Formatter, prompt_param: str, svc: Services
 ) -> tuple[Response, Answer]:
     answer = Answer()
     while True:
@@ -295,17 +296,10 @@ async def _complete(
         answer.add(chunk)
         if chunk.final:
             break
-    await _after_complete(fmt, answer, chunk)
+    await fmt.after_complete(answer, chunk, svc)
     response = fmt.complete(answer, chunk)
     timer.done(200)
     return response, answer
-
-
-async def _after_complete(fmt: Formatter, answer: Answer, last: Chunk) -> None:
-    """A formatter's optional `after_complete(answer, last)` (storing a response) runs before the answer ends."""
-    hook = getattr(fmt, "after_complete", None)
-    if hook is not None:
-        await hook(answer, last)
 
 
 def _piece(fmt: Formatter, chunk: Chunk, logprobs: list[TokenLogprob]) -> bytes:
@@ -323,15 +317,16 @@ async def _events(
     fmt: Formatter,
     dialect: Dialect,
     prompt_param: str,
-    keepalive: float,
-) -> AsyncIterator[bytes]:
+    svc: Services,
+) -> AsyncGenerator[bytes, None]:
     # Whatever ends this generator early (cancellation, GeneratorExit) means the
     # client left; only a completed or failed stream overwrites this.
-    status, code = CLIENT_CLOSED, "client_closed"
+    status = CLIENT_CLOSED
+    code: str | None = "client_closed"
     try:
         while first is None:
             try:
-                first = await stream.next(patience=keepalive)
+                first = await stream.next(patience=svc.settings.keepalive_interval)
             except StillWaiting:
                 yield KEEPALIVE  # an SSE comment: every client ignores it, proxies see traffic
                 continue
@@ -355,7 +350,7 @@ async def _events(
         answer.add(chunk)
         logprobs += chunk.logprobs
         end = pending + _piece(fmt, chunk, logprobs) + fmt.stream_end(chunk)
-        await _after_complete(fmt, answer, chunk)  # what it stores is what `end` tells the client
+        await fmt.after_complete(answer, chunk, svc)  # what it stores is what `end` tells the client
         status, code = 200, None
         yield end
     except ApiError as exc:

@@ -8,11 +8,12 @@ import msgspec
 from starlette.responses import Response
 
 from cortex.gateway.errors import ApiError, InvalidRequest
-from cortex.gateway.exchange import Answer, Plan
-from cortex.gateway.openai_chat import DONE, MAX_STOP, StreamOptions, error_event, finish_reason, usage_object
+from cortex.gateway.exchange import UNASSIGNED, Answer, Dialect, Formatter, Plan
+from cortex.gateway.openai_chat import MAX_STOP, StreamOptions
+from cortex.gateway.openai_chat_format import DONE, error_event, finish_reason, usage_object
 from cortex.gateway.openai_errors import decode_body, error_response
 from cortex.gateway.openai_params import check_sampling, to_sampling
-from cortex.protocol import Chunk, TokenLogprob, ToolCallDelta
+from cortex.protocol import Chunk, GenerateRequest, TokenLogprob, ToolCallDelta
 
 DEFAULT_MAX_TOKENS = 16
 """OpenAI's default for this endpoint."""
@@ -72,7 +73,7 @@ def _stops(req: CompletionRequest) -> list[str]:
     return [req.stop] if isinstance(req.stop, str) else list(req.stop)
 
 
-class CompletionFormatter:
+class CompletionFormatter(Formatter):
     def __init__(self, *, request_id: str, model: str, created: int, include_usage: bool, logprobs: bool) -> None:
         self.base = {"id": f"cmpl-{request_id}", "object": "text_completion", "created": created, "model": model}
         self.include_usage = include_usage
@@ -126,7 +127,7 @@ class CompletionFormatter:
         return error_event(exc)
 
 
-class OpenAICompletions:
+class OpenAICompletions(Dialect):
     name = "openai-completions"
     ignored_fields = frozenset({"user"})
     """Accepted by OpenAI and without effect here."""
@@ -137,15 +138,19 @@ class OpenAICompletions:
         sampling = to_sampling(req, max_tokens=DEFAULT_MAX_TOKENS if req.max_tokens is None else req.max_tokens,
                                stop=_stops(req), logprobs=req.logprobs is not None,
                                top_logprobs=req.logprobs or 0)  # fmt: skip
-        return Plan(model=req.model, sampling=sampling, prompt=prompt, stream=bool(req.stream), prompt_param="prompt",
+        request = GenerateRequest(request_id=UNASSIGNED, model=req.model, messages=[], sampling=sampling,
+                                  stream=bool(req.stream), prompt=prompt)  # fmt: skip
+        return Plan(request=request, prompt_param="prompt",
                     include_usage=bool(req.stream_options and req.stream_options.include_usage))  # fmt: skip
 
     def formatter(self, plan: Plan, request_id: str, model: str, created: int) -> CompletionFormatter:
-        return CompletionFormatter(request_id=request_id, model=model, created=created,
-                                   include_usage=plan.include_usage, logprobs=plan.sampling.logprobs)  # fmt: skip
+        return CompletionFormatter(
+            request_id=request_id,
+            model=model,
+            created=created,
+            include_usage=plan.include_usage,
+            logprobs=plan.request.sampling.logprobs,
+        )
 
     def error_response(self, exc: ApiError) -> Response:
         return error_response(exc)
-
-    def internal_error(self, request_id: str) -> ApiError:
-        return ApiError(f"Internal error (request {request_id}); it has been logged.")

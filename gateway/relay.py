@@ -18,6 +18,12 @@ from cortex.broker import errors as broker_errors
 from cortex.broker.bus import Bus
 from cortex.gateway import errors
 from cortex.protocol import Chunk, GenerateRequest, codec, names
+from cortex.protocol.messages import (
+    ERROR_CONTEXT_LENGTH,
+    ERROR_DEADLINE,
+    ERROR_INVALID_REQUEST,
+    ERROR_MODEL_NOT_LOADED,
+)
 
 log = logging.getLogger("cortex.gateway")
 
@@ -174,12 +180,12 @@ def raise_for_chunk(chunk: Chunk, prompt_param: str = "messages") -> None:
     if chunk.error is None:
         return
     code, message = chunk.error.code, chunk.error.message
-    if code == "context_length_exceeded":
+    if code == ERROR_CONTEXT_LENGTH:
         raise errors.InvalidRequest(message, param=prompt_param, code=code)
-    if code == "invalid_request":
+    if code == ERROR_INVALID_REQUEST:
         raise errors.InvalidRequest(message, param=chunk.error.param or prompt_param)
-    if code == "deadline_exceeded":
+    if code == ERROR_DEADLINE:
         raise errors.DeadlineExceeded(message)
-    if code == "model_not_loaded":
+    if code == ERROR_MODEL_NOT_LOADED:
         raise errors.NoCapacity(message)
-    raise errors.UpstreamError(f"The worker failed: {message}")
+    raise errors.UpstreamError(f"The worker failed: {message}")  # ERROR_INTERNAL, or a code newer than this gateway

@@ -1,4 +1,4 @@
-"""OpenAI routes: models, ``/v1/chat/completions`` and ``/v1/completions``.
+"""OpenAI routes: models, ``/v1/chat/completions``, ``/v1/completions`` and ``/v1/responses``.
 
 The generation routes are thin: `cortex.gateway.exchange.handle` does the work,
 the dialect modules parse and format.
@@ -12,7 +12,7 @@ import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
-from cortex.gateway import openai_responses
+from cortex.gateway import responses_store
 from cortex.gateway.errors import ApiError
 from cortex.gateway.exchange import handle, services
 from cortex.gateway.fleet import ModelEntry
@@ -100,9 +100,9 @@ async def stored_response(request: Request) -> Response:
     svc, response_id = services(request), request.path_params["response_id"]
     try:
         if request.method == "DELETE":
-            body = await openai_responses.delete(svc, response_id)
+            body = await responses_store.delete(svc, response_id)
         else:
-            body = await openai_responses.retrieve(svc, response_id)
+            body = await responses_store.retrieve(svc, response_id)
     except ApiError as exc:
         return error_response(exc)
     return Response(body, media_type="application/json")

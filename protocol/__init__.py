@@ -9,6 +9,7 @@ from __future__ import annotations
 from cortex.protocol.messages import (
     Chunk,
     ChunkError,
+    Drain,
     GenerateRequest,
     Message,
     ModelCard,
@@ -46,6 +47,7 @@ __all__ = [
     "REQUEST_STREAM",
     "Chunk",
     "ChunkError",
+    "Drain",
     "GenerateRequest",
     "Message",
     "ModelCard",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import msgspec
 
-from cortex.protocol.messages import Chunk, GenerateRequest, Pin, Placement, WorkerAdvert
+from cortex.protocol.messages import Chunk, Drain, GenerateRequest, Pin, Placement, WorkerAdvert
 
 _encoder = msgspec.json.Encoder()
 _request_decoder = msgspec.json.Decoder(GenerateRequest)
@@ -17,12 +17,13 @@ _chunk_decoder = msgspec.json.Decoder(Chunk)
 _advert_decoder = msgspec.json.Decoder(WorkerAdvert)
 _placement_decoder = msgspec.json.Decoder(Placement)
 _pin_decoder = msgspec.json.Decoder(Pin)
+_drain_decoder = msgspec.json.Decoder(Drain)
 
 DecodeError = msgspec.DecodeError
 """Raised by every ``decode_*`` function on a malformed or mistyped message."""
 
 
-def encode(message: GenerateRequest | Chunk | WorkerAdvert | Placement | Pin) -> bytes:
+def encode(message: GenerateRequest | Chunk | WorkerAdvert | Placement | Pin | Drain) -> bytes:
     return _encoder.encode(message)
 
 
@@ -44,3 +45,7 @@ def decode_placement(data: bytes) -> Placement:
 
 def decode_pin(data: bytes) -> Pin:
     return _pin_decoder.decode(data)
+
+
+def decode_drain(data: bytes) -> Drain:
+    return _drain_decoder.decode(data)

@@ -355,3 +355,13 @@ class Pin(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_fie
     replicas: int = 1
     worker: str = ""
     pinned_at: float = 0.0
+
+
+class Drain(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type", tag="drain"):
+    """A worker told to drain (`cortexctl drain`), kept under `drain_key` until `cortexctl undrain` deletes it.
+
+    Its presence is the flag; the value says since when. Flags written before
+    this Struct existed are ``{"since": ...}`` with no tag, which it decodes too.
+    """
+
+    since: float = 0.0

@@ -137,7 +137,7 @@ def pin_key(model: str) -> str:
 
 
 def drain_key(worker_id: str) -> str:
-    """Present while `worker_id` is draining (cortexctl drain), in `PLACEMENT_BUCKET`."""
+    """Present while `worker_id` is draining (cortexctl drain; a `Drain`), in `PLACEMENT_BUCKET`."""
     return f"{_DRAIN_PREFIX}{encode_model_token(worker_id)}"
 
 

@@ -1,35 +1,112 @@
-"""Where a model should load: one deterministic choice over the fleet's adverts.
+"""Where a model should load, and every change to a placement, as pure functions over the fleet's state.
 
 Gateways (load on demand), workers (after a failed load) and cortexctl all
-decide with this same function over the same KV state, so they agree; the
-compare-and-set on the placement key makes sure only one decision lands.
+decide with the same functions over the same KV state, so they agree; the
+compare-and-set on the placement key (`cortex.broker.decisions.change_placement`)
+makes sure only one decision lands. Nothing here does I/O.
 
-The rules, in order: never a draining worker, a worker that already failed to
-load the model, or one whose budget the model exceeds; a worker with room over
-one that must evict; fewer evictions over more; colder evictions over warmer
-ones; more memory left over less; then the worker id, so ties break the same
-way everywhere. Eviction never touches a pinned model or one with requests in
-flight.
+The rules of `choose_worker`, in order: never a draining worker, a worker that
+already failed to load the model, or one whose budget the model exceeds; a
+worker with room over one that must evict; fewer evictions over more; colder
+evictions over warmer ones; more memory left over less; then the worker id, so
+ties break the same way everywhere. Eviction never touches a pinned model or
+one with requests in flight.
+
+Every transition of a placement is a function of the "transitions" section: it gets
+the placement as it is (None if there is none) and returns the new one, or None
+to leave it alone. Bind its keyword arguments with `functools.partial` and hand
+it to `change_placement`, which may call it several times.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 
 import msgspec
 
-from cortex.protocol.messages import MODEL_LOADING, MODEL_READY, ModelState, Pin, Placement, WorkerAdvert
+from cortex.protocol.messages import (
+    MODEL_FAILED,
+    MODEL_LOADING,
+    MODEL_READY,
+    ModelState,
+    Pin,
+    Placement,
+    WorkerAdvert,
+)
 
-STRATEGIES = ("lru", "priority")
-"""``lru``: the least recently used model goes first; ``priority``: the lowest `priority`, then the least recent."""
+RETRY_FAILED_S = 30.0
+"""A model no worker could load is not tried again for this long (workers come and go), by gateways or workers."""
+
+Transition = Callable[[Placement | None], Placement | None]
+"""A change of one model's placement: the placement as it is (None: none yet) to the new one (None: leave it)."""
+
+
+# -- eviction policies ----------------------------------------------------------
+
+EvictionPolicy = Callable[[WorkerAdvert, list[ModelState]], list[ModelState]]
+"""Orders the models a worker could evict, the first to go first."""
+
+EVICTION_POLICIES: dict[str, EvictionPolicy] = {}
+"""Every eviction strategy, by the name ``cortex-worker --eviction`` takes.
+
+To add one, write a function in this section that takes a worker's advert and
+the models it may evict (never pinned ones, and busy ones only when a swap
+waits for them) and returns them in the order they should go, and register it
+with ``@eviction_policy("name")``. That is all: `cortex-worker --eviction`
+offers every registered name, the worker advertises its choice, and every
+gateway, worker and cortexctl ranks evictions on that worker with it (a name a
+process does not know is ranked as ``lru``). The name also labels
+``cortex_evictions_total{reason}``, so keep it short.
+"""
+
+
+def eviction_policy(name: str) -> Callable[[EvictionPolicy], EvictionPolicy]:
+    """Register the decorated function in `EVICTION_POLICIES` under `name`."""
+
+    def register(policy: EvictionPolicy) -> EvictionPolicy:
+        EVICTION_POLICIES[name] = policy
+        return policy
+
+    return register
+
+
+@eviction_policy("lru")
+def lru(advert: WorkerAdvert, evictable: list[ModelState]) -> list[ModelState]:
+    """The least recently used model goes first."""
+    return sorted(evictable, key=lambda m: (m.last_used, m.id))
+
+
+@eviction_policy("priority")
+def priority(advert: WorkerAdvert, evictable: list[ModelState]) -> list[ModelState]:
+    """The lowest catalogue `priority` goes first, then the least recently used."""
+    priorities = {c.id: c.priority for c in advert.catalogue}
+    return sorted(evictable, key=lambda m: (priorities.get(m.id, 0), m.last_used, m.id))
+
+
+# -- the choice -----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Choice:
+    """A worker to load the model, the models it evicts to make room (maybe once they are idle), and why."""
+
     worker: str
     evict: list[str]
     reason: str
+
+
+@dataclass(frozen=True)
+class Pick:
+    """`choose_worker`'s answer in the one shape callers use: the `choice`, or None and `reason` says why."""
+
+    choice: Choice | None
+    reason: str
+    """The choice's reason, or why no worker can load the model."""
+
+    def without_eviction(self) -> Choice | None:
+        """The choice if it evicts nothing (a replica or a standing minimum never pushes a model out)."""
+        return self.choice if self.choice is not None and not self.choice.evict else None
 
 
 def _with_pending(advert: WorkerAdvert, placements: Iterable[Placement]) -> WorkerAdvert:
@@ -70,7 +147,7 @@ def _evictable(state: ModelState, *, busy_too: bool) -> bool:
 
 
 def plan_evictions(advert: WorkerAdvert, need: int, pins: Iterable[Pin], *, busy_too: bool = False) -> list[str] | None:
-    """Models to unload from `advert`'s worker so `need` bytes fit (by its strategy); None if they cannot.
+    """Models to unload from `advert`'s worker so `need` bytes fit (by its eviction policy); None if they cannot.
 
     `busy_too` also counts models with requests running or queued (a swap that
     has to wait for them); pinned models never count.
@@ -80,13 +157,9 @@ def plan_evictions(advert: WorkerAdvert, need: int, pins: Iterable[Pin], *, busy
         return []
     keep = pinned_models(pins, advert.worker_id)
     evictable = [m for m in advert.models if m.id not in keep and _evictable(m, busy_too=busy_too)]
-    priorities = {c.id: c.priority for c in advert.catalogue}
-    if advert.eviction == "priority":
-        evictable.sort(key=lambda m: (priorities.get(m.id, 0), m.last_used, m.id))
-    else:
-        evictable.sort(key=lambda m: (m.last_used, m.id))
+    order = EVICTION_POLICIES.get(advert.eviction, lru)
     victims: list[str] = []
-    for state in evictable:
+    for state in order(advert, evictable):
         victims.append(state.id)
         free += state.memory
         if need <= free:
@@ -102,7 +175,7 @@ def choose_worker(
     exclude: Iterable[str] = (),
     placements: Iterable[Placement] = (),
 ) -> Choice | str:
-    """The worker that should load `model`, or the reason no worker can.
+    """The worker that should load `model`, or the reason no worker can (callers use `pick_worker`).
 
     `placements` count too: a model placed on a worker that has not started
     loading it yet (its advert lags) already takes that worker's memory, so a
@@ -160,3 +233,135 @@ def choose_worker(
     others = [choice.worker for _, choice in ranked[1:]]
     reason = best.reason + (f" (preferred over {', '.join(others)})" if others else "")
     return Choice(best.worker, best.evict, reason)
+
+
+def pick_worker(
+    model: str,
+    adverts: Iterable[WorkerAdvert],
+    pins: Iterable[Pin],
+    *,
+    exclude: Iterable[str] = (),
+    placements: Iterable[Placement] = (),
+) -> Pick:
+    """`choose_worker` as a `Pick`: how gateways, workers and cortexctl ask who should load `model`."""
+    result = choose_worker(model, adverts, pins, exclude=exclude, placements=placements)
+    return Pick(None, result) if isinstance(result, str) else Pick(result, result.reason)
+
+
+def serving_workers(placement: Placement | None, model: str, live: Mapping[str, WorkerAdvert]) -> list[str]:
+    """The workers of `placement` that are alive, not draining, and have not failed to load the model."""
+    if placement is None:
+        return []
+    out = []
+    for worker in placement.workers:
+        advert = live.get(worker)
+        if advert is None or advert.draining or advert.card(model) is None:
+            continue  # gone, leaving, or never able to load it
+        state = advert.state_of(model)
+        if state is None or state.state != MODEL_FAILED:
+            out.append(worker)
+    return out
+
+
+def recent_failures(placement: Placement | None, now: float) -> dict[str, str]:
+    """The workers that failed to load the model, while they are not to be tried again (`RETRY_FAILED_S`)."""
+    return placement.failed if placement is not None and now - placement.updated_at < RETRY_FAILED_S else {}
+
+
+def failed_recently(placement: Placement | None, now: float) -> bool:
+    """Nobody could load the model a moment ago: answering 503 again needs no new attempt yet."""
+    return placement is not None and bool(placement.error) and now - placement.updated_at < RETRY_FAILED_S
+
+
+# -- transitions ----------------------------------------------------------------
+
+
+def add_worker(current: Placement | None, *, model: str, worker: str, reason: str) -> Placement | None:
+    """`worker` loads the model (cortexctl load and pin, a worker placing itself); its failure and any error go."""
+    workers = list(current.workers) if current else []
+    if worker in workers and current is not None and not current.error:
+        return None
+    failed = {w: why for w, why in (current.failed if current else {}).items() if w != worker}
+    return Placement(model=current.model if current else model, reason=reason, failed=failed,
+                     workers=workers if worker in workers else [*workers, worker])  # fmt: skip
+
+
+def remove_worker(current: Placement | None, *, worker: str, reason: str) -> Placement | None:
+    """`worker` unloads the model (evicted there, cortexctl unload --worker)."""
+    if current is None or worker not in current.workers:
+        return None
+    return Placement(model=current.model, workers=[w for w in current.workers if w != worker], reason=reason,
+                     failed=current.failed)  # fmt: skip
+
+
+def remove_all_workers(current: Placement | None, *, reason: str) -> Placement | None:
+    """Every worker unloads the model (cortexctl unload); the failures stay on record."""
+    if current is None or not current.workers:
+        return None
+    return Placement(model=current.model, reason=reason, failed=current.failed)
+
+
+def add_replica(current: Placement | None, *, worker: str, reason: str, max_replicas: int) -> Placement | None:
+    """`worker` loads another copy of a placed model, up to `max_replicas` (checked again at write time)."""
+    if current is None or worker in current.workers or len(current.workers) >= max_replicas:
+        return None
+    return Placement(model=current.model, workers=[*current.workers, worker], reason=reason, failed=current.failed)
+
+
+def leave_above_minimum(
+    current: Placement | None, *, worker: str, live: Collection[str], min_replicas: int, reason: str
+) -> Placement | None:
+    """`worker` leaves (idle past keep_alive) only while the `live` others keep `min_replicas`; dead ones go too."""
+    if current is None or worker not in current.workers:
+        return None
+    others = [w for w in current.workers if w != worker and w in live]
+    if len(others) < min_replicas:
+        return None  # the fleet keeps at least min_replicas of it
+    return Placement(model=current.model, workers=others, reason=reason, failed=current.failed)
+
+
+def place_on_demand(
+    current: Placement | None,
+    *,
+    model: str,
+    live: Mapping[str, WorkerAdvert],
+    pins: Iterable[Pin],
+    placements: Iterable[Placement],
+    now: float,
+) -> Placement | None:
+    """The best `live` worker loads a model asked for, unless one serves it or nobody could a moment ago.
+
+    Workers whose advert or recent placement says they failed to load it are
+    skipped; when none can, the placement carries the reason as its `error`
+    (the gateway answers 503 with it until `RETRY_FAILED_S` passes).
+    """
+    if serving_workers(current, model, live) or failed_recently(current, now):
+        return None
+    previous = recent_failures(current, now)
+    failed = {w for w, a in live.items() if (s := a.state_of(model)) is not None and s.state == MODEL_FAILED}
+    pick = pick_worker(model, live.values(), pins, exclude=failed | set(previous), placements=placements)
+    if pick.choice is None:
+        return Placement(model=model, reason=pick.reason, failed=previous, error=pick.reason)
+    return Placement(model=model, workers=[pick.choice.worker], reason=pick.reason, failed=previous)
+
+
+def record_failed_load(
+    current: Placement | None,
+    *,
+    model: str,
+    worker: str,
+    error: str,
+    adverts: Iterable[WorkerAdvert],
+    pins: Iterable[Pin],
+    placements: Iterable[Placement],
+) -> Placement:
+    """`worker` could not load the model: it leaves with `error`, and the next best worker gets it (or none can)."""
+    failed = {**(current.failed if current else {}), worker: error}
+    workers = [w for w in (current.workers if current else []) if w != worker]
+    if workers:
+        return Placement(model=model, workers=workers, reason=current.reason if current else "", failed=failed)
+    pick = pick_worker(model, adverts, pins, exclude=failed, placements=placements)
+    if pick.choice is None:
+        return Placement(model=model, reason=pick.reason, failed=failed, error=f"{pick.reason} ({error})")
+    return Placement(model=model, workers=[pick.choice.worker], failed=failed,
+                     reason=f"{pick.reason}, after {worker} failed")  # fmt: skip

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from cortex.gateway.exchange import Answer
-from cortex.gateway.openai_chat import ChatFormatter
+from cortex.gateway.openai_chat_format import ChatFormatter
 from cortex.protocol import Chunk, ToolCallDelta
 from cortex.protocol.messages import FINISH_TOOL_CALLS
 from tests.conftest import TINY_MODEL, Gateway

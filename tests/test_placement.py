@@ -103,7 +103,7 @@ def test_load_progress_follows_the_last_load_time() -> None:
     import time
 
     from cortex.worker.catalogue import ModelSpec
-    from cortex.worker.service import ModelSlot, _progress
+    from cortex.worker.residency import ModelSlot, _progress
 
     spec = ModelSpec(id="m", path="/nowhere")
     slot = ModelSlot(spec=spec, loading_since=time.monotonic() - 1.0, expected_load_s=4.0)

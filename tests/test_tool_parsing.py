@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cortex.protocol import Message, Tool, ToolCall, ToolCallDelta
-from cortex.worker.tools import HERMES, LLAMA3, ToolCallParser, ToolSyntax, chat_turns, detect_syntax
+from cortex.worker.tool_parser import ToolCallParser
+from cortex.worker.tool_prompt import HERMES, LLAMA3, ToolSyntax, chat_turns, detect_syntax
 
 TOOLS = [Tool(name="get_weather", description="Weather", parameters='{"type": "object"}')]
 ANSWER = (
@@ -218,7 +219,7 @@ def test_tool_schemas_with_local_refs_compile() -> None:
     from llguidance import LLMatcher
 
     from cortex.protocol import ToolChoice
-    from cortex.worker.tools import tool_grammar
+    from cortex.worker.tool_grammar import tool_grammar
 
     params = {"type": "object", "properties": {"loc": {"$ref": "#/$defs/Loc"}, "kids": {"type": "array",
               "items": {"$ref": "#"}}}, "$defs": {"Loc": {"type": "object"}}}  # fmt: skip

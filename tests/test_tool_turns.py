@@ -201,16 +201,19 @@ def test_max_tokens_past_the_context_is_clamped(
     claude: anthropic.Anthropic, client: openai.OpenAI, near_full: tuple[list[dict[str, str]], int]
 ) -> None:
     messages, room = near_full
-    raw = claude.messages.with_raw_response.create(model=TINY_MODEL, max_tokens=32000, messages=messages)  # type: ignore[arg-type]
+    # Greedy: the tiny model then never ends by itself, so the answer surely reaches the lowered limit.
+    raw = claude.messages.with_raw_response.create(model=TINY_MODEL, max_tokens=32000, messages=messages,  # type: ignore[arg-type]
+                                                   extra_body=GREEDY)  # fmt: skip
     assert f"max_tokens lowered from 32000 to {room}" in raw.headers["warning"]
     message = raw.parse()
     assert message.stop_reason == "model_context_window_exceeded"
     assert message.usage.output_tokens == room
-    with claude.messages.stream(model=TINY_MODEL, max_tokens=32000, messages=messages) as stream:  # type: ignore[arg-type]
+    with claude.messages.stream(model=TINY_MODEL, max_tokens=32000, messages=messages, extra_body=GREEDY) as stream:  # type: ignore[arg-type]
         assert f"to {room}" in stream.response.headers["warning"]
         streamed = stream.get_final_message()
     assert streamed.stop_reason == "model_context_window_exceeded" and streamed.usage.output_tokens == room
-    reply = client.chat.completions.with_raw_response.create(model=TINY_MODEL, messages=messages, max_tokens=32000)  # type: ignore[arg-type]
+    reply = client.chat.completions.with_raw_response.create(model=TINY_MODEL, messages=messages, max_tokens=32000,  # type: ignore[arg-type]
+                                                             temperature=0)  # fmt: skip
     assert f"to {room}" in reply.headers["warning"]
     completion = reply.parse()
     assert completion.choices[0].finish_reason == "length" and completion.usage.completion_tokens == room  # type: ignore[union-attr]
@@ -218,7 +221,8 @@ def test_max_tokens_past_the_context_is_clamped(
 
 def test_a_max_tokens_that_fits_is_untouched(claude: anthropic.Anthropic, near_full: tuple[list[dict], int]) -> None:
     messages, room = near_full
-    raw = claude.messages.with_raw_response.create(model=TINY_MODEL, max_tokens=room, messages=messages)  # type: ignore[arg-type]
+    raw = claude.messages.with_raw_response.create(model=TINY_MODEL, max_tokens=room, messages=messages,  # type: ignore[arg-type]
+                                                   extra_body=GREEDY)  # fmt: skip
     assert "warning" not in raw.headers
     assert raw.parse().stop_reason == "max_tokens"
 

@@ -1,15 +1,26 @@
-"""The running batch of one model: left-padded rows that all advance one token per step."""
+"""The running batch of one model: left-padded rows that all advance one token per step.
+
+`sample_and_accept` gives rows their next tokens, after a decoding step and
+after a prefill alike.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
+from cortex.protocol import ChunkError, TokenLogprob
+from cortex.protocol import messages as m
 from cortex.worker import kvcache
 from cortex.worker.loader import LoadedModel
+from cortex.worker.sampling import sample
 from cortex.worker.sequence import Sequence
+
+log = logging.getLogger("cortex.worker")
 
 
 def forward(loaded: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
@@ -94,3 +105,40 @@ class Batch:
             kv = kvcache.crop_left(kv, first)
             self.mask = self.mask[:, first:]
         self.cache = kvcache.from_tensors(kv)
+
+
+def sample_and_accept(rows: list[Sequence], logits: torch.Tensor) -> None:
+    """Pick each row's next token from its row of `logits` and hand it to the row (which may finish).
+
+    A failure (a grammar, a penalty, the sampler) finishes only its own row, with an error.
+    """
+    greedy = [i for i, row in enumerate(rows) if row.greedy and not row.needs_processing]
+    tokens: dict[int, int] = {}
+    if greedy:
+        picks = torch.argmax(logits[greedy], dim=-1).tolist()
+        tokens.update(zip(greedy, picks, strict=True))
+    logprobs: dict[int, TokenLogprob] = {}
+    for i, row in enumerate(rows):
+        sampling = row.request.sampling
+        if i in tokens and not sampling.logprobs:
+            continue
+        try:
+            processed = row.processed(logits[i])
+            if i not in tokens:
+                tokens[i] = sample(processed, temperature=sampling.temperature, top_p=sampling.top_p,
+                                   generator=row.generator, top_k=sampling.top_k)  # fmt: skip
+            if sampling.logprobs:
+                logprobs[i] = row.logprob(processed, tokens[i])
+        except Exception as exc:  # a logits processor (grammar, penalties) or sampling failed
+            log.exception("sampling failed for %s", row.request_id)
+            row.finish(error=ChunkError(code=m.ERROR_INTERNAL, message=f"sampling failed: {exc}"))
+            tokens.pop(i, None)
+    now = time.time()
+    for i, row in enumerate(rows):
+        if i not in tokens:
+            continue
+        try:
+            row.accept(tokens[i], now, logprobs.get(i))
+        except Exception as exc:
+            log.exception("token handling failed for %s", row.request_id)
+            row.finish(error=ChunkError(code=m.ERROR_INTERNAL, message=f"generation failed: {exc}"))

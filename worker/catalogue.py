@@ -30,7 +30,7 @@ import msgspec
 
 from cortex.protocol import ModelCard
 from cortex.worker.memory import estimate, parse_duration, parse_size
-from cortex.worker.tools import SYNTAXES
+from cortex.worker.tool_prompt import SYNTAXES
 
 DTYPES = frozenset({"auto", "float32", "bfloat16", "float16"})
 

@@ -18,7 +18,7 @@ from cortex.protocol import GenerateRequest, ResponseFormat
 from cortex.protocol import messages as m
 from cortex.worker.loader import LoadedModel
 from cortex.worker.sequence import LogitsProcessor
-from cortex.worker.tools import offered_tools, one_call, tool_grammar
+from cortex.worker.tool_grammar import offered_tools, one_call, tool_grammar
 
 log = logging.getLogger("cortex.worker")
 _BITS = torch.arange(32, dtype=torch.int32)

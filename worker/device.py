@@ -1,4 +1,4 @@
-"""Which torch device a worker runs on, and how much memory it has."""
+"""Which torch device a worker runs on, how much memory it has, and how much of it is in use."""
 
 from __future__ import annotations
 
@@ -58,3 +58,31 @@ def pick_device(gpus: list[int], requested: str | None) -> DeviceInfo:
         raise RuntimeError(f"--gpu {','.join(map(str, gpus))}: only {present} CUDA device(s) present")
     devices = [torch.device("cuda", gpu) for gpu in gpus]
     return DeviceInfo(devices[0], torch.cuda.get_device_name(devices[0]), devices)
+
+
+def memory_in_use(device: torch.device) -> int:
+    """Bytes in use: allocated by torch on a GPU, the process's resident memory on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def release_memory(device: torch.device) -> int:
+    """Hand freed memory back (garbage, the CUDA cache, glibc's free lists); the bytes in use afterwards."""
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    else:
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+    return memory_in_use(device)

@@ -2,10 +2,10 @@
 
 Requests arrive through `Engine.submit` from the asyncio side and leave as
 `Chunk`s through the `emit` callback each was submitted with (thread-safe,
-non-blocking). An admission thread first renders each prompt through the chat
-template, tokenizes it and compiles its grammar, so a long prompt never holds
-up the decoding of others (the tokenizer releases the GIL). Each loop
-iteration of the engine thread does:
+non-blocking). An admission thread (`cortex.worker.admission`) first renders
+each prompt through the chat template, tokenizes it and compiles its grammar,
+so a long prompt never holds up the decoding of others (the tokenizer releases
+the GIL). Each loop iteration of the engine thread does:
 
 1. take admitted requests, cancellations and calls from the inbox;
 2. one prefill action: either a group of short waiting prompts in one padded
@@ -25,9 +25,7 @@ recomputation (the client sees nothing but a pause).
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import queue
 import threading
 import time
@@ -40,31 +38,17 @@ from typing import Any, TypeVar
 import torch
 from transformers import DynamicCache
 
-from cortex.protocol import Chunk, ChunkError, GenerateRequest, TokenLogprob, Usage
+from cortex.protocol import ChunkError, GenerateRequest
 from cortex.protocol import messages as m
 from cortex.worker import kvcache
-from cortex.worker.batch import Batch, forward
-from cortex.worker.constrain import GrammarError, request_constraints
-from cortex.worker.detokenize import IncrementalDetokenizer
-from cortex.worker.loader import LoadedModel, PromptError
-from cortex.worker.output import OutputSplitter
-from cortex.worker.reasoning import ReasoningParser, opens_thinking
-from cortex.worker.sampling import is_greedy, logit_bias, make_generator, penalties, sample
-from cortex.worker.sequence import Emit, LogitsProcessor, RequestRejected, Sequence, error_chunk
-from cortex.worker.stops import StopMatcher
-from cortex.worker.tools import ToolCallParser, offered_tools
+from cortex.worker.admission import Admission, Cancellations
+from cortex.worker.batch import Batch, forward, sample_and_accept
+from cortex.worker.device import memory_in_use, release_memory
+from cortex.worker.loader import LoadedModel
+from cortex.worker.sequence import Emit, LogitsProcessor, Sequence
 
 log = logging.getLogger("cortex.worker")
 T = TypeVar("T")
-
-
-class Counted(Exception):
-    """Raised by `_prepare` for a count-only request: the prompt's token count, nothing to run."""
-
-    def __init__(self, tokens: int) -> None:
-        super().__init__(tokens)
-        self.tokens = tokens
-
 
 HEADROOM_TOKENS = 64
 """Columns a batch is expected to grow before the next admission check."""
@@ -99,15 +83,9 @@ class Engine:
         self.worker_id = worker_id
         self.limits = limits or EngineLimits()
         self._models: dict[str, _ModelState] = {}
-        self._loaded: dict[str, LoadedModel] = {}
-        """The models admission prepares requests for (admission thread only)."""
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
-        self._admissions: queue.SimpleQueue[tuple[str, Any] | None] = queue.SimpleQueue()
-        """Requests, model additions and removals, in the order they were asked for."""
-        self._cancelled: dict[str, None] = {}
-        """Cancelled request ids the engine thread had not seen yet (insertion-ordered, capped)."""
-        self._cancelled_lock = threading.Lock()
-        self._admission = threading.Thread(target=self._admit_all, name="cortex-admission", daemon=True)
+        self._cancelled = Cancellations()
+        self._admission = Admission(worker_id=worker_id, cancelled=self._cancelled, handoff=self._inbox.put)
         self._waiting: deque[Sequence] = deque()
         self._chunked: Sequence | None = None
         self._chunked_cache: DynamicCache | None = None
@@ -124,10 +102,10 @@ class Engine:
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping = True
         self._inbox.put(("stop", None))
-        self._admissions.put(None)
-        for thread in (self._thread, self._admission):
-            if thread.is_alive():
-                thread.join(timeout)
+        self._admission.stop()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self._admission.join(timeout)
 
     def call(self, fn: Callable[[], T]) -> Future[T]:
         """Run `fn` on the engine thread (model loading); its result arrives as a Future."""
@@ -136,7 +114,7 @@ class Engine:
         return future
 
     def add_model(self, loaded: LoadedModel) -> None:
-        self._admissions.put(("add", loaded))
+        self._admission.add_model(loaded)
 
     def remove_model(self, model_id: str) -> Future[int]:
         """Drop a model (its requests must have finished); the Future gives the bytes this freed, measured.
@@ -145,7 +123,7 @@ class Engine:
         admitted first, and nothing there still holds the model when it is freed.
         """
         future: Future[int] = Future()
-        self._admissions.put(("remove", (model_id, future)))
+        self._admission.remove_model(model_id, future)
         return future
 
     def _remove(self, model_id: str) -> int:
@@ -165,23 +143,12 @@ class Engine:
         self, request: GenerateRequest, emit: Emit, logits_processors: list[LogitsProcessor] | None = None
     ) -> None:
         """Queue a request; `logits_processors` (constrained decoding) run on its logits before each pick."""
-        self._admissions.put(("request", (request, emit, list(logits_processors or []))))
+        self._admission.submit(request, emit, list(logits_processors or []))
 
     def cancel(self, request_id: str) -> None:
         # Remembered for admission too: the request may not have reached the engine thread yet.
-        with self._cancelled_lock:
-            self._cancelled[request_id] = None
-            if len(self._cancelled) > 10_000:  # ids of requests that had already finished
-                del self._cancelled[next(iter(self._cancelled))]
+        self._cancelled.add(request_id)
         self._inbox.put(("cancel", request_id))
-
-    def _take_cancel(self, request_id: str) -> bool:
-        """Whether `request_id` was cancelled (forgetting it: each cancel is acted on once)."""
-        with self._cancelled_lock:
-            if request_id not in self._cancelled:
-                return False
-            del self._cancelled[request_id]
-            return True
 
     def running(self) -> int:
         """Sequences waiting, prefilling or decoding. Engine thread only: use ``call(engine.running)``."""
@@ -247,15 +214,13 @@ class Engine:
                 loaded=payload,
                 batch=Batch(payload),
                 prefix=kvcache.PrefixCache(self.limits.prefix_cache_tokens),
-                kv_budget=self.limits.kv_budget_tokens or default_kv_budget(payload),
+                kv_budget=self.limits.kv_budget_tokens or kvcache.default_kv_budget(payload),
             )
         elif kind == "call":
-            fn, future = payload
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(fn())
-                except BaseException as exc:
-                    future.set_exception(exc)
+            _resolve(*payload)
+        elif kind == "remove":
+            model_id, future = payload
+            _resolve(lambda: self._remove(model_id), future)
         elif kind == "stop":
             self._stopping = True
 
@@ -263,7 +228,7 @@ class Engine:
         for seq in self._all_sequences():
             if seq.request_id == request_id and not seq.done:
                 seq.done = True  # silently: nobody listens any more
-                self._take_cancel(request_id)
+                self._cancelled.take(request_id)
                 log.info("cancelled %s after %d tokens", request_id, len(seq.generated_ids))
         self._drop_done()
 
@@ -283,143 +248,15 @@ class Engine:
             seqs.extend(state.batch.rows)
         return seqs
 
-    # -- admission ----------------------------------------------------------------
-
-    def _admit_all(self) -> None:
-        """The admission thread: prepare each request in arrival order, then hand it to the engine thread."""
-        while (item := self._admissions.get()) is not None and not self._stopping:
-            kind, payload = item
-            try:
-                if kind == "request":
-                    self._admit(*payload)
-                elif kind == "add":
-                    self._loaded[payload.spec.id] = payload
-                    self._inbox.put(("add", payload))
-                elif kind == "remove":
-                    self._removal(*payload)
-            except BaseException:  # a library panic included: this thread must outlive any one request
-                log.exception("admission failed for a %s", kind)
-                if kind == "request":
-                    request, emit, _ = payload
-                    with contextlib.suppress(BaseException):
-                        emit(error_chunk(request.request_id, m.ERROR_INTERNAL, "could not start the request",
-                                         worker_id=self.worker_id))  # fmt: skip
-            item = payload = None  # a request left in this frame would keep its model alive after an unload
-
-    def _removal(self, model_id: str, future: Future[int]) -> None:
-        self._loaded.pop(model_id, None)  # later requests are refused at once
-        self._inbox.put(("call", (lambda: self._remove(model_id), future)))
-
-    def _admit(self, request: GenerateRequest, emit: Emit, processors: list[LogitsProcessor]) -> None:
-        if self._take_cancel(request.request_id):
-            return
-        seq = self._start(request, emit, processors)
-        if seq is not None:
-            self._inbox.put(("admitted", seq))
-
     def _join(self, seq: Sequence) -> None:
         """Engine thread: an admitted request waits for prefill, unless it was cancelled or its model left."""
-        if self._take_cancel(seq.request_id):
+        if self._cancelled.take(seq.request_id):
             return
         state = self._models.get(seq.request.model)
         if state is None or state.loaded is not seq.loaded:
             seq.finish(error=ChunkError(code=m.ERROR_MODEL_NOT_LOADED, message=f"{seq.request.model} was unloaded"))
             return
         self._waiting.append(seq)
-
-    def _start(self, request: GenerateRequest, emit: Emit, processors: list[LogitsProcessor]) -> Sequence | None:
-        """Admission thread: the request as a sequence ready to prefill, or None once it has been answered."""
-        try:
-            seq = self._prepare(request, emit)
-            seq.logits_processors.extend(processors)
-        except RequestRejected as exc:
-            emit(error_chunk(request.request_id, exc.code, exc.message, worker_id=self.worker_id, param=exc.param))
-            return None
-        except Counted as counted:
-            n = counted.tokens
-            usage = Usage(prompt_tokens=n, completion_tokens=0, total_tokens=n)
-            emit(Chunk(request_id=request.request_id, seq=0, prompt_tokens=n, finish_reason=m.FINISH_STOP,
-                       usage=usage, worker_id=self.worker_id))  # fmt: skip
-            return None
-        except Exception as exc:
-            # Whatever goes wrong with one request must not take the admission thread down.
-            log.exception("could not start %s", request.request_id)
-            emit(error_chunk(request.request_id, m.ERROR_INTERNAL, f"could not start: {exc}", worker_id=self.worker_id))
-            return None
-        return seq
-
-    def _prepare(self, request: GenerateRequest, emit: Emit) -> Sequence:
-        loaded = self._loaded.get(request.model)
-        if loaded is None:
-            raise RequestRejected(m.ERROR_MODEL_NOT_LOADED, f"model {request.model!r} is not loaded on this worker")
-        if request.deadline and time.time() > request.deadline:
-            raise RequestRejected(m.ERROR_DEADLINE, "the request's deadline passed before it was started")
-        tools = offered_tools(request.tools, request.tool_choice)
-        syntax = loaded.reasoning if request.prompt is None else None
-        try:
-            if request.prompt is not None:
-                _refuse_if_surely_too_long(loaded, request.prompt)
-                prompt_ids = loaded.tokenize(request.prompt)
-                opened = False
-            else:
-                switch = request.reasoning.enabled if syntax is not None else None
-                text = loaded.render_text(request.messages, tools, switch)
-                _refuse_if_surely_too_long(loaded, text)
-                prompt_ids = loaded.tokenize_rendered(text)
-                opened = syntax is not None and opens_thinking(text, syntax)
-        except PromptError as exc:
-            raise RequestRejected(m.ERROR_INVALID_REQUEST, str(exc)) from exc
-        if request.count_only:
-            raise Counted(len(prompt_ids))
-        if not prompt_ids:
-            raise RequestRejected(m.ERROR_INVALID_REQUEST, "the prompt is empty: there is nothing to continue")
-        limit = loaded.context_length
-        room = limit - len(prompt_ids)
-        wanted = request.sampling.max_tokens
-        clamped_to = 0
-        if room > 0 and wanted is not None and wanted > room and request.clamp_max_tokens:
-            wanted = clamped_to = room  # the gateway's policy: answer in what the context leaves
-        if room <= 0 or (wanted is not None and wanted > room):
-            asked = f", {wanted} in the completion" if wanted is not None else ""
-            raise RequestRejected(
-                m.ERROR_CONTEXT_LENGTH,
-                f"This model's maximum context length is {limit} tokens. However, you requested "
-                f"{len(prompt_ids) + (wanted or 0)} tokens ({len(prompt_ids)} in the messages{asked}). "
-                "Please reduce the length of the messages or completion.",
-            )
-        sampling = request.sampling
-        greedy = is_greedy(sampling.temperature)
-        builtin = []
-        try:
-            constraints = request_constraints(loaded, request)
-        except GrammarError as exc:
-            raise RequestRejected(m.ERROR_INVALID_REQUEST, str(exc)) from exc
-        if sampling.presence_penalty or sampling.frequency_penalty:
-            vocab = int(loaded.model.config.vocab_size)
-            builtin.append(penalties(sampling.presence_penalty, sampling.frequency_penalty, vocab, loaded.device))
-        if sampling.logit_bias:
-            _check_bias(loaded, sampling.logit_bias)
-            builtin.append(logit_bias(sampling.logit_bias, loaded.device))
-        return Sequence(
-            logits_processors=builtin,
-            request=request,
-            emit=emit,
-            loaded=loaded,
-            prompt_ids=prompt_ids,
-            max_new_tokens=wanted if wanted is not None else room,
-            detok=IncrementalDetokenizer(loaded.tokenizer, prompt_ids),
-            stops=StopMatcher(list(sampling.stop)),
-            output=OutputSplitter(
-                reasoning=ReasoningParser(syntax, thinking=opened) if syntax is not None else None,
-                tools=ToolCallParser(loaded.tool_syntax, names=frozenset(t.name for t in tools)) if tools else None,
-            ),
-            constraints=constraints,
-            open_thinking_id=thinking_ids(loaded)[0] if syntax is not None else None,
-            close_thinking_ids=thinking_ids(loaded)[1] if syntax is not None else [],
-            generator=None if greedy else make_generator(loaded.device, sampling.seed),
-            worker_id=self.worker_id,
-            clamped_to=clamped_to,
-        )
 
     def _fits(self, state: _ModelState, rows: int, width: int) -> bool:
         batch = state.batch
@@ -535,7 +372,7 @@ class Engine:
     def _first_tokens(
         self, state: _ModelState, group: list[Sequence], logits: torch.Tensor, cache: DynamicCache, mask: torch.Tensor
     ) -> None:
-        self._sample_and_accept(group, logits)
+        sample_and_accept(group, logits)
         keep = [i for i, seq in enumerate(group) if not seq.done]
         if keep and len(keep) < len(group):
             index = torch.tensor(keep, device=mask.device)
@@ -556,7 +393,7 @@ class Engine:
                 row.finish(error=ChunkError(code=m.ERROR_INTERNAL, message=f"generation failed: {exc}"))
             batch.drop([])
             return
-        self._sample_and_accept(batch.rows, logits)
+        sample_and_accept(batch.rows, logits)
         keep = []
         for i, row in enumerate(batch.rows):
             if not row.done:
@@ -578,116 +415,11 @@ class Engine:
         self._waiting.appendleft(victim)
         log.info("preempted %s (batch over its KV budget of %d)", victim.request_id, state.kv_budget)
 
-    def _sample_and_accept(self, rows: list[Sequence], logits: torch.Tensor) -> None:
-        greedy = [i for i, row in enumerate(rows) if row.greedy and not row.needs_processing]
-        tokens: dict[int, int] = {}
-        if greedy:
-            picks = torch.argmax(logits[greedy], dim=-1).tolist()
-            tokens.update(zip(greedy, picks, strict=True))
-        logprobs: dict[int, TokenLogprob] = {}
-        for i, row in enumerate(rows):
-            sampling = row.request.sampling
-            if i in tokens and not sampling.logprobs:
-                continue
-            try:
-                processed = row.processed(logits[i])
-                if i not in tokens:
-                    tokens[i] = sample(processed, temperature=sampling.temperature, top_p=sampling.top_p,
-                                       generator=row.generator, top_k=sampling.top_k)  # fmt: skip
-                if sampling.logprobs:
-                    logprobs[i] = row.logprob(processed, tokens[i])
-            except Exception as exc:  # a logits processor (grammar, penalties) or sampling failed
-                log.exception("sampling failed for %s", row.request_id)
-                row.finish(error=ChunkError(code=m.ERROR_INTERNAL, message=f"sampling failed: {exc}"))
-                tokens.pop(i, None)
-        now = time.time()
-        for i, row in enumerate(rows):
-            if i not in tokens:
-                continue
-            try:
-                row.accept(tokens[i], now, logprobs.get(i))
-            except Exception as exc:
-                log.exception("token handling failed for %s", row.request_id)
-                row.finish(error=ChunkError(code=m.ERROR_INTERNAL, message=f"generation failed: {exc}"))
 
-
-def _refuse_if_surely_too_long(loaded: LoadedModel, text: str) -> None:
-    if loaded.surely_too_long(text):
-        raise RequestRejected(
-            m.ERROR_CONTEXT_LENGTH,
-            f"This model's maximum context length is {loaded.context_length} tokens. However, your prompt is "
-            f"{len(text)} characters long, more than that many tokens can hold. Please shorten the prompt.",
-        )
-
-
-def _check_bias(loaded: LoadedModel, bias: dict[int, float]) -> None:
-    """A 400 naming ``logit_bias`` for an id that is no token of this model (the gateway cannot know its vocabulary)."""
-    # Ids past the tokenizer are padding rows of the embedding (never real tokens); past the logits, nothing at all.
-    vocab = min(int(loaded.model.config.vocab_size), len(loaded.tokenizer))
-    for token in bias:
-        if not 0 <= token < vocab:
-            raise RequestRejected(m.ERROR_INVALID_REQUEST, f"Invalid key in 'logit_bias': {token}. Maximum value is "
-                                  f"{vocab - 1}.", param="logit_bias")  # fmt: skip
-
-
-def kv_bytes_per_token(loaded: LoadedModel) -> int:
-    config = loaded.model.config
-    layers = int(config.num_hidden_layers)
-    heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
-    element = torch.finfo(loaded.model.dtype).bits // 8
-    return 2 * layers * heads * head_dim * element
-
-
-def default_kv_budget(loaded: LoadedModel) -> int:
-    """KV cells that fit in a share of the device's free memory (a quarter of RAM on a CPU)."""
-    if loaded.device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(loaded.device)
-        budget = int(free * 0.8)
-    else:
+def _resolve(fn: Callable[[], T], future: Future[T]) -> None:
+    """Run `fn` into `future`, unless the caller cancelled it first."""
+    if future.set_running_or_notify_cancel():
         try:
-            budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") // 4
-        except (ValueError, OSError):
-            budget = 2 * 2**30
-    return max(budget // kv_bytes_per_token(loaded), loaded.context_length)
-
-
-def thinking_ids(loaded: LoadedModel) -> tuple[int | None, list[int]]:
-    """The token that opens a thinking block (if the tag is one token), and the tokens that close one."""
-    cached = loaded.extra.get("thinking_ids")
-    if cached is None:
-        assert loaded.reasoning is not None
-        tokenizer, syntax = loaded.tokenizer, loaded.reasoning
-        opening = tokenizer(syntax.open, add_special_tokens=False)["input_ids"]
-        closing = tokenizer("\n" + syntax.close, add_special_tokens=False)["input_ids"]
-        cached = (opening[0] if len(opening) == 1 else None, list(closing))
-        loaded.extra["thinking_ids"] = cached
-    return cached  # type: ignore[no-any-return]
-
-
-def memory_in_use(device: torch.device) -> int:
-    """Bytes in use: allocated by torch on a GPU, the process's resident memory on the CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.memory_allocated(device))
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def release_memory(device: torch.device) -> int:
-    """Hand freed memory back (garbage, the CUDA cache, glibc's free lists); the bytes in use afterwards."""
-    import gc
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    else:
-        try:
-            import ctypes
-
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
-    return memory_in_use(device)
+            future.set_result(fn())
+        except BaseException as exc:
+            future.set_exception(exc)

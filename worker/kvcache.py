@@ -1,4 +1,4 @@
-"""KV-cache surgery for the batching engine, and the prefix cache.
+"""KV-cache surgery for the batching engine, the prefix cache, and how much KV a model's batch may hold.
 
 The engine keeps one left-padded cache per running batch: every row's real
 tokens end at the last column, so a decode step appends one column to all rows.
@@ -6,21 +6,28 @@ These helpers pad, join, select and crop such caches as plain per-layer
 (keys, values) tensors of shape [batch, kv_heads, length, head_dim], and build
 the transformers `DynamicCache` the model consumes. Only this module knows how
 transformers stores a cache.
+
+A batch's KV budget is counted in cells (rows x padded columns); by default it
+is what a share of the device's free memory holds at the model's bytes per token.
 """
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
+from cortex.worker.loader import LoadedModel
+
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def to_tensors(cache: DynamicCache) -> KV:
-    return [(layer.keys, layer.values) for layer in cache.layers]
+    # Every layer of the models served holds full-attention keys and values (no linear-attention layers).
+    return [(layer.keys, layer.values) for layer in cache.layers]  # type: ignore[union-attr,misc]
 
 
 def from_tensors(kv: KV) -> DynamicCache:
@@ -123,3 +130,25 @@ def _common_prefix(a: tuple[int, ...], b: list[int], limit: int) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+def kv_bytes_per_token(loaded: LoadedModel) -> int:
+    config = loaded.model.config
+    layers = int(config.num_hidden_layers)
+    heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    element = torch.finfo(loaded.model.dtype).bits // 8
+    return 2 * layers * heads * head_dim * element
+
+
+def default_kv_budget(loaded: LoadedModel) -> int:
+    """KV cells that fit in a share of the device's free memory (a quarter of RAM on a CPU)."""
+    if loaded.device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(loaded.device)
+        budget = int(free * 0.8)
+    else:
+        try:
+            budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") // 4
+        except (ValueError, OSError):
+            budget = 2 * 2**30
+    return max(budget // kv_bytes_per_token(loaded), loaded.context_length)

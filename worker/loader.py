@@ -14,7 +14,7 @@ import torch
 from cortex.protocol import Message, Tool
 from cortex.worker.catalogue import ModelSpec
 from cortex.worker.reasoning import ReasoningSyntax, detect_reasoning
-from cortex.worker.tools import HERMES, ToolSyntax, chat_turns, detect_syntax
+from cortex.worker.tool_prompt import HERMES, ToolSyntax, chat_turns, detect_syntax
 
 log = logging.getLogger("cortex.worker")
 
@@ -137,8 +137,8 @@ def load_model(spec: ModelSpec, device: torch.device, spread_over: list[torch.de
         kwargs["max_memory"] = {d.index: int(torch.cuda.mem_get_info(d)[0] * 0.9) for d in gpus}
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=_dtype(spec, device), **kwargs)
     if len(gpus) <= 1:
-        model.to(device)
-    model.eval()
+        model.to(device)  # type: ignore[arg-type]  # transformers' wrapped `to` is typed for its own call sites
+    model.eval()  # type: ignore[no-untyped-call]
     configured = int(getattr(model.config, "max_position_embeddings", 0) or _DEFAULT_CONTEXT)
     context_length = min(spec.context_length, configured) if spec.context_length else configured
     loaded = LoadedModel(

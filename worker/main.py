@@ -14,12 +14,24 @@ import logging
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from cortex.broker.connection import DEFAULT_URL
+from cortex.protocol.placement import EVICTION_POLICIES
+
+if TYPE_CHECKING:
+    from cortex.worker.catalogue import ModelSpec
 
 log = logging.getLogger("cortex.worker")
+
+
+def _summary(policy: object) -> str:
+    """A policy's docstring, first line, as `--help` shows it (argparse formats help with %)."""
+    doc = (getattr(policy, "__doc__", None) or "").strip().splitlines()
+    return (doc[0].rstrip(".").lower() if doc else "").replace("%", "%%")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,8 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--memory-budget", default=None,
                         help="memory models may take, e.g. 2GiB (default: the device's memory)")  # fmt: skip
-    parser.add_argument("--eviction", choices=["lru", "priority"], default="lru",
-                        help="which models make room: least recently used, or lowest priority first")  # fmt: skip
+    policies = "; ".join(f"{name}, {_summary(policy)}" for name, policy in EVICTION_POLICIES.items())
+    parser.add_argument("--eviction", choices=sorted(EVICTION_POLICIES), default="lru",
+                        help=f"which models make room: {policies}")  # fmt: skip
     parser.add_argument("--slots", type=int, default=8, help="requests run at once (default 8)")
     parser.add_argument("--max-prefill-tokens", type=int, default=2048, help="prompt tokens per prefill round")
     parser.add_argument("--prefill-chunk", type=int, default=512, help="longer prompts are prefilled in chunks")
@@ -92,6 +105,7 @@ async def _serve(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 1
     engine: Engine | SyntheticEngine
+    loader: Callable[[ModelSpec], Any]
     if args.synthetic_engine is not None:
         engine, loader = (
             SyntheticEngine(worker_id=worker_id, interval=args.synthetic_engine, prefill=args.synthetic_prefill),

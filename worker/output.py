@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from cortex.protocol import ToolCallDelta
 from cortex.worker.reasoning import ReasoningParser
-from cortex.worker.tools import ToolCallParser
+from cortex.worker.tool_parser import ToolCallParser
 
 
 @dataclass

@@ -14,7 +14,7 @@ from cortex.worker.loader import LoadedModel
 from cortex.worker.output import OutputSplitter, Piece
 from cortex.worker.reasoning import START, ReasoningParser
 from cortex.worker.stops import StopMatcher
-from cortex.worker.tools import one_call
+from cortex.worker.tool_grammar import one_call
 
 Emit = Callable[[Chunk], None]
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]

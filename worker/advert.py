@@ -1,0 +1,129 @@
+"""What a worker tells the fleet about itself: its advert, and the lifecycle counters inside it.
+
+The advert is the worker's only metrics channel: gateways export the counters
+in `WorkerMetrics` from the adverts they watch, so a worker keeps one such
+object and nothing else. The models it holds come from the caller at each
+write (`cortex.worker.residency` knows them); this module knows the device,
+the slots, the catalogue and the counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cortex.broker.bus import Bus
+from cortex.broker.errors import BrokerError
+from cortex.protocol import ModelState, WorkerAdvert, codec, names
+from cortex.protocol import messages as m
+from cortex.worker.device import DeviceInfo
+
+log = logging.getLogger("cortex.worker")
+
+VERSION = "0.1.0"
+
+
+@dataclass
+class WorkerMetrics:
+    """The worker's one metrics object: model loads and unloads since it started, as the advert carries them."""
+
+    lifecycle: m.Lifecycle = field(default_factory=m.Lifecycle)
+
+    def loaded(self, model: str, seconds: float) -> None:
+        """A cold start of `model` that took `seconds`."""
+        life = self.lifecycle
+        life.cold_starts[model] = life.cold_starts.get(model, 0) + 1
+        if not life.load_seconds_buckets:
+            life.load_seconds_buckets = [0] * len(m.LOAD_SECONDS_BUCKETS)
+        for i, bound in enumerate(m.LOAD_SECONDS_BUCKETS):
+            life.load_seconds_buckets[i] += seconds <= bound
+        life.load_seconds_sum += seconds
+        life.loads += 1
+
+    def load_failed(self, model: str) -> None:
+        life = self.lifecycle
+        life.load_failures[model] = life.load_failures.get(model, 0) + 1
+
+    def evicted(self, kind: str) -> None:
+        """An unload, labelled by why (``lru``, ``priority``, ``keep_alive``, ``unplaced``, ``drain``)."""
+        life = self.lifecycle
+        life.evictions[kind] = life.evictions.get(kind, 0) + 1
+
+
+@dataclass
+class Advertiser:
+    """Builds and writes the worker's advert under its key in the fleet bucket."""
+
+    bus: Bus
+    worker_id: str
+    device: DeviceInfo
+    slots: int
+    memory_budget: int
+    """Bytes models may take (0: the device's memory)."""
+    eviction: str
+    cards: list[m.ModelCard]
+    """The catalogue as adverts show it, built once."""
+    metrics: WorkerMetrics
+    draining: asyncio.Event
+    """Set while the worker drains (its owner, the residency side, sets and clears it)."""
+    busy: Callable[[], int]
+    """How many requests the worker is running now."""
+    started_at: float
+    _soon: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def advert(self, models: list[ModelState]) -> WorkerAdvert:
+        total, free = self.device.memory()
+        used = sum(s.memory for s in models if s.state in (m.MODEL_READY, m.MODEL_UNLOADING))
+        reserved = sum(s.memory for s in models if s.state == m.MODEL_LOADING)
+        return WorkerAdvert(
+            worker_id=self.worker_id,
+            host=socket.gethostname(),
+            device=self.device.label,
+            device_name=self.device.name,
+            memory_total=total,
+            memory_free=free,
+            models=models,
+            catalogue=self.cards,
+            memory_budget=self.memory_budget or total,
+            memory_used=used,
+            memory_reserved=reserved,
+            draining=self.draining.is_set(),
+            devices=len(self.device.devices) or 1,
+            eviction=self.eviction,
+            lifecycle=self.metrics.lifecycle,
+            slots_total=self.slots,
+            slots_free=max(0, self.slots - self.busy()),
+            version=VERSION,
+            started_at=self.started_at,
+            updated_at=time.time(),
+            pid=os.getpid(),
+        )
+
+    async def publish(self, models: list[ModelState]) -> None:
+        try:
+            await self.bus.put_advert(names.worker_key(self.worker_id), codec.encode(self.advert(models)))
+        except BrokerError as exc:
+            log.warning("advert not written: %s", exc)
+
+    async def withdraw(self) -> None:
+        """Delete the advert, so gateways stop counting on this worker at once rather than at its TTL."""
+        try:
+            await self.bus.delete_advert(names.worker_key(self.worker_id))
+        except BrokerError as exc:
+            log.warning("could not withdraw advert: %s", exc)
+
+    def soon(self) -> None:
+        """Ask for an advert before the next interval (placement decisions elsewhere go by fresh counts)."""
+        self._soon.set()
+
+    async def wait_due(self, interval: float) -> None:
+        """Return when `soon` was called, or after `interval` seconds, whichever comes first."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._soon.wait(), timeout=interval)
+        self._soon.clear()
