@@ -116,14 +116,13 @@ class Bus:
         await bus.close()
     """
 
-    def __init__(
-        self, nc: NATS, js: JetStreamContext, fleet: KeyValue, responses: KeyValue, placement: KeyValue
-    ) -> None:
+    def __init__(self, nc: NATS, js: JetStreamContext, buckets: provision.Buckets) -> None:
         self._nc = nc
         self._js = js
-        self._fleet = fleet
-        self._responses = responses
-        self._placement = placement
+        self._fleet = buckets.fleet
+        self._responses = buckets.responses
+        self._placement = buckets.placement
+        self._alive = buckets.alive
         self._tasks: list[asyncio.Task[None]] = []
 
     @classmethod
@@ -131,11 +130,11 @@ class Bus:
         nc = await connect(url, name=name)
         js = nc.jetstream(timeout=5.0)
         try:
-            fleet, responses, placement = await provision.ensure_all(js)
+            buckets = await provision.ensure_all(js)
         except Exception as exc:
             await nc.close()
             raise BrokerUnavailable(f"cannot provision JetStream at {url} (is JetStream enabled?): {exc}") from exc
-        return cls(nc, js, fleet, responses, placement)
+        return cls(nc, js, buckets)
 
     @property
     def connected(self) -> bool:
@@ -214,6 +213,29 @@ class Bus:
         except Exception as exc:
             raise BrokerUnavailable(f"cannot delete {key}: {exc}") from exc
 
+    # -- heartbeat bucket ---------------------------------------------------
+
+    async def put_heartbeat(self, key: str, value: bytes) -> None:
+        """Rewrite a heartbeat; it expires by itself `names.HEARTBEAT_TTL_S` later, leaving a marker."""
+        try:
+            await self._js.publish(f"$KV.{names.ALIVE_BUCKET}.{key}", value, timeout=names.HEARTBEAT_TTL_S,
+                                   msg_ttl=names.HEARTBEAT_TTL_S)  # fmt: skip
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BrokerUnavailable(f"cannot write {key}: {exc!r}") from exc
+
+    async def withdraw_heartbeat(self, key: str) -> None:
+        """Purge a heartbeat now (a clean stop); the purge marker says "gone" for `names.HEARTBEAT_GONE_S`."""
+        try:
+            await self._alive.purge(key, msg_ttl=names.HEARTBEAT_GONE_S)
+        except Exception as exc:
+            raise BrokerUnavailable(f"cannot withdraw {key}: {exc}") from exc
+
+    async def read_heartbeats(self) -> dict[str, bytes | None]:
+        """Every key of the heartbeat bucket: its value, or None while the marker of a gone heartbeat stands."""
+        return await self._read_all(self._alive, names.ALIVE_BUCKET)
+
+    # -- responses bucket ---------------------------------------------------
+
     async def put_stored(self, key: str, value: bytes) -> None:
         """Keep a stored response (``cortex-responses`` bucket, expires by TTL)."""
         try:
@@ -282,7 +304,7 @@ class Bus:
 
     async def read_decisions(self) -> dict[str, bytes]:
         """Every key of the placement bucket and its value."""
-        return await self._read_all(self._placement, names.PLACEMENT_BUCKET)
+        return _present(await self._read_all(self._placement, names.PLACEMENT_BUCKET))
 
     async def watch_decisions(self, handler: FleetHandler) -> None:
         """Start calling `handler` for every change of the placement bucket, in the background."""
@@ -290,13 +312,14 @@ class Bus:
 
     async def read_fleet(self) -> dict[str, bytes]:
         """Every live key of the fleet bucket and its value."""
-        return await self._read_all(self._fleet, names.FLEET_BUCKET)
+        return _present(await self._read_all(self._fleet, names.FLEET_BUCKET))
 
-    async def _read_all(self, bucket: KeyValue, bucket_name: str) -> dict[str, bytes]:
+    async def _read_all(self, bucket: KeyValue, bucket_name: str) -> dict[str, bytes | None]:
         """A snapshot of a bucket: the stream's subjects, then each key's latest value.
 
         Not a watcher: its "initial values done" mark comes early while keys are being
         rewritten (adverts are, every few seconds), and a read then missed live keys.
+        A key whose latest entry is a delete, purge or expiry marker reads as None.
         """
         prefix = f"$KV.{bucket_name}."
         try:
@@ -305,11 +328,18 @@ class Bus:
             values = await asyncio.gather(*(_latest_value(bucket, key) for key in keys))
         except (nats.errors.Error, TimeoutError) as exc:
             raise BrokerUnavailable(f"cannot read the {bucket_name} bucket: {exc!r}") from exc
-        return {key: value for key, value in zip(keys, values, strict=True) if value}
+        return dict(zip(keys, values, strict=True))
 
     async def watch_fleet(self, handler: FleetHandler) -> None:
-        """Start calling `handler` for every change of the fleet bucket, in the background."""
+        """Start calling `handler` for every change of the fleet, in the background: its adverts and heartbeats.
+
+        Advert keys (``workers.*``, bucket ``cortex-fleet``) and heartbeat keys
+        (``alive.*``, bucket ``cortex-alive``) come to the same handler; a
+        heartbeat that expired or was withdrawn comes as (key, None).
+        `cortex.protocol.liveness.LiveFleet` takes both.
+        """
         await self._watch(self._fleet, handler, "cortex-fleet-watch")
+        await self._watch(self._alive, handler, "cortex-alive-watch")
 
     async def _watch(self, bucket: KeyValue, handler: FleetHandler, name: str) -> None:
         watcher = await bucket.watchall()
@@ -328,6 +358,11 @@ class Bus:
                     await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
 
         self._tasks.append(asyncio.create_task(pump(), name=name))
+
+
+def _present(snapshot: dict[str, bytes | None]) -> dict[str, bytes]:
+    """The keys of a snapshot that have a value."""
+    return {key: value for key, value in snapshot.items() if value}
 
 
 async def _latest_value(bucket: KeyValue, key: str) -> bytes | None:

@@ -19,12 +19,15 @@ async def connect(url: str = DEFAULT_URL, *, name: str, connect_timeout: float =
     """Connect, then retry forever on disconnects (``max_reconnect_attempts=-1``).
 
     The first connection is not retried beyond `connect_timeout`: a wrong URL at
-    start-up should fail loudly, not hang.
+    start-up should fail loudly, not hang. `url` may list a cluster's servers,
+    comma-separated; the client also learns the others from the one it reaches.
 
     ::
 
         nc = await connect("nats://127.0.0.1:4222", name="cortex-gateway")
+        nc = await connect("nats://10.0.0.1:4222,nats://10.0.0.2:4222,nats://10.0.0.3:4222", name="cortex-worker")
     """
+    servers = [part.strip() for part in url.split(",") if part.strip()]
 
     async def on_error(exc: Exception) -> None:
         # Reconnect attempts report every refused connection here; the
@@ -39,7 +42,7 @@ async def connect(url: str = DEFAULT_URL, *, name: str, connect_timeout: float =
 
     try:
         connecting = nats.connect(
-            url,
+            servers,
             name=name,
             connect_timeout=connect_timeout,
             allow_reconnect=True,

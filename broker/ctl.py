@@ -11,12 +11,14 @@
     cortexctl drain WORKER / undrain WORKER
 
 Every command reads and writes the NATS KV buckets (``cortex-fleet``,
-``cortex-placement``), so any number of gateways and cortexctl agree.
+``cortex-alive``, ``cortex-placement``), so any number of gateways and cortexctl
+agree; a worker counts as live by the gateways' rule (`cortex.protocol.liveness`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import sys
@@ -90,7 +92,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="print the adverts as JSON")] = False,
     watch: Annotated[bool, typer.Option("--watch", help="redraw every 2 s until Ctrl-C")] = False,
 ) -> None:
-    """Workers, devices, memory, loaded models, running and queued requests, from the fleet bucket."""
+    """Workers, devices, memory, loaded models, running and queued requests: the live workers (advert and heartbeat)."""
     while True:
         try:
             adverts, placements = asyncio.run(_read_fleet(nats))
@@ -182,16 +184,15 @@ async def _with_bus(url: str, action: Any) -> str:
 
 
 async def _adverts(bus: Any) -> list[Any]:
-    from cortex.protocol import codec, names
+    """The live workers' adverts, by id: the gateways' rule (`LiveFleet`) over the fleet and heartbeats as they are."""
+    from cortex.protocol import codec
+    from cortex.protocol.liveness import LiveFleet
 
-    out = []
-    for key, value in sorted((await bus.read_fleet()).items()):
-        if names.is_worker_key(key):
-            try:
-                out.append(codec.decode_advert(value))
-            except codec.DecodeError:
-                continue
-    return out
+    fleet, now = LiveFleet(), time.monotonic()
+    for key, value in [*(await bus.read_fleet()).items(), *(await bus.read_heartbeats()).items()]:
+        with contextlib.suppress(codec.DecodeError):  # an advert that does not decode is left out
+            fleet.on_change(key, value, now)
+    return sorted(fleet.live(now), key=lambda advert: str(advert.worker_id))
 
 
 def _model_id(adverts: list[Any], name: str) -> str:

@@ -6,6 +6,8 @@ missing and brings an existing object's configuration up to date.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -16,9 +18,10 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.errors import BadRequestError, KeyValueLimitMarkerTTLNotSupportedError, NotFoundError
 from nats.js.kv import KeyValue
 
+from cortex.broker.errors import BrokerUnavailable
 from cortex.protocol import names
 
 MAX_QUEUED_PER_MODEL = 10_000
@@ -29,6 +32,16 @@ DUPLICATE_WINDOW_S = 120.0
 ACK_WAIT_S = 30.0
 """A worker that neither acks nor reports progress for this long loses the request to another."""
 MAX_DELIVER = 5
+
+
+@dataclass(frozen=True)
+class Buckets:
+    """Every KV bucket Cortex uses, provisioned."""
+
+    fleet: KeyValue
+    responses: KeyValue
+    placement: KeyValue
+    alive: KeyValue
 
 
 def request_stream_config() -> StreamConfig:
@@ -117,6 +130,30 @@ async def ensure_placement_bucket(js: JetStreamContext) -> KeyValue:
     )  # fmt: skip
 
 
-async def ensure_all(js: JetStreamContext) -> tuple[KeyValue, KeyValue, KeyValue]:
+async def ensure_alive_bucket(js: JetStreamContext) -> KeyValue:
+    """Heartbeats, each key expiring on its own.
+
+    No bucket TTL: every heartbeat is written with a per-message TTL, and a key
+    that expires leaves a marker (``limit_marker_ttl``) that watchers see as a
+    purge. Both need nats-server 2.11 or newer. File storage, though nothing in
+    it outlives a few seconds: a memory stream is gone after a server restart,
+    and every process holding it would write and watch into nothing.
+    """
+    try:
+        return await _ensure_bucket(
+            js,
+            KeyValueConfig(
+                bucket=names.ALIVE_BUCKET, description="Cortex worker heartbeats (each key expires on its own)",
+                history=1, storage=StorageType.FILE, limit_marker_ttl=names.HEARTBEAT_GONE_S,
+            ),
+        )  # fmt: skip
+    except KeyValueLimitMarkerTTLNotSupportedError as exc:
+        raise BrokerUnavailable(f"the {names.ALIVE_BUCKET} bucket needs nats-server 2.11 or newer") from exc
+
+
+async def ensure_all(js: JetStreamContext) -> Buckets:
     await ensure_request_stream(js)
-    return await ensure_fleet_bucket(js), await ensure_responses_bucket(js), await ensure_placement_bucket(js)
+    return Buckets(
+        fleet=await ensure_fleet_bucket(js), responses=await ensure_responses_bucket(js),
+        placement=await ensure_placement_bucket(js), alive=await ensure_alive_bucket(js),
+    )  # fmt: skip

@@ -22,6 +22,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -86,8 +87,22 @@ def default_config() -> Path | None:
     return None
 
 
+@dataclass(frozen=True)
+class ClusterNode:
+    """This server's place in a JetStream cluster: its unique name, its route port, the other nodes' routes."""
+
+    name: str
+    cluster_port: int
+    routes: list[str]
+    cluster_name: str = "cortex"
+
+    def args(self) -> list[str]:
+        return ["--name", self.name, "--cluster_name", self.cluster_name,
+                "--cluster", f"nats://127.0.0.1:{self.cluster_port}", "--routes", ",".join(self.routes)]  # fmt: skip
+
+
 class EmbeddedNats:
-    """A nats-server child process with JetStream, bound to 127.0.0.1 by default."""
+    """A nats-server child process with JetStream, bound to 127.0.0.1 by default (one node of a cluster, if given)."""
 
     def __init__(
         self,
@@ -97,8 +112,10 @@ class EmbeddedNats:
         host: str = "127.0.0.1",
         config: Path | None = None,
         log_file: Path | None = None,
+        cluster: ClusterNode | None = None,
     ) -> None:
         self.store_dir = store_dir
+        self.cluster = cluster
         self.host = host
         self.port = port
         self.config = config if config is not None else default_config()
@@ -127,6 +144,8 @@ class EmbeddedNats:
             "-sd", str(self.store_dir),
             "--ports_file_dir", self._ports_dir.name,
         ]  # fmt: skip
+        if self.cluster is not None:
+            args += self.cluster.args()
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         try:
             self._proc = subprocess.Popen(

@@ -6,28 +6,53 @@
     ├── InvalidRequest      400 invalid_request_error   bad JSON, bad parameter, prompt too long
     ├── ModelNotFound       404 invalid_request_error   no catalogue in the fleet knows the model
     ├── PayloadTooLarge     413 invalid_request_error   body over the broker's message limit
-    ├── QueueFull           429 rate_limit_error        the model's queue is at its limit
+    ├── QueueFull           429 requests                the model's queue is at its limit (Anthropic: 529)
     ├── UpstreamError       502 server_error            a worker failed while generating
     ├── NoCapacity          503 service_unavailable     nobody can serve the model (or NATS is away)
     └── DeadlineExceeded    504 timeout                 no complete answer before the deadline
+
+`QueueFull` and `NoCapacity` are backpressure: their responses carry
+``Retry-After`` (`RETRY_AFTER_S`), and both official SDKs retry them by
+themselves, waiting as long as it says.
 
 Anything else raised while handling a request is a bug: a logged 500.
 """
 
 from __future__ import annotations
 
+RETRY_AFTER_S = 1
+"""Seconds a 429/529/503 tells the client to wait before trying again (``Retry-After``).
+
+A full queue gains a place whenever any worker finishes a request, and the
+gateway reconnects to NATS within half a second of its return, so a second is
+enough to find out. Both SDKs sleep exactly this long (they accept up to two
+minutes) and retry twice by default: a short burst costs the caller a second or
+two, a lasting overload reaches it as the error after a few.
+"""
+
 
 class ApiError(Exception):
     status = 500
     type = "server_error"
     code: str | None = None
+    retry_after: int | None = None
+    """Seconds to wait before retrying, sent as ``Retry-After``; None: no header (the same request would fail again)."""
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str | None = None, retry_after: int | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         if code is not None:
             self.code = code
+        if retry_after is not None:
+            self.retry_after = retry_after
+
+
+def retry_headers(exc: ApiError) -> dict[str, str]:
+    """``Retry-After`` for an error that may pass by itself, as every dialect sends it."""
+    return {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else {}
 
 
 class InvalidRequest(ApiError):
@@ -48,9 +73,13 @@ class PayloadTooLarge(ApiError):
 
 
 class QueueFull(ApiError):
+    """OpenAI's own rate-limit envelope (``"type": "requests"``, ``"code": "rate_limit_exceeded"``);
+    the Anthropic routes answer it as 529 ``overloaded_error`` (`cortex.gateway.anthropic_errors`)."""
+
     status = 429
-    type = "rate_limit_error"
-    code = "queue_full"
+    type = "requests"
+    code = "rate_limit_exceeded"
+    retry_after = RETRY_AFTER_S
 
 
 class UpstreamError(ApiError):
@@ -63,6 +92,7 @@ class NoCapacity(ApiError):
     status = 503
     type = "service_unavailable"
     code = "no_capacity"
+    retry_after = RETRY_AFTER_S
 
 
 class DeadlineExceeded(ApiError):

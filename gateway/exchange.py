@@ -223,7 +223,8 @@ async def handle(request: Request, dialect: Dialect) -> Response:
             created=now,
             clamp_max_tokens=svc.settings.max_tokens_policy == "clamp",
         )
-        stream = await svc.relay.submit(canonical)
+        failovers = svc.metrics.failovers.labels(entry.id)
+        stream = await svc.relay.submit(canonical, failovers=svc.settings.failover_attempts, on_failover=failovers.inc)
         fmt = dialect.formatter(plan, request_id, entry.id, int(now))
         if not plan.request.stream:
             response, answer = await until_disconnected(

@@ -1,7 +1,9 @@
-"""The gateway's view of the fleet, fed by a watch on the fleet bucket.
+"""The gateway's view of the fleet, fed by watches on the fleet, heartbeat and placement buckets.
 
-An advert counts as live while it keeps being refreshed: the gateway records
-when it last saw each one (its own clock, so host clock skew doesn't matter).
+Who is live is `cortex.protocol.liveness.LiveFleet`'s rule, on the gateway's
+own clock (host clock skew doesn't matter): a worker counts while its advert
+keeps being refreshed (10 s) and its heartbeat does (2 s), so a worker that dies
+leaves `workers()`, `is_live`, ``/health`` and ``/v1/models`` within about 2 s.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import msgspec
 from cortex.gateway.errors import ModelNotFound
 from cortex.protocol import ModelCard, Pin, Placement, WorkerAdvert, codec, names
 from cortex.protocol import messages as m
+from cortex.protocol.liveness import LiveFleet
 
 log = logging.getLogger("cortex.gateway")
 
@@ -38,19 +41,23 @@ class ModelEntry:
 
 
 MODELS_CACHE_S = 0.5
-"""How long a computed model list stands without an advert change (adverts can go stale silently)."""
+"""How long a computed model list stands without a change in the fleet (and never past a worker going stale)."""
 
 
 @dataclass
 class FleetView:
     stale_after: float = names.ADVERT_TTL_S
-    _adverts: dict[str, tuple[WorkerAdvert, float]] = field(default_factory=dict)
+    """How long an advert counts without being rewritten (a worker without heartbeats is judged by this alone)."""
+    _fleet: LiveFleet = field(init=False)
     _models: tuple[float, dict[str, ModelEntry]] | None = None
-    """`models()` as last computed, and when: every request resolves a model, adverts change every few seconds."""
+    """`models()` as last computed, and until when it stands: every request resolves a model."""
     placements: dict[str, Placement] = field(default_factory=dict)
     pins: dict[str, Pin] = field(default_factory=dict)
     deep_since: dict[str, float] = field(default_factory=dict)
     """Since when (monotonic) each model's queue has been deep: a replica is added once it stays deep."""
+
+    def __post_init__(self) -> None:
+        self._fleet = LiveFleet(advert_window=self.stale_after)
 
     def on_decision(self, key: str, value: bytes | None) -> None:
         """A change in the placement bucket (placements and pins; drains show in the adverts)."""
@@ -69,28 +76,28 @@ class FleetView:
             log.warning("ignoring malformed %s: %s", key, exc)
 
     def on_change(self, key: str, value: bytes | None) -> None:
-        if not names.is_worker_key(key):
-            return
-        self._models = None
-        if value is None:
-            self._adverts.pop(key, None)
-            return
+        """A change in the fleet: an advert (``workers.*``) or a heartbeat (``alive.*``; None once it is gone)."""
         try:
-            self._adverts[key] = (codec.decode_advert(value), time.monotonic())
+            changed = self._fleet.on_change(key, value, time.monotonic())
         except codec.DecodeError as exc:
             log.warning("ignoring malformed advert %s: %s", key, exc)
+            changed = True
+        if changed:
+            self._models = None
 
     def workers(self) -> list[WorkerAdvert]:
-        now = time.monotonic()
-        return [advert for advert, seen in self._adverts.values() if now - seen <= self.stale_after]
+        """The live workers' adverts."""
+        return self._fleet.live(time.monotonic())
 
     def is_live(self, worker_id: str) -> bool:
-        return any(advert.worker_id == worker_id for advert in self.workers())
+        """Whether `worker_id` is live: its advert and its heartbeat are current (a vanished worker won't answer)."""
+        return self._fleet.is_live(worker_id, time.monotonic())
 
     def models(self) -> dict[str, ModelEntry]:
         now = time.monotonic()
-        if self._models is None or now - self._models[0] > MODELS_CACHE_S:
-            self._models = (now, self._compute_models())
+        if self._models is None or now >= self._models[0]:
+            # The list stands a moment, but never past the time a worker it counts goes stale.
+            self._models = (min(now + MODELS_CACHE_S, self._fleet.next_change(now)), self._compute_models())
         return self._models[1]
 
     def _compute_models(self) -> dict[str, ModelEntry]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 
 import uvicorn
 
@@ -37,8 +38,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-tokens-policy", choices=MAX_TOKENS_POLICIES, default=Settings.max_tokens_policy,
                         help="a max_tokens the context cannot hold after the prompt: clamp it (with a Warning "
                         "header) or reject it with a 400")  # fmt: skip
+    parser.add_argument("--failover-attempts", type=int, default=Settings.failover_attempts, metavar="N",
+                        help="times an answer whose worker dies mid-answer is continued on another worker "
+                        "before it ends with a 502 (0 disables failover)")  # fmt: skip
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
+
+
+def _stopped(_sig: int, _frame: object) -> None:
+    """The stop was asked for and uvicorn has already shut down: nothing is left to do."""
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,6 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("request_timeout", "keepalive_interval"):
         if getattr(args, name) <= 0:
             raise SystemExit(f"cortex-gateway: --{name.replace('_', '-')} must be greater than 0")
+    if args.failover_attempts < 0:
+        raise SystemExit("cortex-gateway: --failover-attempts must be 0 or more")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     metrics = Metrics()
     if args.metrics_port >= 0:
@@ -58,9 +68,14 @@ def main(argv: list[str] | None = None) -> None:
             stream_headers_within=args.stream_headers_within,
             keepalive_interval=args.keepalive_interval,
             max_tokens_policy=args.max_tokens_policy,
+            failover_attempts=args.failover_attempts,
         ),
         metrics,
     )
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to whatever handler was
+    # there before it: with these, a requested stop ends with status 0 (systemd, `cortexctl up`), no traceback.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _stopped)
     uvicorn.run(
         app,
         host=args.host,

@@ -45,6 +45,10 @@ class Metrics:
             buckets=_RATE_BUCKETS, registry=r,
         )  # fmt: skip
         self.in_flight = Gauge("cortex_requests_in_flight", "Requests being answered", ["model"], registry=r)
+        self.failovers = Counter(
+            "cortex_failovers", "Answers continued on another worker after theirs died or its stream broke", ["model"],
+            registry=r,
+        )  # fmt: skip
 
     def track_fleet(self, workers: Callable[[], list[WorkerAdvert]]) -> None:
         """Export the fleet's lifecycle, residency and memory from the workers' adverts."""

@@ -1,4 +1,4 @@
-"""OpenAI's error envelope: ``{"error": {"message", "type", "param", "code"}}``."""
+"""OpenAI's error envelope: ``{"error": {"message", "type", "param", "code"}}``, with ``Retry-After`` on 429 and 503."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import TypeVar
 import msgspec
 from starlette.responses import Response
 
-from cortex.gateway.errors import UNREADABLE_BODY_ERRORS, ApiError, InvalidRequest, unreadable_body
+from cortex.gateway.errors import UNREADABLE_BODY_ERRORS, ApiError, InvalidRequest, retry_headers, unreadable_body
 
 T = TypeVar("T")
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
@@ -20,7 +20,10 @@ def error_body(exc: ApiError) -> dict[str, object]:
 
 
 def error_response(exc: ApiError) -> Response:
-    return Response(msgspec.json.encode(error_body(exc)), status_code=exc.status, media_type="application/json")
+    return Response(
+        msgspec.json.encode(error_body(exc)), status_code=exc.status, headers=retry_headers(exc),
+        media_type="application/json",
+    )  # fmt: skip
 
 
 def decode_body(decoder: msgspec.json.Decoder[T], body: bytes) -> T:

@@ -4,6 +4,15 @@ One wildcard subscription per gateway process receives every chunk for every
 request it has in flight; chunks are routed by the request id in the reply
 subject to that request's queue, and checked for order so a lost chunk becomes
 an error, never a silently shorter answer.
+
+Failover: a `ReplyStream` keeps the token ids of every chunk it has passed on.
+When the worker answering vanishes from the fleet, or its chunk sequence breaks,
+the stream cancels that attempt and republishes the request as a new attempt
+(its own id ``<request-id>-<n>``, reply subject and ``Nats-Msg-Id``) with a
+`Resume`: another worker takes those tokens as already generated and continues
+the same seq numbering, so the client sees one answer. Chunks of an attempt
+given up are dropped by their request id. A stream fails over at most
+``failovers`` times; the next failure is the 502 it always was.
 """
 
 from __future__ import annotations
@@ -14,6 +23,8 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
+import msgspec
+
 from cortex.broker import errors as broker_errors
 from cortex.broker.bus import Bus
 from cortex.gateway import errors
@@ -23,12 +34,16 @@ from cortex.protocol.messages import (
     ERROR_DEADLINE,
     ERROR_INVALID_REQUEST,
     ERROR_MODEL_NOT_LOADED,
+    Resume,
 )
 
 log = logging.getLogger("cortex.gateway")
 
-LIVENESS_CHECK_S = 2.0
-"""How often a waiting request checks that its worker is still in the fleet."""
+LIVENESS_CHECK_S = 0.5
+"""How often a request whose chunks have stopped coming checks that its worker is still live (a lookup): a
+failover starts this soon after the fleet view stops counting the worker."""
+WAITING_CHECK_S = 2.0
+"""How often a request no worker has taken yet checks that one will (load on demand: it may write to the broker)."""
 
 
 class Relay:
@@ -54,9 +69,20 @@ class Relay:
     def reply_subject(self, request_id: str) -> str:
         return names.reply_subject(self.gateway_id, request_id)
 
-    async def submit(self, request: GenerateRequest) -> ReplyStream:
-        """Queue `request` durably and return the stream of its chunks."""
+    async def submit(
+        self, request: GenerateRequest, *, failovers: int = 0, on_failover: Callable[[], None] | None = None
+    ) -> ReplyStream:
+        """Queue `request` durably and return the stream of its chunks.
+
+        If its worker dies mid-answer, the stream continues it on another one up to
+        `failovers` times, calling `on_failover` each time (metrics).
+        """
         queue: asyncio.Queue[bytes] = asyncio.Queue()
+        await self._publish(request, queue)
+        return ReplyStream(self, request, queue, failovers=failovers, on_failover=on_failover)
+
+    async def _publish(self, request: GenerateRequest, queue: asyncio.Queue[bytes]) -> None:
+        """Route `request`'s replies to `queue` and publish it, with its id as ``Nats-Msg-Id``."""
         self._queues[request.request_id] = queue
         published = False
         try:
@@ -71,7 +97,12 @@ class Relay:
         finally:
             if not published:
                 self._queues.pop(request.request_id, None)
-        return ReplyStream(self, request, queue)
+
+    async def _switch(self, old_id: str, attempt: GenerateRequest, queue: asyncio.Queue[bytes]) -> None:
+        """Give up attempt `old_id` (its chunks are dropped from now on, its worker told to stop), publish `attempt`."""
+        self._queues.pop(old_id, None)
+        await self._cancel(old_id)
+        await self._publish(attempt, queue)
 
     def _close(self, request_id: str) -> None:
         self._queues.pop(request_id, None)
@@ -101,51 +132,87 @@ _ABANDONED = b""
 
 
 class ReplyStream:
-    """The chunks of one request, in order, until the final one or the deadline."""
+    """The chunks of one request, in order, until the final one or the deadline, across failovers."""
 
-    def __init__(self, relay: Relay, request: GenerateRequest, queue: asyncio.Queue[bytes]) -> None:
+    def __init__(
+        self,
+        relay: Relay,
+        request: GenerateRequest,
+        queue: asyncio.Queue[bytes],
+        *,
+        failovers: int = 0,
+        on_failover: Callable[[], None] | None = None,
+    ) -> None:
         self._relay = relay
         self.request = request
+        """The request as first published (attempt 0)."""
         self._queue = queue
         self._next_seq = 0
         self.finished = False
         self.worker_id = ""
+        """The worker answering the current attempt, once a chunk of it has named it."""
+        self.attempt = 0
+        self.wire_id = request.request_id
+        """The current attempt's id on the wire: the request id, then ``<request-id>-<attempt>`` after failovers."""
+        self.delivered: list[int] = []
+        """The token ids of every chunk passed on: what a failover resumes from."""
+        self._covered = 0
+        """Tokens the chunks passed on say they cover (a worker that sends no token ids cannot be resumed)."""
+        self.failovers_left = failovers
+        self._failovers = failovers
+        self._on_failover = on_failover
+        self._abandoned = False
+        self._interrupted = ""
+        """Why the last failover happened, while its attempt has no worker yet."""
 
     async def next(self, patience: float | None = None) -> Chunk:
-        """The next chunk; raises DeadlineExceeded, UpstreamError, Abandoned, or StillWaiting after `patience` s."""
-        data = await self._receive(patience)
-        if data is _ABANDONED or not data:
-            raise Abandoned
-        try:
-            chunk = codec.decode_chunk(data)
-        except codec.DecodeError as exc:
-            raise errors.UpstreamError(f"A worker sent a malformed chunk: {exc}") from exc
-        if chunk.seq != self._next_seq:
-            raise errors.UpstreamError(
-                f"The answer was interrupted: expected chunk {self._next_seq}, got {chunk.seq} "
-                f"(worker {chunk.worker_id or self.worker_id or 'unknown'} restarted or lost messages)."
-            )
-        self._next_seq += 1
-        if chunk.worker_id:
-            self.worker_id = chunk.worker_id
-        if chunk.final:
-            self.finished = True
-        return chunk
+        """The next chunk; raises DeadlineExceeded, UpstreamError, Abandoned, or StillWaiting after `patience` s.
+
+        A worker that vanishes, or a chunk sequence that breaks, is failed over
+        here while failovers are left: the caller only sees the answer go on.
+        """
+        give_up = time.monotonic() + patience if patience is not None else None
+        while True:
+            data = await self._receive(give_up)
+            if data is _ABANDONED or not data:
+                raise Abandoned
+            try:
+                chunk = codec.decode_chunk(data)
+            except codec.DecodeError as exc:
+                raise errors.UpstreamError(f"A worker sent a malformed chunk: {exc}") from exc
+            if chunk.request_id != self.wire_id:
+                continue  # queued before its attempt was given up
+            if chunk.seq != self._next_seq:
+                await self._fail_over(
+                    f"The answer was interrupted: expected chunk {self._next_seq}, got {chunk.seq} "
+                    f"(worker {chunk.worker_id or self.worker_id or 'unknown'} restarted or lost messages)."
+                )
+                continue
+            self._next_seq += 1
+            self._interrupted = ""
+            self.delivered += chunk.token_ids
+            self._covered += chunk.tokens
+            if chunk.worker_id:
+                self.worker_id = chunk.worker_id
+            if chunk.final:
+                self.finished = True
+            return chunk
 
     def abandon(self) -> None:
-        """Make a pending or later `next()` raise Abandoned (the client disconnected)."""
+        """Make a pending or later `next()` raise Abandoned (the client disconnected); it never fails over again."""
+        self._abandoned = True
         self._queue.put_nowait(_ABANDONED)
 
-    async def _receive(self, patience: float | None) -> bytes:
+    async def _receive(self, give_up: float | None) -> bytes:
         """The next message, checking every few seconds that the worker on it is still alive."""
         if not self._queue.empty():
             return self._queue.get_nowait()
-        give_up = time.monotonic() + patience if patience is not None else None
         while True:
-            remaining = self.request.deadline - time.time() if self.request.deadline else LIVENESS_CHECK_S
+            check = LIVENESS_CHECK_S if self.worker_id else WAITING_CHECK_S
+            remaining = self.request.deadline - time.time() if self.request.deadline else check
             if remaining <= 0:
                 raise errors.DeadlineExceeded("The request did not complete before its deadline.")
-            wait = min(remaining, LIVENESS_CHECK_S)
+            wait = min(remaining, check)
             if give_up is not None:
                 if give_up <= time.monotonic():
                     raise StillWaiting
@@ -158,18 +225,47 @@ class ReplyStream:
             except TimeoutError:
                 pass
             if self.worker_id and not self._relay.is_live(self.worker_id):
-                raise errors.UpstreamError(
+                await self._fail_over(
                     f"Worker {self.worker_id} stopped answering in the middle of the request (it left the fleet)."
                 )
-            if not self.worker_id and self._relay.check_waiting is not None:
-                await self._relay.check_waiting(self.request.model)
+            elif not self.worker_id and self._relay.check_waiting is not None:
+                try:
+                    await self._relay.check_waiting(self.request.model)
+                except errors.ApiError as exc:
+                    if not self._interrupted:
+                        raise
+                    # Still the interrupted answer's failure, naming the worker that died, not a fresh 503.
+                    raise errors.UpstreamError(f"{self._interrupted} No other worker can continue it: {exc}") from exc
+
+    async def _fail_over(self, why: str) -> None:
+        """Continue the answer on another worker from the tokens delivered so far, or raise UpstreamError(`why`)."""
+        if self._abandoned:
+            raise Abandoned  # nobody to continue for: a cancelled request is never resumed
+        if self.failovers_left <= 0:
+            tried = f" It had been continued elsewhere {self._failovers} times already." if self._failovers else ""
+            raise errors.UpstreamError(why + tried)
+        if self._covered != len(self.delivered):
+            raise errors.UpstreamError(why + " (its worker does not report token ids, so it cannot be continued).")
+        self.failovers_left -= 1
+        self.attempt += 1
+        old, self.wire_id = self.wire_id, f"{self.request.request_id}-{self.attempt}"
+        resume = Resume(token_ids=list(self.delivered), seq=self._next_seq, attempt=self.attempt)
+        attempt = msgspec.structs.replace(
+            self.request, request_id=self.wire_id, reply_subject=self._relay.reply_subject(self.wire_id), resume=resume
+        )
+        log.warning("failover %d of %s (%s): %d tokens delivered; continuing as %s",
+                    self.attempt, self.request.request_id, why, len(self.delivered), self.wire_id)  # fmt: skip
+        self.worker_id, self._interrupted = "", why
+        await self._relay._switch(old, attempt, self._queue)
+        if self._on_failover is not None:
+            self._on_failover()
 
     def close(self) -> None:
         """Forget the request; tell the workers to stop if it had not finished."""
-        self._relay._close(self.request.request_id)
+        self._relay._close(self.wire_id)
         if not self.finished:
             self.finished = True
-            self._relay._cancel_soon(self.request.request_id)
+            self._relay._cancel_soon(self.wire_id)
 
 
 def raise_for_chunk(chunk: Chunk, prompt_param: str = "messages") -> None:

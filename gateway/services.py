@@ -25,6 +25,8 @@ class Settings:
     max_tokens_policy: str = "clamp"
     """``clamp``: a max_tokens over what the context leaves after the prompt is lowered to fit (agents ask for
     more than small contexts hold); ``reject``: it is a 400 ``context_length_exceeded``."""
+    failover_attempts: int = 2
+    """Times one answer may be continued on another worker after its worker died mid-answer (0: never; then 502)."""
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import msgspec
 
+from cortex.protocol.heartbeat import Heartbeat
 from cortex.protocol.messages import Chunk, Drain, GenerateRequest, Pin, Placement, WorkerAdvert
 
 _encoder = msgspec.json.Encoder()
@@ -18,12 +19,13 @@ _advert_decoder = msgspec.json.Decoder(WorkerAdvert)
 _placement_decoder = msgspec.json.Decoder(Placement)
 _pin_decoder = msgspec.json.Decoder(Pin)
 _drain_decoder = msgspec.json.Decoder(Drain)
+_heartbeat_decoder = msgspec.json.Decoder(Heartbeat)
 
 DecodeError = msgspec.DecodeError
 """Raised by every ``decode_*`` function on a malformed or mistyped message."""
 
 
-def encode(message: GenerateRequest | Chunk | WorkerAdvert | Placement | Pin | Drain) -> bytes:
+def encode(message: GenerateRequest | Chunk | WorkerAdvert | Placement | Pin | Drain | Heartbeat) -> bytes:
     return _encoder.encode(message)
 
 
@@ -49,3 +51,7 @@ def decode_pin(data: bytes) -> Pin:
 
 def decode_drain(data: bytes) -> Drain:
     return _drain_decoder.decode(data)
+
+
+def decode_heartbeat(data: bytes) -> Heartbeat:
+    return _heartbeat_decoder.decode(data)

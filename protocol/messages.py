@@ -98,6 +98,22 @@ class Reasoning(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Close the thinking after this many tokens (0: no limit)."""
 
 
+class Resume(msgspec.Struct, frozen=True, kw_only=True):
+    """Where an interrupted answer stopped: a failover continues it on another worker.
+
+    The gateway republishes a request whose worker died mid-answer with the
+    tokens its client already has; the new worker takes them as generated
+    (sending nothing for them) and carries on from there.
+    """
+
+    token_ids: list[int]
+    """The answer's tokens delivered so far (every `Chunk.token_ids` received, in order)."""
+    seq: int
+    """The `Chunk.seq` the continuation starts at."""
+    attempt: int
+    """1 for the first failover, 2 for the next..."""
+
+
 class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type", tag="generate"):
     """A generation request, published to ``cortex.req.<model-token>``."""
 
@@ -122,6 +138,8 @@ class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=T
     reasoning: Reasoning = Reasoning()
     clamp_max_tokens: bool = False
     """A `sampling.max_tokens` over what the context leaves after the prompt is lowered to fit, not refused."""
+    resume: Resume | None = None
+    """Set on a failover: continue the answer after these tokens (`request_id` is then the attempt's own id)."""
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -215,6 +233,9 @@ class Chunk(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_f
     max_tokens: int = 0
     """On the first chunk: the completion's token limit when the worker lowered the one asked for to fit the
     context (`GenerateRequest.clamp_max_tokens`); 0 when it runs as asked."""
+    token_ids: list[int] = []
+    """The generated token ids this chunk covers (`tokens` of them), so the gateway holds exactly what was sent
+    and can resume the answer elsewhere (`GenerateRequest.resume`)."""
 
     @property
     def final(self) -> bool:

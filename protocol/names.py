@@ -119,6 +119,37 @@ ADVERT_TTL_S = 10.0
 """Fleet bucket TTL: an advert not refreshed for this long disappears by itself."""
 
 
+ALIVE_BUCKET = "cortex-alive"
+"""KV bucket with one heartbeat key per live worker, each expiring on its own (`HEARTBEAT_TTL_S`)."""
+_ALIVE_KEY_PREFIX = "alive."
+
+HEARTBEAT_INTERVAL_S = 0.5
+"""How often a worker rewrites its heartbeat key, from its asyncio loop (never the engine thread)."""
+
+HEARTBEAT_TTL_S = 2
+"""A heartbeat not rewritten for this long is gone: the key expires (per-message TTL, whole seconds) and every
+reader stops counting the worker. Three beats missed in a row, so a worker late by 1.5 s is still live."""
+
+HEARTBEAT_GONE_S = 20
+"""How long the marker of an expired or withdrawn heartbeat stays: longer than an advert outlives its worker
+(`ADVERT_TTL_S`), so a reader that starts meanwhile knows the advert is a dead worker's."""
+
+
+def alive_key(worker_id: str) -> str:
+    """KV key of a worker's heartbeat in `ALIVE_BUCKET`."""
+    return f"{_ALIVE_KEY_PREFIX}{encode_model_token(worker_id)}"
+
+
+def worker_of_alive_key(key: str) -> str | None:
+    """The worker id of a heartbeat key, else None (another key, or a malformed one)."""
+    if not key.startswith(_ALIVE_KEY_PREFIX):
+        return None
+    try:
+        return decode_model_token(key[len(_ALIVE_KEY_PREFIX) :])
+    except ValueError:
+        return None
+
+
 PLACEMENT_BUCKET = "cortex-placement"
 """KV bucket of decisions that outlive any process: placements, pins, drains (no TTL)."""
 _PLACEMENT_PREFIX = "models."

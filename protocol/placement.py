@@ -94,6 +94,8 @@ class Choice:
     worker: str
     evict: list[str]
     reason: str
+    waits: bool = False
+    """The evictions wait for busy models to finish their requests (a swap), rather than happening at once."""
 
 
 @dataclass(frozen=True)
@@ -105,8 +107,12 @@ class Pick:
     """The choice's reason, or why no worker can load the model."""
 
     def without_eviction(self) -> Choice | None:
-        """The choice if it evicts nothing (a replica or a standing minimum never pushes a model out)."""
+        """The choice if it evicts nothing (a replica added for a deep queue never pushes a model out)."""
         return self.choice if self.choice is not None and not self.choice.evict else None
+
+    def without_waiting(self) -> Choice | None:
+        """The choice if it can load at once, evicting only idle models (a kept pin never waits for a swap)."""
+        return self.choice if self.choice is not None and not self.choice.waits else None
 
 
 def _with_pending(advert: WorkerAdvert, placements: Iterable[Placement]) -> WorkerAdvert:
@@ -223,7 +229,7 @@ def choose_worker(
         cost = (waits, bool(victims), len(victims), max(lasts, default=0.0), -left, name)
         how = f"evicting {', '.join(victims)} ({advert.eviction})" if victims else "no eviction"
         how += " once their requests are done" if waits else ""
-        ranked.append((cost, Choice(name, victims, f"{name}: {gib(free_memory(advert))} free, {how}")))
+        ranked.append((cost, Choice(name, victims, f"{name}: {gib(free_memory(advert))} free, {how}", waits)))
     if not known:
         return f"no live worker has {model} in its catalogue"
     if not ranked:
@@ -232,7 +238,7 @@ def choose_worker(
     best = ranked[0][1]
     others = [choice.worker for _, choice in ranked[1:]]
     reason = best.reason + (f" (preferred over {', '.join(others)})" if others else "")
-    return Choice(best.worker, best.evict, reason)
+    return Choice(best.worker, best.evict, reason, best.waits)
 
 
 def pick_worker(
@@ -365,3 +371,47 @@ def record_failed_load(
         return Placement(model=model, reason=pick.reason, failed=failed, error=f"{pick.reason} ({error})")
     return Placement(model=model, workers=[pick.choice.worker], failed=failed,
                      reason=f"{pick.reason}, after {worker} failed")  # fmt: skip
+
+
+def keep_replicas(
+    current: Placement | None,
+    *,
+    model: str,
+    wanted: int,
+    why: str,
+    live: Mapping[str, WorkerAdvert],
+    pins: Iterable[Pin],
+    placements: Iterable[Placement],
+    now: float,
+) -> Placement | None:
+    """A pinned or ``min_replicas`` model back to `wanted` copies on `live` workers (dead and draining ones leave).
+
+    `live` holds the workers that count now, none draining. Each missing copy
+    goes to the best live worker that can load the model at once, evicting
+    idle unpinned models if it must (never waiting for busy ones, never one
+    that failed to load it lately); the workers that died, drain or failed
+    leave the placement, so a restarted one does not load an extra copy. None
+    when the model has its copies, nobody could load it a moment ago, or no
+    worker can take it now (every worker asks again on its next upkeep tick).
+    """
+    serving = serving_workers(current, model, live)
+    if len(serving) >= wanted or failed_recently(current, now):
+        return None
+    skip = {w for w, a in live.items() if (s := a.state_of(model)) is not None and s.state == MODEL_FAILED}
+    skip |= set(recent_failures(current, now))
+    chosen: list[Choice] = []
+    while len(serving) + len(chosen) < wanted:
+        taken = {*serving, *(c.worker for c in chosen)}
+        others = [a for w, a in live.items() if w not in taken]
+        choice = pick_worker(model, others, pins, exclude=skip, placements=placements).without_waiting()
+        if choice is None:
+            break
+        chosen.append(choice)
+    if not chosen:
+        return None
+    added = [c.worker for c in chosen]
+    left = [w for w in (current.workers if current else []) if w not in serving]
+    reason = "; ".join(c.reason for c in chosen) + f" (keeping {wanted}: {why}"
+    reason += f"; {', '.join(left)} left)" if left else ")"
+    failed = {w: error for w, error in (current.failed if current else {}).items() if w not in added}
+    return Placement(model=model, workers=[*serving, *added], reason=reason, failed=failed)

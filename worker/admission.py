@@ -130,7 +130,7 @@ class Admission:
                     request, emit, _ = payload
                     with contextlib.suppress(BaseException):
                         emit(error_chunk(request.request_id, m.ERROR_INTERNAL, "could not start the request",
-                                         worker_id=self.worker_id))  # fmt: skip
+                                         worker_id=self.worker_id, seq=first_seq(request)))  # fmt: skip
             item = payload = None  # a request left in this frame would keep its model alive after an unload
 
     def _admit(self, request: GenerateRequest, emit: Emit, processors: list[LogitsProcessor]) -> None:
@@ -142,22 +142,32 @@ class Admission:
 
     def _start(self, request: GenerateRequest, emit: Emit, processors: list[LogitsProcessor]) -> Sequence | None:
         """Admission thread: the request as a sequence ready to prefill, or None once it has been answered."""
+        at = first_seq(request)
         try:
             seq = self._prepare(request, emit)
             seq.logits_processors.extend(processors)
+            if request.resume is not None:
+                _check_resume(seq.loaded, request.resume)
+                log.info("resuming %s after %d tokens (attempt %d)", request.request_id,
+                         len(request.resume.token_ids), request.resume.attempt)  # fmt: skip
+                seq.resume(request.resume)
+                if seq.done:
+                    return None
         except RequestRejected as exc:
-            emit(error_chunk(request.request_id, exc.code, exc.message, worker_id=self.worker_id, param=exc.param))
+            emit(error_chunk(request.request_id, exc.code, exc.message, worker_id=self.worker_id, param=exc.param,
+                             seq=at))  # fmt: skip
             return None
         except Counted as counted:
             n = counted.tokens
             usage = Usage(prompt_tokens=n, completion_tokens=0, total_tokens=n)
-            emit(Chunk(request_id=request.request_id, seq=0, prompt_tokens=n, finish_reason=m.FINISH_STOP,
+            emit(Chunk(request_id=request.request_id, seq=at, prompt_tokens=n, finish_reason=m.FINISH_STOP,
                        usage=usage, worker_id=self.worker_id))  # fmt: skip
             return None
         except Exception as exc:
             # Whatever goes wrong with one request must not take the admission thread down.
             log.exception("could not start %s", request.request_id)
-            emit(error_chunk(request.request_id, m.ERROR_INTERNAL, f"could not start: {exc}", worker_id=self.worker_id))
+            emit(error_chunk(request.request_id, m.ERROR_INTERNAL, f"could not start: {exc}", worker_id=self.worker_id,
+                             seq=at))  # fmt: skip
             return None
         return seq
 
@@ -233,6 +243,18 @@ class Admission:
             worker_id=self.worker_id,
             clamped_to=clamped_to,
         )
+
+
+def first_seq(request: GenerateRequest) -> int:
+    """The `Chunk.seq` a request's first chunk from here carries: 0, or where a failover resumes it."""
+    return request.resume.seq if request.resume is not None else 0
+
+
+def _check_resume(loaded: LoadedModel, resume: m.Resume) -> None:
+    """A 400 for resumed tokens that are no tokens of this model (the gateway sends back what a worker sent)."""
+    vocab = int(loaded.model.config.vocab_size)
+    if any(not 0 <= token < vocab for token in resume.token_ids):
+        raise RequestRejected(m.ERROR_INVALID_REQUEST, "the resumed answer holds token ids this model does not have")
 
 
 def _refuse_if_surely_too_long(loaded: LoadedModel, text: str) -> None:

@@ -1,10 +1,15 @@
-"""What a worker tells the fleet about itself: its advert, and the lifecycle counters inside it.
+"""What a worker tells the fleet about itself: its advert with the lifecycle counters inside it, and its heartbeat.
 
 The advert is the worker's only metrics channel: gateways export the counters
 in `WorkerMetrics` from the adverts they watch, so a worker keeps one such
 object and nothing else. The models it holds come from the caller at each
 write (`cortex.worker.residency` knows them); this module knows the device,
 the slots, the catalogue and the counters.
+
+The heartbeat (`Advertiser.beat`) is what says the worker is alive: a small
+key rewritten every `names.HEARTBEAT_INTERVAL_S` on a fixed schedule from the
+asyncio loop, which never runs torch, so a long prefill or a model load on the
+engine thread does not delay it; it expires 2 s after the worker dies.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from cortex.broker.bus import Bus
 from cortex.broker.errors import BrokerError
 from cortex.protocol import ModelState, WorkerAdvert, codec, names
 from cortex.protocol import messages as m
+from cortex.protocol.heartbeat import Heartbeat
 from cortex.worker.device import DeviceInfo
 
 log = logging.getLogger("cortex.worker")
@@ -112,11 +118,40 @@ class Advertiser:
             log.warning("advert not written: %s", exc)
 
     async def withdraw(self) -> None:
-        """Delete the advert, so gateways stop counting on this worker at once rather than at its TTL."""
+        """Delete the advert and the heartbeat, so the fleet stops counting on this worker at once."""
         try:
+            await self.bus.withdraw_heartbeat(names.alive_key(self.worker_id))
             await self.bus.delete_advert(names.worker_key(self.worker_id))
         except BrokerError as exc:
             log.warning("could not withdraw advert: %s", exc)
+
+    async def beat(self) -> None:
+        """Rewrite the heartbeat every `names.HEARTBEAT_INTERVAL_S` until cancelled.
+
+        On a fixed schedule (a slow write does not push the next one back; beats
+        missed while the broker was away are not made up); a broker that does
+        not answer is logged once, and once again when it does.
+        """
+        key, seq, failing = names.alive_key(self.worker_id), 0, False
+        due = time.monotonic()
+        while True:
+            value = codec.encode(Heartbeat(worker_id=self.worker_id, seq=seq, sent_at=time.time()))
+            try:
+                await self.bus.put_heartbeat(key, value)
+            except BrokerError as exc:
+                if not failing:
+                    log.warning("heartbeat not written (the fleet will count this worker gone): %s", exc)
+                failing = True
+            else:
+                if failing:
+                    log.info("heartbeat written again")
+                failing = False
+            seq += 1
+            due += names.HEARTBEAT_INTERVAL_S
+            if (late := time.monotonic() - due) > names.HEARTBEAT_INTERVAL_S:  # at HEARTBEAT_TTL_S the fleet drops us
+                log.warning("heartbeat %.1fs late (a slow broker, or something held up the event loop)", late)
+            due = max(due, time.monotonic())
+            await asyncio.sleep(due - time.monotonic())
 
     def soon(self) -> None:
         """Ask for an advert before the next interval (placement decisions elsewhere go by fresh counts)."""

@@ -20,7 +20,9 @@ So requests join at the next step and leave when done; long prompts never stall
 the others' decoding for more than one chunk. KV memory is bounded by
 `kv_budget_tokens` (per model): new rows wait while the batch is full, and if
 the running batch outgrows it, its newest row is preempted and later resumed by
-recomputation (the client sees nothing but a pause).
+recomputation (the client sees nothing but a pause). A request resumed from
+another worker (a failover: `Sequence.resume`) enters the same way, its tokens
+already generated, its KV recomputed from prompt and tokens.
 """
 
 from __future__ import annotations

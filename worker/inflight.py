@@ -185,7 +185,11 @@ class Requests:
         self.slot_freed.set()
 
     def on_cancel(self, _subject: str, payload: bytes) -> None:
-        """The handler of the cancel subject: a client has gone."""
+        """The handler of the cancel subject: a client has gone, or a gateway gave up an attempt (failover).
+
+        Each failover attempt is a request of its own id (``<request-id>-<n>``), so
+        cancelling, remembering and de-duplicating one attempt never touches another.
+        """
         request_id = payload.decode("utf-8", "replace")
         self._remember_cancelled(request_id)
         if request_id in self._in_flight:

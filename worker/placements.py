@@ -1,10 +1,17 @@
 """The fleet's decisions as this worker watches them, and the placement changes this worker writes.
 
-The worker keeps a copy of the fleet bucket (adverts) and of the decision
-bucket (placements, pins, drains), fed by the watches; `cortex.worker.residency`
-reads it to know what to hold. Every write is a transition of
+The worker keeps a copy of the fleet (adverts and heartbeats, judged live by
+`cortex.protocol.liveness.LiveFleet` as gateways do) and of the decision bucket
+(placements, pins, drains), fed by the watches; `cortex.worker.residency` reads
+it to know what to hold. Every write is a transition of
 `cortex.protocol.placement` applied by `cortex.broker.decisions.change_placement`,
 so a worker changes a placement exactly as a gateway or cortexctl would.
+
+Every worker also watches over pins and ``min_replicas`` (`keep_placed`): on
+each upkeep tick, and as soon as a worker's heartbeat goes or a drain is
+written, it checks the models of its catalogue and, for one with fewer live
+copies than it should have, writes the transition `keep_replicas` that restores
+them; the compare-and-set lets exactly one such write land.
 """
 
 from __future__ import annotations
@@ -20,16 +27,17 @@ from cortex.broker.bus import Bus
 from cortex.broker.decisions import change_placement
 from cortex.broker.errors import BrokerError
 from cortex.protocol import Pin, Placement, WorkerAdvert, codec, names
+from cortex.protocol.liveness import LiveFleet
 from cortex.protocol.placement import (
     Transition,
     add_worker,
     failed_recently,
+    keep_replicas,
     leave_above_minimum,
-    pick_worker,
     pinned_models,
-    recent_failures,
     record_failed_load,
     remove_worker,
+    serving_workers,
 )
 from cortex.worker.catalogue import ModelSpec
 
@@ -47,23 +55,32 @@ class Placements:
     """Shared with the request side: set so that pull loops look again when the worker starts or stops draining."""
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when what this worker should hold may have changed (the residency side reconciles)."""
-    _fleet: dict[str, WorkerAdvert] = field(default_factory=dict)
+    lost: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when a worker stopped counting or started draining: copies of pinned models may be missing."""
+    _fleet: LiveFleet = field(default_factory=LiveFleet)
     _placements: dict[str, Placement] = field(default_factory=dict)
     _pins: dict[str, Pin] = field(default_factory=dict)
+    _drains: set[str] = field(default_factory=set)
+    """Every worker a `Drain` names (its advert says so only from its next write)."""
 
     # -- what the buckets say -----------------------------------------------------
 
-    def on_advert(self, key: str, value: bytes | None) -> None:
-        """The handler of the fleet bucket's watch."""
-        if not names.is_worker_key(key):
-            return
-        if value is None:
-            self._fleet.pop(key, None)
-            return
+    def on_fleet(self, key: str, value: bytes | None) -> None:
+        """The handler of the fleet's watch: adverts and heartbeats."""
         try:
-            self._fleet[key] = codec.decode_advert(value)
+            changed = self._fleet.on_change(key, value, time.monotonic())
         except codec.DecodeError:
-            self._fleet.pop(key, None)
+            log.warning("ignoring malformed advert %s", key)
+            return
+        if changed and value is None:  # a heartbeat gone (expired or withdrawn), an advert deleted
+            self.lost.set()
+
+    def live(self) -> dict[str, WorkerAdvert]:
+        """The live workers that take placements (none draining), by id; this worker while it is not draining."""
+        live = {a.worker_id: a for a in self._fleet.live(time.monotonic())}
+        if (own := self._fleet.advert(self.worker_id)) is not None:
+            live.setdefault(self.worker_id, own)  # it knows it is alive, whatever its heartbeat's echo says
+        return {w: a for w, a in live.items() if not a.draining and w not in self._drains}
 
     def on_decision(self, key: str, value: bytes | None) -> None:
         """The handler of the decision bucket's watch."""
@@ -82,13 +99,18 @@ class Placements:
                     self._pins.pop(name, None)
                 else:
                     self._pins[name] = codec.decode_pin(value)
-            elif name == self.worker_id:
-                # Presence is the flag (a `Drain` says only since when): even a hand-written value drains.
-                if value is not None:
-                    self.draining.set()
+            else:  # a drain. Presence is the flag (a `Drain` says only since when): even a hand-written value drains.
+                if value is None:
+                    self._drains.discard(name)
                 else:
-                    self.draining.clear()
-                self.slot_freed.set()  # pull loops look again
+                    self._drains.add(name)
+                    self.lost.set()  # its pinned models go elsewhere at once
+                if name == self.worker_id:
+                    if value is not None:
+                        self.draining.set()
+                    else:
+                        self.draining.clear()
+                    self.slot_freed.set()  # pull loops look again
         except codec.DecodeError:
             log.warning("ignoring malformed %s", key)
             return
@@ -129,46 +151,51 @@ class Placements:
 
     async def leave_idle(self, model: str, reason: str, min_replicas: int) -> None:
         """Leave the placement of a model idle here, only while its other live workers keep `min_replicas`."""
-        live = {a.worker_id for a in self._fleet.values() if not a.draining}
-        change = partial(leave_above_minimum, worker=self.worker_id, live=live, min_replicas=min_replicas,
+        change = partial(leave_above_minimum, worker=self.worker_id, live=set(self.live()), min_replicas=min_replicas,
                          reason=reason)  # fmt: skip
         await self._change(model, change, "cannot take idle %s off this worker: %s")
 
     async def load_failed(self, model: str, reason: str) -> None:
         """Leave the placement with the reason, and hand the model to the next best worker (or record why none)."""
         change = partial(record_failed_load, model=model, worker=self.worker_id, error=reason,
-                         adverts=self._fleet.values(), pins=self._pins.values(),
+                         adverts=list(self.live().values()), pins=self._pins.values(),
                          placements=self._placements.values())  # fmt: skip
         await self._change(model, change, "cannot record the failed load of %s: %s")
 
-    async def keep_min_replicas(self) -> None:
-        """Place models with ``min_replicas`` or a pin before anyone asks.
+    async def keep_placed_when_lost(self) -> None:
+        """Run `keep_placed` as soon as a worker stops counting or drains, not only on the upkeep tick."""
+        while True:
+            await self.lost.wait()
+            self.lost.clear()
+            try:
+                await self.keep_placed()
+            except Exception:
+                log.exception("keeping pinned models placed failed")  # tried again on the next tick
 
-        Every worker computes the same choice; the chosen one places itself (the
-        compare-and-set keeps it to one). A pin to a worker places it there.
+    async def keep_placed(self) -> None:
+        """Keep pinned and ``min_replicas`` models of this worker's catalogue at their count, before anyone asks.
+
+        A model short of copies (never placed, or its worker died or drains) is
+        placed on the best live worker, which evicts idle unpinned models if it
+        must; every worker that notices writes the same change and the
+        compare-and-set lets one land. A pin to a worker places it there, by
+        that worker only.
         """
-        if self.draining.is_set():
-            return
-        live = {a.worker_id: a for a in self._fleet.values() if not a.draining}
+        live = self.live()
         for spec in self.catalogue:
             pin = self._pins.get(spec.id)
             placement = self._placements.get(spec.id)
-            serving = [w for w in (placement.workers if placement else []) if w in live]
-            if self.worker_id in serving:
-                continue
-            if pin is not None and pin.worker == self.worker_id:
-                if placement is None or self.worker_id not in placement.failed:
+            if pin is not None and pin.worker:
+                here = placement is not None and self.worker_id in placement.workers
+                mine = pin.worker == self.worker_id and not self.draining.is_set()
+                if mine and not here and (placement is None or self.worker_id not in placement.failed):
                     await self.place_here(spec.id, "pinned to this worker")
                 continue
-            wanted = max(spec.min_replicas, pin.replicas if pin is not None and not pin.worker else 0)
-            if len(serving) >= wanted:
-                continue
-            now = time.time()
-            if failed_recently(placement, now):
-                continue  # nobody could load it a moment ago: no endless retries
-            others = [a for w, a in live.items() if w not in serving]
-            pick = pick_worker(spec.id, others, self._pins.values(), exclude=recent_failures(placement, now),
-                               placements=self._placements.values())  # fmt: skip
-            choice = pick.without_eviction()
-            if choice is not None and choice.worker == self.worker_id:
-                await self.place_here(spec.id, f"keeping {wanted} replica(s) ({choice.reason})")
+            wanted = max(spec.min_replicas, pin.replicas if pin is not None else 0)
+            if len(serving_workers(placement, spec.id, live)) >= wanted or failed_recently(placement, time.time()):
+                continue  # the common case (or nobody could load it a moment ago), without a round trip to the broker
+            why = f"pinned, {pin.replicas} replica(s)" if pin is not None else f"min_replicas {spec.min_replicas}"
+            change = partial(keep_replicas, model=spec.id, wanted=wanted, why=why, live=live,
+                             pins=list(self._pins.values()), placements=list(self._placements.values()),
+                             now=time.time())  # fmt: skip
+            await self._change(spec.id, change, "cannot keep the replicas of %s: %s")

@@ -125,7 +125,7 @@ class Residency:
         self.placements.changed.set()  # cheap when nothing changed; heals a missed notification
         await self._measure_queues()
         await self._expire_idle()
-        await self.placements.keep_min_replicas()
+        await self.placements.keep_placed()
 
     async def stop_serving(self) -> None:
         """On shutdown: every pull loop stops within one fetch; a model still loading is abandoned.

@@ -9,6 +9,7 @@ import torch
 
 from cortex.protocol import Chunk, ChunkError, GenerateRequest, TokenLogprob, TopLogprob, Usage
 from cortex.protocol import messages as m
+from cortex.protocol.messages import Resume
 from cortex.worker.detokenize import IncrementalDetokenizer
 from cortex.worker.loader import LoadedModel
 from cortex.worker.output import OutputSplitter, Piece
@@ -69,13 +70,17 @@ class Sequence:
     prefilled: int = 0
     """Prompt tokens already in this sequence's cache (prefix hit + prefill chunks)."""
     seq_no: int = 0
-    unsent_tokens: int = 0
+    unsent_ids: list[int] = field(default_factory=list)
+    """Generated tokens not covered by a chunk yet (their text may be held back)."""
     unsent_logprobs: list[TokenLogprob] = field(default_factory=list)
     unsent_logprob_starts: list[int] = field(default_factory=list)
     """Where each unsent logprob's token starts in the text the stop matcher was given."""
     done: bool = False
     clamped_to: int = 0
     """The token limit, when the asked one was lowered to fit the context (told to the gateway once)."""
+    _replaying: bool = field(default=False, init=False, repr=False)
+    """While `resume` takes the tokens an earlier attempt delivered: chunks are built, not sent."""
+    _replayed_end: Chunk | None = field(default=None, init=False, repr=False)
 
     @property
     def request_id(self) -> str:
@@ -112,7 +117,7 @@ class Sequence:
             request_id=self.request_id,
             seq=self.seq_no,
             text=piece.text,
-            tokens=self.unsent_tokens,
+            tokens=len(self.unsent_ids),
             prompt_tokens=len(self.prompt_ids) if self.seq_no == 0 else 0,
             completion_tokens=len(self.generated_ids),
             finish_reason=finish,
@@ -124,12 +129,52 @@ class Sequence:
             logprobs=self.unsent_logprobs,
             reasoning=piece.reasoning,
             max_tokens=self.clamped_to if self.seq_no == 0 else 0,
+            token_ids=self.unsent_ids,
         )
         self.seq_no += 1
-        self.unsent_tokens = 0
+        self.unsent_ids = []
         self.unsent_logprobs = []
         self.unsent_logprob_starts = []
-        self.emit(chunk)
+        if not self._replaying:
+            self.emit(chunk)
+        elif chunk.final:
+            self._replayed_end = chunk
+
+    def resume(self, resume: Resume) -> None:
+        """Continue an answer another worker started: take the tokens it delivered as if generated here.
+
+        Each token goes through `accept` as it did there (detokenizer, thinking,
+        tool calls, stop strings, limits, counters) but nothing is sent: the
+        client has it. Text the first worker held back (a partial stop string,
+        an incomplete character or tool tag) is held back here too, and goes out
+        later, as it would have. Grammar and penalty processors catch up on
+        `generated_ids` at the next step; the engine recomputes the KV of prompt
+        and tokens as it does for a preempted sequence. The next chunk is
+        `resume.seq`: a status chunk naming this worker, so the gateway watches
+        the right one while that recomputation runs.
+        """
+        self._replaying = True
+        try:
+            for token in resume.token_ids:
+                if self.done:
+                    break
+                self.accept(token, now=0.0)  # no deadline check: the next generated token does it
+        finally:
+            self._replaying = False
+        self.seq_no = resume.seq
+        self.unsent_ids, self.unsent_logprobs, self.unsent_logprob_starts = [], [], []
+        if self._replayed_end is not None:
+            # The delivered tokens already end the answer (an end token, the limit): just say so.
+            end = self._replayed_end
+            self.emit(Chunk(request_id=self.request_id, seq=self.seq_no, completion_tokens=end.completion_tokens,
+                            finish_reason=end.finish_reason, usage=end.usage, worker_id=self.worker_id,
+                            stop_sequence=end.stop_sequence))  # fmt: skip
+            self.seq_no += 1
+            return
+        if self.seq_no:
+            self.emit(Chunk(request_id=self.request_id, seq=self.seq_no, completion_tokens=len(self.generated_ids),
+                            worker_id=self.worker_id))  # fmt: skip
+            self.seq_no += 1
 
     def finish(self, *, error: ChunkError | None = None) -> None:
         """End the answer abnormally (an error, a cancellation)."""
@@ -192,7 +237,7 @@ class Sequence:
     def accept(self, token: int, now: float, logprob: TokenLogprob | None = None) -> None:
         """Take one sampled token: emit its text, or finish (end token, stop string, limit, deadline)."""
         self.generated_ids.append(token)
-        self.unsent_tokens += 1
+        self.unsent_ids.append(token)
         ended = token in self.loaded.eos_ids and not self.request.sampling.ignore_eos
         if logprob is not None and not ended:  # the end token is no part of the answer's text
             self.unsent_logprobs.append(logprob)

@@ -7,7 +7,7 @@ events, never this object):
 - `cortex.worker.publisher.ChunkPublisher`: the engine's chunks out to their reply subjects;
 - `cortex.worker.placements.Placements`: the fleet's decisions as watched, and this worker's writes to them;
 - `cortex.worker.residency.Residency`: which models are loaded; loads, unloads, evictions, keep_alive;
-- `cortex.worker.advert.Advertiser`: the advert and the lifecycle counters in it.
+- `cortex.worker.advert.Advertiser`: the advert, the lifecycle counters in it, and the heartbeat.
 
 What runs here is the start-up, the upkeep timer and the shutdown sequence, so
 their order can be read in one place.
@@ -74,9 +74,11 @@ class WorkerService:
         """Serve until `stop` is called; then finish what is in flight and withdraw."""
         parts = self._assemble(Outbox(asyncio.get_running_loop()))
         requests, residency, placements = parts.requests, parts.residency, parts.placements
+        # Alive until the advert is withdrawn, through the graceful drain too.
+        heartbeat = asyncio.create_task(parts.advertiser.beat(), name="heartbeat")
         await residency.advertise()
         cancel_sub = await self.bus.subscribe(names.cancel_subject(), requests.on_cancel)
-        await self.bus.watch_fleet(placements.on_advert)
+        await self.bus.watch_fleet(placements.on_fleet)
         await self.bus.watch_decisions(placements.on_decision)
         for spec in self.serve:
             await placements.place_here(spec.id, "loaded at start (--model)")
@@ -85,6 +87,7 @@ class WorkerService:
             asyncio.create_task(self._upkeep_loop(residency, parts.advertiser), name="advert"),
             asyncio.create_task(requests.progress_loop(), name="in-progress"),
             asyncio.create_task(residency.reconcile_loop(), name="reconcile"),
+            asyncio.create_task(placements.keep_placed_when_lost(), name="keep-placed"),
         ]
         await self._stopping.wait()
         await residency.stop_serving()
@@ -96,6 +99,8 @@ class WorkerService:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await requests.release_all(Outcome.STOPPING)
+        heartbeat.cancel()
+        await asyncio.gather(heartbeat, return_exceptions=True)
         await parts.advertiser.withdraw()
 
     def stop(self) -> None:
