@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -155,6 +156,37 @@ def start_gateway(nats_url: str, log_dir: Path, *extra: str) -> Gateway:
 
     wait_for(healthy, timeout=STARTUP_TIMEOUT_S, what="gateway /health", proc=proc)
     return gateway
+
+
+@contextmanager
+def serving_model(
+    nats_url: str,
+    logs_dir: Path,
+    catalogue_dir: Path,
+    folder: Path,
+    model: str,
+    *,
+    context_length: int,
+    worker_id: str,
+) -> Iterator[Gateway]:
+    """A worker serving the model in `folder` as `model` (loaded at start, never unloaded), and a gateway for it."""
+    catalogue = catalogue_dir / "models.toml"
+    catalogue.write_text(
+        f'[[models]]\nid = "{model}"\npath = "{folder}"\ndtype = "float32"\n'
+        f"context_length = {context_length}\nkeep_alive = -1\n"
+    )
+    worker = start_worker(nats_url, catalogue, logs_dir / f"worker-{model}.log", "--model", model,
+                          "--device", "cpu", "--slots", "2", "--worker-id", worker_id)  # fmt: skip
+    gateway = None
+    try:
+        gateway = start_gateway(nats_url, logs_dir)
+        wait_for(lambda: model in ready_models(gateway.base_url), timeout=STARTUP_TIMEOUT_S,
+                 what=f"{model} ready", proc=worker)  # fmt: skip
+        yield gateway
+    finally:
+        if gateway is not None:
+            stop_process(gateway.proc)
+        stop_process(worker)
 
 
 @pytest.fixture(scope="session")

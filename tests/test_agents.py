@@ -22,15 +22,7 @@ import openai
 import pytest
 
 from cortex.broker.server import EmbeddedNats
-from tests.conftest import (
-    STARTUP_TIMEOUT_S,
-    Gateway,
-    ready_models,
-    start_gateway,
-    start_worker,
-    stop_process,
-    wait_for,
-)
+from tests.conftest import Gateway, serving_model
 from tests.test_claude_code import check_schema
 from tests.tiny_model import CORPUS, build_brief_model
 
@@ -95,23 +87,9 @@ def brief_gateway(nats_server: EmbeddedNats, tmp_path_factory: pytest.TempPathFa
                   logs_dir: Path) -> Iterator[Gateway]:  # fmt: skip
     folder = build_brief_model(tmp_path_factory.mktemp("brief-model"), BRIEF_CORPUS, vocab_size=1024,
                                max_positions=CONTEXT)  # fmt: skip
-    catalogue = tmp_path_factory.mktemp("brief-catalogue") / "models.toml"
-    catalogue.write_text(
-        f'[[models]]\nid = "{MODEL}"\npath = "{folder}"\ndtype = "float32"\n'
-        f"context_length = {CONTEXT}\nkeep_alive = -1\n"
-    )
-    worker = start_worker(nats_server.url, catalogue, logs_dir / "worker-brief.log", "--model", MODEL,
-                          "--device", "cpu", "--slots", "2", "--worker-id", "test-worker-brief")  # fmt: skip
-    gateway = None
-    try:
-        gateway = start_gateway(nats_server.url, logs_dir)
-        wait_for(lambda: MODEL in ready_models(gateway.base_url), timeout=STARTUP_TIMEOUT_S,
-                 what=f"{MODEL} ready", proc=worker)  # fmt: skip
+    with serving_model(nats_server.url, logs_dir, tmp_path_factory.mktemp("brief-catalogue"), folder, MODEL,
+                       context_length=CONTEXT, worker_id="test-worker-brief") as gateway:  # fmt: skip
         yield gateway
-    finally:
-        if gateway is not None:
-            stop_process(gateway.proc)
-        stop_process(worker)
 
 
 @pytest.fixture(scope="module")

@@ -37,16 +37,7 @@ import httpx
 import pytest
 
 from cortex.broker.server import EmbeddedNats
-from tests.conftest import (
-    STARTUP_TIMEOUT_S,
-    Gateway,
-    metric,
-    ready_models,
-    start_gateway,
-    start_worker,
-    stop_process,
-    wait_for,
-)
+from tests.conftest import Gateway, metric, serving_model
 from tests.tiny_model import build_brief_model
 
 CLAUDE_CODE_VERSION = "2.1.328"
@@ -182,23 +173,9 @@ def long_gateway(nats_server: EmbeddedNats, tmp_path_factory: pytest.TempPathFac
                  logs_dir: Path) -> Iterator[Gateway]:  # fmt: skip
     folder = build_brief_model(tmp_path_factory.mktemp("tiny-long"), prompt_texts(captured_request()),
                                max_positions=CONTEXT_LENGTH)  # fmt: skip
-    catalogue = tmp_path_factory.mktemp("long-catalogue") / "models.toml"
-    catalogue.write_text(
-        f'[[models]]\nid = "{LONG_MODEL}"\npath = "{folder}"\ndtype = "float32"\n'
-        f"context_length = {CONTEXT_LENGTH}\nkeep_alive = -1\n"
-    )
-    worker = start_worker(nats_server.url, catalogue, logs_dir / "worker-long.log", "--model", LONG_MODEL,
-                          "--device", "cpu", "--slots", "2", "--worker-id", "test-worker-long")  # fmt: skip
-    gateway = None
-    try:
-        gateway = start_gateway(nats_server.url, logs_dir)
-        wait_for(lambda: LONG_MODEL in ready_models(gateway.base_url), timeout=STARTUP_TIMEOUT_S,
-                 what=f"{LONG_MODEL} ready", proc=worker)  # fmt: skip
+    with serving_model(nats_server.url, logs_dir, tmp_path_factory.mktemp("long-catalogue"), folder, LONG_MODEL,
+                       context_length=CONTEXT_LENGTH, worker_id="test-worker-long") as gateway:  # fmt: skip
         yield gateway
-    finally:
-        if gateway is not None:
-            stop_process(gateway.proc)
-        stop_process(worker)
 
 
 def gateway_log(gateway: Gateway, logs_dir: Path, tail: int = 6000) -> str:
