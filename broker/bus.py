@@ -7,8 +7,8 @@ translated into `cortex.broker.errors` here and nowhere else.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -21,8 +21,9 @@ from nats.js.errors import APIError, KeyDeletedError, KeyNotFoundError, KeyWrong
 from nats.js.kv import KeyValue
 
 from cortex.broker import provision
-from cortex.broker.connection import connect
+from cortex.broker.connection import Link, connect
 from cortex.broker.errors import BrokerUnavailable, NotProvisioned, PayloadTooLarge, QueueFull
+from cortex.broker.watch import FleetHandler, Watch
 from cortex.protocol import names
 
 log = logging.getLogger("cortex.broker")
@@ -33,11 +34,9 @@ _QUEUE_FULL_CODES = frozenset({10077, 10054, 10026})
 # nats-py's KV raises KeyWrongLastSequenceError for them; a plain APIError carrying one (another nats-py,
 # another path) is the same lost race. Matched by code: the description text is no API.
 _WRONG_LAST_SEQUENCE_CODES = frozenset({10071, 10164})
-_KV_DELETE_OPS = frozenset({"DEL", "PURGE"})
+_NO_MESSAGE_CODE = 10037  # JSNoMessageFoundErr: the sequence asked for is not (or no longer) in the stream
 
 ReplyHandler = Callable[[str, bytes], None]
-FleetHandler = Callable[[str, bytes | None], None]
-"""Called with (key, value) for a put and (key, None) for a delete or expiry."""
 
 
 class Delivery:
@@ -116,40 +115,59 @@ class Bus:
         await bus.close()
     """
 
-    def __init__(self, nc: NATS, js: JetStreamContext, buckets: provision.Buckets) -> None:
+    def __init__(self, nc: NATS, js: JetStreamContext, buckets: provision.Buckets, link: Link | None = None) -> None:
         self._nc = nc
         self._js = js
+        self._link = link or Link()
         self._fleet = buckets.fleet
         self._responses = buckets.responses
         self._placement = buckets.placement
         self._alive = buckets.alive
-        self._tasks: list[asyncio.Task[None]] = []
+        self._watches: list[Watch] = []
 
     @classmethod
     async def open(cls, url: str, *, name: str) -> Bus:
-        nc = await connect(url, name=name)
+        link = Link()
+        nc = await connect(url, name=name, link=link)
         js = nc.jetstream(timeout=5.0)
         try:
-            buckets = await provision.ensure_all(js)
+            buckets = await provision.ensure_all(js, provision.replicas_for(nc))
         except Exception as exc:
             await nc.close()
             raise BrokerUnavailable(f"cannot provision JetStream at {url} (is JetStream enabled?): {exc}") from exc
-        return cls(nc, js, buckets)
+        return cls(nc, js, buckets, link)
 
     @property
     def connected(self) -> bool:
         return bool(self._nc.is_connected)
 
     @property
+    def reconnects(self) -> int:
+        """How many times the connection has come back after a break."""
+        return self._link.reconnects
+
+    def settling(self) -> bool:
+        """Whether this process's view of the fleet may be stale: the connection is down, or a watch is being made
+        again or was, less than `watch.SETTLE_S` ago (after a reconnect, or its consumer lost; `cortex.broker.watch`).
+
+        While cut off, a process hears no heartbeats, though the workers go on
+        writing them (or cannot write them either): every worker seems gone. Until
+        this is False again, no worker should be judged dead by its silence, nor any
+        placement decided from the view. Not after the first connection: what the
+        watches bring then is all there is to know.
+        """
+        if not self.connected:
+            return True
+        now = time.monotonic()
+        return any(watch.settling(now) for watch in self._watches)
+
+    @property
     def max_payload(self) -> int:
         return int(self._nc.max_payload)
 
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        for watch in self._watches:
+            await watch.stop()
         try:
             await self._nc.drain()
         except Exception as exc:
@@ -158,12 +176,13 @@ class Bus:
 
     # -- requests -----------------------------------------------------------
 
-    async def publish_request(self, model: str, payload: bytes, *, msg_id: str) -> None:
-        """Queue a request durably; raises QueueFull, PayloadTooLarge or BrokerUnavailable."""
+    async def publish_request(self, model: str, payload: bytes, *, msg_id: str) -> int:
+        """Queue a request durably and return its sequence in the stream; raises QueueFull, PayloadTooLarge or
+        BrokerUnavailable."""
         if len(payload) > self.max_payload:
             raise PayloadTooLarge(f"request is {len(payload)} bytes; the broker accepts at most {self.max_payload}")
         try:
-            await self._js.publish(names.request_subject(model), payload, headers={"Nats-Msg-Id": msg_id})
+            ack = await self._js.publish(names.request_subject(model), payload, headers={"Nats-Msg-Id": msg_id})
         except APIError as exc:
             if exc.err_code in _QUEUE_FULL_CODES:
                 raise QueueFull(f"the request queue for {model} is full") from exc
@@ -174,6 +193,23 @@ class Bus:
             raise PayloadTooLarge(str(exc)) from exc
         except (nats.errors.Error, TimeoutError) as exc:  # timeout, closed, draining, buffer full...
             raise BrokerUnavailable(f"broker did not accept the request: {exc!r}") from exc
+        return int(ack.seq)
+
+    async def request_settled(self, seq: int) -> bool:
+        """Whether the request at `seq` has left the stream: a worker acked it (its final chunk is out) or termed it.
+
+        The request stream is a work queue: a message stays there, delivered or not,
+        until a worker settles it for good; a nak leaves it.
+        """
+        try:
+            await self._js.get_msg(names.REQUEST_STREAM, seq)
+        except APIError as exc:
+            if exc.err_code == _NO_MESSAGE_CODE:
+                return True
+            raise BrokerUnavailable(f"cannot look up request {seq}: {exc.description}") from exc
+        except (nats.errors.Error, TimeoutError) as exc:
+            raise BrokerUnavailable(f"cannot look up request {seq}: {exc!r}") from exc
+        return False
 
     async def pull_queue(self, model: str) -> PullQueue:
         try:
@@ -308,7 +344,7 @@ class Bus:
 
     async def watch_decisions(self, handler: FleetHandler) -> None:
         """Start calling `handler` for every change of the placement bucket, in the background."""
-        await self._watch(self._placement, handler, "cortex-placement-watch")
+        await self._watch(names.PLACEMENT_BUCKET, self._placement, handler)
 
     async def read_fleet(self) -> dict[str, bytes]:
         """Every live key of the fleet bucket and its value."""
@@ -338,26 +374,13 @@ class Bus:
         heartbeat that expired or was withdrawn comes as (key, None).
         `cortex.protocol.liveness.LiveFleet` takes both.
         """
-        await self._watch(self._fleet, handler, "cortex-fleet-watch")
-        await self._watch(self._alive, handler, "cortex-alive-watch")
+        await self._watch(names.FLEET_BUCKET, self._fleet, handler)
+        await self._watch(names.ALIVE_BUCKET, self._alive, handler)
 
-    async def _watch(self, bucket: KeyValue, handler: FleetHandler, name: str) -> None:
-        watcher = await bucket.watchall()
-
-        async def pump() -> None:
-            try:
-                async for entry in watcher:
-                    if entry is None:
-                        continue
-                    if entry.operation in _KV_DELETE_OPS:
-                        handler(entry.key, None)
-                    else:
-                        handler(entry.key, entry.value)
-            finally:
-                with contextlib.suppress(Exception):
-                    await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
-
-        self._tasks.append(asyncio.create_task(pump(), name=name))
+    async def _watch(self, bucket_name: str, bucket: KeyValue, handler: FleetHandler) -> None:
+        watch = Watch(self._js, bucket_name, bucket, handler, f"{bucket_name}-watch", self._link)
+        await watch.start()
+        self._watches.append(watch)
 
 
 def _present(snapshot: dict[str, bytes | None]) -> dict[str, bytes]:

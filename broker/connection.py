@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from dataclasses import dataclass, field
 
 import nats
 from nats.aio.client import Client as NATS
@@ -15,12 +17,43 @@ log = logging.getLogger("cortex.broker")
 DEFAULT_URL = "nats://127.0.0.1:4222"
 
 
-async def connect(url: str = DEFAULT_URL, *, name: str, connect_timeout: float = 5.0) -> NATS:
+@dataclass
+class Link:
+    """What a connection's callbacks report: whether it is up, since when, and each time it comes back.
+
+    nats-py sends a connection's core subscriptions again by itself after a
+    reconnect, and flushes what was published meanwhile; state the server kept
+    in memory (the ordered consumers behind KV watches) may be gone, though:
+    whoever holds such state waits on `reconnected` and builds it again.
+    """
+
+    up_since: float | None = field(default_factory=time.monotonic)
+    """When (monotonic) the connection last came up; None while it is down."""
+    reconnects: int = 0
+    _came_back: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def lost(self) -> None:
+        self.up_since = None
+
+    def regained(self) -> None:
+        self.up_since = time.monotonic()
+        self.reconnects += 1
+        self._came_back.set()
+        self._came_back = asyncio.Event()
+
+    async def reconnected(self, after: int) -> None:
+        """Return once the connection has come back more than `after` times in all."""
+        while self.reconnects <= after:
+            await self._came_back.wait()
+
+
+async def connect(url: str = DEFAULT_URL, *, name: str, connect_timeout: float = 5.0, link: Link | None = None) -> NATS:
     """Connect, then retry forever on disconnects (``max_reconnect_attempts=-1``).
 
     The first connection is not retried beyond `connect_timeout`: a wrong URL at
     start-up should fail loudly, not hang. `url` may list a cluster's servers,
     comma-separated; the client also learns the others from the one it reaches.
+    `link`, if given, follows the connection's breaks and returns.
 
     ::
 
@@ -36,9 +69,13 @@ async def connect(url: str = DEFAULT_URL, *, name: str, connect_timeout: float =
 
     async def on_disconnected() -> None:
         log.info("nats disconnected (%s)", name)
+        if link is not None:
+            link.lost()
 
     async def on_reconnected() -> None:
         log.info("nats reconnected (%s)", name)
+        if link is not None:
+            link.regained()
 
     try:
         connecting = nats.connect(

@@ -2,12 +2,26 @@
 
 Every function may run at every start of every process: it creates what is
 missing and brings an existing object's configuration up to date.
+
+Replicas: on a cluster of three or more JetStream servers the request stream and
+every bucket are kept on three of them (``num_replicas=3``), so one server may
+die, or restart, without losing a queued request, an advert or a placement; on a
+single server they have one copy (all a single server allows). The count comes
+from the server the process connected to (`replicas_for`). An existing stream or
+bucket is scaled up to it, never down: a cluster that has lost a node for now
+still means three, and fewer copies is an operator's decision
+(``nats stream edit KV_cortex-fleet --replicas 1``). Durable consumers inherit
+their stream's count.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
+from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
@@ -24,6 +38,8 @@ from nats.js.kv import KeyValue
 from cortex.broker.errors import BrokerUnavailable
 from cortex.protocol import names
 
+log = logging.getLogger("cortex.broker")
+
 MAX_QUEUED_PER_MODEL = 10_000
 """Requests waiting per model before new ones are refused (HTTP 429)."""
 
@@ -32,6 +48,8 @@ DUPLICATE_WINDOW_S = 120.0
 ACK_WAIT_S = 30.0
 """A worker that neither acks nor reports progress for this long loses the request to another."""
 MAX_DELIVER = 5
+CLUSTER_REPLICAS = 3
+"""Copies of the stream and of each bucket on a cluster of at least this many servers (else one)."""
 
 
 @dataclass(frozen=True)
@@ -44,7 +62,23 @@ class Buckets:
     alive: KeyValue
 
 
-def request_stream_config() -> StreamConfig:
+def cluster_replicas(server_info: Mapping[str, Any]) -> int:
+    """`CLUSTER_REPLICAS` when the server's INFO says it is one of a cluster of at least that many, else 1.
+
+    A clustered server names its cluster (``cluster``) and lists every member's
+    client URL, its own included (``connect_urls``); a single server has neither.
+    """
+    if not server_info.get("cluster") or len(server_info.get("connect_urls") or ()) < CLUSTER_REPLICAS:
+        return 1
+    return CLUSTER_REPLICAS
+
+
+def replicas_for(nc: NATS) -> int:
+    """The replica count for the stream and buckets on the server `nc` is connected to."""
+    return cluster_replicas(nc._server_info)  # nats-py keeps the server's INFO only here
+
+
+def request_stream_config(replicas: int = 1) -> StreamConfig:
     return StreamConfig(
         name=names.REQUEST_STREAM,
         description="Cortex generation requests, one subject per model",
@@ -57,17 +91,18 @@ def request_stream_config() -> StreamConfig:
         max_msg_size=MAX_REQUEST_BYTES,
         max_age=24 * 3600.0,
         duplicate_window=DUPLICATE_WINDOW_S,
-        num_replicas=1,
+        num_replicas=replicas,
     )
 
 
-async def ensure_request_stream(js: JetStreamContext) -> None:
-    config = request_stream_config()
+async def ensure_request_stream(js: JetStreamContext, replicas: int = 1) -> None:
+    config = request_stream_config(replicas)
     try:
-        await js.stream_info(names.REQUEST_STREAM)
+        info = await js.stream_info(names.REQUEST_STREAM)
     except NotFoundError:
         await js.add_stream(config)
         return
+    config.num_replicas = max(replicas, info.config.num_replicas or 1)  # never scaled down here
     await js.update_stream(config)
 
 
@@ -95,42 +130,54 @@ async def ensure_model_consumer(js: JetStreamContext, model: str) -> str:
 
 async def _ensure_bucket(js: JetStreamContext, config: KeyValueConfig) -> KeyValue:
     try:
-        return await js.key_value(config.bucket)
+        bucket = await js.key_value(config.bucket)
     except Exception:  # nats-py raises BucketNotFoundError or NotFoundError by version
         return await js.create_key_value(config)
+    await _scale_up(js, f"KV_{config.bucket}", config.replicas)
+    return bucket
 
 
-async def ensure_fleet_bucket(js: JetStreamContext) -> KeyValue:
+async def _scale_up(js: JetStreamContext, stream: str, replicas: int) -> None:
+    """Give a bucket's stream `replicas` copies if it has fewer (nats-py's KV has no update; its stream does)."""
+    info = await js.stream_info(stream)
+    if (info.config.num_replicas or 1) < replicas:
+        log.info("scaling %s up to %d replicas", stream, replicas)
+        info.config.num_replicas = replicas
+        await js.update_stream(info.config)
+
+
+async def ensure_fleet_bucket(js: JetStreamContext, replicas: int = 1) -> KeyValue:
     return await _ensure_bucket(
         js,
         KeyValueConfig(
             bucket=names.FLEET_BUCKET, description="Cortex worker adverts (expire by TTL)", history=1,
-            ttl=names.ADVERT_TTL_S, storage=StorageType.FILE,
+            ttl=names.ADVERT_TTL_S, storage=StorageType.FILE, replicas=replicas,
         ),
     )  # fmt: skip
 
 
-async def ensure_responses_bucket(js: JetStreamContext) -> KeyValue:
+async def ensure_responses_bucket(js: JetStreamContext, replicas: int = 1) -> KeyValue:
     return await _ensure_bucket(
         js,
         KeyValueConfig(
             bucket=names.RESPONSES_BUCKET, description="Cortex stored responses (OpenAI Responses API `store`)",
             history=1, ttl=names.RESPONSES_TTL_S, storage=StorageType.FILE, max_value_size=MAX_REQUEST_BYTES,
+            replicas=replicas,
         ),
     )  # fmt: skip
 
 
-async def ensure_placement_bucket(js: JetStreamContext) -> KeyValue:
+async def ensure_placement_bucket(js: JetStreamContext, replicas: int = 1) -> KeyValue:
     return await _ensure_bucket(
         js,
         KeyValueConfig(
             bucket=names.PLACEMENT_BUCKET, description="Cortex placements, pins and drains (kept until changed)",
-            history=8, storage=StorageType.FILE,
+            history=8, storage=StorageType.FILE, replicas=replicas,
         ),
     )  # fmt: skip
 
 
-async def ensure_alive_bucket(js: JetStreamContext) -> KeyValue:
+async def ensure_alive_bucket(js: JetStreamContext, replicas: int = 1) -> KeyValue:
     """Heartbeats, each key expiring on its own.
 
     No bucket TTL: every heartbeat is written with a per-message TTL, and a key
@@ -144,16 +191,17 @@ async def ensure_alive_bucket(js: JetStreamContext) -> KeyValue:
             js,
             KeyValueConfig(
                 bucket=names.ALIVE_BUCKET, description="Cortex worker heartbeats (each key expires on its own)",
-                history=1, storage=StorageType.FILE, limit_marker_ttl=names.HEARTBEAT_GONE_S,
+                history=1, storage=StorageType.FILE, limit_marker_ttl=names.HEARTBEAT_GONE_S, replicas=replicas,
             ),
         )  # fmt: skip
     except KeyValueLimitMarkerTTLNotSupportedError as exc:
         raise BrokerUnavailable(f"the {names.ALIVE_BUCKET} bucket needs nats-server 2.11 or newer") from exc
 
 
-async def ensure_all(js: JetStreamContext) -> Buckets:
-    await ensure_request_stream(js)
+async def ensure_all(js: JetStreamContext, replicas: int = 1) -> Buckets:
+    """The request stream and every bucket, each with `replicas` copies (`replicas_for` the server)."""
+    await ensure_request_stream(js, replicas)
     return Buckets(
-        fleet=await ensure_fleet_bucket(js), responses=await ensure_responses_bucket(js),
-        placement=await ensure_placement_bucket(js), alive=await ensure_alive_bucket(js),
+        fleet=await ensure_fleet_bucket(js, replicas), responses=await ensure_responses_bucket(js, replicas),
+        placement=await ensure_placement_bucket(js, replicas), alive=await ensure_alive_bucket(js, replicas),
     )  # fmt: skip

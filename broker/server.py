@@ -8,6 +8,10 @@ the command line so several servers can run side by side.
 
     with EmbeddedNats(store_dir=Path("/tmp/nats"), port=0) as server:
         print(server.url)   # nats://127.0.0.1:<free port>
+
+A server stopped (`stop`, SIGTERM) or killed (`kill`, SIGKILL) comes back with
+`start` on the same port and store: what JetStream kept on file is there again.
+Three of them with a `ClusterNode` each form a JetStream cluster.
 """
 
 from __future__ import annotations
@@ -113,9 +117,12 @@ class EmbeddedNats:
         config: Path | None = None,
         log_file: Path | None = None,
         cluster: ClusterNode | None = None,
+        monitor_port: int | None = None,
     ) -> None:
         self.store_dir = store_dir
         self.cluster = cluster
+        self.monitor_port = monitor_port
+        """The HTTP monitoring port (``/connz``, ``/jsz``, ...), if any."""
         self.host = host
         self.port = port
         self.config = config if config is not None else default_config()
@@ -146,6 +153,8 @@ class EmbeddedNats:
         ]  # fmt: skip
         if self.cluster is not None:
             args += self.cluster.args()
+        if self.monitor_port is not None:
+            args += ["-m", str(self.monitor_port)]
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         try:
             self._proc = subprocess.Popen(
@@ -185,6 +194,16 @@ class EmbeddedNats:
         proc, self._proc = self._proc, None
         if proc is not None:
             stop_processes([proc], timeout)
+        if self._ports_dir is not None:
+            self._ports_dir.cleanup()
+            self._ports_dir = None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no goodbye to its clients or its cluster. `start` brings it back on its store."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            proc.kill()
+            proc.wait()
         if self._ports_dir is not None:
             self._ports_dir.cleanup()
             self._ports_dir = None

@@ -13,6 +13,15 @@ the stream cancels that attempt and republishes the request as a new attempt
 the same seq numbering, so the client sees one answer. Chunks of an attempt
 given up are dropped by their request id. A stream fails over at most
 ``failovers`` times; the next failure is the 502 it always was.
+
+Broker faults: while this gateway is cut off from NATS, or just back
+(`Bus.settling`), it hears no heartbeats, so a silent worker is not taken for
+dead then. Chunks are core NATS messages: those sent while the gateway (or the
+worker) was cut off are lost. A lost chunk in the middle shows as a gap in
+``seq``; lost last chunks leave none, so an answer that has gone quiet asks the
+broker whether its request is still in the stream (`ReplyStream._lost`): a
+worker acks it only once its final chunk is out, so gone without an end means
+lost, and the answer fails over like any other.
 """
 
 from __future__ import annotations
@@ -44,6 +53,11 @@ LIVENESS_CHECK_S = 0.5
 failover starts this soon after the fleet view stops counting the worker."""
 WAITING_CHECK_S = 2.0
 """How often a request no worker has taken yet checks that one will (load on demand: it may write to the broker)."""
+SILENCE_CHECK_S = 2.0
+"""How long an answer may go without a chunk before it asks the broker whether its end was lost (then as often)."""
+REPUBLISH_PATIENCE_S = 30.0
+"""How long a failover keeps trying to publish its attempt while the broker cannot take it (a cluster that lost a
+node elects new leaders for the streams it led, which takes seconds): the client is mid-answer, a 503 would end it."""
 
 
 class Relay:
@@ -78,15 +92,15 @@ class Relay:
         `failovers` times, calling `on_failover` each time (metrics).
         """
         queue: asyncio.Queue[bytes] = asyncio.Queue()
-        await self._publish(request, queue)
-        return ReplyStream(self, request, queue, failovers=failovers, on_failover=on_failover)
+        seq = await self._publish(request, queue)
+        return ReplyStream(self, request, queue, seq, failovers=failovers, on_failover=on_failover)
 
-    async def _publish(self, request: GenerateRequest, queue: asyncio.Queue[bytes]) -> None:
-        """Route `request`'s replies to `queue` and publish it, with its id as ``Nats-Msg-Id``."""
+    async def _publish(self, request: GenerateRequest, queue: asyncio.Queue[bytes]) -> int:
+        """Route `request`'s replies to `queue` and publish it, with its id as ``Nats-Msg-Id``; its stream sequence."""
         self._queues[request.request_id] = queue
         published = False
         try:
-            await self.bus.publish_request(request.model, codec.encode(request), msg_id=request.request_id)
+            seq = await self.bus.publish_request(request.model, codec.encode(request), msg_id=request.request_id)
             published = True
         except broker_errors.PayloadTooLarge as exc:
             raise errors.PayloadTooLarge(f"The request is too large: {exc}") from exc
@@ -97,12 +111,21 @@ class Relay:
         finally:
             if not published:
                 self._queues.pop(request.request_id, None)
+        return seq
 
-    async def _switch(self, old_id: str, attempt: GenerateRequest, queue: asyncio.Queue[bytes]) -> None:
+    async def _switch(self, old_id: str, attempt: GenerateRequest, queue: asyncio.Queue[bytes]) -> int:
         """Give up attempt `old_id` (its chunks are dropped from now on, its worker told to stop), publish `attempt`."""
         self._queues.pop(old_id, None)
         await self._cancel(old_id)
-        await self._publish(attempt, queue)
+        give_up = time.monotonic() + REPUBLISH_PATIENCE_S
+        while True:
+            try:
+                return await self._publish(attempt, queue)
+            except errors.NoCapacity as exc:
+                if time.monotonic() >= give_up or (attempt.deadline and time.time() >= attempt.deadline):
+                    raise
+                log.info("attempt %s not published yet, trying again: %s", attempt.request_id, exc.message)
+                await asyncio.sleep(LIVENESS_CHECK_S)
 
     def _close(self, request_id: str) -> None:
         self._queues.pop(request_id, None)
@@ -139,6 +162,7 @@ class ReplyStream:
         relay: Relay,
         request: GenerateRequest,
         queue: asyncio.Queue[bytes],
+        seq: int = 0,
         *,
         failovers: int = 0,
         on_failover: Callable[[], None] | None = None,
@@ -164,6 +188,12 @@ class ReplyStream:
         self._abandoned = False
         self._interrupted = ""
         """Why the last failover happened, while its attempt has no worker yet."""
+        self._seq_in_stream = seq
+        """The current attempt's sequence in the request stream (`_lost` looks it up)."""
+        self._heard_at = self._next_check = time.monotonic()
+        """When the current attempt was published or its last chunk came; when `_lost` may ask next."""
+        self._reconnects = relay.bus.reconnects
+        """The gateway's reconnects counted when `_lost` last asked (or at the publish)."""
 
     async def next(self, patience: float | None = None) -> Chunk:
         """The next chunk; raises DeadlineExceeded, UpstreamError, Abandoned, or StillWaiting after `patience` s.
@@ -189,6 +219,7 @@ class ReplyStream:
                 )
                 continue
             self._next_seq += 1
+            self._heard_at = time.monotonic()
             self._interrupted = ""
             self.delivered += chunk.token_ids
             self._covered += chunk.tokens
@@ -224,9 +255,16 @@ class ReplyStream:
                     return await self._queue.get()
             except TimeoutError:
                 pass
+            if self._relay.bus.settling():
+                continue  # this gateway has been deaf to the fleet: silence proves nothing yet
             if self.worker_id and not self._relay.is_live(self.worker_id):
                 await self._fail_over(
                     f"Worker {self.worker_id} stopped answering in the middle of the request (it left the fleet)."
+                )
+            elif await self._lost():
+                await self._fail_over(
+                    f"The answer's last chunks were lost on the way (worker {self.worker_id or 'unknown'} finished it "
+                    "while a connection to the broker was broken)."
                 )
             elif not self.worker_id and self._relay.check_waiting is not None:
                 try:
@@ -236,6 +274,27 @@ class ReplyStream:
                         raise
                     # Still the interrupted answer's failure, naming the worker that died, not a fresh 503.
                     raise errors.UpstreamError(f"{self._interrupted} No other worker can continue it: {exc}") from exc
+
+    async def _lost(self) -> bool:
+        """Whether the current attempt's answer is over, though its end never came: its request left the stream.
+
+        Asked of a started answer silent for `SILENCE_CHECK_S` (then as often), and
+        of one not started yet once after each reconnect of this gateway: a request
+        waiting in the queue loses nothing, unless a worker took and answered it
+        while the gateway was away.
+        """
+        now = time.monotonic()
+        if now - self._heard_at < SILENCE_CHECK_S or now < self._next_check:
+            return False
+        reconnects = self._relay.bus.reconnects
+        if not self.worker_id and reconnects == self._reconnects:
+            return False
+        self._next_check, self._reconnects = now + SILENCE_CHECK_S, reconnects
+        try:
+            return await self._relay.bus.request_settled(self._seq_in_stream)
+        except broker_errors.BrokerError as exc:
+            log.debug("cannot tell whether %s is still queued: %s", self.wire_id, exc)
+            return False
 
     async def _fail_over(self, why: str) -> None:
         """Continue the answer on another worker from the tokens delivered so far, or raise UpstreamError(`why`)."""
@@ -256,7 +315,8 @@ class ReplyStream:
         log.warning("failover %d of %s (%s): %d tokens delivered; continuing as %s",
                     self.attempt, self.request.request_id, why, len(self.delivered), self.wire_id)  # fmt: skip
         self.worker_id, self._interrupted = "", why
-        await self._relay._switch(old, attempt, self._queue)
+        self._seq_in_stream = await self._relay._switch(old, attempt, self._queue)
+        self._heard_at = time.monotonic()
         if self._on_failover is not None:
             self._on_failover()
 

@@ -38,8 +38,8 @@ class Services:
     metrics: Metrics
 
     def require_broker(self) -> None:
-        """A 503 while this gateway is cut off from NATS: its view of the fleet is going stale,
-        so "no such model" would be a lie and a publish would only time out."""
-        if not self.bus.connected:
+        """A 503 while this gateway is cut off from NATS, or just back (`Bus.settling`): its view of the fleet is
+        stale, so "no such model" would be a lie, a placement written from it wrong, and a publish would time out."""
+        if self.bus.settling():
             raise NoCapacity("The request broker (NATS) is unreachable from this gateway; retry shortly.",
                              code="broker_unavailable")  # fmt: skip

@@ -181,19 +181,28 @@ def test_resumed_token_ids_the_model_does_not_have_are_refused(engine: Engine) -
 
 
 class FakeBus:
-    """What the relay publishes: requests (decoded) and cancels."""
+    """What the relay publishes: requests (decoded) and cancels. Never cut off; every request stays queued."""
+
+    reconnects = 0
 
     def __init__(self) -> None:
         self.requests: list[GenerateRequest] = []
         self.cancels: list[str] = []
         self.republished = asyncio.Event()
 
-    async def publish_request(self, model: str, payload: bytes, *, msg_id: str) -> None:
+    def settling(self) -> bool:
+        return False
+
+    async def publish_request(self, model: str, payload: bytes, *, msg_id: str) -> int:
         request = codec.decode_request(payload)
         assert request.request_id == msg_id  # each attempt de-duplicates on its own id
         self.requests.append(request)
         if request.resume is not None:
             self.republished.set()
+        return len(self.requests)
+
+    async def request_settled(self, seq: int) -> bool:
+        return False
 
     async def publish(self, subject: str, payload: bytes) -> None:
         self.cancels.append(payload.decode())

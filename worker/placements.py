@@ -151,6 +151,8 @@ class Placements:
 
     async def leave_idle(self, model: str, reason: str, min_replicas: int) -> None:
         """Leave the placement of a model idle here, only while its other live workers keep `min_replicas`."""
+        if self.bus.settling():
+            return  # the view of who is live is stale (see `keep_placed`); the next upkeep asks again
         change = partial(leave_above_minimum, worker=self.worker_id, live=set(self.live()), min_replicas=min_replicas,
                          reason=reason)  # fmt: skip
         await self._change(model, change, "cannot take idle %s off this worker: %s")
@@ -181,6 +183,8 @@ class Placements:
         compare-and-set lets one land. A pin to a worker places it there, by
         that worker only.
         """
+        if self.bus.settling():
+            return  # cut off from the broker, or just back: every worker seems gone; the next upkeep looks again
         live = self.live()
         for spec in self.catalogue:
             pin = self._pins.get(spec.id)
