@@ -251,8 +251,9 @@ async def handle(request: Request, dialect: Dialect) -> Response:
         record(svc, timer, dialect.name, CLIENT_CLOSED, "client_closed")
         return Response(status_code=CLIENT_CLOSED)
     except ApiError as exc:
-        record(svc, timer, dialect.name, exc.status, exc.code or exc.type)
-        return dialect.error_response(exc)
+        response = dialect.error_response(exc)
+        record(svc, timer, dialect.name, response.status_code, exc.code or exc.type)  # as sent: Anthropic's 529
+        return response
     except Exception:
         log.exception("request %s failed", request_id)
         record(svc, timer, dialect.name, 500, "internal")

@@ -236,8 +236,11 @@ def test_a_full_queue_is_a_429_in_openai_words_and_a_529_in_anthropic_words(gate
     with pytest.raises(openai.RateLimitError) as openai_info:
         openai_client(gateway, 0).chat.completions.create(model=BACKLOG, messages=PROMPT, max_tokens=3)  # type: ignore[arg-type]
     assert openai_info.value.code == "rate_limit_exceeded"
+    before = metric(gateway, "cortex_requests_total", model=BACKLOG, dialect="anthropic", status="529")
     with pytest.raises(anthropic.OverloadedError):
         anthropic_client(gateway, 0).messages.create(model=BACKLOG, max_tokens=3, messages=PROMPT)  # type: ignore[arg-type]
+    # Counted with the status the client got.
+    assert metric(gateway, "cortex_requests_total", model=BACKLOG, dialect="anthropic", status="529") == before + 1
 
 
 def test_the_sdks_retry_a_full_queue_after_retry_after_and_succeed(
