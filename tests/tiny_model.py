@@ -43,17 +43,13 @@ def build_tokenizer(folder: Path, vocab_size: int = 400):  # type: ignore[no-unt
     return fast
 
 
-def build_tiny_model(folder: Path, *, seed: int = 0, max_positions: int = 4096) -> Path:
-    """Write a 2-layer random Llama + tokenizer to `folder`; return the folder."""
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+def llama_config(tokenizer, eos: int, max_positions: int, *, hidden: int = 64):  # type: ignore[no-untyped-def]
+    """The tiny models' shape: 2 layers, `hidden` wide, untied output head, the tokenizer's special ids."""
+    from transformers import LlamaConfig
 
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(folder)
-    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
+        hidden_size=hidden,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -64,6 +60,17 @@ def build_tiny_model(folder: Path, *, seed: int = 0, max_positions: int = 4096) 
         eos_token_id=eos,
         pad_token_id=tokenizer.pad_token_id,
     )
+
+
+def build_tiny_model(folder: Path, *, seed: int = 0, max_positions: int = 4096) -> Path:
+    """Write a 2-layer random Llama + tokenizer to `folder`; return the folder."""
+    import torch
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(folder)
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config = llama_config(tokenizer, eos, max_positions)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     with torch.no_grad():
@@ -102,7 +109,7 @@ def build_brief_model(
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     folder.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())
@@ -131,19 +138,7 @@ def build_brief_model(
     eos, word, quote, brace = token("<|im_end|>"), token("Hello"), token('"'), token("}")
 
     hidden = 64
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_positions,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=eos,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = llama_config(tokenizer, eos, max_positions, hidden=hidden)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     vocab = len(tokenizer)
