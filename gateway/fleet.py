@@ -89,9 +89,13 @@ class FleetView:
         """The live workers' adverts."""
         return self._fleet.live(time.monotonic())
 
-    def is_live(self, worker_id: str) -> bool:
-        """Whether `worker_id` is live: its advert and its heartbeat are current (a vanished worker won't answer)."""
-        return self._fleet.is_live(worker_id, time.monotonic())
+    def is_live(self, worker_id: str, instance: str = "") -> bool:
+        """Whether `worker_id` is live: its advert and its heartbeat are current (a vanished worker won't answer).
+
+        Given the `instance` a chunk came from, also whether that process is still the one beating (a worker
+        restarted under the same id won't finish its old process's answers).
+        """
+        return self._fleet.is_live(worker_id, time.monotonic(), instance)
 
     def models(self) -> dict[str, ModelEntry]:
         now = time.monotonic()

@@ -64,10 +64,10 @@ class Relay:
     check_waiting: Callable[[str], Awaitable[None]] | None = None
     """Called every few seconds for a request no worker has started (load on demand): raises if it never will."""
 
-    def __init__(self, bus: Bus, is_live: Callable[[str], bool], gateway_id: str | None = None) -> None:
+    def __init__(self, bus: Bus, is_live: Callable[[str, str], bool], gateway_id: str | None = None) -> None:
         self.bus = bus
         self.is_live = is_live
-        """Whether a worker id still has a live advert (a worker that vanished won't answer)."""
+        """Whether a worker id, and the process of it named (`Chunk.instance`, "": any), is still live."""
         self.gateway_id = gateway_id or f"gw-{uuid.uuid4().hex[:12]}"
         self._queues: dict[str, asyncio.Queue[bytes]] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -175,6 +175,8 @@ class ReplyStream:
         self.finished = False
         self.worker_id = ""
         """The worker answering the current attempt, once a chunk of it has named it."""
+        self.instance = ""
+        """Which start of that worker's process is answering ("" when it does not say)."""
         self.attempt = 0
         self.wire_id = request.request_id
         """The current attempt's id on the wire: the request id, then ``<request-id>-<attempt>`` after failovers."""
@@ -224,7 +226,7 @@ class ReplyStream:
             self.delivered += chunk.token_ids
             self._covered += chunk.tokens
             if chunk.worker_id:
-                self.worker_id = chunk.worker_id
+                self.worker_id, self.instance = chunk.worker_id, chunk.instance
             if chunk.final:
                 self.finished = True
             return chunk
@@ -257,9 +259,10 @@ class ReplyStream:
                 pass
             if self._relay.bus.settling():
                 continue  # this gateway has been deaf to the fleet: silence proves nothing yet
-            if self.worker_id and not self._relay.is_live(self.worker_id):
+            if self.worker_id and not self._relay.is_live(self.worker_id, self.instance):
                 await self._fail_over(
-                    f"Worker {self.worker_id} stopped answering in the middle of the request (it left the fleet)."
+                    f"Worker {self.worker_id} stopped answering in the middle of the request (it left the fleet, "
+                    "or restarted)."
                 )
             elif await self._lost():
                 await self._fail_over(
@@ -314,7 +317,7 @@ class ReplyStream:
         )
         log.warning("failover %d of %s (%s): %d tokens delivered; continuing as %s",
                     self.attempt, self.request.request_id, why, len(self.delivered), self.wire_id)  # fmt: skip
-        self.worker_id, self._interrupted = "", why
+        self.worker_id, self.instance, self._interrupted = "", "", why
         self._seq_in_stream = await self._relay._switch(old, attempt, self._queue)
         self._heard_at = time.monotonic()
         if self._on_failover is not None:

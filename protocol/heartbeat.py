@@ -18,3 +18,6 @@ class Heartbeat(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, t
     """Counts from 0 at each start of the worker, so a reset shows a restart."""
     sent_at: float = 0.0
     """The worker's clock (Unix seconds), for people; no reader compares it with its own clock."""
+    instance: str = ""
+    """Random, new at each start of the worker process; its chunks carry the same (`Chunk.instance`), so a
+    gateway can tell that a worker restarted under the same id and will never finish what the old process began."""

@@ -15,6 +15,11 @@ A worker whose heartbeat a reader has never seen (one older than heartbeats,
 which sends none) counts by its advert alone. Every time is the reader's own
 clock, passed in (``time.monotonic()``), so clock skew between hosts does not
 matter. A snapshot (cortexctl) is read the same way: every key seen "now".
+
+A worker restarted under the same id keeps its advert and its heartbeat going,
+but not what its old process was doing: each heartbeat names the process
+(`Heartbeat.instance`, also on that process's chunks), and `is_live` asked about
+an instance that is no longer the one beating says no.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ class LiveFleet:
     """By advert key: the advert and when it was seen."""
     _beats: dict[str, float] = field(default_factory=dict)
     """By worker id: when its last heartbeat was seen (-inf once gone)."""
+    _instances: dict[str, str] = field(default_factory=dict)
+    """By worker id: the process its last heartbeat came from ("" for a worker that does not say)."""
 
     def on_change(self, key: str, value: bytes | None, now: float) -> bool:
         """Take a key of the fleet or heartbeat bucket (None: deleted, expired, withdrawn) seen at `now`.
@@ -51,6 +58,8 @@ class LiveFleet:
         if worker is not None:
             before = self._beat_counts(worker, now)
             self._beats[worker] = now if value is not None else _GONE
+            if value is not None:
+                self._instances[worker] = _instance_of(value)
             return before != self._beat_counts(worker, now)
         if not names.is_worker_key(key):
             return False
@@ -71,9 +80,13 @@ class LiveFleet:
         """The adverts of the workers that count now."""
         return [advert for advert, seen in self._adverts.values() if self._counts(advert, seen, now)]
 
-    def is_live(self, worker_id: str, now: float) -> bool:
+    def is_live(self, worker_id: str, now: float, instance: str = "") -> bool:
+        """Whether `worker_id` counts now; given the `instance` that sent a chunk, whether that process still does."""
         entry = self._adverts.get(names.worker_key(worker_id))
-        return entry is not None and self._counts(entry[0], entry[1], now)
+        if entry is None or not self._counts(entry[0], entry[1], now):
+            return False
+        beating = self._instances.get(worker_id, "")
+        return not (instance and beating and beating != instance)
 
     def advert(self, worker_id: str) -> WorkerAdvert | None:
         """The last advert seen from `worker_id`, live or not."""
@@ -88,3 +101,10 @@ class LiveFleet:
                 beat = self._beats.get(advert.worker_id)
                 out = min(out, seen + self.advert_window, math.inf if beat is None else beat + self.beat_window)
         return out
+
+
+def _instance_of(value: bytes) -> str:
+    try:
+        return codec.decode_heartbeat(value).instance
+    except codec.DecodeError:
+        return ""  # the key alone is the beat; a value this reader cannot read names no process

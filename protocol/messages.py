@@ -236,6 +236,8 @@ class Chunk(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_f
     token_ids: list[int] = []
     """The generated token ids this chunk covers (`tokens` of them), so the gateway holds exactly what was sent
     and can resume the answer elsewhere (`GenerateRequest.resume`)."""
+    instance: str = ""
+    """With `worker_id`: which start of that worker process sent the chunk (`Heartbeat.instance`)."""
 
     @property
     def final(self) -> bool:

@@ -4,11 +4,13 @@ Every answer held on the killed worker goes on on the other, as one stream
 through the official SDKs: the text of an uninterrupted run, nothing repeated or
 lost, with stop strings, logprobs and a tool call cut in its arguments; the
 failover limit ends an answer with a clear error; a client that left is never
-resumed. The replay itself is tested in-process in ``tests/test_resume.py``.
+resumed; a worker restarted under the same id at once fails its old answers over as soon as its new process
+beats. The replay itself is tested in-process in ``tests/test_resume.py``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
@@ -24,7 +26,11 @@ import httpx
 import openai
 import pytest
 
+from cortex.broker.bus import Bus
+from cortex.broker.provision import ACK_WAIT_S
 from cortex.broker.server import EmbeddedNats
+from cortex.protocol import codec, names
+from cortex.protocol.heartbeat import Heartbeat
 from tests.conftest import (
     TINY_MODEL,
     Gateway,
@@ -75,9 +81,9 @@ class Workers:
         return at
 
 
-def serving(gateway: Gateway, worker_id: str) -> bool:
+def serving(gateway: Gateway, worker_id: str, model: str = MODEL) -> bool:
     try:
-        entry = get_json(f"{gateway.base_url}/models/{MODEL}")
+        entry = get_json(f"{gateway.base_url}/models/{model}")
     except OSError:
         return False
     assert isinstance(entry, dict)
@@ -137,11 +143,11 @@ def openai_sdk(gateway: Gateway) -> openai.OpenAI:
                          _strict_response_validation=True)  # fmt: skip
 
 
-def chat_stream(client: openai.OpenAI, **extra: Any) -> Callable[[Probe], None]:
+def chat_stream(client: openai.OpenAI, model: str = MODEL, **extra: Any) -> Callable[[Probe], None]:
     params = {"max_tokens": LENGTH, "stream_options": {"include_usage": True}} | extra
 
     def work(probe: Probe) -> None:
-        stream = client.chat.completions.create(model=MODEL, messages=ASK, temperature=0, stream=True, **params)
+        stream = client.chat.completions.create(model=model, messages=ASK, temperature=0, stream=True, **params)
         for chunk in stream:
             if chunk.usage is not None:
                 probe.usage = chunk.usage.completion_tokens
@@ -359,3 +365,89 @@ def test_the_failover_limit_ends_the_stream_with_a_clear_error(failover_round: R
     assert isinstance(strict.error, openai.APIError), strict.error
     assert "fo-b stopped answering" in strict.error.message and "continued elsewhere 1 times" in strict.error.message
     assert strict.text and strict.finish is None  # it had been answering: the error came inside the stream
+
+
+# -- a worker restarted under the same id --------------------------------------------
+
+RESTART_MODEL = "tiny-restart"
+
+
+class SameIdRestart:
+    """Plays a worker process that came back under the killed one's id at once: its heartbeat and advert go on.
+
+    A real broker client writing what the new process would (a heartbeat every beat interval naming another
+    instance, the advert rewritten): the old process's answers must fail over now, not when JetStream
+    redelivers their requests (`ACK_WAIT_S`).
+    """
+
+    def __init__(self, nats_url: str, worker_id: str) -> None:
+        self.nats_url, self.worker_id = nats_url, worker_id
+        self.beating = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), name="same-id", daemon=True)
+
+    def __enter__(self) -> SameIdRestart:
+        self._thread.start()
+        assert self.beating.wait(30), "the stand-in never beat"
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    async def _run(self) -> None:
+        bus = await Bus.open(self.nats_url, name="same-id restart")
+        try:
+            advert = (await bus.read_fleet())[names.worker_key(self.worker_id)]
+            beat = codec.encode(Heartbeat(worker_id=self.worker_id, instance="restarted"))
+            while not self._stop.is_set():
+                await bus.put_heartbeat(names.alive_key(self.worker_id), beat)
+                await bus.put_advert(names.worker_key(self.worker_id), advert)
+                self.beating.set()
+                await asyncio.sleep(names.HEARTBEAT_INTERVAL_S)
+        finally:
+            await bus.close()
+
+
+def test_a_worker_restarted_under_the_same_id_fails_its_old_answers_over_at_once(
+    nats_server: EmbeddedNats, gateway: Gateway, logs_dir: Path, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    catalogue = tmp_path / "models.toml"
+    catalogue.write_text(f'[[models]]\nid = "{RESTART_MODEL}"\npath = "{tiny_model_dir}"\ndtype = "float32"\n')
+    client = openai_sdk(gateway)
+    reference = client.chat.completions.create(model=TINY_MODEL, messages=ASK, temperature=0, max_tokens=LENGTH)
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(worker_id: str, step_delay: float) -> None:
+        procs[worker_id] = start_worker(
+            nats_server.url, catalogue, logs_dir / f"{worker_id}.log", "--model", RESTART_MODEL, "--device", "cpu",
+            "--worker-id", worker_id, "--step-delay", str(step_delay),
+        )  # fmt: skip
+        wait_for(lambda: serving(gateway, worker_id, RESTART_MODEL), timeout=120, what=f"{worker_id} ready",
+                 proc=procs[worker_id])  # fmt: skip
+
+    try:
+        start("same-id", SLOW_S)
+        before = metric(gateway, "cortex_failovers_total", model=RESTART_MODEL)
+        probe = Probe("restart")
+        thread = probe.run(chat_stream(client, RESTART_MODEL))
+        assert probe.started.wait(60), probe.error
+        start("other", 0.0)  # it pulls nothing: the one request is on same-id
+        assert not probe.done.is_set(), f"the answer ended before the kill: {probe.error!r}"
+        procs["same-id"].kill()
+        procs["same-id"].wait(timeout=30)
+        with SameIdRestart(nats_server.url, "same-id"):
+            killed_at = time.monotonic()  # the heartbeat never lapsed: only its instance tells
+            thread.join(ROUND_TIMEOUT_S)
+        assert not thread.is_alive(), "the answer hangs"
+        if probe.error is not None:
+            raise probe.error
+        assert probe.text == reference.choices[0].message.content and probe.usage == LENGTH
+        pause = probe.pause_after(killed_at)
+        print(f"\nsame-id restart to next token at the client: {pause:.2f} s")
+        assert pause < ACK_WAIT_S / 2, "failed over by JetStream's redelivery, not by seeing the restart"
+        assert metric(gateway, "cortex_failovers_total", model=RESTART_MODEL) - before == 1
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait(timeout=30)

@@ -77,6 +77,18 @@ def test_a_worker_counts_while_its_heartbeat_does() -> None:
     assert not fleet.is_live("w", 4.1) and fleet.advert("w") is not None
 
 
+def test_a_process_that_is_no_longer_the_one_beating_is_not_live() -> None:
+    fleet = LiveFleet()
+    fleet.on_change(names.worker_key("w"), codec.encode(advert("w")), now=0.0)
+    fleet.on_change(names.alive_key("w"), codec.encode(Heartbeat(worker_id="w", instance="one")), now=0.0)
+    assert fleet.is_live("w", 0.5, "one") and fleet.is_live("w", 0.5) and fleet.is_live("w", 0.5, "")
+    # Restarted under the same id before its old heartbeat lapsed: the worker is live, its old process is not.
+    fleet.on_change(names.alive_key("w"), codec.encode(Heartbeat(worker_id="w", instance="two")), now=1.0)
+    assert fleet.is_live("w", 1.5) and fleet.is_live("w", 1.5, "two") and not fleet.is_live("w", 1.5, "one")
+    fleet.on_change(names.alive_key("w"), b"not a heartbeat", now=1.6)  # names no process: judge by the key alone
+    assert fleet.is_live("w", 1.7, "one")
+
+
 def test_a_worker_without_heartbeats_counts_by_its_advert_alone() -> None:
     fleet = LiveFleet()
     fleet.on_change(names.worker_key("old"), codec.encode(advert("old")), now=0.0)

@@ -2,27 +2,33 @@
 
 The engine: a request resumed after any prefix of its chunks (what a gateway
 had received when its worker died) ends exactly as the uninterrupted run, with
-stop strings, logprobs, tool calls and constrained decoding. The relay: which
-failures fail over, what the new attempt carries, what is dropped, and when it
-gives up. End to end, with real workers killed, in ``tests/test_failover.py``.
+stop strings, logprobs, tool calls and constrained decoding. The relay, on the
+session's nats-server with the test playing the workers: which failures fail
+over, what the new attempt carries, what is dropped, and when it gives up. End
+to end, with real workers killed, in ``tests/test_failover.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
 import pytest
 import torch
 
+from cortex.broker.bus import Bus
+from cortex.broker.server import EmbeddedNats
 from cortex.gateway import errors
 from cortex.gateway.relay import Abandoned, Relay, ReplyStream
-from cortex.protocol import Chunk, GenerateRequest, Message, ResponseFormat, Sampling, Tool, ToolChoice, codec
+from cortex.protocol import Chunk, GenerateRequest, Message, ResponseFormat, Sampling, Tool, ToolChoice, codec, names
 from cortex.protocol.messages import Resume
 from cortex.worker.catalogue import ModelSpec
 from cortex.worker.engine import Engine, EngineLimits
@@ -178,98 +184,125 @@ def test_resumed_token_ids_the_model_does_not_have_are_refused(engine: Engine) -
 
 
 # -- the relay: when an answer fails over, and with what ---------------------------------------------
+#
+# A real relay on the session's nats-server. The test plays the workers: it publishes their chunks to the
+# relay's reply subjects and reads what the relay publishes (requests, cancels) with subscriptions of its own.
+# Each test queues requests for a model of its own, with ids of its own (JetStream de-duplicates by id).
 
 
-class FakeBus:
-    """What the relay publishes: requests (decoded) and cancels. Never cut off; every request stays queued."""
+@dataclass
+class Harness:
+    relay: Relay
+    bus: Bus
+    rid: str
+    """The request's id: its attempts are ``<rid>-1``, ``<rid>-2``..."""
+    stream: ReplyStream
+    requests: list[GenerateRequest] = field(default_factory=list)
+    """What the relay queued, as a worker would read it."""
+    cancels: list[str] = field(default_factory=list)
+    failed_over: list[int] = field(default_factory=list)
+    republished: asyncio.Event = field(default_factory=asyncio.Event)
 
-    reconnects = 0
+    async def reply(self, request_id: str, seq: int, tokens: list[int], worker: str = "", **more: object) -> None:
+        """A worker's chunk for attempt `request_id` (``""``: the first), on the relay's reply subject."""
+        wire_id = self.rid + request_id
+        chunk = Chunk(request_id=wire_id, seq=seq, tokens=len(tokens), token_ids=tokens, worker_id=worker, **more)  # type: ignore[arg-type]
+        await self.bus.publish(self.relay.reply_subject(wire_id), codec.encode(chunk))
 
-    def __init__(self) -> None:
-        self.requests: list[GenerateRequest] = []
-        self.cancels: list[str] = []
-        self.republished = asyncio.Event()
+    async def settle(self) -> None:
+        """Until every message published so far has reached this connection's subscriptions.
 
-    def settling(self) -> bool:
-        return False
+        The flush's round trip returns once the server has sent this connection everything published before it
+        (the server answers a connection in order); the yields let each subscription's task take its messages.
+        """
+        await self.bus._nc.flush()
+        for _ in range(3):
+            await asyncio.sleep(0)
 
-    async def publish_request(self, model: str, payload: bytes, *, msg_id: str) -> int:
-        request = codec.decode_request(payload)
-        assert request.request_id == msg_id  # each attempt de-duplicates on its own id
-        self.requests.append(request)
+
+@contextlib.asynccontextmanager
+async def started(url: str, dead: frozenset[str] = frozenset(), failovers: int = 2) -> AsyncIterator[Harness]:
+    """A relay on a real broker and a stream that has passed on chunks 0 and 1 (tokens 5, 6, 7) from worker w1."""
+    bus = await Bus.open(url, name="relay test")
+    model, rid = f"relay-{uuid.uuid4().hex[:8]}", f"r{uuid.uuid4().hex[:8]}"
+    relay = Relay(bus, lambda worker, instance: worker not in dead)
+    await relay.start()
+    seen: list[GenerateRequest] = []
+    cancels: list[str] = []
+    republished = asyncio.Event()
+
+    def on_request(subject: str, data: bytes) -> None:
+        request = codec.decode_request(data)
+        seen.append(request)
         if request.resume is not None:
-            self.republished.set()
-        return len(self.requests)
+            republished.set()
 
-    async def request_settled(self, seq: int) -> bool:
-        return False
-
-    async def publish(self, subject: str, payload: bytes) -> None:
-        self.cancels.append(payload.decode())
-
-
-def reply(relay: Relay, request_id: str, seq: int, tokens: list[int], worker: str = "", **more: object) -> None:
-    chunk = Chunk(request_id=request_id, seq=seq, tokens=len(tokens), token_ids=tokens, worker_id=worker, **more)  # type: ignore[arg-type]
-    relay._on_reply(relay.reply_subject(request_id), codec.encode(chunk))
-
-
-async def started(
-    dead: frozenset[str] = frozenset(), failovers: int = 2
-) -> tuple[Relay, FakeBus, ReplyStream, list[int]]:
-    """A relay, its bus, and a stream that has passed on chunks 0 and 1 (tokens 5, 6, 7) from worker w1."""
-    bus = FakeBus()
-    relay = Relay(bus, lambda worker: worker not in dead)  # type: ignore[arg-type]
+    await bus.subscribe(names.request_subject(model), on_request)
+    await bus.subscribe(names.cancel_subject(), lambda subject, data: cancels.append(data.decode()))
+    request = GenerateRequest(request_id=rid, model=model, messages=[Message(role="user", content="hi")],
+                              deadline=time.time() + 120, reply_subject=relay.reply_subject(rid))  # fmt: skip
     counted: list[int] = []
-    request = GenerateRequest(request_id="r1", model="m", messages=[Message(role="user", content="hi")],
-                              deadline=4e9, reply_subject=relay.reply_subject("r1"))  # fmt: skip
     stream = await relay.submit(request, failovers=failovers, on_failover=lambda: counted.append(1))
-    reply(relay, "r1", 0, [5], "w1")
-    reply(relay, "r1", 1, [6, 7])
-    assert [(await stream.next()).seq for _ in range(2)] == [0, 1]
-    return relay, bus, stream, counted
+    harness = Harness(relay, bus, rid, stream, seen, cancels, counted, republished)
+    try:
+        await harness.reply("", 0, [5], "w1")
+        await harness.reply("", 1, [6, 7])
+        assert [(await stream.next()).seq for _ in range(2)] == [0, 1]
+        yield harness
+    finally:
+        await bus._js.purge_stream(names.REQUEST_STREAM, subject=names.request_subject(model))
+        await bus.close()
 
 
-def test_a_broken_sequence_fails_over_with_what_was_delivered() -> None:
+def test_a_broken_sequence_fails_over_with_what_was_delivered(nats_server: EmbeddedNats) -> None:
     async def scenario() -> None:
-        relay, bus, stream, counted = await started()
-        reply(relay, "r1", 0, [5], "w1")  # the request started over somewhere: a break
-        reply(relay, "r1", 2, [8])  # the old attempt goes on, queued before the gateway gave it up
-        waiting = asyncio.create_task(stream.next())
-        await bus.republished.wait()
-        reply(relay, "r1", 3, [9])  # the old attempt after it was given up: not even routed
-        reply(relay, "r1-1", 2, [], "w2")  # the new attempt's status chunk
-        reply(relay, "r1-1", 3, [8], text="x")
-        assert [(c.seq, c.request_id, c.text) for c in [await waiting, await stream.next()]] == [
-            (2, "r1-1", ""), (3, "r1-1", "x")
-        ]  # fmt: skip
-        (first, again) = bus.requests
-        assert again == msgspec.structs.replace(first, request_id="r1-1", reply_subject=relay.reply_subject("r1-1"),
-                                                resume=Resume(token_ids=[5, 6, 7], seq=2, attempt=1))  # fmt: skip
-        assert bus.cancels == ["r1"] and counted == [1] and stream.worker_id == "w2"
-        stream.close()
-        await asyncio.sleep(0)
-        assert bus.cancels == ["r1", "r1-1"]  # closing an unfinished stream cancels its current attempt
+        async with started(nats_server.url) as h:
+            await h.reply("", 0, [5], "w1")  # the request started over somewhere: a break
+            await h.reply("", 2, [8])  # the old attempt goes on, queued before the gateway gave it up (or not)
+            waiting = asyncio.create_task(h.stream.next())
+            await asyncio.wait_for(h.republished.wait(), 10)
+            await h.reply("", 3, [9])  # the old attempt after it was given up: not even routed
+            await h.reply("-1", 2, [], "w2")  # the new attempt's status chunk
+            await h.reply("-1", 3, [8], text="x")
+            assert [(c.seq, c.request_id, c.text) for c in [await waiting, await h.stream.next()]] == [
+                (2, h.rid + "-1", ""), (3, h.rid + "-1", "x")
+            ]  # fmt: skip
+            (first, again) = h.requests
+            assert again == msgspec.structs.replace(
+                first, request_id=h.rid + "-1", reply_subject=h.relay.reply_subject(h.rid + "-1"),
+                resume=Resume(token_ids=[5, 6, 7], seq=2, attempt=1),
+            )  # fmt: skip
+            await h.settle()
+            assert h.cancels == [h.rid] and h.failed_over == [1] and h.stream.worker_id == "w2"
+            h.stream.close()
+            await wait_until(lambda: len(h.cancels) == 2)
+            assert h.cancels == [h.rid, h.rid + "-1"]  # closing an unfinished stream cancels its current attempt
 
     asyncio.run(scenario())
 
 
-def test_a_vanished_worker_fails_over_until_the_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_vanished_worker_fails_over_until_the_limit(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr("cortex.gateway.relay.LIVENESS_CHECK_S", 0.01)
 
     async def scenario() -> None:
-        relay, bus, stream, counted = await started(dead=frozenset({"w1", "w2"}), failovers=1)
-        waiting = asyncio.create_task(stream.next())
-        await bus.republished.wait()
-        reply(relay, "r1-1", 2, [], "w2")
-        assert (await waiting).worker_id == "w2"
-        with pytest.raises(errors.UpstreamError, match=r"Worker w2 stopped answering.*continued elsewhere 1 times"):
-            await stream.next()
-        assert len(bus.requests) == 2 and counted == [1]
+        async with started(nats_server.url, dead=frozenset({"w1", "w2"}), failovers=1) as h:
+            waiting = asyncio.create_task(h.stream.next())
+            await asyncio.wait_for(h.republished.wait(), 10)
+            await h.reply("-1", 2, [], "w2")
+            assert (await waiting).worker_id == "w2"
+            with pytest.raises(errors.UpstreamError, match=r"Worker w2 stopped answering.*continued elsewhere 1 times"):
+                await h.stream.next()
+            await h.settle()
+            assert len(h.requests) == 2 and h.failed_over == [1]
 
     asyncio.run(scenario())
 
 
-def test_no_worker_to_continue_on_is_the_dead_workers_502(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_worker_to_continue_on_is_the_dead_workers_502(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr("cortex.gateway.relay.LIVENESS_CHECK_S", 0.01)
     monkeypatch.setattr("cortex.gateway.relay.WAITING_CHECK_S", 0.01)
 
@@ -277,34 +310,45 @@ def test_no_worker_to_continue_on_is_the_dead_workers_502(monkeypatch: pytest.Mo
         raise errors.NoCapacity(f"The model `{model}` cannot be loaded: no live worker has it")
 
     async def scenario() -> None:
-        relay, _bus, stream, _ = await started(dead=frozenset({"w1"}))
-        relay.check_waiting = nobody
-        with pytest.raises(errors.UpstreamError, match=r"w1 stopped answering.*No other worker can continue it"):
-            await stream.next()
+        async with started(nats_server.url, dead=frozenset({"w1"})) as h:
+            h.relay.check_waiting = nobody
+            with pytest.raises(errors.UpstreamError, match=r"w1 stopped answering.*No other worker can continue it"):
+                await h.stream.next()
 
     asyncio.run(scenario())
 
 
-def test_chunks_without_token_ids_cannot_be_continued() -> None:
+def test_chunks_without_token_ids_cannot_be_continued(nats_server: EmbeddedNats) -> None:
     async def scenario() -> None:
-        relay, bus, stream, _ = await started()
-        relay._on_reply(relay.reply_subject("r1"), codec.encode(Chunk(request_id="r1", seq=2, tokens=1)))
-        await stream.next()  # an older worker's chunk: it covers a token without naming it
-        reply(relay, "r1", 0, [5], "w1")
-        with pytest.raises(errors.UpstreamError, match="cannot be continued"):
-            await stream.next()
-        assert len(bus.requests) == 1
+        async with started(nats_server.url) as h:
+            old = Chunk(request_id=h.rid, seq=2, tokens=1)  # an older worker's chunk: a token it does not name
+            await h.bus.publish(h.relay.reply_subject(h.rid), codec.encode(old))
+            await h.stream.next()
+            await h.reply("", 0, [5], "w1")
+            with pytest.raises(errors.UpstreamError, match="cannot be continued"):
+                await h.stream.next()
+            await h.settle()
+            assert len(h.requests) == 1
 
     asyncio.run(scenario())
 
 
-def test_an_abandoned_stream_never_fails_over() -> None:
+def test_an_abandoned_stream_never_fails_over(nats_server: EmbeddedNats) -> None:
     async def scenario() -> None:
-        relay, bus, stream, _ = await started()
-        reply(relay, "r1", 5, [9])  # a break, queued...
-        stream.abandon()  # ...as the client leaves
-        with pytest.raises(Abandoned):
-            await stream.next()
-        assert len(bus.requests) == 1 and bus.cancels == []
+        async with started(nats_server.url) as h:
+            await h.reply("", 5, [9])  # a break, on its way...
+            await h.settle()
+            h.stream.abandon()  # ...as the client leaves
+            with pytest.raises(Abandoned):
+                await h.stream.next()
+            await h.settle()
+            assert len(h.requests) == 1 and h.cancels == []
 
     asyncio.run(scenario())
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)

@@ -81,6 +81,8 @@ class Advertiser:
     busy: Callable[[], int]
     """How many requests the worker is running now."""
     started_at: float
+    instance: str = ""
+    """This start of the worker process (`Heartbeat.instance`)."""
     _soon: asyncio.Event = field(default_factory=asyncio.Event)
 
     def advert(self, models: list[ModelState]) -> WorkerAdvert:
@@ -135,7 +137,8 @@ class Advertiser:
         key, seq, failing = names.alive_key(self.worker_id), 0, False
         due = time.monotonic()
         while True:
-            value = codec.encode(Heartbeat(worker_id=self.worker_id, seq=seq, sent_at=time.time()))
+            beat = Heartbeat(worker_id=self.worker_id, seq=seq, sent_at=time.time(), instance=self.instance)
+            value = codec.encode(beat)
             try:
                 await self.bus.put_heartbeat(key, value)
             except BrokerError as exc:

@@ -6,6 +6,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+import msgspec
+
 from cortex.broker.bus import Bus
 from cortex.broker.errors import BrokerError
 from cortex.protocol import Chunk, codec
@@ -23,6 +25,8 @@ class ChunkPublisher:
     """A request's reply subject, or None once it is no longer held (cancelled meanwhile)."""
     release: Callable[[str, Outcome], Awaitable[None]]
     """Forgets a request and settles its message."""
+    instance: str = ""
+    """This start of the worker process: stamped on the chunks that name the worker (`Chunk.instance`)."""
 
     async def run(self) -> None:
         while True:
@@ -46,6 +50,8 @@ class ChunkPublisher:
         subject = self.reply_subject(chunk.request_id)
         if subject is None:
             return  # cancelled meanwhile
+        if chunk.worker_id and self.instance:
+            chunk = msgspec.structs.replace(chunk, instance=self.instance)
         try:
             await self.bus.publish(subject, codec.encode(chunk))
         except BrokerError as exc:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +70,8 @@ class WorkerService:
     _slot_freed: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when a slot may have come free or pull loops should look again; shared by requests and residency."""
     _started_at: float = field(default_factory=time.time)
+    _instance: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    """This start of the worker process, named in its heartbeats and its chunks (`Heartbeat.instance`)."""
 
     async def run(self) -> None:
         """Serve until `stop` is called; then finish what is in flight and withdraw."""
@@ -118,6 +121,7 @@ class WorkerService:
             memory_budget=self.memory_budget, eviction=self.eviction,
             cards=[spec.card(estimates[spec.id]) for spec in self.catalogue],
             metrics=metrics, draining=draining, busy=requests.busy, started_at=self._started_at,
+            instance=self._instance,
         )  # fmt: skip
         placements = Placements(bus=self.bus, worker_id=self.worker_id, catalogue=self.catalogue, draining=draining,
                                 slot_freed=self._slot_freed)  # fmt: skip
@@ -128,7 +132,7 @@ class WorkerService:
             slot_freed=self._slot_freed,
         )  # fmt: skip
         publisher = ChunkPublisher(bus=self.bus, outbox=outbox, reply_subject=requests.reply_subject,
-                                   release=requests.release)  # fmt: skip
+                                   release=requests.release, instance=self._instance)  # fmt: skip
         return _Parts(requests, publisher, placements, residency, advertiser)
 
     @staticmethod
