@@ -11,16 +11,19 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import APIError, KeyDeletedError, KeyNotFoundError, KeyWrongLastSequenceError, NoStreamResponseError
 from nats.js.kv import KeyValue
 
-from cortex.broker import provision
+from cortex.broker import lockdown, provision
+from cortex.broker.access import Access
 from cortex.broker.connection import Link, connect
 from cortex.broker.errors import BrokerUnavailable, NotProvisioned, PayloadTooLarge, QueueFull
 from cortex.broker.watch import FleetHandler, Watch
@@ -123,15 +126,26 @@ class Bus:
         self._responses = buckets.responses
         self._placement = buckets.placement
         self._alive = buckets.alive
+        self._keys = buckets.keys
+        self._limits = buckets.limits
         self._watches: list[Watch] = []
 
     @classmethod
-    async def open(cls, url: str, *, name: str) -> Bus:
+    async def open(cls, url: str, *, name: str, access: Access | None = None) -> Bus:
+        """Connect as `access` (default: `Access.from_env`) and provision; as a user, on a locked-down broker, only
+        find what the admin provisioned (`cortex.broker.lockdown`)."""
+        access = access if access is not None else Access.from_env()
         link = Link()
-        nc = await connect(url, name=name, link=link)
+        nc = await connect(url, name=name, link=link, access=access)
         js = nc.jetstream(timeout=5.0)
         try:
-            buckets = await provision.ensure_all(js, provision.replicas_for(nc))
+            if access.user is not None:
+                buckets = await lockdown.attach(nc, js)
+            else:
+                buckets = await provision.ensure_all(js, provision.replicas_for(nc))
+        except NotProvisioned:
+            await nc.close()
+            raise
         except Exception as exc:
             await nc.close()
             raise BrokerUnavailable(f"cannot provision JetStream at {url} (is JetStream enabled?): {exc}") from exc
@@ -299,13 +313,7 @@ class Bus:
 
     async def read_decision(self, key: str) -> tuple[bytes | None, int]:
         """A placement-bucket value and its revision (None and 0 when absent)."""
-        try:
-            entry = await self._placement.get(key)
-        except (KeyNotFoundError, KeyDeletedError):
-            return None, 0
-        except Exception as exc:
-            raise BrokerUnavailable(f"cannot read {key}: {exc}") from exc
-        return entry.value, int(entry.revision or 0)
+        return await _read_revision(self._placement, key)
 
     async def put_decision(self, key: str, value: bytes) -> None:
         """Write a decision whatever it was (a pin or a drain flag does not depend on the old value)."""
@@ -316,21 +324,7 @@ class Bus:
 
     async def write_decision(self, key: str, value: bytes, revision: int) -> bool:
         """Compare-and-set: write only if the key is still at `revision` (0: absent); False if someone else won."""
-        try:
-            if revision:
-                await self._placement.update(key, value, last=revision)
-            else:
-                await self._placement.create(key, value)
-        except KeyWrongLastSequenceError:
-            return False
-        except APIError as exc:
-            # nats-py's KV errors (KeyDeletedError...) are APIErrors that never set err_code.
-            if getattr(exc, "err_code", None) in _WRONG_LAST_SEQUENCE_CODES:
-                return False
-            raise BrokerUnavailable(f"cannot write {key}: {exc}") from exc
-        except Exception as exc:
-            raise BrokerUnavailable(f"cannot write {key}: {exc}") from exc
-        return True
+        return await _compare_and_set(self._placement, key, value, revision)
 
     async def delete_decision(self, key: str) -> None:
         try:
@@ -345,6 +339,75 @@ class Bus:
     async def watch_decisions(self, handler: FleetHandler) -> None:
         """Start calling `handler` for every change of the placement bucket, in the background."""
         await self._watch(names.PLACEMENT_BUCKET, self._placement, handler)
+
+    # -- keys, limits, usage and audit ----------------------------------------
+
+    async def read_keys(self) -> dict[str, bytes]:
+        """Every API key (``keys.<name>`` -> an encoded `ApiKey`)."""
+        return _present(await self._read_all(self._keys, names.KEYS_BUCKET))
+
+    async def keys_ever_written(self) -> bool:
+        """Whether the keys bucket has ever held a key (revoked ones leave their delete markers behind)."""
+        try:
+            info = await self._js.stream_info(f"KV_{names.KEYS_BUCKET}")
+        except (nats.errors.Error, TimeoutError, APIError) as exc:
+            raise BrokerUnavailable(f"cannot read the {names.KEYS_BUCKET} bucket: {exc!r}") from exc
+        return bool(info.state.last_seq)
+
+    async def watch_keys(self, handler: FleetHandler) -> None:
+        """Start calling `handler` for every change of the keys bucket (a revoked key comes as (key, None))."""
+        await self._watch(names.KEYS_BUCKET, self._keys, handler)
+
+    async def read_key(self, key: str) -> tuple[bytes | None, int]:
+        return await _read_revision(self._keys, key)
+
+    async def write_key(self, key: str, value: bytes, revision: int) -> bool:
+        """Compare-and-set an API key (0: only if there is none by that name)."""
+        return await _compare_and_set(self._keys, key, value, revision)
+
+    async def delete_key(self, key: str) -> None:
+        try:
+            await self._keys.delete(key)
+        except Exception as exc:
+            raise BrokerUnavailable(f"cannot delete {key}: {exc}") from exc
+
+    async def read_limit(self, key: str) -> tuple[bytes | None, int]:
+        """A key's rate-limit window and its revision (None and 0 when it has none)."""
+        return await _read_revision(self._limits, key)
+
+    async def write_limit(self, key: str, value: bytes, revision: int) -> bool:
+        """Compare-and-set a key's rate-limit window; False if another gateway wrote it first."""
+        return await _compare_and_set(self._limits, key, value, revision)
+
+    async def append_record(self, subject: str, payload: bytes) -> None:
+        """Append a usage record or an audit event to its stream (durably: JetStream acknowledges it)."""
+        try:
+            await self._js.publish(subject, payload)
+        except (nats.errors.Error, TimeoutError, APIError) as exc:
+            raise BrokerUnavailable(f"cannot append to {subject}: {exc!r}") from exc
+
+    async def read_records(self, stream: str, subject: str, since: float) -> list[bytes]:
+        """Every record of `stream` on `subject` (wildcards allowed) stored at or after `since` (Unix seconds)."""
+        start = datetime.fromtimestamp(max(since, 0.0), UTC)
+        config = ConsumerConfig(deliver_policy=DeliverPolicy.BY_START_TIME, opt_start_time=start,
+                                ack_policy=AckPolicy.NONE, inactive_threshold=30.0)  # fmt: skip
+        out: list[bytes] = []
+        try:
+            sub = await self._js.pull_subscribe(subject, stream=stream, config=config)
+            try:
+                while True:
+                    try:
+                        batch = await sub.fetch(1000, timeout=1.0)
+                    except TimeoutError:
+                        break  # nothing (more) since `since`
+                    out += [msg.data for msg in batch]
+                    if batch[-1].metadata.num_pending == 0:
+                        break
+            finally:
+                await sub.unsubscribe()
+        except (nats.errors.Error, APIError) as exc:
+            raise BrokerUnavailable(f"cannot read {stream}: {exc!r}") from exc
+        return out
 
     async def read_fleet(self) -> dict[str, bytes]:
         """Every live key of the fleet bucket and its value."""
@@ -381,6 +444,36 @@ class Bus:
         watch = Watch(self._js, bucket_name, bucket, handler, f"{bucket_name}-watch", self._link)
         await watch.start()
         self._watches.append(watch)
+
+
+async def _compare_and_set(bucket: KeyValue, key: str, value: bytes, revision: int) -> bool:
+    """Write `key` only if it is still at `revision` (0: absent); False if someone else wrote first."""
+    try:
+        if revision:
+            await bucket.update(key, value, last=revision)
+        else:
+            await bucket.create(key, value)
+    except KeyWrongLastSequenceError:
+        return False
+    except APIError as exc:
+        # nats-py's KV errors (KeyDeletedError...) are APIErrors that never set err_code.
+        if getattr(exc, "err_code", None) in _WRONG_LAST_SEQUENCE_CODES:
+            return False
+        raise BrokerUnavailable(f"cannot write {key}: {exc}") from exc
+    except Exception as exc:
+        raise BrokerUnavailable(f"cannot write {key}: {exc}") from exc
+    return True
+
+
+async def _read_revision(bucket: KeyValue, key: str) -> tuple[bytes | None, int]:
+    """A key's value and revision (None and 0 when absent)."""
+    try:
+        entry = await bucket.get(key)
+    except (KeyNotFoundError, KeyDeletedError):
+        return None, 0
+    except Exception as exc:
+        raise BrokerUnavailable(f"cannot read {key}: {exc}") from exc
+    return entry.value, int(entry.revision or 0)
 
 
 def _present(snapshot: dict[str, bytes | None]) -> dict[str, bytes]:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import ssl
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
-import nats
 from nats.aio.client import Client as NATS
+from nats.protocol.parser import AUTHORIZATION_VIOLATION, PERMISSIONS_ERR
 
+from cortex.broker.access import CREDS_ENV, TLS_CA_ENV, TLS_CERT_ENV, Access
 from cortex.broker.errors import BrokerUnavailable
 
 log = logging.getLogger("cortex.broker")
@@ -47,22 +51,42 @@ class Link:
             await self._came_back.wait()
 
 
-async def connect(url: str = DEFAULT_URL, *, name: str, connect_timeout: float = 5.0, link: Link | None = None) -> NATS:
+async def connect(
+    url: str = DEFAULT_URL,
+    *,
+    name: str,
+    connect_timeout: float = 5.0,
+    link: Link | None = None,
+    access: Access | None = None,
+) -> NATS:
     """Connect, then retry forever on disconnects (``max_reconnect_attempts=-1``).
 
     The first connection is not retried beyond `connect_timeout`: a wrong URL at
-    start-up should fail loudly, not hang. `url` may list a cluster's servers,
+    start-up should fail loudly, not hang, and a refused user or an untrusted
+    certificate fails at once. `url` may list a cluster's servers,
     comma-separated; the client also learns the others from the one it reaches.
-    `link`, if given, follows the connection's breaks and returns.
+    `link`, if given, follows the connection's breaks and returns. `access` is
+    the user and TLS files (default: `Access.from_env`, that is ``--nats-creds``
+    or ``CORTEX_NATS_CREDS``, and ``CORTEX_NATS_TLS_*``).
 
     ::
 
         nc = await connect("nats://127.0.0.1:4222", name="cortex-gateway")
         nc = await connect("nats://10.0.0.1:4222,nats://10.0.0.2:4222,nats://10.0.0.3:4222", name="cortex-worker")
+        nc = await connect("nats://broker:4222", name="cortex-worker", access=Access.from_env(creds="worker.auth"))
     """
     servers = [part.strip() for part in url.split(",") if part.strip()]
+    access = access if access is not None else Access.from_env()
+    refused: asyncio.Future[Exception] = asyncio.get_running_loop().create_future()
 
     async def on_error(exc: Exception) -> None:
+        # The server's -ERR lines carry no code: nats-py itself tells them by their words (its constants).
+        text = str(exc).lower()
+        if not refused.done() and (isinstance(exc, ssl.SSLError) or AUTHORIZATION_VIOLATION in text):
+            refused.set_result(exc)  # retrying cannot help a first connection: the user or certificate is wrong
+        if PERMISSIONS_ERR in text:
+            log.warning("nats (%s) as %s: %s", name, access.user or "anonymous", exc)
+            return
         # Reconnect attempts report every refused connection here; the
         # disconnect and reconnect callbacks already tell the story.
         log.debug("nats error (%s): %s", name, exc)
@@ -77,26 +101,44 @@ async def connect(url: str = DEFAULT_URL, *, name: str, connect_timeout: float =
         if link is not None:
             link.regained()
 
-    try:
-        connecting = nats.connect(
-            servers,
-            name=name,
-            connect_timeout=connect_timeout,
-            allow_reconnect=True,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            ping_interval=10,
-            max_outstanding_pings=3,
-            error_cb=on_error,
-            disconnected_cb=on_disconnected,
-            reconnected_cb=on_reconnected,
-        )
-        # nats-py keeps retrying a first connection that never succeeded when
-        # reconnects are unlimited: bound it.
-        return await asyncio.wait_for(connecting, timeout=connect_timeout)
-    except TimeoutError as exc:
-        raise BrokerUnavailable(
-            f"cannot connect to NATS at {url}: no server answered within {connect_timeout:.0f}s"
-        ) from exc
-    except Exception as exc:  # nats-py raises several unrelated types here
-        raise BrokerUnavailable(f"cannot connect to NATS at {url}: {exc}") from exc
+    options: dict[str, Any] = {
+        "name": name,
+        "connect_timeout": connect_timeout,
+        "allow_reconnect": True,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.5,
+        "ping_interval": 10,
+        "max_outstanding_pings": 3,
+        "error_cb": on_error,
+        "disconnected_cb": on_disconnected,
+        "reconnected_cb": on_reconnected,
+    }
+    nc = NATS()
+    connecting = asyncio.ensure_future(nc.connect(servers, **options, **access.connect_options()))
+    # nats-py keeps retrying a first connection that never succeeded when
+    # reconnects are unlimited: bound it.
+    first: set[asyncio.Future[Any]] = {connecting, refused}
+    await asyncio.wait(first, timeout=connect_timeout, return_when=asyncio.FIRST_COMPLETED)
+    failure: str | None = None
+    if connecting.done() and connecting.exception() is None:
+        if access.tls and not nc._server_info.get("tls_required"):  # nats-py keeps the server's INFO only here
+            failure = f"NATS at {url} does not use TLS, though {TLS_CA_ENV} or {TLS_CERT_ENV} is set"
+    elif refused.done() and isinstance(refused.result(), ssl.SSLError):
+        hint = "" if access.tls_ca else f" ({TLS_CA_ENV} names the CA that signed the server's certificate)"
+        failure = f"cannot connect to NATS at {url} over TLS: {refused.result()}{hint}"
+    elif refused.done():
+        who = f"user {access.user!r}" if access.user else (
+            f"an anonymous connection (a locked-down broker wants a user: --nats-creds FILE or {CREDS_ENV})"
+        )  # fmt: skip
+        failure = f"NATS at {url} refused {who}: {refused.result()}"
+    elif connecting.done():  # nats-py raises several unrelated types here
+        failure = f"cannot connect to NATS at {url}: {connecting.exception()}"
+    else:
+        failure = f"cannot connect to NATS at {url}: no server answered within {connect_timeout:.0f}s"
+    if failure is None:
+        return nc
+    connecting.cancel()
+    await asyncio.wait({connecting})
+    with contextlib.suppress(Exception):
+        await nc.close()
+    raise BrokerUnavailable(failure)

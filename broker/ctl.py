@@ -9,10 +9,17 @@
     cortexctl load MODEL [--worker W] / unload MODEL [--worker W]
     cortexctl pin MODEL [--worker W] / unpin MODEL
     cortexctl drain WORKER / undrain WORKER
+    cortexctl up --secure / init / credentials DIR   # a locked-down broker (docs/security.md)
+    cortexctl --nats-creds FILE COMMAND              # as a NATS user (or CORTEX_NATS_CREDS=FILE)
+    cortexctl keys add NAME [--models m1,m2] [--rpm N] [--tpm N] [--max-concurrent N] [--expires 30d]
+    cortexctl keys list / keys revoke NAME
+    cortexctl usage [--key NAME] [--since 24h] [--json]
 
 Every command reads and writes the NATS KV buckets (``cortex-fleet``,
-``cortex-alive``, ``cortex-placement``), so any number of gateways and cortexctl
-agree; a worker counts as live by the gateways' rule (`cortex.protocol.liveness`).
+``cortex-alive``, ``cortex-placement``, ``cortex-keys``), so any number of
+gateways and cortexctl agree; a worker counts as live by the gateways' rule
+(`cortex.protocol.liveness`). Every change (load, unload, pin, unpin, drain,
+undrain, keys) is appended to the audit trail (``CORTEX_AUDIT``).
 """
 
 from __future__ import annotations
@@ -30,11 +37,17 @@ from typing import Annotated, Any
 import msgspec
 import typer
 
+from cortex.broker import audit
 from cortex.broker.connection import DEFAULT_URL
+from cortex.broker.ctl_keys import first_key, keys_app, usage
+from cortex.broker.ctl_secure import credentials, init, options, up_banner
 from cortex.broker.errors import BrokerError
 from cortex.broker.stack import Stack, StackConfig, default_data_dir
 
 app = typer.Typer(help="Operate a Cortex fleet.", no_args_is_help=True, add_completion=False)
+app.add_typer(keys_app, name="keys")
+app.command()(usage)
+app.callback()(options)
 
 
 @app.command()
@@ -49,11 +62,15 @@ def up(
     gpu: Annotated[str, typer.Option(help="CUDA device index, or several: 0,1")] = "0",
     slots: Annotated[int, typer.Option(help="requests the worker runs at once")] = 8,
     data_dir: Annotated[Path | None, typer.Option(help="JetStream store and logs")] = None,
-) -> None:
+    secure: Annotated[bool, typer.Option("--secure", help="lock the broker down: a NATS user each for the "
+                                         "gateway, the worker and cortexctl (credentials in DATA_DIR/secure)")] = False,
+    keys: Annotated[bool, typer.Option("--keys", help="require API keys: make a first key (named default) and "
+                                       "print it, unless keys exist already")] = False,
+) -> None:  # fmt: skip
     """Start nats-server, a gateway and one worker on this machine; Ctrl-C stops them all."""
     config = StackConfig(
         data_dir=data_dir or default_data_dir(), host=host, port=port, metrics_port=metrics_port,
-        nats_port=nats_port, model=model, models_file=models, device=device, gpu=gpu, slots=slots,
+        nats_port=nats_port, model=model, models_file=models, device=device, gpu=gpu, slots=slots, secure=secure,
     )  # fmt: skip
     stack = Stack(config)
     signal.signal(signal.SIGINT, stack.request_stop)
@@ -64,12 +81,21 @@ def up(
         stack.start()
         typer.echo(f"NATS on {stack.nats.url if stack.nats else '?'}; loading {model} ...")
         stack.wait_ready()
+        secret = asyncio.run(first_key(stack.nats.url, stack.admin)) if keys and stack.nats else None
+        auth = "API key required" if keys else "any API key"
+        key_line = (
+            f"  API key          {secret}   (shown once: keep it)\n"
+            if secret
+            else ("  API keys         as before (`cortexctl keys list`; `keys add NAME` for another)\n" if keys else "")
+        )
         if not stack._stop.is_set():
             typer.echo(
                 "\nCortex is up.\n"
-                f"  OpenAI base URL  {stack.base_url}   (any API key)\n"
+                f"  OpenAI base URL  {stack.base_url}   ({auth})\n"
+                f"{key_line}"
                 f"  Metrics          {stack.metrics_url}\n"
                 f"  NATS             {stack.nats.url if stack.nats else '?'}\n"
+                f"{up_banner(config.secure_dir if secure else None)}"
                 f"  Model            {model}\n\n"
                 f"  curl {stack.base_url}/chat/completions -H 'Content-Type: application/json' \\\n"
                 f'    -d \'{{"model": "{model}", "messages": [{{"role": "user", "content": "Hi!"}}]}}\'\n\n'
@@ -259,6 +285,7 @@ def load(
         placed = await _place(bus, adverts, model_id, worker=worker, replicas=1, why="cortexctl load")
         if not placed:
             raise _Refused(f"no worker can load {model_id} now")
+        await audit.record(bus, "load", model_id, f"on {placed[0][0]}")
         return f"{model_id} placed on {placed[0][0]}: {placed[0][1]}"
 
     _done(_run("load", _with_bus(nats, action)))
@@ -282,8 +309,10 @@ def unload(
         if worker is not None:
             change = partial(remove_worker, worker=worker, reason="cortexctl unload --worker")
             await change_placement(bus, model_id, change, by="cortexctl")
+            await audit.record(bus, "unload", model_id, f"from {worker}")
             return f"{model_id} unloading from {worker}"
         await change_placement(bus, model_id, partial(remove_all_workers, reason="cortexctl unload"), by="cortexctl")
+        await audit.record(bus, "unload", model_id, "everywhere")
         return f"{model_id} unloading everywhere"
 
     _done(_run("unload", _with_bus(nats, action)))
@@ -308,6 +337,7 @@ def pin(
         key = names.pin_key(model_id)
         value = codec.encode(Pin(model=model_id, replicas=replicas, worker=worker or "", pinned_at=time.time()))
         await bus.put_decision(key, value)
+        await audit.record(bus, "pin", model_id, f"replicas {replicas}" + (f", on {worker}" if worker else ""))
         placed = await _place(bus, adverts, model_id, worker=worker, replicas=replicas, why="cortexctl pin")
         if not placed:
             return f"{model_id} pinned; not loaded yet: no worker can take it now"
@@ -329,6 +359,7 @@ def unpin(model: str, nats: NatsOption = DEFAULT_URL) -> None:
             if (await bus.read_decision(key))[0] is None:
                 return f"{model} was not pinned"
         await bus.delete_decision(key)
+        await audit.record(bus, "unpin", model)
         return f"{model} unpinned"
 
     _done(_run("unpin", _with_bus(nats, action)))
@@ -342,6 +373,7 @@ def drain(worker: str, nats: NatsOption = DEFAULT_URL) -> None:
         from cortex.protocol import Drain, codec, names
 
         await bus.put_decision(names.drain_key(worker), codec.encode(Drain(since=time.time())))
+        await audit.record(bus, "drain", worker)
         live = {a.worker_id for a in await _adverts(bus)}
         return f"{worker} draining" + ("" if worker in live else " (it is not live now: it drains when it starts)")
 
@@ -356,6 +388,7 @@ def undrain(worker: str, nats: NatsOption = DEFAULT_URL) -> None:
         from cortex.protocol import names
 
         await bus.delete_decision(names.drain_key(worker))
+        await audit.record(bus, "undrain", worker)
         return f"{worker} back in service"
 
     _done(_run("undrain", _with_bus(nats, action)))
@@ -392,6 +425,10 @@ async def _read_fleet(url: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
 
     adverts, placements = await _on_bus(url, read)
     return [msgspec.to_builtins(a) for a in adverts], {model: msgspec.to_builtins(p) for model, p in placements.items()}
+
+
+app.command()(init)
+app.command()(credentials)
 
 
 def main() -> None:

@@ -4,6 +4,7 @@
 
     BrokerError
     ├── BrokerUnavailable   the server cannot be reached or JetStream is off
+    │   └── CredentialsError  a credentials or TLS file is missing, unreadable or malformed
     ├── QueueFull           the model's request queue is at its limit
     ├── PayloadTooLarge     a message is bigger than the server accepts
     └── NotProvisioned      a stream, consumer or bucket is missing
@@ -18,6 +19,10 @@ class BrokerError(Exception):
 
 class BrokerUnavailable(BrokerError):
     pass
+
+
+class CredentialsError(BrokerUnavailable):
+    """The process cannot start: retrying does not mend a file."""
 
 
 class QueueFull(BrokerError):

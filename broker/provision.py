@@ -48,6 +48,12 @@ DUPLICATE_WINDOW_S = 120.0
 ACK_WAIT_S = 30.0
 """A worker that neither acks nor reports progress for this long loses the request to another."""
 MAX_DELIVER = 5
+USAGE_MAX_AGE_S = 90 * 24 * 3600.0
+"""How long usage records are kept."""
+AUDIT_MAX_AGE_S = 365 * 24 * 3600.0
+"""How long the audit trail is kept."""
+RECORDS_MAX_BYTES = 1 << 30
+"""Each of the usage and audit streams keeps at most this much, the oldest dropped first."""
 CLUSTER_REPLICAS = 3
 """Copies of the stream and of each bucket on a cluster of at least this many servers (else one)."""
 
@@ -60,6 +66,8 @@ class Buckets:
     responses: KeyValue
     placement: KeyValue
     alive: KeyValue
+    keys: KeyValue
+    limits: KeyValue
 
 
 def cluster_replicas(server_info: Mapping[str, Any]) -> int:
@@ -198,10 +206,58 @@ async def ensure_alive_bucket(js: JetStreamContext, replicas: int = 1) -> KeyVal
         raise BrokerUnavailable(f"the {names.ALIVE_BUCKET} bucket needs nats-server 2.11 or newer") from exc
 
 
+async def ensure_keys_bucket(js: JetStreamContext, replicas: int = 1) -> KeyValue:
+    return await _ensure_bucket(
+        js,
+        KeyValueConfig(
+            bucket=names.KEYS_BUCKET, description="Cortex API keys (secrets stored as their SHA-256)", history=4,
+            storage=StorageType.FILE, replicas=replicas,
+        ),
+    )  # fmt: skip
+
+
+async def ensure_limits_bucket(js: JetStreamContext, replicas: int = 1) -> KeyValue:
+    """Each key's rate-limit window. No TTL: a window holds the leases of requests that may run for minutes."""
+    return await _ensure_bucket(
+        js,
+        KeyValueConfig(
+            bucket=names.LIMITS_BUCKET, description="Cortex per-key rate-limit windows (compare-and-set)", history=1,
+            storage=StorageType.FILE, replicas=replicas,
+        ),
+    )  # fmt: skip
+
+
+def _record_stream_config(name: str, description: str, subjects: str, max_age: float, replicas: int) -> StreamConfig:
+    return StreamConfig(
+        name=name, description=description, subjects=[subjects], retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE, discard=DiscardPolicy.OLD, max_age=max_age, max_bytes=RECORDS_MAX_BYTES,
+        num_replicas=replicas,
+    )  # fmt: skip
+
+
+async def ensure_record_streams(js: JetStreamContext, replicas: int = 1) -> None:
+    """The usage stream (a record per finished request) and the audit stream (a record per admin action)."""
+    for config in (
+        _record_stream_config(names.USAGE_STREAM, "Cortex usage, one record per finished request, by key",
+                              names.usage_wildcard(), USAGE_MAX_AGE_S, replicas),
+        _record_stream_config(names.AUDIT_STREAM, "Cortex admin actions: keys, pins, loads, drains",
+                              names.audit_wildcard(), AUDIT_MAX_AGE_S, replicas),
+    ):  # fmt: skip
+        try:
+            info = await js.stream_info(config.name or "")
+        except NotFoundError:
+            await js.add_stream(config)
+            continue
+        config.num_replicas = max(replicas, info.config.num_replicas or 1)
+        await js.update_stream(config)
+
+
 async def ensure_all(js: JetStreamContext, replicas: int = 1) -> Buckets:
-    """The request stream and every bucket, each with `replicas` copies (`replicas_for` the server)."""
+    """The request, usage and audit streams and every bucket, each with `replicas` copies (`replicas_for`)."""
     await ensure_request_stream(js, replicas)
+    await ensure_record_streams(js, replicas)
     return Buckets(
         fleet=await ensure_fleet_bucket(js, replicas), responses=await ensure_responses_bucket(js, replicas),
         placement=await ensure_placement_bucket(js, replicas), alive=await ensure_alive_bucket(js, replicas),
+        keys=await ensure_keys_bucket(js, replicas), limits=await ensure_limits_bucket(js, replicas),
     )  # fmt: skip

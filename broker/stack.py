@@ -2,10 +2,16 @@
 
 Every child is stopped on Ctrl-C or SIGTERM (and, on Linux, dies with this
 process even if it is killed outright), so nothing is left behind.
+
+``cortexctl up --secure`` locks the broker down (`cortex.broker.lockdown`):
+nats-server runs ``deploy/nats-secure.conf`` with the users' credentials made
+once in ``<data dir>/secure``, this process provisions as the admin, and the
+worker and the gateway connect each as its own user.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -17,6 +23,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cortex.broker import lockdown
+from cortex.broker.access import CREDS_ENV, TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV, Access
 from cortex.broker.server import EmbeddedNats, own_group_dying_with_parent, stop_processes
 
 
@@ -33,12 +41,21 @@ class StackConfig:
     gpu: str = "0"
     slots: int = 8
     ready_timeout: float = 600.0
+    secure: bool = False
+    """Lock the broker down: a user each for the gateway, the worker and cortexctl (`secure_dir`)."""
+
+    @property
+    def secure_dir(self) -> Path:
+        """Where ``--secure`` keeps the users' credentials and the server's configuration."""
+        return self.data_dir / "secure"
 
 
 @dataclass
 class Stack:
     config: StackConfig
     nats: EmbeddedNats | None = None
+    admin: Access | None = None
+    """cortexctl's own user on a locked-down broker (``--secure``); None: anonymous."""
     children: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -57,22 +74,37 @@ class Stack:
             store_dir=cfg.data_dir / "jetstream",
             port=cfg.nats_port,
             host="127.0.0.1",
+            config=lockdown.server_config(cfg.secure_dir) if cfg.secure else None,
             log_file=cfg.data_dir / "nats.log",
         )
         self.nats.start()
+        if cfg.secure:
+            self.admin = Access.from_file(lockdown.credentials_file(cfg.secure_dir, "admin"))
+            asyncio.run(lockdown.provision_broker(self.nats.url, self.admin))
         worker = [sys.executable, "-m", "cortex.worker", "--nats", self.nats.url, "--model", cfg.model,
-                  "--gpu", str(cfg.gpu), "--slots", str(cfg.slots)]  # fmt: skip
+                  "--gpu", str(cfg.gpu), "--slots", str(cfg.slots), *self._creds("worker")]  # fmt: skip
         if cfg.models_file:
             worker += ["--models", str(cfg.models_file)]
         if cfg.device:
             worker += ["--device", cfg.device]
         gateway = [sys.executable, "-m", "cortex.gateway", "--nats", self.nats.url, "--host", cfg.host,
-                   "--port", str(cfg.port), "--metrics-port", str(cfg.metrics_port)]  # fmt: skip
+                   "--port", str(cfg.port), "--metrics-port", str(cfg.metrics_port),
+                   *self._creds("gateway")]  # fmt: skip
         self._spawn("worker", worker)
         self._spawn("gateway", gateway)
 
+    def _creds(self, user: str) -> list[str]:
+        return (
+            ["--nats-creds", str(lockdown.credentials_file(self.config.secure_dir, user))] if self.config.secure else []
+        )
+
     def _spawn(self, name: str, argv: list[str]) -> None:
-        self.children[name] = subprocess.Popen(argv, stdin=subprocess.DEVNULL, preexec_fn=own_group_dying_with_parent)
+        # The children talk to this stack's broker alone, as the options say: not as whatever user or TLS
+        # files the shell's environment names for another broker.
+        env = {k: v for k, v in os.environ.items() if k not in (CREDS_ENV, TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV)}
+        self.children[name] = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, env=env, preexec_fn=own_group_dying_with_parent
+        )
 
     def wait_ready(self) -> None:
         """Block until the gateway lists the model as ready; raise if a child dies first."""

@@ -319,3 +319,4 @@ class AnthropicCountTokens(AnthropicMessages):
 
     name = "anthropic-count"
     count_only = True
+    metered = False

@@ -16,13 +16,16 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cortex.broker.bus import Bus
-from cortex.gateway import anthropic_errors, openai_errors, routes_anthropic, routes_openai
+from cortex.gateway import anthropic_errors, openai_errors, openapi, routes_anthropic, routes_openai
+from cortex.gateway.auth import KeyRing, RequireKey
 from cortex.gateway.errors import ApiError, InvalidRequest
 from cortex.gateway.fleet import FleetView
+from cortex.gateway.limits import Limiter
 from cortex.gateway.metrics import Metrics
 from cortex.gateway.placing import ensure_placed
 from cortex.gateway.relay import Relay
 from cortex.gateway.services import Services, Settings
+from cortex.gateway.usage import Accounting
 
 log = logging.getLogger("cortex.gateway")
 
@@ -36,6 +39,8 @@ async def health(request: Request) -> Response:
         "nats": "connected" if ok else "disconnected",
         "workers": len(workers),
         "models_ready": sorted({m for w in workers for m in w.ready_models()}),
+        # Whether anyone who can reach this port may use it: "open" until an API key exists.
+        "auth": "open" if svc.keys.open else "keys",
     }
     return Response(msgspec.json.encode(body), status_code=200 if ok else 503, media_type="application/json")
 
@@ -73,7 +78,11 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Starlette:
         await relay.start()
         await bus.watch_fleet(fleet.on_change)
         await bus.watch_decisions(fleet.on_decision)
-        services = Services(settings=settings, bus=bus, relay=relay, fleet=fleet, metrics=metrics)
+        keys = await load_keys(bus, settings)
+        limiter = Limiter(bus)
+        accounting = Accounting(bus, limiter, metrics, relay.gateway_id)
+        services = Services(settings=settings, bus=bus, relay=relay, fleet=fleet, metrics=metrics, keys=keys,
+                            limiter=limiter, accounting=accounting)  # fmt: skip
         relay.check_waiting = functools.partial(ensure_placed, services)
         metrics.track_fleet(fleet.workers)
         app.state.services = services
@@ -81,10 +90,12 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Starlette:
         try:
             yield
         finally:
+            await services.accounting.flush()
             await bus.close()
 
     routes = [
         Route("/health", health, methods=["GET"]),
+        Route("/openapi.json", openapi.openapi_json, methods=["GET"]),
         Route("/v1/models", routes_openai.list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", routes_openai.retrieve_model, methods=["GET"]),
         Route("/v1/chat/completions", routes_openai.chat_completions, methods=["POST"]),
@@ -95,8 +106,36 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Starlette:
         Route("/v1/messages/count_tokens", routes_anthropic.count_tokens, methods=["POST"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
+    app.add_middleware(RequireKey, keys=lambda: _keys_of(app), envelope=error_envelope)
     app.add_middleware(IgnoreTrailingSlash)
     return app
+
+
+def _keys_of(app: Starlette) -> KeyRing | None:
+    services: Services | None = getattr(app.state, "services", None)
+    return services.keys if services is not None else None
+
+
+class OpenRefused(Exception):
+    """``--require-keys`` and no API key exists: the gateway will not serve open."""
+
+
+async def load_keys(bus: Bus, settings: Settings) -> KeyRing:
+    """Every API key, read before the gateway serves anything, then kept current by a watch."""
+    keys = KeyRing(required=settings.require_keys, sealed=await bus.keys_ever_written())
+    for key, value in (await bus.read_keys()).items():
+        keys.on_change(key, value)
+    await bus.watch_keys(keys.on_change)
+    if keys.open:
+        log.warning("no API key exists: this gateway serves anyone who can reach it "
+                    "(`cortexctl keys add NAME` closes it; --require-keys refuses to start open)")  # fmt: skip
+    elif not len(keys):
+        if settings.require_keys and not keys.sealed:
+            raise OpenRefused("--require-keys: no API key exists (create one with `cortexctl keys add NAME`)")
+        log.warning("no API key is valid now (every key was revoked): every request is refused")
+    else:
+        log.info("API keys required: %d known", len(keys))
+    return keys
 
 
 class IgnoreTrailingSlash:

@@ -4,8 +4,11 @@
 
     ApiError (status, type, code)
     ├── InvalidRequest      400 invalid_request_error   bad JSON, bad parameter, prompt too long
+    ├── Unauthenticated     401 invalid_request_error   no API key, or one unknown, revoked or expired
+    ├── PermissionDenied    403 permission_error        the key may not use this model
     ├── ModelNotFound       404 invalid_request_error   no catalogue in the fleet knows the model
     ├── PayloadTooLarge     413 invalid_request_error   body over the broker's message limit
+    ├── RateLimited         429 requests | tokens       the key is over its rpm, tpm or concurrency (Anthropic: 429)
     ├── QueueFull           429 requests                the model's queue is at its limit (Anthropic: 529)
     ├── UpstreamError       502 server_error            a worker failed while generating
     ├── NoCapacity          503 service_unavailable     nobody can serve the model (or NATS is away)
@@ -37,6 +40,8 @@ class ApiError(Exception):
     code: str | None = None
     retry_after: int | None = None
     """Seconds to wait before retrying, sent as ``Retry-After``; None: no header (the same request would fail again)."""
+    headers: dict[str, str] | None = None
+    """More headers for the error response (a rate limit's ``x-ratelimit-*``)."""
 
     def __init__(
         self, message: str, *, param: str | None = None, code: str | None = None, retry_after: int | None = None
@@ -51,13 +56,28 @@ class ApiError(Exception):
 
 
 def retry_headers(exc: ApiError) -> dict[str, str]:
-    """``Retry-After`` for an error that may pass by itself, as every dialect sends it."""
-    return {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else {}
+    """``Retry-After`` for an error that may pass by itself, as every dialect sends it, and the error's own headers."""
+    retry = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else {}
+    return retry | exc.headers if exc.headers else retry
 
 
 class InvalidRequest(ApiError):
     status = 400
     type = "invalid_request_error"
+
+
+class Unauthenticated(ApiError):
+    """OpenAI's 401 (``"code": "invalid_api_key"``); Anthropic's ``authentication_error``."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(ApiError):
+    status = 403
+    type = "permission_error"
+    code = "model_not_allowed"
 
 
 class ModelNotFound(ApiError):
@@ -80,6 +100,20 @@ class QueueFull(ApiError):
     type = "requests"
     code = "rate_limit_exceeded"
     retry_after = RETRY_AFTER_S
+
+
+class RateLimited(ApiError):
+    """A key over one of its limits: a 429 in both dialects (Anthropic's ``rate_limit_error``), typed by what ran
+    out as OpenAI does (``requests`` or ``tokens``), with ``Retry-After`` and the rate-limit headers."""
+
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, kind: str, retry_after: int, headers: dict[str, str]) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.type = kind
+        self.headers = headers
 
 
 class UpstreamError(ApiError):

@@ -10,6 +10,7 @@ here, once.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import uuid
@@ -22,6 +23,7 @@ import msgspec
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
+from cortex.gateway.auth import caller, check_model
 from cortex.gateway.errors import UNREADABLE_BODY_ERRORS, ApiError, PayloadTooLarge
 from cortex.gateway.metrics import UNKNOWN_MODEL, RequestTimer
 from cortex.gateway.placing import consider_replica, ensure_placed
@@ -139,6 +141,8 @@ class Dialect(Protocol):
     name: str
     ignored_fields: frozenset[str]
     """Fields the dialect knows and has no use for: named in a `Warning` header when a request sends them."""
+    metered: bool = True
+    """Whether a request counts against its key's rate limits (counting tokens does not)."""
 
     @abstractmethod
     def parse(self, body: bytes) -> Plan: ...
@@ -208,7 +212,15 @@ async def handle(request: Request, dialect: Dialect) -> Response:
         plan = await dialect.prepare(plan, svc)
         svc.require_broker()
         entry = svc.fleet.resolve(plan.request.model)
+        key = caller(request.state)
+        check_model(key, entry.id, entry.card.aliases)
         timer = RequestTimer(svc.metrics, entry.id, dialect.name)
+        deadline = time.time() + svc.settings.request_timeout
+        limit_headers: dict[str, str] = {}
+        if dialect.metered:
+            lease = await svc.limiter.admit(key, request_id, deadline)
+            timer.on_done = functools.partial(svc.accounting.finish, key, lease)
+            limit_headers = lease.headers if lease is not None else {}
         if not entry.ready_on:
             await ensure_placed(svc, entry.id)  # the request waits in the queue while a worker loads it
         else:
@@ -218,7 +230,7 @@ async def handle(request: Request, dialect: Dialect) -> Response:
             plan.request,
             request_id=request_id,
             model=entry.id,
-            deadline=now + svc.settings.request_timeout,
+            deadline=deadline,
             reply_subject=svc.relay.reply_subject(request_id),
             created=now,
             clamp_max_tokens=svc.settings.max_tokens_policy == "clamp",
@@ -230,7 +242,7 @@ async def handle(request: Request, dialect: Dialect) -> Response:
             response, answer = await until_disconnected(
                 request, _complete(stream, timer, fmt, plan.prompt_param, svc), stream
             )
-            response.headers.update(with_clamp_warning(warning, plan, answer.clamped_to))
+            response.headers.update(with_clamp_warning(warning, plan, answer.clamped_to) | limit_headers)
             return response
         try:
             first: Chunk | None = await until_disconnected(
@@ -245,7 +257,7 @@ async def handle(request: Request, dialect: Dialect) -> Response:
         streaming_started = True
         return EventStreamResponse(  # type: ignore[return-value]
             _events(first, stream, timer, fmt, dialect, plan.prompt_param, svc),
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **warning},
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **warning, **limit_headers},
         )
     except (ClientGone, ClientDisconnect):
         record(svc, timer, dialect.name, CLIENT_CLOSED, "client_closed")
@@ -272,6 +284,9 @@ def record(svc: Services, timer: RequestTimer | None, dialect: str, status: int,
 def account(timer: RequestTimer, chunk: Chunk) -> None:
     if chunk.prompt_tokens:
         timer.prompt_tokens = chunk.prompt_tokens
+    if chunk.usage is not None:
+        timer.prompt_tokens = chunk.usage.prompt_tokens or timer.prompt_tokens
+        timer.cached_tokens, timer.slot_seconds = chunk.usage.cached_tokens, chunk.usage.slot_seconds
     timer.completion_tokens = max(timer.completion_tokens, chunk.completion_tokens)
     timer.saw_tokens(chunk.tokens)
 

@@ -8,12 +8,16 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import signal
 
 import uvicorn
 
+from cortex.broker.access import CREDS_ENV, use_credentials
+from cortex.broker.bus import Bus
 from cortex.broker.connection import DEFAULT_URL
+from cortex.broker.errors import BrokerError
 from cortex.gateway.app import create_app
 from cortex.gateway.metrics import Metrics
 from cortex.gateway.services import MAX_TOKENS_POLICIES, Settings
@@ -28,6 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--metrics-host", default=None, help="default: same as --host")
     parser.add_argument("--metrics-port", type=int, default=31314, help="Prometheus /metrics port (-1 disables)")
     parser.add_argument("--nats", default=DEFAULT_URL, help=f"NATS server URL (default {DEFAULT_URL})")
+    parser.add_argument("--nats-creds", metavar="FILE", default=None,
+                        help=f"NATS user: a USER:PASSWORD file (default ${CREDS_ENV})")  # fmt: skip
     parser.add_argument(
         "--request-timeout", type=float, default=Settings.request_timeout, help="seconds before a request gets a 504"
     )
@@ -41,8 +47,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--failover-attempts", type=int, default=Settings.failover_attempts, metavar="N",
                         help="times an answer whose worker dies mid-answer is continued on another worker "
                         "before it ends with a 502 (0 disables failover)")  # fmt: skip
+    parser.add_argument("--require-keys", action="store_true",
+                        help="refuse to start while no API key exists (without it, the gateway then serves "
+                        "anyone)")  # fmt: skip
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
+
+
+async def _keys_exist(url: str) -> bool:
+    """Whether the keys bucket holds a key or ever did (then the gateway is closed, never open)."""
+    bus = await Bus.open(url, name="cortex-gateway (key check)")
+    try:
+        return bool(await bus.read_keys()) or await bus.keys_ever_written()
+    finally:
+        await bus.close()
 
 
 def _stopped(_sig: int, _frame: object) -> None:
@@ -57,6 +75,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.failover_attempts < 0:
         raise SystemExit("cortex-gateway: --failover-attempts must be 0 or more")
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        use_credentials(args.nats_creds)  # every connection of this process is made as this user
+    except BrokerError as exc:
+        raise SystemExit(f"cortex-gateway: {exc}") from None
+    if args.require_keys:
+        try:
+            if not asyncio.run(_keys_exist(args.nats)):
+                raise SystemExit("cortex-gateway: --require-keys, and no API key exists: create one with "
+                                 "`cortexctl keys add NAME` (or start without --require-keys to serve "
+                                 "anyone)")  # fmt: skip
+        except BrokerError as exc:
+            raise SystemExit(f"cortex-gateway: {exc}") from None
     metrics = Metrics()
     if args.metrics_port >= 0:
         port = metrics.serve(args.metrics_host or args.host, args.metrics_port)
@@ -69,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
             keepalive_interval=args.keepalive_interval,
             max_tokens_policy=args.max_tokens_policy,
             failover_attempts=args.failover_attempts,
+            require_keys=args.require_keys,
         ),
         metrics,
     )

@@ -1,7 +1,9 @@
 """Prometheus metrics of one gateway process, served on their own listener.
 
 Names match what operators of the original Rust cortex already graph. Labels are
-bounded: the model (a catalogue id, or ``_unknown``), the dialect and the status.
+bounded: the model (a catalogue id, or ``_unknown``), the dialect, the status,
+and the API key's name (never its secret; only keys that exist, and only on a
+gateway with keys).
 """
 
 from __future__ import annotations
@@ -45,6 +47,14 @@ class Metrics:
             buckets=_RATE_BUCKETS, registry=r,
         )  # fmt: skip
         self.in_flight = Gauge("cortex_requests_in_flight", "Requests being answered", ["model"], registry=r)
+        self.key_requests = Counter("cortex_key_requests", "Requests answered, by API key", ["key", "status"],
+                                    registry=r)  # fmt: skip
+        self.key_tokens = Counter(
+            "cortex_key_tokens", "Tokens by API key and kind (prompt, completion, cached)", ["key", "kind"], registry=r
+        )
+        self.key_slot_seconds = Counter(
+            "cortex_key_slot_seconds", "Seconds requests held a batch slot on a worker, by API key", ["key"], registry=r
+        )
         self.failovers = Counter(
             "cortex_failovers", "Answers continued on another worker after theirs died or its stream broke", ["model"],
             registry=r,
@@ -71,6 +81,10 @@ class RequestTimer:
     first_token: float | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    slot_seconds: float = 0.0
+    on_done: Callable[[RequestTimer, int], None] | None = None
+    """Called once the request is recorded, with its status (usage accounting, giving back a rate-limit lease)."""
 
     def __post_init__(self) -> None:
         self.metrics.in_flight.labels(self.model).inc()
@@ -91,6 +105,8 @@ class RequestTimer:
             labels.prompt_tokens.labels(self.model).inc(self.prompt_tokens)
         if self.completion_tokens:
             labels.completion_tokens.labels(self.model).inc(self.completion_tokens)
+        if self.on_done is not None:
+            self.on_done(self, status)
         if status < 400:
             labels.duration.labels(self.model).observe(end - self.started)
             if self.first_token is not None and self.completion_tokens > 1 and end > self.first_token:

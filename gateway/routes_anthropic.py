@@ -1,6 +1,6 @@
-"""Anthropic routes. Any ``x-api-key`` or ``Authorization: Bearer`` and any
-``anthropic-version`` / ``anthropic-beta`` header is accepted (authentication
-comes with its own issue)."""
+"""Anthropic routes. A key comes as ``x-api-key`` or ``Authorization: Bearer``
+(`cortex.gateway.auth` checks it); any ``anthropic-version`` / ``anthropic-beta``
+header is accepted."""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from cortex.gateway import responses_store
+from cortex.gateway.auth import caller, check_model
 from cortex.gateway.errors import ApiError
 from cortex.gateway.exchange import handle, services
 from cortex.gateway.fleet import ModelEntry
@@ -62,7 +63,9 @@ async def list_models(request: Request) -> Response:
         svc.require_broker()
     except ApiError as exc:
         return error_response(exc)
-    data = [_model_object(entry) for entry in svc.fleet.models().values()]
+    key = caller(request.state)
+    data = [_model_object(entry) for entry in svc.fleet.models().values()
+            if key is None or key.allows(entry.id, *entry.card.aliases)]  # fmt: skip
     body = {
         "object": "list",
         "data": data,
@@ -78,6 +81,7 @@ async def retrieve_model(request: Request) -> Response:
     try:
         services(request).require_broker()
         entry = services(request).fleet.find(request.path_params["model"])
+        check_model(caller(request.state), entry.id, entry.card.aliases)
     except ApiError as exc:
         return error_response(exc)
     return Response(_encoder.encode(_model_object(entry)), media_type="application/json")

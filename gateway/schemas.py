@@ -61,6 +61,12 @@ def _problem(schema: Any) -> str:
         problem = str(LLMatcher.validate_grammar(LLMatcher.grammar_from_json_schema(schema)))
     except Exception as exc:  # llguidance raises for some malformed schemas instead of reporting
         return str(exc)
+    except BaseException as exc:
+        # A panic in llguidance's Rust code reaches Python as pyo3's PanicException, which is no Exception: it
+        # panics quoting a malformed keyword cut inside a multi-byte character (`"required": {"ééé…": 1}`).
+        if type(exc).__name__ != "PanicException":
+            raise
+        return "llguidance could not read it (a keyword has a value of the wrong type?)."
     if problem:
         return problem
     return "" if has_finite_value(schema, targets) else "no finite JSON value matches it (a `$ref` cycle nothing ends)."

@@ -5,10 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cortex.broker.bus import Bus
+from cortex.gateway.auth import KeyRing
 from cortex.gateway.errors import NoCapacity
 from cortex.gateway.fleet import FleetView
+from cortex.gateway.limits import Limiter
 from cortex.gateway.metrics import Metrics
 from cortex.gateway.relay import Relay
+from cortex.gateway.usage import Accounting
 
 MAX_TOKENS_POLICIES = ("clamp", "reject")
 
@@ -27,6 +30,8 @@ class Settings:
     more than small contexts hold); ``reject``: it is a 400 ``context_length_exceeded``."""
     failover_attempts: int = 2
     """Times one answer may be continued on another worker after its worker died mid-answer (0: never; then 502)."""
+    require_keys: bool = False
+    """Refuse to serve open: with no API key in the ``cortex-keys`` bucket, start no gateway."""
 
 
 @dataclass
@@ -36,6 +41,9 @@ class Services:
     relay: Relay
     fleet: FleetView
     metrics: Metrics
+    keys: KeyRing
+    limiter: Limiter
+    accounting: Accounting
 
     def require_broker(self) -> None:
         """A 503 while this gateway is cut off from NATS, or just back (`Bus.settling`): its view of the fleet is

@@ -10,6 +10,7 @@ from __future__ import annotations
 import msgspec
 
 from cortex.protocol.heartbeat import Heartbeat
+from cortex.protocol.keys import ApiKey, AuditEvent, LimitWindow, UsageRecord
 from cortex.protocol.messages import Chunk, Drain, GenerateRequest, Pin, Placement, WorkerAdvert
 
 _encoder = msgspec.json.Encoder()
@@ -20,12 +21,31 @@ _placement_decoder = msgspec.json.Decoder(Placement)
 _pin_decoder = msgspec.json.Decoder(Pin)
 _drain_decoder = msgspec.json.Decoder(Drain)
 _heartbeat_decoder = msgspec.json.Decoder(Heartbeat)
+_api_key_decoder = msgspec.json.Decoder(ApiKey)
+_limit_window_decoder = msgspec.json.Decoder(LimitWindow)
+_usage_decoder = msgspec.json.Decoder(UsageRecord)
+_audit_decoder = msgspec.json.Decoder(AuditEvent)
 
 DecodeError = msgspec.DecodeError
 """Raised by every ``decode_*`` function on a malformed or mistyped message."""
 
 
-def encode(message: GenerateRequest | Chunk | WorkerAdvert | Placement | Pin | Drain | Heartbeat) -> bytes:
+Encodable = (
+    GenerateRequest
+    | Chunk
+    | WorkerAdvert
+    | Placement
+    | Pin
+    | Drain
+    | Heartbeat
+    | ApiKey
+    | LimitWindow
+    | UsageRecord
+    | AuditEvent
+)
+
+
+def encode(message: Encodable) -> bytes:
     return _encoder.encode(message)
 
 
@@ -55,3 +75,19 @@ def decode_drain(data: bytes) -> Drain:
 
 def decode_heartbeat(data: bytes) -> Heartbeat:
     return _heartbeat_decoder.decode(data)
+
+
+def decode_api_key(data: bytes) -> ApiKey:
+    return _api_key_decoder.decode(data)
+
+
+def decode_limit_window(data: bytes) -> LimitWindow:
+    return _limit_window_decoder.decode(data)
+
+
+def decode_usage(data: bytes) -> UsageRecord:
+    return _usage_decoder.decode(data)
+
+
+def decode_audit(data: bytes) -> AuditEvent:
+    return _audit_decoder.decode(data)

@@ -150,6 +150,9 @@ class Usage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """Prompt tokens whose KV the worker reused from an earlier request."""
     reasoning_tokens: int = 0
     """Completion tokens spent thinking."""
+    slot_seconds: float = 0.0
+    """Seconds the request held a place in its worker's batch (from its admission to its end), for usage
+    accounting; after a failover, the last worker's share."""
 
 
 class ChunkError(msgspec.Struct, frozen=True, kw_only=True):

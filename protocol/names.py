@@ -186,3 +186,61 @@ def parse_placement_key(key: str) -> tuple[str, str] | None:
 def cancel_subject() -> str:
     """Gateways publish a request id here when its client went away; every worker listens."""
     return "cortex.cancel"
+
+
+KEYS_BUCKET = "cortex-keys"
+"""KV bucket of API keys (`cortex.protocol.keys.ApiKey`, the secret only as its hash), one per key name; cortexctl
+writes it, every gateway watches it."""
+_API_KEY_PREFIX = "keys."
+
+LIMITS_BUCKET = "cortex-limits"
+"""KV bucket of each key's rate-limit window (`cortex.protocol.keys.LimitWindow`), rewritten by the gateways with
+compare-and-set, so a limit holds across every gateway."""
+_LIMIT_PREFIX = "limits."
+
+USAGE_STREAM = "CORTEX_USAGE"
+"""JetStream stream of one `cortex.protocol.keys.UsageRecord` per finished request, by key name."""
+_USAGE_PREFIX = "cortex.usage"
+
+AUDIT_STREAM = "CORTEX_AUDIT"
+"""JetStream stream of admin actions (`cortex.protocol.keys.AuditEvent`): key changes, pins, loads, drains."""
+_AUDIT_PREFIX = "cortex.audit"
+
+KEY_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+"""What an API key's name may be: it is a Prometheus label value and part of KV keys and subjects."""
+
+
+def check_key_name(name: str) -> str:
+    """`name` if it may name an API key, else ValueError."""
+    if not KEY_NAME_RE.fullmatch(name):
+        raise ValueError(f"a key name is 1 to 64 letters, digits, '_', '.' or '-' (starting with a letter or digit), "
+                         f"got {name!r}")  # fmt: skip
+    return name
+
+
+def api_key_key(name: str) -> str:
+    """KV key of the API key `name` in `KEYS_BUCKET`."""
+    return f"{_API_KEY_PREFIX}{encode_model_token(name)}"
+
+
+def limit_key(name: str) -> str:
+    """KV key of the API key `name`'s rate-limit window in `LIMITS_BUCKET`."""
+    return f"{_LIMIT_PREFIX}{encode_model_token(name)}"
+
+
+def usage_subject(name: str) -> str:
+    """Subject of the usage records of the API key `name` (``open`` for requests made without keys)."""
+    return f"{_USAGE_PREFIX}.{encode_model_token(name)}"
+
+
+def usage_wildcard() -> str:
+    return f"{_USAGE_PREFIX}.*"
+
+
+def audit_subject(action: str) -> str:
+    """Subject of one kind of admin action (``keys.add``, ``pin``...): each dot-separated part escaped."""
+    return ".".join([_AUDIT_PREFIX, *(encode_model_token(part) for part in action.split("."))])
+
+
+def audit_wildcard() -> str:
+    return f"{_AUDIT_PREFIX}.>"

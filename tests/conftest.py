@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,22 +127,25 @@ def metric(gateway: Gateway, name: str, **labels: str) -> float:
     return total
 
 
-def start_worker(nats_url: str, catalogue: Path, log: Path, *args: str) -> subprocess.Popen[bytes]:
-    """A ``cortex-worker`` process on `catalogue`, writing its log to `log`; `args` are its other options."""
+def start_worker(
+    nats_url: str, catalogue: Path, log: Path, *args: str, env: Mapping[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """A ``cortex-worker`` process on `catalogue`, writing its log to `log`; `args` are its other options, `env`
+    variables added to its environment."""
     with open(log, "wb") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "cortex.worker", "--nats", nats_url, "--models", str(catalogue), *args],
-            stdout=out, stderr=subprocess.STDOUT, env=child_env(),
+            stdout=out, stderr=subprocess.STDOUT, env=child_env() | dict(env or {}),
         )  # fmt: skip
 
 
-def start_gateway(nats_url: str, log_dir: Path, *extra: str) -> Gateway:
+def start_gateway(nats_url: str, log_dir: Path, *extra: str, env: Mapping[str, str] | None = None) -> Gateway:
     port, metrics_port = free_port(), free_port()
     log = open(log_dir / f"gateway-{port}.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "cortex.gateway", "--nats", nats_url, "--port", str(port),
          "--metrics-port", str(metrics_port), *extra],
-        stdout=log, stderr=subprocess.STDOUT, env=child_env(),
+        stdout=log, stderr=subprocess.STDOUT, env=child_env() | dict(env or {}),
     )  # fmt: skip
     log.close()
     gateway = Gateway(proc=proc, port=port, metrics_port=metrics_port)

@@ -19,7 +19,9 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cortex.broker.access import CREDS_ENV, use_credentials
 from cortex.broker.connection import DEFAULT_URL
+from cortex.broker.errors import CredentialsError
 from cortex.protocol.placement import EVICTION_POLICIES
 
 if TYPE_CHECKING:
@@ -42,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--device", choices=["cpu", "cuda"], default=None, help="force a device (default: cuda if present)"
     )
     parser.add_argument("--nats", default=DEFAULT_URL, help=f"NATS server URL (default {DEFAULT_URL})")
+    parser.add_argument("--nats-creds", metavar="FILE", default=None,
+                        help=f"NATS user: a USER:PASSWORD file (default ${CREDS_ENV})")  # fmt: skip
     parser.add_argument("--models", type=Path, default=None, help="models.toml catalogue (default: the bundled one)")
     parser.add_argument(
         "--model", action="append", default=None,
@@ -142,6 +146,10 @@ async def _serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        use_credentials(args.nats_creds)  # every connection of this process is made as this user
+    except CredentialsError as exc:
+        sys.exit(f"cortex-worker: {exc}")
     try:
         import uvloop
     except ImportError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -78,6 +79,8 @@ class Sequence:
     done: bool = False
     clamped_to: int = 0
     """The token limit, when the asked one was lowered to fit the context (told to the gateway once)."""
+    admitted_at: float = field(default_factory=time.monotonic)
+    """When the sequence took its place in the batch (`Usage.slot_seconds` counts from here)."""
     _replaying: bool = field(default=False, init=False, repr=False)
     """While `resume` takes the tokens an earlier attempt delivered: chunks are built, not sent."""
     _replayed_end: Chunk | None = field(default=None, init=False, repr=False)
@@ -112,7 +115,8 @@ class Sequence:
         if finish is not None:
             n_prompt, n_gen = len(self.prompt_ids), len(self.generated_ids)
             usage = Usage(prompt_tokens=n_prompt, completion_tokens=n_gen, total_tokens=n_prompt + n_gen,
-                          cached_tokens=self.cached_tokens, reasoning_tokens=self.reasoning_tokens)  # fmt: skip
+                          cached_tokens=self.cached_tokens, reasoning_tokens=self.reasoning_tokens,
+                          slot_seconds=round(time.monotonic() - self.admitted_at, 6))  # fmt: skip
         chunk = Chunk(
             request_id=self.request_id,
             seq=self.seq_no,
