@@ -4,6 +4,7 @@
 # make lock  resolve pyproject.toml + requirements.in again into requirements.lock
 # make test-latest  the suite against the newest releases (in .venv-latest), to see a break coming
 # make lint  ruff, then mypy (strict on protocol/ and broker/); .ci/run runs it after the tests
+# make dist  the wheel and the sdist into dist/ (python -m build; offline: the backend comes from the lock)
 #
 # Both create .venv if it is missing and install idempotently (a stamp file
 # skips pip when nothing it depends on changed). Every package comes from
@@ -25,7 +26,7 @@ TYPECHECK := build/typecheck/cortex
 UV := $(BIN)/python -m uv
 LOCK_ARGS := --universal --python-version 3.11 --generate-hashes --no-header --quiet
 
-.PHONY: run test test-latest bench lint format install lock clean
+.PHONY: run test test-latest bench lint format install lock dist clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -41,8 +42,16 @@ install: $(STAMP)
 run: install
 	$(BIN)/cortexctl up
 
-test: install
+test: install chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The fleet page's browser test (tests/test_fleet_page.py) drives Debian's chromium: as root (CI, the
+# dev machines) it is installed when missing; otherwise that test skips and says why.
+.PHONY: chromium
+chromium:
+	@command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "make: chromium could not be installed: the fleet page's browser test will skip"
 
 lock: $(BIN)/python
 	$(BIN)/python -m pip install --quiet uv==0.13.8
@@ -67,9 +76,12 @@ lint: install
 	for p in protocol broker gateway worker; do ln -sfn ../../../$$p $(TYPECHECK)/$$p; done
 	$(BIN)/mypy -p cortex.protocol -p cortex.broker -p cortex.gateway -p cortex.worker
 
+dist: install
+	$(BIN)/python -m build --no-isolation --outdir dist .
+
 format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf $(VENV) $(LATEST) build *.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LATEST) build dist *.egg-info .pytest_cache .ruff_cache

@@ -225,6 +225,25 @@ class Bus:
             raise BrokerUnavailable(f"cannot look up request {seq}: {exc!r}") from exc
         return False
 
+    async def queued_seqs(self, model: str, limit: int) -> list[int]:
+        """The stream sequences of the first `limit` requests for `model` still in the stream, waiting or running (a
+        work queue keeps a request until it is settled), oldest first: one lookup each."""
+        subject, cursor, seqs = names.request_subject(model), 1, list[int]()
+        while len(seqs) < limit:
+            try:
+                msg = await self._js.get_msg(names.REQUEST_STREAM, seq=cursor, subject=subject, next=True)
+            except APIError as exc:
+                if exc.err_code == _NO_MESSAGE_CODE:
+                    break
+                raise BrokerUnavailable(f"cannot look up the queue of {model}: {exc.description}") from exc
+            except (nats.errors.Error, TimeoutError) as exc:
+                raise BrokerUnavailable(f"cannot look up the queue of {model}: {exc!r}") from exc
+            if msg.seq is None:
+                break
+            seqs.append(msg.seq)
+            cursor = msg.seq + 1
+        return seqs
+
     async def pull_queue(self, model: str) -> PullQueue:
         try:
             durable = await provision.ensure_model_consumer(self._js, model)
@@ -347,12 +366,12 @@ class Bus:
         return _present(await self._read_all(self._keys, names.KEYS_BUCKET))
 
     async def keys_ever_written(self) -> bool:
-        """Whether the keys bucket has ever held a key (revoked ones leave their delete markers behind)."""
+        """Whether the keys bucket holds a key or the marker of a revoked one (a purge of its stream clears both)."""
         try:
             info = await self._js.stream_info(f"KV_{names.KEYS_BUCKET}")
         except (nats.errors.Error, TimeoutError, APIError) as exc:
             raise BrokerUnavailable(f"cannot read the {names.KEYS_BUCKET} bucket: {exc!r}") from exc
-        return bool(info.state.last_seq)
+        return bool(info.state.messages)
 
     async def watch_keys(self, handler: FleetHandler) -> None:
         """Start calling `handler` for every change of the keys bucket (a revoked key comes as (key, None))."""

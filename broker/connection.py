@@ -13,12 +13,14 @@ from typing import Any
 from nats.aio.client import Client as NATS
 from nats.protocol.parser import AUTHORIZATION_VIOLATION, PERMISSIONS_ERR
 
+from cortex.broker import settings
 from cortex.broker.access import CREDS_ENV, TLS_CA_ENV, TLS_CERT_ENV, Access
 from cortex.broker.errors import BrokerUnavailable
 
 log = logging.getLogger("cortex.broker")
 
-DEFAULT_URL = "nats://127.0.0.1:4222"
+DEFAULT_URL = settings.shared("nats", "nats://127.0.0.1:4222")
+"""Every process's ``--nats`` default: ``$CORTEX_NATS_URL``, else ``nats`` in cortex.toml, else the local broker."""
 
 
 @dataclass

@@ -14,39 +14,43 @@
     cortexctl keys add NAME [--models m1,m2] [--rpm N] [--tpm N] [--max-concurrent N] [--expires 30d]
     cortexctl keys list / keys revoke NAME
     cortexctl usage [--key NAME] [--since 24h] [--json]
+    cortexctl top [--metrics URL ...]  # per-model tokens/s, TTFT, queue, in-flight, refreshed
+    cortexctl --install-completion     # shell completion (bash, zsh, fish)
 
 Every command reads and writes the NATS KV buckets (``cortex-fleet``,
 ``cortex-alive``, ``cortex-placement``, ``cortex-keys``), so any number of
 gateways and cortexctl agree; a worker counts as live by the gateways' rule
 (`cortex.protocol.liveness`). Every change (load, unload, pin, unpin, drain,
-undrain, keys) is appended to the audit trail (``CORTEX_AUDIT``).
+undrain, keys) is appended to the audit trail (``CORTEX_AUDIT``). The fleet
+actions themselves are `cortex.broker.fleet_ops`, which the gateway's fleet
+page calls too.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import signal
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
 import msgspec
 import typer
 
-from cortex.broker import audit
+from cortex.broker import fleet_ops
 from cortex.broker.connection import DEFAULT_URL
 from cortex.broker.ctl_keys import first_key, keys_app, usage
 from cortex.broker.ctl_secure import credentials, init, options, up_banner
+from cortex.broker.ctl_top import top
 from cortex.broker.errors import BrokerError
 from cortex.broker.stack import Stack, StackConfig, default_data_dir
 
-app = typer.Typer(help="Operate a Cortex fleet.", no_args_is_help=True, add_completion=False)
+app = typer.Typer(help="Operate a Cortex fleet.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.command()(usage)
+app.command()(top)
 app.callback()(options)
 
 
@@ -64,6 +68,7 @@ def up(
     data_dir: Annotated[Path | None, typer.Option(help="JetStream store and logs")] = None,
     secure: Annotated[bool, typer.Option("--secure", help="lock the broker down: a NATS user each for the "
                                          "gateway, the worker and cortexctl (credentials in DATA_DIR/secure)")] = False,
+    log_format: Annotated[str | None, typer.Option(help="the gateway's and worker's logs: text or json")] = None,
     keys: Annotated[bool, typer.Option("--keys", help="require API keys: make a first key (named default) and "
                                        "print it, unless keys exist already")] = False,
 ) -> None:  # fmt: skip
@@ -71,6 +76,7 @@ def up(
     config = StackConfig(
         data_dir=data_dir or default_data_dir(), host=host, port=port, metrics_port=metrics_port,
         nats_port=nats_port, model=model, models_file=models, device=device, gpu=gpu, slots=slots, secure=secure,
+        log_format=log_format,
     )  # fmt: skip
     stack = Stack(config)
     signal.signal(signal.SIGINT, stack.request_stop)
@@ -186,8 +192,8 @@ def _run(what: str, work: Any) -> Any:
         raise typer.Exit(1) from None
 
 
-class _Refused(Exception):
-    """A command that cannot be carried out (unknown model, pinned model...): said in one line."""
+_Refused = fleet_ops.Refused
+"""A command that cannot be carried out (unknown model, pinned model...): said in one line."""
 
 
 async def _on_bus(url: str, action: Any) -> Any:
@@ -209,60 +215,7 @@ async def _with_bus(url: str, action: Any) -> str:
         return f"refused: {exc}"
 
 
-async def _adverts(bus: Any) -> list[Any]:
-    """The live workers' adverts, by id: the gateways' rule (`LiveFleet`) over the fleet and heartbeats as they are."""
-    from cortex.protocol import codec
-    from cortex.protocol.liveness import LiveFleet
-
-    fleet, now = LiveFleet(), time.monotonic()
-    for key, value in [*(await bus.read_fleet()).items(), *(await bus.read_heartbeats()).items()]:
-        with contextlib.suppress(codec.DecodeError):  # an advert that does not decode is left out
-            fleet.on_change(key, value, now)
-    return sorted(fleet.live(now), key=lambda advert: str(advert.worker_id))
-
-
-def _model_id(adverts: list[Any], name: str) -> str:
-    for advert in adverts:
-        for card in advert.catalogue:
-            if name == card.id or name in card.aliases:
-                return str(card.id)
-    raise _Refused(f"no live worker has {name!r} in its catalogue")
-
-
-def _check_worker(adverts: list[Any], worker: str, model_id: str) -> None:
-    advert = next((a for a in adverts if a.worker_id == worker), None)
-    if advert is None:
-        raise _Refused(f"no live worker is called {worker!r}")
-    if advert.card(model_id) is None:
-        raise _Refused(f"{worker} has no {model_id} in its catalogue")
-    if advert.draining:
-        raise _Refused(f"{worker} is draining")
-
-
-async def _place(
-    bus: Any, adverts: list[Any], model_id: str, *, worker: str | None, replicas: int, why: str
-) -> list[tuple[str, str]]:
-    """Place `model_id` on `worker`, or on up to `replicas` workers by the placement policy: (worker, reason) each."""
-    from cortex.broker.decisions import change_placement, read_pins
-    from cortex.protocol.placement import add_worker, pick_worker
-
-    if worker is not None:
-        _check_worker(adverts, worker, model_id)
-        choices = [(worker, f"{worker}: {why} --worker")]
-    else:
-        pins = (await read_pins(bus)).values()
-        choices = []
-        for _ in range(replicas):
-            pick = pick_worker(model_id, [a for a in adverts if a.worker_id not in dict(choices)], pins)
-            if pick.choice is None:
-                if not choices:
-                    raise _Refused(pick.reason)
-                break
-            choices.append((pick.choice.worker, f"{pick.reason} ({why})"))
-    for target, reason in choices:
-        change = partial(add_worker, model=model_id, worker=target, reason=reason)
-        await change_placement(bus, model_id, change, by="cortexctl")
-    return choices
+_adverts = fleet_ops.live_adverts
 
 
 def _done(result: Any) -> None:
@@ -279,14 +232,8 @@ def load(
 ) -> None:
     """Load a model now, on the best worker (or the one named)."""
 
-    async def action(bus: Any) -> str:
-        adverts = await _adverts(bus)
-        model_id = _model_id(adverts, model)
-        placed = await _place(bus, adverts, model_id, worker=worker, replicas=1, why="cortexctl load")
-        if not placed:
-            raise _Refused(f"no worker can load {model_id} now")
-        await audit.record(bus, "load", model_id, f"on {placed[0][0]}")
-        return f"{model_id} placed on {placed[0][0]}: {placed[0][1]}"
+    def action(bus: Any) -> Any:
+        return fleet_ops.load(bus, model, worker=worker)
 
     _done(_run("load", _with_bus(nats, action)))
 
@@ -299,21 +246,8 @@ def unload(
 ) -> None:
     """Unload a model (from every worker, or the one named); refused while it is pinned."""
 
-    async def action(bus: Any) -> str:
-        from cortex.broker.decisions import change_placement, read_pins
-        from cortex.protocol.placement import remove_all_workers, remove_worker
-
-        model_id = _model_id(await _adverts(bus), model)
-        if model_id in await read_pins(bus):
-            raise _Refused(f"{model_id} is pinned; `cortexctl unpin {model_id}` first")
-        if worker is not None:
-            change = partial(remove_worker, worker=worker, reason="cortexctl unload --worker")
-            await change_placement(bus, model_id, change, by="cortexctl")
-            await audit.record(bus, "unload", model_id, f"from {worker}")
-            return f"{model_id} unloading from {worker}"
-        await change_placement(bus, model_id, partial(remove_all_workers, reason="cortexctl unload"), by="cortexctl")
-        await audit.record(bus, "unload", model_id, "everywhere")
-        return f"{model_id} unloading everywhere"
+    def action(bus: Any) -> Any:
+        return fleet_ops.unload(bus, model, worker=worker)
 
     _done(_run("unload", _with_bus(nats, action)))
 
@@ -327,21 +261,8 @@ def pin(
 ) -> None:
     """Keep a model loaded: never evicted, never unloaded for idleness (kept in KV: survives restarts)."""
 
-    async def action(bus: Any) -> str:
-        from cortex.protocol import Pin, codec, names
-
-        adverts = await _adverts(bus)
-        model_id = _model_id(adverts, model)
-        if worker is not None:
-            _check_worker(adverts, worker, model_id)
-        key = names.pin_key(model_id)
-        value = codec.encode(Pin(model=model_id, replicas=replicas, worker=worker or "", pinned_at=time.time()))
-        await bus.put_decision(key, value)
-        await audit.record(bus, "pin", model_id, f"replicas {replicas}" + (f", on {worker}" if worker else ""))
-        placed = await _place(bus, adverts, model_id, worker=worker, replicas=replicas, why="cortexctl pin")
-        if not placed:
-            return f"{model_id} pinned; not loaded yet: no worker can take it now"
-        return f"{model_id} pinned on {', '.join(w for w, _ in placed)}"
+    def action(bus: Any) -> Any:
+        return fleet_ops.pin(bus, model, replicas=replicas, worker=worker)
 
     _done(_run("pin", _with_bus(nats, action)))
 
@@ -350,17 +271,8 @@ def pin(
 def unpin(model: str, nats: NatsOption = DEFAULT_URL) -> None:
     """Let a pinned model be evicted and unload when idle again."""
 
-    async def action(bus: Any) -> str:
-        from cortex.protocol import names
-
-        key = names.pin_key(model)
-        if (await bus.read_decision(key))[0] is None:  # a pin is kept under the name it was given
-            key = names.pin_key(_model_id(await _adverts(bus), model))
-            if (await bus.read_decision(key))[0] is None:
-                return f"{model} was not pinned"
-        await bus.delete_decision(key)
-        await audit.record(bus, "unpin", model)
-        return f"{model} unpinned"
+    def action(bus: Any) -> Any:
+        return fleet_ops.unpin(bus, model)
 
     _done(_run("unpin", _with_bus(nats, action)))
 
@@ -369,13 +281,8 @@ def unpin(model: str, nats: NatsOption = DEFAULT_URL) -> None:
 def drain(worker: str, nats: NatsOption = DEFAULT_URL) -> None:
     """Finish a worker's requests, take no new ones, unload its models (kept in KV until undrain)."""
 
-    async def action(bus: Any) -> str:
-        from cortex.protocol import Drain, codec, names
-
-        await bus.put_decision(names.drain_key(worker), codec.encode(Drain(since=time.time())))
-        await audit.record(bus, "drain", worker)
-        live = {a.worker_id for a in await _adverts(bus)}
-        return f"{worker} draining" + ("" if worker in live else " (it is not live now: it drains when it starts)")
+    def action(bus: Any) -> Any:
+        return fleet_ops.drain(bus, worker)
 
     _done(_run("drain", _with_bus(nats, action)))
 
@@ -384,12 +291,8 @@ def drain(worker: str, nats: NatsOption = DEFAULT_URL) -> None:
 def undrain(worker: str, nats: NatsOption = DEFAULT_URL) -> None:
     """Let a drained worker take requests again (models load on demand)."""
 
-    async def action(bus: Any) -> str:
-        from cortex.protocol import names
-
-        await bus.delete_decision(names.drain_key(worker))
-        await audit.record(bus, "undrain", worker)
-        return f"{worker} back in service"
+    def action(bus: Any) -> Any:
+        return fleet_ops.undrain(bus, worker)
 
     _done(_run("undrain", _with_bus(nats, action)))
 

@@ -3,6 +3,7 @@
 ::
 
     cortexctl keys add team-a --models smollm2-135m-instruct --rpm 60 --tpm 100000 --max-concurrent 4 --expires 30d
+    cortexctl keys add ops --admin        # may also act from the gateway's fleet page
     cortexctl keys list [--json]
     cortexctl keys revoke team-a
     cortexctl usage [--key team-a] [--since 24h] [--json]
@@ -69,20 +70,25 @@ def _refuse(message: str) -> typer.Exit:
 
 
 async def create_key(
-    bus: Bus, name: str, *, models: list[str], rpm: int, tpm: int, max_concurrent: int, expires_in: float | None
-) -> tuple[ApiKey, str] | None:
+    bus: Bus, name: str, *, models: list[str], rpm: int, tpm: int, max_concurrent: int, expires_in: float | None,
+    admin: bool = False,
+) -> tuple[ApiKey, str] | None:  # fmt: skip
     """Make and store a key named `name`; its record and its secret, or None if a key of that name exists."""
     secret, now, who = new_secret(), time.time(), audit.operator()
     api_key = ApiKey(
         name=name, secret_sha256=secret_hash(secret), hint=secret_hint(secret), models=models, rpm=rpm, tpm=tpm,
         max_concurrent=max_concurrent, expires_at=now + expires_in if expires_in else 0.0, created_at=now,
-        created_by=who,
+        created_by=who, admin=admin,
     )  # fmt: skip
     if not await bus.write_key(names.api_key_key(name), codec.encode(api_key), 0):
         return None
     limits = ", ".join(f"{label} {n}" for label, n in (("rpm", rpm), ("tpm", tpm), ("max concurrent", max_concurrent))
                        if n)  # fmt: skip
-    await audit.record(bus, "keys.add", name, f"models: {', '.join(models) or 'all'}; {limits or 'no limits'}", who)
+    detail = f"models: {', '.join(models) or 'all'}; {limits or 'no limits'}" + ("; admin" if admin else "")
+    try:
+        await audit.record(bus, "keys.add", name, detail, who)
+    except BrokerError as exc:  # the key exists now: its secret must still reach the operator
+        typer.echo(f"warning: key {name} made, but not written to the audit trail: {exc}", err=True)
     return api_key, secret
 
 
@@ -110,8 +116,10 @@ def add(
     tpm: Annotated[int, typer.Option(help="tokens per minute, over every gateway (0: no limit)", min=0)] = 0,
     max_concurrent: Annotated[int, typer.Option(help="requests at once (0: no limit)", min=0)] = 0,
     expires: Annotated[str | None, typer.Option(help="refuse the key after this long: 90m, 24h, 30d...")] = None,
+    admin: Annotated[bool, typer.Option("--admin", help="may also load, unload, pin, unpin, drain and undrain "
+                                        "from the gateway's fleet page")] = False,
     nats: NatsOption = DEFAULT_URL,
-) -> None:
+) -> None:  # fmt: skip
     """Create an API key; its secret is printed once, and never again."""
     try:
         names.check_key_name(name)
@@ -120,7 +128,8 @@ def add(
     expires_in = parse_duration(expires) if expires else None
     wanted = [m.strip() for m in models.split(",") if m.strip()]
     limits = {"rpm": rpm, "tpm": tpm, "max_concurrent": max_concurrent}
-    made = _on_bus(nats, "keys add", lambda bus: create_key(bus, name, models=wanted, expires_in=expires_in, **limits))
+    made = _on_bus(nats, "keys add", lambda bus: create_key(bus, name, models=wanted, expires_in=expires_in,
+                                                            admin=admin, **limits))  # fmt: skip
     if made is None:
         raise _refuse(f"a key named {name!r} exists (`cortexctl keys revoke {name}` first)")
     api_key, secret = made
@@ -155,7 +164,8 @@ def list_keys(
     typer.echo(f"{'NAME':<20} {'SECRET':<12} {'MODELS':<28} {'RPM':>6} {'TPM':>8} {'CONC':>5} {'EXPIRES':<20} CREATED")
     for k in found:
         expires = "never" if not k.expires_at else ("EXPIRED" if k.expired(now) else _when(k.expires_at))
-        typer.echo(f"{k.name:<20} {k.hint:<12} {', '.join(k.models) or 'all':<28} {k.rpm or '-':>6} "
+        label = k.name + (" (admin)" if k.admin else "")
+        typer.echo(f"{label:<20} {k.hint:<12} {', '.join(k.models) or 'all':<28} {k.rpm or '-':>6} "
                    f"{k.tpm or '-':>8} {k.max_concurrent or '-':>5} {expires:<20} {_when(k.created_at)} "
                    f"by {k.created_by}")  # fmt: skip
 

@@ -26,6 +26,7 @@ import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -99,10 +100,13 @@ class ClusterNode:
     cluster_port: int
     routes: list[str]
     cluster_name: str = "cortex"
+    host: str = "127.0.0.1"
+    """The address the route port listens on, and which the other nodes are told to dial: this host's own address
+    when the nodes run on several hosts."""
 
     def args(self) -> list[str]:
         return ["--name", self.name, "--cluster_name", self.cluster_name,
-                "--cluster", f"nats://127.0.0.1:{self.cluster_port}", "--routes", ",".join(self.routes)]  # fmt: skip
+                "--cluster", f"nats://{self.host}:{self.cluster_port}", "--routes", ",".join(self.routes)]  # fmt: skip
 
 
 class EmbeddedNats:
@@ -118,11 +122,16 @@ class EmbeddedNats:
         log_file: Path | None = None,
         cluster: ClusterNode | None = None,
         monitor_port: int | None = None,
+        launcher: Sequence[str] = (),
     ) -> None:
         self.store_dir = store_dir
         self.cluster = cluster
         self.monitor_port = monitor_port
         """The HTTP monitoring port (``/connz``, ``/jsz``, ...), if any."""
+        self.launcher = list(launcher)
+        """A command that runs nats-server's own, e.g. ``["ip", "netns", "exec", "host1"]`` to start it inside a
+        network namespace. It must exec the server in its place (so `pid`, `kill` and the ports file are the
+        server's own), and `host` must be reachable from here."""
         self.host = host
         self.port = port
         self.config = config if config is not None else default_config()
@@ -141,7 +150,7 @@ class EmbeddedNats:
     def start(self, timeout: float = 15.0) -> str:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self._ports_dir = tempfile.TemporaryDirectory(prefix="cortex-nats-ports-")
-        args = [str(find_nats_server())]
+        args = [*self.launcher, str(find_nats_server())]
         if self.config is not None:
             args += ["-c", str(self.config)]
         args += [

@@ -43,6 +43,8 @@ class StackConfig:
     ready_timeout: float = 600.0
     secure: bool = False
     """Lock the broker down: a user each for the gateway, the worker and cortexctl (`secure_dir`)."""
+    log_format: str | None = None
+    """The children's ``--log-format`` (None: theirs, from the environment or cortex.toml)."""
 
     @property
     def secure_dir(self) -> Path:
@@ -82,16 +84,20 @@ class Stack:
             self.admin = Access.from_file(lockdown.credentials_file(cfg.secure_dir, "admin"))
             asyncio.run(lockdown.provision_broker(self.nats.url, self.admin))
         worker = [sys.executable, "-m", "cortex.worker", "--nats", self.nats.url, "--model", cfg.model,
-                  "--gpu", str(cfg.gpu), "--slots", str(cfg.slots), *self._creds("worker")]  # fmt: skip
+                  "--gpu", str(cfg.gpu), "--slots", str(cfg.slots), *self._creds("worker"),
+                  *self._log_format()]  # fmt: skip
         if cfg.models_file:
             worker += ["--models", str(cfg.models_file)]
         if cfg.device:
             worker += ["--device", cfg.device]
         gateway = [sys.executable, "-m", "cortex.gateway", "--nats", self.nats.url, "--host", cfg.host,
-                   "--port", str(cfg.port), "--metrics-port", str(cfg.metrics_port),
+                   "--port", str(cfg.port), "--metrics-port", str(cfg.metrics_port), *self._log_format(),
                    *self._creds("gateway")]  # fmt: skip
         self._spawn("worker", worker)
         self._spawn("gateway", gateway)
+
+    def _log_format(self) -> list[str]:
+        return ["--log-format", self.config.log_format] if self.config.log_format else []
 
     def _creds(self, user: str) -> list[str]:
         return (

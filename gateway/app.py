@@ -16,10 +16,11 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cortex.broker.bus import Bus
-from cortex.gateway import anthropic_errors, openai_errors, openapi, routes_anthropic, routes_openai
+from cortex.gateway import anthropic_errors, fleet_page, openai_errors, openapi, routes_anthropic, routes_openai
 from cortex.gateway.auth import KeyRing, RequireKey
 from cortex.gateway.errors import ApiError, InvalidRequest
 from cortex.gateway.fleet import FleetView
+from cortex.gateway.fleet_feed import FleetFeed
 from cortex.gateway.limits import Limiter
 from cortex.gateway.metrics import Metrics
 from cortex.gateway.placing import ensure_placed
@@ -85,6 +86,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Starlette:
                             limiter=limiter, accounting=accounting)  # fmt: skip
         relay.check_waiting = functools.partial(ensure_placed, services)
         metrics.track_fleet(fleet.workers)
+        app.state.fleet_feed = FleetFeed(fleet, metrics)  # the fleet page's live snapshots
         app.state.services = services
         log.info("gateway %s connected to %s", relay.gateway_id, settings.nats_url)
         try:
@@ -104,6 +106,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> Starlette:
         Route("/v1/responses/{response_id}", routes_openai.stored_response, methods=["GET", "DELETE"]),
         Route("/v1/messages", routes_anthropic.messages, methods=["POST"]),
         Route("/v1/messages/count_tokens", routes_anthropic.count_tokens, methods=["POST"]),
+        *fleet_page.routes(),
     ]
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
     app.add_middleware(RequireKey, keys=lambda: _keys_of(app), envelope=error_envelope)

@@ -10,6 +10,8 @@ here, once.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -34,7 +36,6 @@ from cortex.protocol import Chunk, GenerateRequest, TokenLogprob, ToolCall, Tool
 
 log = logging.getLogger("cortex.gateway")
 T = TypeVar("T")
-KEEPALIVE = b": keep-alive\n\n"
 CLIENT_CLOSED = 499
 """Status recorded (never sent: nobody is listening) when the client went away."""
 
@@ -273,6 +274,38 @@ async def handle(request: Request, dialect: Dialect) -> Response:
     finally:
         if stream is not None and not streaming_started:
             stream.close()
+        if timer is not None and not streaming_started:
+            timer.done(CLIENT_CLOSED, "client_closed")  # cancelled (shutdown) past every handler: once, if not yet
+
+
+QUEUE_LOOKUP_LIMIT = 50
+"""Queue positions are counted up to this (one broker lookup each); a longer queue shows as ``position>50``."""
+
+
+async def queue_feedback(stream: ReplyStream, svc: Services) -> bytes:
+    """The keep-alive comment of a streamed request no chunk has come for yet: ``: cortex queued position=3
+    load=0.42`` (its place in the model's queue, 1 = next; the model's load progress while it loads)."""
+    parts = [b": cortex queued"]
+    ahead = await stream.ahead_in_queue(QUEUE_LOOKUP_LIMIT)
+    if ahead is not None:
+        parts.append(f"position={ahead + 1}".encode() if ahead < QUEUE_LOOKUP_LIMIT else
+                     f"position>{QUEUE_LOOKUP_LIMIT}".encode())  # fmt: skip
+    entry = svc.fleet.models().get(stream.request.model)
+    if entry is not None and entry.progress:
+        parts.append(f"load={max(entry.progress.values()):.2f}".encode())
+    return b" ".join(parts) + b"\n\n"
+
+
+SETTLE_WAIT_S = 2.0
+"""How long an answer's last byte waits for its rate-limit place to be given back (normally a millisecond)."""
+
+
+async def settled(timer: RequestTimer) -> None:
+    """Wait (a little) for what the request's end set going: its key's place back, so the client's next request,
+    at any gateway, finds it free."""
+    if timer.settling is not None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(timer.settling), SETTLE_WAIT_S)
 
 
 def record(svc: Services, timer: RequestTimer | None, dialect: str, status: int, code: str) -> None:
@@ -316,6 +349,7 @@ async def _complete(
     await fmt.after_complete(answer, chunk, svc)
     response = fmt.complete(answer, chunk)
     timer.done(200)
+    await settled(timer)
     return response, answer
 
 
@@ -345,7 +379,9 @@ async def _events(
             try:
                 first = await stream.next(patience=svc.settings.keepalive_interval)
             except StillWaiting:
-                yield KEEPALIVE  # an SSE comment: every client ignores it, proxies see traffic
+                # An SSE comment: every client ignores it, proxies see traffic, and a person can read where the
+                # request stands while the model loads or the queue drains.
+                yield await queue_feedback(stream, svc)
                 continue
             raise_for_chunk(first, prompt_param)
             account(timer, first)
@@ -369,6 +405,8 @@ async def _events(
         end = pending + _piece(fmt, chunk, logprobs) + fmt.stream_end(chunk)
         await fmt.after_complete(answer, chunk, svc)  # what it stores is what `end` tells the client
         status, code = 200, None
+        timer.done(status, code)
+        await settled(timer)
         yield end
     except ApiError as exc:
         status, code = exc.status, exc.code or exc.type

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
-from cortex.gateway.errors import ModelNotFound
+from cortex.gateway.errors import ModelNotFound, NoCapacity
 from cortex.protocol import ModelCard, Pin, Placement, WorkerAdvert, codec, names
 from cortex.protocol import messages as m
 from cortex.protocol.liveness import LiveFleet
@@ -38,10 +40,18 @@ class ModelEntry:
     placement: Placement | None = None
     progress: dict[str, float] = field(default_factory=dict)
     """Load progress (0 to 1) per worker loading the model."""
+    queue_depth: int = 0
+    """Requests waiting in the model's queue, as the workers serving it last measured (0 while none does)."""
+    in_flight: int = 0
+    """Requests running on the workers that have it."""
 
 
+RECENTLY_OFFERED_S = 60.0
+"""A model a live worker offered this recently is "not served right now" (503), not "unknown" (404)."""
 MODELS_CACHE_S = 0.5
 """How long a computed model list stands without a change in the fleet (and never past a worker going stale)."""
+RECENT_DECISIONS = 20
+"""Placement decisions kept for the fleet page (each model's latest when the gateway starts, then every change)."""
 
 
 @dataclass
@@ -55,6 +65,13 @@ class FleetView:
     pins: dict[str, Pin] = field(default_factory=dict)
     deep_since: dict[str, float] = field(default_factory=dict)
     """Since when (monotonic) each model's queue has been deep: a replica is added once it stays deep."""
+    decisions: deque[Placement] = field(default_factory=lambda: deque(maxlen=RECENT_DECISIONS))
+    """The placement decisions seen last, as they came (the fleet page lists them)."""
+    _known_at: dict[str, float] = field(default_factory=dict)
+    """Every model id and alias a live worker offered, and when (monotonic) one last did."""
+    listeners: list[Callable[[], None]] = field(default_factory=list)
+    """Called after every change the watches bring (not a heartbeat that only keeps a worker live): the fleet page
+    sends a new snapshot."""
 
     def __post_init__(self) -> None:
         self._fleet = LiveFleet(advert_window=self.stale_after)
@@ -69,11 +86,15 @@ class FleetView:
         self._models = None
         if value is None:
             target.pop(model, None)
-            return
-        try:
-            target[model] = codec.decode_placement(value) if kind == "placement" else codec.decode_pin(value)
-        except codec.DecodeError as exc:
-            log.warning("ignoring malformed %s: %s", key, exc)
+        else:
+            try:
+                target[model] = codec.decode_placement(value) if kind == "placement" else codec.decode_pin(value)
+            except codec.DecodeError as exc:
+                log.warning("ignoring malformed %s: %s", key, exc)
+            else:
+                if kind == "placement":
+                    self.decisions.append(target[model])
+        self._notify()
 
     def on_change(self, key: str, value: bytes | None) -> None:
         """A change in the fleet: an advert (``workers.*``) or a heartbeat (``alive.*``; None once it is gone)."""
@@ -84,6 +105,11 @@ class FleetView:
             changed = True
         if changed:
             self._models = None
+            self._notify()
+
+    def _notify(self) -> None:
+        for listener in self.listeners:
+            listener()
 
     def workers(self) -> list[WorkerAdvert]:
         """The live workers' adverts."""
@@ -112,6 +138,8 @@ class FleetView:
         loaded_context: dict[str, int] = {}
         reasoning: set[str] = set()
         progress: dict[str, dict[str, float]] = {}
+        queued: dict[str, int] = {}
+        running: dict[str, int] = {}
         for advert in self.workers():
             for card in advert.catalogue:
                 cards.setdefault(card.id, card)
@@ -126,10 +154,17 @@ class FleetView:
                     reasoning.add(state.id)
                 if state.state == m.MODEL_LOADING:
                     progress.setdefault(state.id, {})[advert.worker_id] = state.progress
+                # Every worker serving a model sees the one queue: the deepest reading is the latest.
+                queued[state.id] = max(queued.get(state.id, 0), state.queue_depth)
+                running[state.id] = running.get(state.id, 0) + state.in_flight
         # A catalogue that leaves the context length open learns it from a worker that loaded the model.
         for model_id, context in loaded_context.items():
             if not cards[model_id].context_length:
                 cards[model_id] = msgspec.structs.replace(cards[model_id], context_length=context)
+        now = time.monotonic()
+        for card in cards.values():
+            for name in (card.id, *card.aliases):
+                self._known_at[name] = now
         return {
             model_id: ModelEntry(
                 id=model_id,
@@ -141,6 +176,8 @@ class FleetView:
                 pinned=model_id in self.pins,
                 progress=progress.get(model_id, {}),
                 placement=self.placements.get(model_id),
+                queue_depth=queued.get(model_id, 0),
+                in_flight=running.get(model_id, 0),
             )
             for model_id, card in sorted(cards.items())
         }
@@ -152,6 +189,12 @@ class FleetView:
         if entry is None:
             entry = next((e for e in entries.values() if name in e.card.aliases), None)
         if entry is None:
+            known_at = self._known_at.get(name)
+            if known_at is not None and time.monotonic() - known_at <= RECENTLY_OFFERED_S:
+                # Its workers are gone for now (restarting, or unheard while the broker elects a leader): a 503 the
+                # SDKs retry, not a 404 that says the name is wrong.
+                raise NoCapacity(f"No live worker offers the model `{name}` right now (one did moments ago); "
+                                 "retry shortly.")  # fmt: skip
             raise ModelNotFound(f"The model `{name}` does not exist or no live worker offers it.", param="model")
         return entry
 

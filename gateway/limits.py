@@ -12,8 +12,9 @@ requests of one key take turns (a lock), so the races left are between gateways.
   window, not a calendar minute).
 - ``tpm``: a request is let in while the tokens (prompt and completion) of the
   requests that finished in the last 60 s are under the limit. A request's
-  tokens are known only once it ends, so the one that crosses the limit runs
-  whole; the next waits.
+  tokens are known only once it ends, so what was let in runs whole: requests
+  started together before any finished can overshoot it (``max_concurrent``
+  bounds that).
 - ``max_concurrent``: at most that many requests between being let in and
   their end. A gateway that dies holding some gives them back at their deadline.
 """
@@ -30,7 +31,7 @@ from datetime import UTC, datetime
 
 from cortex.broker.bus import Bus
 from cortex.broker.errors import BrokerError
-from cortex.gateway.errors import NoCapacity, RateLimited
+from cortex.gateway.errors import ApiError, NoCapacity, RateLimited
 from cortex.protocol import codec, names
 from cortex.protocol.keys import LIMIT_WINDOW_S, ApiKey, LimitWindow
 
@@ -109,7 +110,7 @@ class Limiter:
                     await asyncio.sleep(random.uniform(0, 0.001 * 2 ** min(attempt, 5)))
                 log.warning("could not give back the place of %s under key %s: too contended", lease.request_id,
                             key.name)  # fmt: skip
-            except BrokerError as exc:
+            except (BrokerError, ApiError) as exc:  # _read/_write say NoCapacity: nobody to tell here but the log
                 log.warning("could not give back the place of %s under key %s (it ends at its deadline): %s",
                             lease.request_id, key.name, exc)  # fmt: skip
 

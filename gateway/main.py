@@ -18,6 +18,7 @@ from cortex.broker.access import CREDS_ENV, use_credentials
 from cortex.broker.bus import Bus
 from cortex.broker.connection import DEFAULT_URL
 from cortex.broker.errors import BrokerError
+from cortex.broker.settings import ConfigError, add_log_options, apply_defaults, setup_logging
 from cortex.gateway.app import create_app
 from cortex.gateway.metrics import Metrics
 from cortex.gateway.services import MAX_TOKENS_POLICIES, Settings
@@ -50,7 +51,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--require-keys", action="store_true",
                         help="refuse to start while no API key exists (without it, the gateway then serves "
                         "anyone)")  # fmt: skip
-    parser.add_argument("--log-level", default="INFO")
+    add_log_options(parser)
+    try:
+        apply_defaults(parser, "gateway")
+    except ConfigError as exc:
+        raise SystemExit(f"cortex-gateway: {exc}") from None
     return parser.parse_args(argv)
 
 
@@ -74,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"cortex-gateway: --{name.replace('_', '-')} must be greater than 0")
     if args.failover_attempts < 0:
         raise SystemExit("cortex-gateway: --failover-attempts must be 0 or more")
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_level, args.log_format)
     try:
         use_credentials(args.nats_creds)  # every connection of this process is made as this user
     except BrokerError as exc:
@@ -112,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         host=args.host,
         port=args.port,
         log_level=args.log_level.lower(),
+        log_config=None,  # uvicorn's loggers go through this process's handler (text or JSON)
         timeout_graceful_shutdown=10,
         access_log=False,
     )

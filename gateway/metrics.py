@@ -9,7 +9,7 @@ gateway with keys).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -83,8 +83,11 @@ class RequestTimer:
     completion_tokens: int = 0
     cached_tokens: int = 0
     slot_seconds: float = 0.0
-    on_done: Callable[[RequestTimer, int], None] | None = None
-    """Called once the request is recorded, with its status (usage accounting, giving back a rate-limit lease)."""
+    on_done: Callable[[RequestTimer, int], Awaitable[None] | None] | None = None
+    """Called once the request is recorded, with its status (usage accounting, giving back a rate-limit lease);
+    what it returns to wait for is kept in `settling`."""
+    settling: Awaitable[None] | None = None
+    finished: bool = False
 
     def __post_init__(self) -> None:
         self.metrics.in_flight.labels(self.model).inc()
@@ -95,6 +98,10 @@ class RequestTimer:
             self.metrics.ttft.labels(self.model).observe(self.first_token - self.started)
 
     def done(self, status: int, error_code: str | None = None) -> None:
+        """Record the request's end, once (later calls do nothing)."""
+        if self.finished:
+            return
+        self.finished = True
         end = time.monotonic()
         labels = self.metrics
         labels.in_flight.labels(self.model).dec()
@@ -106,7 +113,7 @@ class RequestTimer:
         if self.completion_tokens:
             labels.completion_tokens.labels(self.model).inc(self.completion_tokens)
         if self.on_done is not None:
-            self.on_done(self, status)
+            self.settling = self.on_done(self, status)
         if status < 400:
             labels.duration.labels(self.model).observe(end - self.started)
             if self.first_token is not None and self.completion_tokens > 1 and end > self.first_token:

@@ -55,6 +55,8 @@ WAITING_CHECK_S = 2.0
 """How often a request no worker has taken yet checks that one will (load on demand: it may write to the broker)."""
 SILENCE_CHECK_S = 2.0
 """How long an answer may go without a chunk before it asks the broker whether its end was lost (then as often)."""
+QUEUE_READ_S = 1.0
+"""How often one gateway reads a model's queue for the positions it tells waiting streams (`Relay.queued`)."""
 REPUBLISH_PATIENCE_S = 30.0
 """How long a failover keeps trying to publish its attempt while the broker cannot take it (a cluster that lost a
 node elects new leaders for the streams it led, which takes seconds): the client is mid-answer, a 503 would end it."""
@@ -71,6 +73,8 @@ class Relay:
         self.gateway_id = gateway_id or f"gw-{uuid.uuid4().hex[:12]}"
         self._queues: dict[str, asyncio.Queue[bytes]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._queued: dict[str, tuple[float, asyncio.Task[list[int]]]] = {}
+        """Per model: when its queue was last read, and the read (shared by every stream waiting on the model)."""
 
     async def start(self) -> None:
         await self.bus.subscribe(names.reply_wildcard(self.gateway_id), self._on_reply)
@@ -126,6 +130,20 @@ class Relay:
                     raise
                 log.info("attempt %s not published yet, trying again: %s", attempt.request_id, exc.message)
                 await asyncio.sleep(LIVENESS_CHECK_S)
+
+    async def queued(self, model: str, limit: int) -> list[int] | None:
+        """The stream sequences of the first `limit` requests in `model`'s queue, read at most once per
+        `QUEUE_READ_S` for all of this gateway's streams; None when the broker cannot tell now."""
+        now = time.monotonic()
+        read = self._queued.get(model)
+        if read is None or now - read[0] >= QUEUE_READ_S:
+            read = (now, asyncio.get_running_loop().create_task(self.bus.queued_seqs(model, limit)))
+            self._queued[model] = read
+        try:
+            return await asyncio.shield(read[1])
+        except broker_errors.BrokerError as exc:
+            log.debug("cannot read the queue of %s: %s", model, exc)
+            return None
 
     def _close(self, request_id: str) -> None:
         self._queues.pop(request_id, None)
@@ -277,6 +295,12 @@ class ReplyStream:
                         raise
                     # Still the interrupted answer's failure, naming the worker that died, not a fresh 503.
                     raise errors.UpstreamError(f"{self._interrupted} No other worker can continue it: {exc}") from exc
+
+    async def ahead_in_queue(self, limit: int) -> int | None:
+        """Requests for the model in the queue ahead of this one (waiting or running), counting at most `limit`;
+        None when the broker cannot tell now."""
+        seqs = await self._relay.queued(self.request.model, limit)
+        return None if seqs is None else sum(1 for seq in seqs if seq < self._seq_in_stream)
 
     async def _lost(self) -> bool:
         """Whether the current attempt's answer is over, though its end never came: its request left the stream.

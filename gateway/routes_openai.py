@@ -51,6 +51,8 @@ def _model_object(entry: ModelEntry) -> dict[str, object]:
         "loaded_on": entry.ready_on,
         "loading_on": entry.loading_on,
         "load_progress": entry.progress,
+        "queue_depth": entry.queue_depth,
+        "in_flight": entry.in_flight,
         "pinned": entry.pinned,
         # Why it is where it is (or why it cannot load): the placement's reason, from the placement bucket.
         "placement": entry.placement.reason if entry.placement is not None else None,

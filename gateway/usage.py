@@ -34,10 +34,13 @@ class Accounting:
     gateway_id: str
     _pending: set[asyncio.Task[None]] = field(default_factory=set)
 
-    def finish(self, key: ApiKey | None, lease: Lease | None, timer: RequestTimer, status: int) -> None:
-        """A request under `key` ended with `status`: count it, record it, give its lease back (in the background)."""
+    def finish(
+        self, key: ApiKey | None, lease: Lease | None, timer: RequestTimer, status: int
+    ) -> asyncio.Task[None] | None:
+        """A request under `key` ended with `status`: count it, record it, give its lease back (a task, returned so
+        that the answer's last byte can wait for the lease: a client's next request may go to another gateway)."""
         if key is None:
-            return
+            return None
         m = self.metrics
         m.key_requests.labels(key.name, str(status)).inc()
         for kind, count in (("prompt", timer.prompt_tokens), ("completion", timer.completion_tokens),
@@ -54,10 +57,11 @@ class Accounting:
         task = asyncio.get_running_loop().create_task(self._settle(record, lease))
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+        return task
 
     async def _settle(self, record: UsageRecord, lease: Lease | None) -> None:
         if lease is not None:
-            await self.limiter.release(lease, record.prompt_tokens + record.completion_tokens)
+            await self.limiter.release(lease, record.prompt_tokens + record.completion_tokens)  # never raises
         try:
             await self.bus.append_record(names.usage_subject(record.key), codec.encode(record))
         except BrokerError as exc:

@@ -59,6 +59,8 @@ class ApiKey(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_
     """Unix time after which the key is refused; 0: never."""
     created_at: float = 0.0
     created_by: str = ""
+    admin: bool = False
+    """May act on the fleet from the gateway's fleet page (load, unload, pin, unpin, drain, undrain)."""
 
     def expired(self, now: float) -> bool:
         return bool(self.expires_at) and now >= self.expires_at

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +51,45 @@ def test_status_without_a_server_fails_clearly() -> None:
     result = cortexctl("status", "--nats", f"nats://127.0.0.1:{free_port()}")
     assert result.returncode == 1
     assert "cannot connect to NATS" in result.stderr
+
+
+def test_status_takes_the_broker_from_the_environment(nats_server: EmbeddedNats, gateway: Gateway) -> None:
+    env = child_env() | {"CORTEX_NATS_URL": nats_server.url}
+    result = subprocess.run([sys.executable, "-m", "cortex.broker", "status", "--json"], capture_output=True,
+                            text=True, timeout=60, env=env, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "test-worker" in {w["worker_id"] for w in json.loads(result.stdout)["workers"]}
+
+
+def test_top_shows_tokens_per_second_and_ttft_per_model(gateway: Gateway) -> None:
+    client = openai.OpenAI(base_url=gateway.base_url, api_key="x", max_retries=0)
+    argv = ["top", "--metrics", gateway.metrics_url, "--once", "--json", "--interval", "3"]
+    top = subprocess.Popen([sys.executable, "-m", "cortex.broker", *argv], stdout=subprocess.PIPE, text=True,
+                           env=child_env())  # fmt: skip
+    deadline = time.monotonic() + 60
+    while top.poll() is None and time.monotonic() < deadline:  # answers streamed for as long as it watches
+        list(client.chat.completions.create(model=TINY_MODEL, messages=[{"role": "user", "content": "hi"}],
+                                            max_tokens=8, stream=True))  # fmt: skip
+    out, _ = top.communicate(timeout=30)
+    assert top.returncode == 0
+    tiny = {row["model"]: row for row in json.loads(out)["models"]}[TINY_MODEL]
+    assert tiny["tokens_per_s"] > 0 and tiny["requests_per_s"] > 0 and tiny["ttft_s"] is not None
+    assert tiny["queue"] >= 0 and tiny["in_flight"] >= 0
+
+
+def test_log_format_json_is_one_object_per_line(nats_server: EmbeddedNats, tmp_path: Path) -> None:
+    env = child_env() | {"CORTEX_LOG_FORMAT": "json"}
+    gateway = subprocess.Popen([sys.executable, "-m", "cortex.gateway", "--nats", nats_server.url, "--port",
+                                str(free_port()), "--metrics-port", "-1"], stderr=subprocess.PIPE, text=True,
+                               env=env)  # fmt: skip
+    try:
+        assert gateway.stderr is not None
+        first = gateway.stderr.readline()
+    finally:
+        gateway.terminate()
+        gateway.wait(timeout=30)
+    record = json.loads(first)
+    assert {"time", "level", "logger", "message"} <= set(record)
 
 
 def descendants(pid: int) -> set[int]:

@@ -234,24 +234,25 @@ def test_a_revoked_or_expired_key_is_refused(fleet: Fleet) -> None:
 # -- limits, over two gateways ------------------------------------------------------------------------------
 
 
-def test_requests_per_minute_are_exact_over_two_gateways(fleet: Fleet) -> None:
-    fleet.add_key("burst", "--rpm", "10")
-    wait_for(lambda: fleet.known("burst"), timeout=SEEN_WITHIN_S, what="the key known to both gateways")
-    calls = [lambda g=gateway: fleet.chat(g, "burst") for gateway in (fleet.a, fleet.b) for _ in range(15)]
+@pytest.mark.parametrize(("name", "rpm", "each"), [("burst", 10, 15), ("burst-wide", 24, 30)])
+def test_requests_per_minute_are_exact_over_two_gateways(fleet: Fleet, name: str, rpm: int, each: int) -> None:
+    fleet.add_key(name, "--rpm", str(rpm))
+    wait_for(lambda: fleet.known(name), timeout=SEEN_WITHIN_S, what="the key known to both gateways")
+    calls = [lambda g=gateway: fleet.chat(g, name) for gateway in (fleet.a, fleet.b) for _ in range(each)]
     outcomes = burst(calls)
     statuses = sorted(r.status_code for r in outcomes)
-    print(f"\nrpm 10, a burst of 30 over two gateways: {statuses.count(200)} let in")
-    assert statuses.count(200) == 10 and statuses.count(429) == 20
+    print(f"\nrpm {rpm}, a burst of {2 * each} at once over two gateways: {statuses.count(200)} let in")
+    assert statuses.count(200) == rpm and statuses.count(429) == 2 * each - rpm
     refused = next(r for r in outcomes if r.status_code == 429)
     assert refused.json()["error"]["type"] == "requests" and refused.json()["error"]["code"] == "rate_limit_exceeded"
-    assert int(refused.headers["retry-after"]) >= 1 and refused.headers["x-ratelimit-limit-requests"] == "10"
+    assert int(refused.headers["retry-after"]) >= 1 and refused.headers["x-ratelimit-limit-requests"] == str(rpm)
     assert refused.headers["x-ratelimit-remaining-requests"] == "0"
-    claude = httpx.post(f"{fleet.b.root_url}/v1/messages", headers={"x-api-key": fleet.secrets["burst"]},
+    claude = httpx.post(f"{fleet.b.root_url}/v1/messages", headers={"x-api-key": fleet.secrets[name]},
                         json={"model": MODEL, "messages": ASK, "max_tokens": 1}, timeout=30)  # fmt: skip
     assert claude.status_code == 429 and claude.json()["error"]["type"] == "rate_limit_error"
-    assert claude.headers["anthropic-ratelimit-requests-limit"] == "10" and "retry-after" in claude.headers
+    assert claude.headers["anthropic-ratelimit-requests-limit"] == str(rpm) and "retry-after" in claude.headers
     let_in = next(r for r in outcomes if r.status_code == 200)
-    assert let_in.headers["x-ratelimit-limit-requests"] == "10"
+    assert let_in.headers["x-ratelimit-limit-requests"] == str(rpm)
 
 
 def test_concurrent_requests_are_exact_over_two_gateways(fleet: Fleet) -> None:

@@ -28,6 +28,8 @@ import pytest
 
 from cortex.broker.decisions import read_placement
 from cortex.broker.server import EmbeddedNats
+from cortex.gateway.errors import ModelNotFound, NoCapacity
+from cortex.gateway.fleet import FleetView
 from cortex.protocol import ModelCard, ModelState, Pin, Placement, WorkerAdvert, codec, names
 from cortex.protocol.heartbeat import Heartbeat
 from cortex.protocol.liveness import LiveFleet
@@ -93,6 +95,17 @@ def test_a_worker_without_heartbeats_counts_by_its_advert_alone() -> None:
     fleet = LiveFleet()
     fleet.on_change(names.worker_key("old"), codec.encode(advert("old")), now=0.0)
     assert fleet.is_live("old", 9.9) and not fleet.is_live("old", 10.1)
+
+
+def test_a_model_whose_workers_just_left_is_a_503_not_a_404() -> None:
+    fleet = FleetView()
+    fleet.on_change(names.worker_key("w"), codec.encode(advert("w", "x")))
+    assert fleet.find("x").ready_on == ["w"]
+    fleet.on_change(names.worker_key("w"), None)  # gone for now (a restart, a broker election)
+    with pytest.raises(NoCapacity):
+        fleet.find("x")  # the SDKs retry a 503
+    with pytest.raises(ModelNotFound):
+        fleet.find("never-offered")
 
 
 def test_a_pin_whose_worker_died_goes_to_the_best_live_worker_evicting_an_idle_model() -> None:
@@ -176,7 +189,7 @@ def loaded_on(gw: Gateway, model: str) -> list[str]:
     try:
         entry = get_json(f"{gw.base_url}/models/{model}")
     except urllib.error.HTTPError as exc:
-        if exc.code == 404:  # no live worker has it in its catalogue
+        if exc.code in (404, 503):  # no live worker has it in its catalogue (503: one did moments ago)
             return []
         raise
     return list(entry["loaded_on"])  # type: ignore[index]

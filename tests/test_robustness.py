@@ -17,6 +17,7 @@ from cortex.broker.server import EmbeddedNats
 from tests.conftest import (
     TINY_MODEL,
     Gateway,
+    get_json,
     metric,
     on_bus,
     ready_models,
@@ -176,7 +177,7 @@ def test_keepalive_comments_while_the_first_token_is_slow(
             lines = [line for line in response.iter_lines() if line]
         # Headers after 0.1 s, then a comment every 0.1 s until the token at 0.6 s.
         keepalives = [line for line in lines if line.startswith(":")]
-        assert len(keepalives) >= 2
+        assert len(keepalives) >= 2 and all(line.startswith(": cortex queued") for line in keepalives)
         assert lines.index(keepalives[-1]) < next(i for i, line in enumerate(lines) if '"content":"tok' in line)
         assert lines[-1] == "data: [DONE]"
         # The official SDK skips the comments.
@@ -184,6 +185,42 @@ def test_keepalive_comments_while_the_first_token_is_slow(
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "tok " * 3
     finally:
         stop_process(eager.proc)
+
+
+def test_streams_waiting_for_a_cold_model_hear_their_place_and_the_load(
+    nats_server: EmbeddedNats, logs_dir: Path, tmp_path: Path, gateway: Gateway
+) -> None:
+    catalogue = tmp_path / "models.toml"
+    catalogue.write_text('[[models]]\nid = "slow-load"\npath = "unused"\n')
+    # The load is held for seconds (the synthetic engine's own load is instant), so the streams wait on it.
+    worker = start_worker(nats_server.url, catalogue, logs_dir / "slow-loader.log", "--synthetic-engine", "0",
+                          "--load-delay", "4", "--worker-id", "slow-loader")  # fmt: skip
+    eager = start_gateway(nats_server.url, logs_dir, "--stream-headers-within", "0.1", "--keepalive-interval", "0.2")
+    try:
+        wait_for(lambda: any(m["id"] == "slow-load" for m in get_json(f"{eager.base_url}/models")["data"]),
+                 timeout=60, what="the cold model listed", proc=worker)  # fmt: skip
+        body = {"model": "slow-load", "messages": PROMPT, "max_tokens": 3, "stream": True}
+
+        def stream(_: int) -> list[str]:
+            with httpx.stream("POST", f"{eager.base_url}/chat/completions", json=body, timeout=60) as response:
+                assert response.status_code == 200
+                return [line for line in response.iter_lines() if line]
+
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(stream, range(3)))
+        entry = next(m for m in get_json(f"{eager.base_url}/models")["data"] if m["id"] == "slow-load")
+    finally:
+        stop_process(eager.proc)
+        stop_process(worker)
+    comments = [[line for line in lines if line.startswith(":")] for lines in answers]
+    positions = sorted(int(re.search(r"position=(\d+)", found[0]).group(1)) for found in comments)  # type: ignore[union-attr]
+    assert positions == [1, 2, 3]  # each its own place: nobody serves the queue while the model loads
+    loads = [float(m) for found in comments for line in found for m in re.findall(r"load=([0-9.]+)", line)]
+    assert loads and all(0.0 <= load <= 1.0 for load in loads)
+    print(f"\nwhile the cold model loaded: {comments[0][:2]} ... ({len(comments[0])} comments)")
+    for lines in answers:
+        assert lines[-1] == "data: [DONE]" and sum('"content":"tok' in line for line in lines) == 3
+    assert isinstance(entry["queue_depth"], int) and isinstance(entry["in_flight"], int)
 
 
 def test_responses_stream_that_breaks_ends_with_response_failed(impatient_gateway: Gateway) -> None:

@@ -118,8 +118,12 @@ def grammar_processor(loaded: LoadedModel, grammar: str, *, what: str) -> Logits
 
 
 def _first_line(error: str, limit: int = 300) -> str:
-    """llguidance's errors can carry the parser state and the whole grammar: clients get the headline."""
+    """llguidance's errors can carry the parser state and the whole grammar: clients get the headline.
+
+    The whole text goes to the log at DEBUG only: the grammar comes from the request's schema, and
+    request contents stay out of the log at the levels a fleet runs at.
+    """
     if len(error) > limit or "\n" in error:
-        log.warning("llguidance: %s", error)
+        log.debug("llguidance: %s", error)
     headline = error.split("\n", 1)[0].split(" <", 1)[0]
     return headline if len(headline) <= limit else headline[: limit - 1] + "…"

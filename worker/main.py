@@ -14,6 +14,7 @@ import logging
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from cortex.broker.access import CREDS_ENV, use_credentials
 from cortex.broker.connection import DEFAULT_URL
 from cortex.broker.errors import CredentialsError
+from cortex.broker.settings import ConfigError, add_log_options, apply_defaults, setup_logging
 from cortex.protocol.placement import EVICTION_POLICIES
 
 if TYPE_CHECKING:
@@ -34,6 +36,12 @@ def _summary(policy: object) -> str:
     """A policy's docstring, first line, as `--help` shows it (argparse formats help with %)."""
     doc = (getattr(policy, "__doc__", None) or "").strip().splitlines()
     return (doc[0].rstrip(".").lower() if doc else "").replace("%", "%%")
+
+
+def _load_slowly(load: Callable[[ModelSpec], Any], delay: float, spec: ModelSpec) -> Any:
+    """`load`, after `delay` seconds (on the engine thread, where loads run: the asyncio side stays live)."""
+    time.sleep(delay)
+    return load(spec)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prefix-cache-tokens", type=int, default=16384, help="tokens kept for prefix reuse")
     parser.add_argument("--step-delay", type=float, default=0.0, metavar="SECONDS",
                         help="tests and demos: pause after every decode step, as a slow device would")  # fmt: skip
+    parser.add_argument("--load-delay", type=float, default=0.0, metavar="SECONDS",
+                        help="tests and demos: take this much longer over every model load (a slow disk)")  # fmt: skip
     parser.add_argument(
         "--synthetic-engine", type=float, default=None, metavar="SECONDS",
         help="benchmarks and relay tests only: no model, emit one token every SECONDS",
@@ -70,7 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--synthetic-prefill", type=float, default=0.0, metavar="SECONDS",
                         help="with --synthetic-engine: wait this long before the first token")  # fmt: skip
     parser.add_argument("--worker-id", default=None, help="name in the fleet bucket (default HOST-gpuN or HOST-cpu)")
-    parser.add_argument("--log-level", default="INFO")
+    add_log_options(parser)
+    try:
+        apply_defaults(parser, "worker")
+    except ConfigError as exc:
+        raise SystemExit(f"cortex-worker: {exc}") from None
     return parser.parse_args(argv)
 
 
@@ -123,6 +137,8 @@ async def _serve(args: argparse.Namespace) -> int:
         )  # fmt: skip
         engine = Engine(worker_id=worker_id, limits=limits)
         loader = partial(load_model, device=device.device, spread_over=device.devices)
+    if args.load_delay > 0:
+        loader = partial(_load_slowly, loader, args.load_delay)
     engine.start()
     auto_dtype = "float32" if device.device.type == "cpu" else "bfloat16"
     service = WorkerService(
@@ -145,7 +161,7 @@ async def _serve(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.log_level, args.log_format)
     try:
         use_credentials(args.nats_creds)  # every connection of this process is made as this user
     except CredentialsError as exc:

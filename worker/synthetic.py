@@ -13,7 +13,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -59,6 +59,8 @@ class SyntheticEngine:
         self._order = itertools.count()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="cortex-synthetic-engine", daemon=True)
+        self._calls = ThreadPoolExecutor(1, thread_name_prefix="cortex-synthetic-calls")
+        """Loads and unloads run off the event loop, one at a time, as the real engine's thread runs them."""
 
     def start(self) -> None:
         self._thread.start()
@@ -68,14 +70,10 @@ class SyntheticEngine:
             self._stopping = True
             self._lock.notify()
         self._thread.join(timeout)
+        self._calls.shutdown(wait=False, cancel_futures=True)
 
     def call(self, fn: Callable[[], T]) -> Future[T]:
-        future: Future[T] = Future()
-        try:
-            future.set_result(fn())
-        except Exception as exc:
-            future.set_exception(exc)
-        return future
+        return self._calls.submit(fn)
 
     def add_model(self, loaded: Any) -> None:
         """Nothing to do: every request is answered the same way."""
