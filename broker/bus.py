@@ -37,6 +37,10 @@ _QUEUE_FULL_CODES = frozenset({10077, 10054, 10026})
 # nats-py's KV raises KeyWrongLastSequenceError for them; a plain APIError carrying one (another nats-py,
 # another path) is the same lost race. Matched by code: the description text is no API.
 _WRONG_LAST_SEQUENCE_CODES = frozenset({10071, 10164})
+_CLUSTER_FORMING_CODES = frozenset({10005, 10008})
+"""JSClusterNoPeersErrF ("no suitable peers for placement"), JSClusterNotAvailErr: a cluster still forming."""
+PROVISION_PATIENCE_S = 30.0
+"""How long a process starting with a cluster that is still forming waits for it to place three copies."""
 _NO_MESSAGE_CODE = 10037  # JSNoMessageFoundErr: the sequence asked for is not (or no longer) in the stream
 
 ReplyHandler = Callable[[str, bytes], None]
@@ -142,7 +146,7 @@ class Bus:
             if access.user is not None:
                 buckets = await lockdown.attach(nc, js)
             else:
-                buckets = await provision.ensure_all(js, provision.replicas_for(nc))
+                buckets = await _provision_patiently(js, provision.replicas_for(nc))
         except NotProvisioned:
             await nc.close()
             raise
@@ -463,6 +467,19 @@ class Bus:
         watch = Watch(self._js, bucket_name, bucket, handler, f"{bucket_name}-watch", self._link)
         await watch.start()
         self._watches.append(watch)
+
+
+async def _provision_patiently(js: JetStreamContext, replicas: int) -> provision.Buckets:
+    """`provision.ensure_all`, tried again for a while when a cluster that is still forming cannot place copies."""
+    give_up = time.monotonic() + PROVISION_PATIENCE_S
+    while True:
+        try:
+            return await provision.ensure_all(js, replicas)
+        except APIError as exc:
+            if exc.err_code not in _CLUSTER_FORMING_CODES or time.monotonic() >= give_up:
+                raise
+            log.info("JetStream cannot place %d copies yet (%s); trying again", replicas, exc.description)
+            await asyncio.sleep(0.5)
 
 
 async def _compare_and_set(bucket: KeyValue, key: str, value: bytes, revision: int) -> bool:

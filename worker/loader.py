@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from cortex.protocol import Message, Tool
 from cortex.worker.catalogue import ModelSpec
 from cortex.worker.reasoning import ReasoningSyntax, detect_reasoning
 from cortex.worker.tool_prompt import HERMES, ToolSyntax, chat_turns, detect_syntax
+from cortex.worker.weights_cache import CacheError, entry_for
 
 log = logging.getLogger("cortex.worker")
 
@@ -51,6 +53,8 @@ class LoadedModel:
     extra: dict[str, Any] = field(default_factory=dict)
     max_token_chars: int = 0
     """The longest token of the vocabulary, in characters (0: unknown)."""
+    from_cache: bool = False
+    """Whether the weights came from the converted-weights cache (``worker/weights_cache.py``)."""
 
     def surely_too_long(self, text: str) -> bool:
         """Whether `text` cannot fit the context whatever it says, known without tokenizing it.
@@ -115,30 +119,51 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
-def load_model(spec: ModelSpec, device: torch.device, spread_over: list[torch.device] | None = None) -> LoadedModel:
+def load_model(
+    spec: ModelSpec,
+    device: torch.device,
+    spread_over: list[torch.device] | None = None,
+    weights_cache: Path | None = None,
+) -> LoadedModel:
     """Load tokenizer and weights through transformers (the GGUF path for GGUF files).
 
     With several CUDA devices in `spread_over` the layers are spread over them
-    by accelerate's ``device_map``; inputs go to `device`, the first.
+    by accelerate's ``device_map``; inputs go to `device`, the first. With a
+    `weights_cache` folder, weights that need converting (GGUF, another dtype)
+    are loaded from there when a previous load left them, else written there.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.monotonic()
     folder = spec.resolve_folder()
-    kwargs: dict[str, Any] = {"local_files_only": True}
-    if spec.gguf_file:
-        kwargs["gguf_file"] = spec.gguf_file
-    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
-    if not tokenizer.chat_template:
-        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    dtype = _dtype(spec, device)
+    kwargs: dict[str, Any] = {}
     gpus = [d for d in spread_over or [] if d.type == "cuda"]
     if len(gpus) > 1:
         kwargs["device_map"] = "auto"
         kwargs["max_memory"] = {d.index: int(torch.cuda.mem_get_info(d)[0] * 0.9) for d in gpus}
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=_dtype(spec, device), **kwargs)
+    entry = entry_for(weights_cache, spec, folder, dtype)
+    model: Any = None
+    if entry is not None and entry.present():
+        try:
+            tokenizer, model = entry.load(**kwargs)
+        except CacheError as exc:
+            log.warning("weights cache entry %s for %s is damaged (%s): deleting it", entry.path, spec.id, exc)
+            entry.discard()
+    from_cache = model is not None
+    if model is None:
+        source: dict[str, Any] = {"local_files_only": True}
+        if spec.gguf_file:
+            source["gguf_file"] = spec.gguf_file
+        tokenizer = AutoTokenizer.from_pretrained(folder, **source)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **source, **kwargs)
+        if entry is not None:
+            entry.store(model, tokenizer)
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
     if len(gpus) <= 1:
-        model.to(device)  # type: ignore[arg-type]  # transformers' wrapped `to` is typed for its own call sites
-    model.eval()  # type: ignore[no-untyped-call]
+        model.to(device)
+    model.eval()
     configured = int(getattr(model.config, "max_position_embeddings", 0) or _DEFAULT_CONTEXT)
     context_length = min(spec.context_length, configured) if spec.context_length else configured
     loaded = LoadedModel(
@@ -153,6 +178,8 @@ def load_model(spec: ModelSpec, device: torch.device, spread_over: list[torch.de
         reasoning=detect_reasoning(tokenizer.chat_template, spec.reasoning),
         cache_arg="cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values",
         max_token_chars=max(map(len, tokenizer.get_vocab()), default=0),
+        from_cache=from_cache,
     )
-    log.info("loaded %s on %s in %.1fs (context %d)", spec.id, device, loaded.load_seconds, context_length)
+    log.info("loaded %s on %s in %.1fs%s (context %d)", spec.id, device, loaded.load_seconds,
+             " from the weights cache" if from_cache else "", context_length)  # fmt: skip
     return loaded

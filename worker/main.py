@@ -79,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument("--synthetic-prefill", type=float, default=0.0, metavar="SECONDS",
                         help="with --synthetic-engine: wait this long before the first token")  # fmt: skip
+    parser.add_argument("--weights-cache", default="~/.cache/cortex/weights", metavar="DIR",
+                        help="converted weights (GGUF, another dtype) are kept here so later loads map them "
+                        "(default ~/.cache/cortex/weights; '' or none: no cache)")  # fmt: skip
     parser.add_argument("--worker-id", default=None, help="name in the fleet bucket (default HOST-gpuN or HOST-cpu)")
     add_log_options(parser)
     try:
@@ -99,6 +102,7 @@ async def _serve(args: argparse.Namespace) -> int:
     from cortex.worker.memory import parse_size
     from cortex.worker.service import WorkerService
     from cortex.worker.synthetic import SyntheticEngine, load_synthetic
+    from cortex.worker.weights_cache import parse_root
 
     try:
         catalogue = load_catalogue(args.models)
@@ -136,7 +140,8 @@ async def _serve(args: argparse.Namespace) -> int:
             step_delay=args.step_delay,
         )  # fmt: skip
         engine = Engine(worker_id=worker_id, limits=limits)
-        loader = partial(load_model, device=device.device, spread_over=device.devices)
+        loader = partial(load_model, device=device.device, spread_over=device.devices,
+                         weights_cache=parse_root(args.weights_cache))  # fmt: skip
     if args.load_delay > 0:
         loader = partial(_load_slowly, loader, args.load_delay)
     engine.start()
