@@ -39,7 +39,7 @@ from typing import Annotated, Any
 import msgspec
 import typer
 
-from cortex.broker import fleet_ops
+from cortex.broker import ctl_bus, fleet_ops
 from cortex.broker.connection import DEFAULT_URL
 from cortex.broker.ctl_keys import first_key, keys_app, usage
 from cortex.broker.ctl_secure import credentials, init, options, up_banner
@@ -184,27 +184,10 @@ def _bar(used: int, total: int, width: int = 10) -> str:
 NatsOption = Annotated[str, typer.Option(help="NATS server URL")]
 
 
-def _run(what: str, work: Any) -> Any:
-    try:
-        return asyncio.run(work)
-    except BrokerError as exc:
-        typer.echo(f"cortexctl {what}: {exc}", err=True)
-        raise typer.Exit(1) from None
-
-
+_run = ctl_bus.run
+_on_bus = ctl_bus.on_bus
 _Refused = fleet_ops.Refused
 """A command that cannot be carried out (unknown model, pinned model...): said in one line."""
-
-
-async def _on_bus(url: str, action: Any) -> Any:
-    """`action(bus)` on a connection of its own."""
-    from cortex.broker.bus import Bus
-
-    bus = await Bus.open(url, name="cortexctl")
-    try:
-        return await action(bus)
-    finally:
-        await bus.close()
 
 
 async def _with_bus(url: str, action: Any) -> str:

@@ -15,13 +15,11 @@ every gateway sees a new or revoked key within a moment (it watches the
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import msgspec
 import typer
@@ -30,11 +28,11 @@ from cortex.broker import audit
 from cortex.broker.access import Access
 from cortex.broker.bus import Bus
 from cortex.broker.connection import DEFAULT_URL
+from cortex.broker.ctl_bus import run_on_bus
 from cortex.broker.errors import BrokerError
 from cortex.protocol import codec, names
 from cortex.protocol.keys import ApiKey, new_secret, secret_hash, secret_hint
 
-T = TypeVar("T")
 keys_app = typer.Typer(help="API keys: add, list, revoke.", no_args_is_help=True, add_completion=False)
 NatsOption = Annotated[str, typer.Option(help="NATS server URL")]
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhdw])")
@@ -47,21 +45,6 @@ def parse_duration(text: str) -> float:
     if match is None:
         raise typer.BadParameter(f"{text!r} is not a duration such as 90s, 15m, 24h, 30d or 2w")
     return float(match.group(1)) * _UNIT_S[match.group(2)]
-
-
-def _on_bus(url: str, what: str, action: Callable[[Bus], Awaitable[T]]) -> T:
-    async def run() -> T:
-        bus = await Bus.open(url, name="cortexctl")
-        try:
-            return await action(bus)
-        finally:
-            await bus.close()
-
-    try:
-        return asyncio.run(run())
-    except BrokerError as exc:
-        typer.echo(f"cortexctl {what}: {exc}", err=True)
-        raise typer.Exit(1) from None
 
 
 def _refuse(message: str) -> typer.Exit:
@@ -128,7 +111,7 @@ def add(
     expires_in = parse_duration(expires) if expires else None
     wanted = [m.strip() for m in models.split(",") if m.strip()]
     limits = {"rpm": rpm, "tpm": tpm, "max_concurrent": max_concurrent}
-    made = _on_bus(nats, "keys add", lambda bus: create_key(bus, name, models=wanted, expires_in=expires_in,
+    made = run_on_bus(nats, "keys add", lambda bus: create_key(bus, name, models=wanted, expires_in=expires_in,
                                                             admin=admin, **limits))  # fmt: skip
     if made is None:
         raise _refuse(f"a key named {name!r} exists (`cortexctl keys revoke {name}` first)")
@@ -153,7 +136,7 @@ def list_keys(
                 continue
         return sorted(out, key=lambda k: k.name)
 
-    found = _on_bus(nats, "keys list", read)
+    found = run_on_bus(nats, "keys list", read)
     if as_json:
         rows = [msgspec.to_builtins(k) for k in found]
         for row in rows:
@@ -182,7 +165,7 @@ def revoke(name: str, nats: NatsOption = DEFAULT_URL) -> None:
         await audit.record(bus, "keys.revoke", name)
         return True
 
-    if not _on_bus(nats, "keys revoke", action):
+    if not run_on_bus(nats, "keys revoke", action):
         raise _refuse(f"no key is named {name!r}")
     typer.echo(f"key {name} revoked")
 
@@ -221,7 +204,7 @@ def usage(
     """What each API key used: requests, errors, prompt/completion/cached tokens, GPU slot seconds."""
     start = time.time() - parse_duration(since)
     subject = names.usage_subject(key) if key else names.usage_wildcard()
-    records = _on_bus(nats, "usage", lambda bus: bus.read_records(names.USAGE_STREAM, subject, start))
+    records = run_on_bus(nats, "usage", lambda bus: bus.read_records(names.USAGE_STREAM, subject, start))
     totals = add_up(records)
     if as_json:
         typer.echo(json.dumps({"since": start, "keys": list(totals.values())}, indent=2))

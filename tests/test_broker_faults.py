@@ -151,9 +151,10 @@ class Load:
 
 @dataclass
 class ModelWatch:
-    """Polls the gateway's ``/v1/models/<model>`` on a thread: (seconds since `t0`, status) every 0.1 s."""
+    """Polls a gateway's ``/v1/models/<model>`` on a thread: (seconds since `t0`, status) every 0.1 s."""
 
-    gateway: Gateway
+    base_url: str
+    model: str = MODEL
     t0: float = field(default_factory=time.monotonic)
     seen: list[tuple[float, int]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
@@ -173,7 +174,7 @@ class ModelWatch:
         with httpx.Client(timeout=5) as http:
             while not self._stop.wait(0.1):
                 try:
-                    resp = http.get(f"{self.gateway.base_url}/models/{MODEL}")
+                    resp = http.get(f"{self.base_url}/models/{self.model}")
                 except httpx.HTTPError:
                     continue
                 self.seen.append((time.monotonic() - self.t0, resp.status_code))
@@ -241,7 +242,7 @@ def test_a_restarted_broker_loses_no_request(catalogue: Path, logs_dir: Path, tm
             first = load.send(12, "first")
             wait_for(lambda: metric(gateway, "cortex_model_in_flight", model=MODEL) >= 2 * SLOTS, timeout=60,
                      what="every slot answering")  # fmt: skip
-            with ModelWatch(gateway) as watch:
+            with ModelWatch(gateway.base_url) as watch:
                 stopped_at = time.monotonic() - watch.t0
                 finished = sum(ask.done.is_set() for ask in first)
                 server.stop()
@@ -355,7 +356,7 @@ def test_a_cluster_losing_a_node_loses_no_request(catalogue: Path, logs_dir: Pat
             before = metric(gateway, "cortex_failovers_total", model=MODEL)
             victim = next(node for node in nodes if connected_here(node, "cortex-gateway"))
             load = Load(gateway)
-            with ModelWatch(gateway) as watch:
+            with ModelWatch(gateway.base_url) as watch:
                 for phase, count in (("before", 6), ("down", 24), ("back", 6)):  # down longer than an election
                     if phase == "down":
                         killed_at = time.monotonic() - watch.t0

@@ -12,21 +12,17 @@ JetStream has elected new leaders.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import anthropic
-import httpx
 import nats
 import nats.errors
 import nats.js.errors
@@ -39,7 +35,7 @@ from cortex.broker.server import ClusterNode, EmbeddedNats, stop_processes
 from cortex.protocol import names
 from tests import netns
 from tests.conftest import STARTUP_TIMEOUT_S, child_env, get_json, wait_for
-from tests.test_broker_faults import BUCKETS, cluster_formed
+from tests.test_broker_faults import BUCKETS, ModelWatch, cluster_formed
 
 MODEL = "tiny-hosts"
 NATS_PORT, ROUTE_PORT, HTTP_PORT, METRICS_PORT = 4222, 6222, 8080, 9090
@@ -208,39 +204,14 @@ def claude(root_url: str) -> str:
     return "".join(block.text for block in reply.content if block.type == "text")
 
 
-@dataclass
-class Statuses:
-    """What the gateway says of the model (``/v1/models/<model>``'s status) every 0.1 s, on a thread."""
-
-    base_url: str
-    seen: list[tuple[float, int]] = field(default_factory=list)
-    """(monotonic time, status)"""
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def __enter__(self) -> Statuses:
-        self._thread = threading.Thread(target=self._poll, name="statuses", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        assert self._thread is not None
-        self._thread.join(10)
-
-    def _poll(self) -> None:
-        with httpx.Client(timeout=5) as http:
-            while not self._stop.wait(0.1):
-                with contextlib.suppress(httpx.HTTPError):
-                    self.seen.append((time.monotonic(), http.get(f"{self.base_url}/models/{MODEL}").status_code))
-
-    def check(self, since: float) -> tuple[float, float] | None:
-        """Assert the model was never said to be gone (a 503 while the broker elects is fine: the SDKs retry it);
-        the first and last 503 after `since`, in seconds from it, if any."""
-        wrong = [(round(t - since, 2), status) for t, status in self.seen if status not in (200, 503)]
-        assert not wrong, f"the gateway said the model is gone (seconds from the kills, status): {wrong}"
-        unavailable = [t - since for t, status in self.seen if status == 503 and t >= since]
-        return (unavailable[0], unavailable[-1]) if unavailable else None
+def never_gone(watch: ModelWatch, since: float) -> tuple[float, float] | None:
+    """Assert the model was never said to be gone (a 503 while the broker elects is fine: the SDKs retry it);
+    the first and last 503 after `since` (monotonic), in seconds from it, if any."""
+    since -= watch.t0
+    wrong = [(round(t - since, 2), status) for t, status in watch.seen if status not in (200, 503)]
+    assert not wrong, f"the gateway said the model is gone (seconds from the kills, status): {wrong}"
+    unavailable = [t - since for t, status in watch.seen if status == 503 and t >= since]
+    return (unavailable[0], unavailable[-1]) if unavailable else None
 
 
 def at_once(count: int, ask: Callable[[str], str], url: str) -> list[str]:
@@ -294,7 +265,7 @@ def test_three_hosts_serve_and_survive_losing_one(
         assert set(copies) == {*streams(), "consumer"}
         assert copies == dict.fromkeys(copies, 3), copies
 
-        with Statuses(base_url) as statuses:
+        with ModelWatch(base_url, MODEL) as watch:
             # The worst case for what follows: host 1 leads everything JetStream must elect again.
             lead_from(urls, "host1")
             wait_for(lambda: set(leaders(urls).values()) == {"host1"}, timeout=20, what="host 1 leading everything")
@@ -319,7 +290,7 @@ def test_three_hosts_serve_and_survive_losing_one(
             assert claude(root_url) == reference
             wait_for(lambda: loaded_on(base_url) == [WORKERS[1]], timeout=20, what="host 1's worker gone")
             assert answered_since(",".join(node.url for node in nodes[1:]), killed_wall) == {WORKERS[1]}
-        unavailable = statuses.check(killed_at)
+        unavailable = never_gone(watch, killed_at)
         total_s = time.monotonic() - t0
     finally:
         stop_processes(procs, timeout=15)  # before the nodes: a worker drains through the broker
