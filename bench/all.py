@@ -1,14 +1,24 @@
-"""`make bench`: the engine and the broker-hop benchmarks in one run; the last line is one JSON object.
+"""`make bench`: every benchmark in one run; the last line is one JSON object with every key.
 
 python -m bench.all [--device cuda]
+
+Each part prints its own JSON line as it finishes (engine, the broker hop, model
+swaps, conversation affinity, the gateway at scale); the summary last holds each
+part's top-level figures, so a ratio's two sides always come from this run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 
-from bench import engine, overhead
+from bench import affinity, engine, gateway_scale, overhead, swap
+
+
+def _top_level(result: dict[str, object]) -> dict[str, object]:
+    """A part's figures without its detail (nested objects stay in the part's own line)."""
+    return {key: value for key, value in result.items() if not isinstance(value, dict | list) and key != "machine"}
 
 
 def main() -> None:
@@ -18,14 +28,22 @@ def main() -> None:
     args = parser.parse_args()
     engine_result = engine.measure(args.device, args.tokens)
     print(json.dumps({"engine": engine_result}), flush=True)
-    hop_result = overhead.measure()
-    print(json.dumps({"overhead": hop_result}), flush=True)
-    summary = {key: value for key, value in engine_result.items() if not isinstance(value, dict)}
-    summary.update({key: value for key, value in hop_result.items() if not isinstance(value, dict)})
+    parts: list[tuple[str, Callable[[], dict[str, object]]]] = [
+        ("overhead", overhead.measure),
+        ("swap", lambda: swap.measure(device=args.device)),
+        ("affinity", affinity.measure),
+        ("gateway_scale", gateway_scale.measure),
+    ]
+    summary = _top_level(engine_result)
+    results: dict[str, dict[str, object]] = {}
+    for name, measure in parts:
+        results[name] = measure()
+        print(json.dumps({name: results[name]}), flush=True)
+        summary.update(_top_level(results[name]))
     summary["machine"] = engine_result["machine"]
     summary["engine_levels"] = engine_result["engine"]
     summary["engine_reference"] = engine_result["reference"]
-    summary["hop_added_ttft_ms"] = hop_result["hop_added_ttft_ms"]
+    summary["hop_added_ttft_ms"] = results["overhead"]["hop_added_ttft_ms"]
     print(json.dumps(summary))
 
 

@@ -14,18 +14,14 @@ from __future__ import annotations
 import asyncio
 import json
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import httpx
 
-from bench.common import machine, p50, percentile
-from cortex.broker.server import EmbeddedNats, stop_processes
+from bench.common import SyntheticStack, SyntheticWorker, machine, p50, percentile
 from cortex.protocol import GenerateRequest, Message, Sampling
 from cortex.worker.synthetic import SyntheticEngine
 
@@ -33,47 +29,7 @@ PACED, FAST = "synthetic-paced", "synthetic-fast"
 INTERVAL_S = 0.01
 ANSWER_TOKENS = 8
 ANSWER_S = INTERVAL_S * ANSWER_TOKENS
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def ready(base: str, models: set[str]) -> bool:
-    try:
-        with urllib.request.urlopen(f"{base}/models", timeout=2) as resp:
-            data = json.load(resp)["data"]
-    except OSError:
-        return False
-    return models <= {m["id"] for m in data if m.get("ready")}
-
-
-def start_stack(tmp: Path, interval: float) -> tuple[EmbeddedNats, list[subprocess.Popen[bytes]], str]:
-    nats = EmbeddedNats(store_dir=tmp / "nats", port=0, log_file=tmp / "nats.log")
-    nats.start()
-    catalogue = tmp / "models.toml"
-    catalogue.write_text(f'[[models]]\nid = "{PACED}"\npath = "-"\n\n[[models]]\nid = "{FAST}"\npath = "-"\n')
-    port = free_port()
-    py = sys.executable
-    worker = [py, "-m", "cortex.worker", "--nats", nats.url, "--models", str(catalogue), "--slots", "256",
-              "--log-level", "WARNING"]  # fmt: skip
-    procs = [
-        subprocess.Popen([*worker, "--model", model, "--synthetic-engine", str(rate), "--worker-id", model])
-        for model, rate in ((PACED, interval), (FAST, 0.0))
-    ]
-    procs.append(subprocess.Popen([py, "-m", "cortex.gateway", "--nats", nats.url, "--port", str(port),
-                                   "--metrics-port", "-1", "--log-level", "WARNING"]))  # fmt: skip
-    base = f"http://127.0.0.1:{port}/v1"
-    deadline = time.monotonic() + 120
-    while not ready(base, {PACED, FAST}):
-        if time.monotonic() > deadline:
-            raise RuntimeError("synthetic stack did not come up")
-        time.sleep(0.2)
-    return nats, procs, base
+TOKEN_TEXT = b'"content":"tok'
 
 
 def in_process_ttft(interval: float, samples: int) -> list[float]:
@@ -148,10 +104,12 @@ async def ttft_at(client: httpx.AsyncClient, base: str, concurrency: int, per_st
 async def relay_rate(client: httpx.AsyncClient, base: str, streams: int, tokens: int) -> float:
     async def one() -> int:
         body = {"model": FAST, "messages": [{"role": "user", "content": "go"}], "max_tokens": tokens, "stream": True}
-        count = 0
+        count, tail = 0, b""
         async with client.stream("POST", f"{base}/chat/completions", json=body) as response:
             async for data in response.aiter_bytes():
-                count += data.count(b'"content":"tok')
+                seen = tail + data  # a token's text may be split between two reads
+                count += seen.count(TOKEN_TEXT)
+                tail = seen[-(len(TOKEN_TEXT) - 1) :]
         return count
 
     start = time.perf_counter()
@@ -178,12 +136,11 @@ async def measure_http(base: str) -> dict[str, object]:
 def measure(interval: float = INTERVAL_S) -> dict[str, object]:
     baseline = in_process_ttft(interval, 200)
     with tempfile.TemporaryDirectory(prefix="cortex-bench-") as tmp:
-        nats, procs, base = start_stack(Path(tmp), interval)
+        stack = SyntheticStack(Path(tmp), [SyntheticWorker(PACED, interval), SyntheticWorker(FAST, 0.0)]).start()
         try:
-            http = asyncio.run(measure_http(base))
+            http = asyncio.run(measure_http(stack.base))
         finally:
-            stop_processes(procs, 20)
-            nats.stop()
+            stack.stop()
     base_p50, base_p99 = p50(baseline), percentile(baseline, 99)
     ttft: dict[int, list[float]] = http["ttft"]  # type: ignore[assignment]
     sizes: dict[str, list[float]] = http["sizes"]  # type: ignore[assignment]

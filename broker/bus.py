@@ -9,8 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import nats.errors
@@ -26,6 +25,8 @@ from cortex.broker import lockdown, provision
 from cortex.broker.access import Access
 from cortex.broker.connection import Link, connect
 from cortex.broker.errors import BrokerUnavailable, NotProvisioned, PayloadTooLarge, QueueFull
+from cortex.broker.pull import Delivery as Delivery  # re-exported: the worker's modules take both from here
+from cortex.broker.pull import PullQueue
 from cortex.broker.watch import FleetHandler, Watch
 from cortex.protocol import names
 
@@ -44,72 +45,6 @@ PROVISION_PATIENCE_S = 30.0
 _NO_MESSAGE_CODE = 10037  # JSNoMessageFoundErr: the sequence asked for is not (or no longer) in the stream
 
 ReplyHandler = Callable[[str, bytes], None]
-
-
-class Delivery:
-    """One request taken from a pull consumer, with JetStream's ack verbs."""
-
-    __slots__ = ("_msg",)
-
-    def __init__(self, msg: Msg) -> None:
-        self._msg = msg
-
-    @property
-    def data(self) -> bytes:
-        return self._msg.data
-
-    async def ack(self) -> None:
-        await self._quietly(self._msg.ack())
-
-    async def nak(self, delay: float | None = None) -> None:
-        await self._quietly(self._msg.nak(delay=delay))
-
-    async def in_progress(self) -> None:
-        await self._quietly(self._msg.in_progress())
-
-    async def term(self) -> None:
-        await self._quietly(self._msg.term())
-
-    @staticmethod
-    async def _quietly(call: Awaitable[None]) -> None:
-        # An ack that cannot be delivered (broker away) is redelivered by
-        # JetStream later; the caller has nothing better to do than log it.
-        try:
-            await call
-        except Exception as exc:
-            log.warning("ack verb failed: %s", exc)
-
-
-@dataclass
-class PullQueue:
-    """A worker's handle on one model's durable pull consumer."""
-
-    model: str
-    _sub: JetStreamContext.PullSubscription
-
-    async def fetch(self, batch: int, timeout: float) -> list[Delivery]:
-        """Up to `batch` requests; an empty list when none came within `timeout`."""
-        try:
-            msgs = await self._sub.fetch(batch, timeout=timeout)
-        except (TimeoutError, nats.errors.TimeoutError):
-            return []
-        except Exception as exc:  # reconnecting, closed, consumer deleted...: the caller retries
-            raise BrokerUnavailable(f"fetch from {self.model} failed: {exc!r}") from exc
-        return [Delivery(m) for m in msgs]
-
-    async def pending(self) -> int:
-        """Requests waiting in the model's queue, not yet given to any worker."""
-        try:
-            info = await self._sub.consumer_info()
-        except Exception as exc:
-            raise BrokerUnavailable(f"cannot read the queue of {self.model}: {exc!r}") from exc
-        return int(info.num_pending or 0)
-
-    async def close(self) -> None:
-        try:
-            await self._sub.unsubscribe()
-        except Exception as exc:
-            log.debug("pull unsubscribe: %s", exc)
 
 
 class Bus:
@@ -179,6 +114,18 @@ class Bus:
         now = time.monotonic()
         return any(watch.settling(now) for watch in self._watches)
 
+    def cut_off(self) -> bool:
+        """Whether this process has no view of the fleet to answer from: the connection is down, or a watch is being
+        made again or was, less than `watch.SETTLE_S` ago.
+
+        Narrower than `settling`: a watch whose probe was merely slow (this process's own event loop lagging
+        under load, as often as a slow broker) keeps its view, so requests may still be routed by it.
+        """
+        if not self.connected:
+            return True
+        now = time.monotonic()
+        return any(watch.lost(now) for watch in self._watches)
+
     @property
     def max_payload(self) -> int:
         return int(self._nc.max_payload)
@@ -194,13 +141,14 @@ class Bus:
 
     # -- requests -----------------------------------------------------------
 
-    async def publish_request(self, model: str, payload: bytes, *, msg_id: str) -> int:
+    async def publish_request(self, model: str, payload: bytes, *, msg_id: str, worker: str = "") -> int:
         """Queue a request durably and return its sequence in the stream; raises QueueFull, PayloadTooLarge or
-        BrokerUnavailable."""
+        BrokerUnavailable. With `worker`, on that worker's affine subject of `model` (it takes it first)."""
         if len(payload) > self.max_payload:
             raise PayloadTooLarge(f"request is {len(payload)} bytes; the broker accepts at most {self.max_payload}")
+        subject = names.affine_subject(model, worker) if worker else names.request_subject(model)
         try:
-            ack = await self._js.publish(names.request_subject(model), payload, headers={"Nats-Msg-Id": msg_id})
+            ack = await self._js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id})
         except APIError as exc:
             if exc.err_code in _QUEUE_FULL_CODES:
                 raise QueueFull(f"the request queue for {model} is full") from exc
@@ -229,32 +177,34 @@ class Bus:
             raise BrokerUnavailable(f"cannot look up request {seq}: {exc!r}") from exc
         return False
 
+    async def drop_request(self, seq: int) -> None:
+        """Delete the request at `seq` from the stream, if it is still there (an affine request its gateway sent
+        elsewhere: its worker left). Best effort: a copy left behind is cancelled, and never answered twice."""
+        try:
+            await self._js.delete_msg(names.REQUEST_STREAM, seq)
+        except APIError as exc:
+            if exc.err_code != _NO_MESSAGE_CODE:
+                log.info("request %d not deleted: %s", seq, exc.description)
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.info("request %d not deleted: %r", seq, exc)
+
     async def queued_seqs(self, model: str, limit: int) -> list[int]:
         """The stream sequences of the first `limit` requests for `model` still in the stream, waiting or running (a
-        work queue keeps a request until it is settled), oldest first: one lookup each."""
-        subject, cursor, seqs = names.request_subject(model), 1, list[int]()
-        while len(seqs) < limit:
-            try:
-                msg = await self._js.get_msg(names.REQUEST_STREAM, seq=cursor, subject=subject, next=True)
-            except APIError as exc:
-                if exc.err_code == _NO_MESSAGE_CODE:
-                    break
-                raise BrokerUnavailable(f"cannot look up the queue of {model}: {exc.description}") from exc
-            except (nats.errors.Error, TimeoutError) as exc:
-                raise BrokerUnavailable(f"cannot look up the queue of {model}: {exc!r}") from exc
-            if msg.seq is None:
-                break
-            seqs.append(msg.seq)
-            cursor = msg.seq + 1
-        return seqs
+        work queue keeps a request until it is settled), on its shared subject and on every worker's affine one,
+        oldest first: one lookup each (a lookup brings the message whole: `queued_requests`, its bodies left)."""
+        return [seq for seq, _ in await self.queued_requests(model, limit)]
 
-    async def pull_queue(self, model: str) -> PullQueue:
+    async def pull_queue(self, model: str, worker_id: str = "") -> PullQueue:
+        """The model's shared consumer, and with `worker_id` that worker's affine consumer of it too if it can be
+        made now (else the pull loop tries again: `PullQueue.ensure_affine`)."""
         try:
             durable = await provision.ensure_model_consumer(self._js, model)
             sub = await self._js.pull_subscribe_bind(durable, stream=names.REQUEST_STREAM)
         except Exception as exc:
             raise BrokerUnavailable(f"cannot bind the consumer for {model}: {exc!r}") from exc
-        return PullQueue(model=model, _sub=sub)
+        pull = PullQueue(model=model, _sub=sub, _js=self._js, worker_id=worker_id)
+        await pull.ensure_affine()
+        return pull
 
     # -- core messages ------------------------------------------------------
 
@@ -467,6 +417,35 @@ class Bus:
         watch = Watch(self._js, bucket_name, bucket, handler, f"{bucket_name}-watch", self._link)
         await watch.start()
         self._watches.append(watch)
+
+    async def queued_requests(self, model: str, limit: int) -> list[tuple[int, bytes]]:
+        """The first `limit` requests for `model` still in the stream, as `queued_seqs` finds them, with their bodies:
+        (sequence, payload), oldest first.
+
+        Direct gets, which no consumer sees: looking never counts as a delivery. A
+        worker loading the model asks this way whether anyone still waits for it
+        (`cortex.worker.load_watch`).
+        """
+        shared = await self._subject_requests(model, names.request_subject(model), limit)
+        affine = await self._subject_requests(model, names.affine_wildcard(model), limit)
+        return sorted(shared + affine, key=lambda queued: queued[0])[:limit]
+
+    async def _subject_requests(self, model: str, subject: str, limit: int) -> list[tuple[int, bytes]]:
+        cursor, found = 1, list[tuple[int, bytes]]()
+        while len(found) < limit:
+            try:
+                msg = await self._js.get_msg(names.REQUEST_STREAM, seq=cursor, subject=subject, next=True)
+            except APIError as exc:
+                if exc.err_code == _NO_MESSAGE_CODE:
+                    break
+                raise BrokerUnavailable(f"cannot look up the queue of {model}: {exc.description}") from exc
+            except (nats.errors.Error, TimeoutError) as exc:
+                raise BrokerUnavailable(f"cannot look up the queue of {model}: {exc!r}") from exc
+            if msg.seq is None:
+                break
+            found.append((msg.seq, msg.data or b""))
+            cursor = msg.seq + 1
+        return found
 
 
 async def _provision_patiently(js: JetStreamContext, replicas: int) -> provision.Buckets:

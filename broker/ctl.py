@@ -153,6 +153,10 @@ def _print_status(adverts: list[dict[str, Any]], placements: dict[str, Any] | No
         slots = f"{a.get('slots_free', 0)}/{a.get('slots_total', 0)}"
         age = f"{max(0.0, now - a.get('updated_at', now)):.0f}s" + (" draining" if a.get("draining") else "")
         models = ", ".join(_model_status(m) for m in a.get("models", []))
+        if a.get("host_cache_bytes"):  # the host tier (--host-cache): models a copy away from the device
+            parked = ", ".join(a.get("host_cached", [])) or "empty"
+            tier = f"host tier: {parked} ({_gib(a.get('host_cache_used', 0))}/{_gib(a['host_cache_bytes'])} GiB)"
+            models = f"{models}; {tier}" if models else tier
         typer.echo(f"{a['worker_id']:<28} {a['device']:<10} {memory:<28} {slots:<7} {age:<5} {models}")
     if placements:
         typer.echo(f"\n{'MODEL':<32} {'PLACED ON':<30} WHY")

@@ -35,7 +35,7 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, KeyValueLimitMarkerTTLNotSupportedError, NotFoundError
 from nats.js.kv import KeyValue
 
-from cortex.broker.errors import BrokerUnavailable
+from cortex.broker.errors import BrokerUnavailable, NotProvisioned
 from cortex.protocol import names
 
 log = logging.getLogger("cortex.broker")
@@ -89,7 +89,7 @@ def replicas_for(nc: NATS) -> int:
 def request_stream_config(replicas: int = 1) -> StreamConfig:
     return StreamConfig(
         name=names.REQUEST_STREAM,
-        description="Cortex generation requests, one subject per model",
+        description="Cortex generation requests: a subject per model, and per model and worker (affinity)",
         subjects=[names.request_subject_wildcard()],
         retention=RetentionPolicy.WORK_QUEUE,
         storage=StorageType.FILE,
@@ -104,6 +104,8 @@ def request_stream_config(replicas: int = 1) -> StreamConfig:
 
 
 async def ensure_request_stream(js: JetStreamContext, replicas: int = 1) -> None:
+    """Create the request stream, or bring an existing one's configuration up to date in place (its subjects too:
+    an older ``cortex.req.*`` becomes ``cortex.req.>`` with the affine subjects; queued requests stay)."""
     config = request_stream_config(replicas)
     try:
         info = await js.stream_info(names.REQUEST_STREAM)
@@ -133,6 +135,40 @@ async def ensure_model_consumer(js: JetStreamContext, model: str) -> str:
         # An existing consumer with an older configuration: keep it (its
         # pending acks live there) rather than failing the worker's start.
         await js.consumer_info(names.REQUEST_STREAM, durable)
+    return durable
+
+
+AFFINE_IDLE_S = 24 * 3600.0
+"""An affine consumer whose worker has not pulled from it for this long is deleted by the server (a worker gone for
+good); its worker makes it again when it comes back."""
+
+
+async def ensure_affine_consumer(js: JetStreamContext, model: str, worker_id: str) -> str:
+    """Create `worker_id`'s durable pull consumer of its affine subject of `model`; return its name.
+
+    No delivery limit: the worker is its only reader, and a message of it must never
+    stay in the stream undeliverable (one that does not decode is termed).
+    """
+    durable = names.affine_consumer_name(model, worker_id)
+    config = ConsumerConfig(
+        durable_name=durable,
+        description=f"requests for {model} meant for {worker_id} first (conversation affinity)",
+        filter_subject=names.affine_subject(model, worker_id),
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=ACK_WAIT_S,
+        max_deliver=-1,
+        max_ack_pending=-1,
+        max_waiting=64,
+        inactive_threshold=AFFINE_IDLE_S,
+    )
+    try:
+        await js.add_consumer(names.REQUEST_STREAM, config)
+    except BadRequestError:
+        # An older configuration is kept, as above, but only one that reads the affine subject by pulling: under
+        # any other, the requests sent there would wait for nobody.
+        info = await js.consumer_info(names.REQUEST_STREAM, durable)
+        if info.config.filter_subject != config.filter_subject or info.config.deliver_subject:
+            raise NotProvisioned(f"consumer {durable} exists with another filter, or pushes: none to pull") from None
     return durable
 
 

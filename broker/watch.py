@@ -78,6 +78,9 @@ class Watch:
         """The connection's reconnect count when the watch was last made."""
         self._remaking = False
         self._settled_at = 0.0
+        self._remade_at = 0.0
+        self._slow_probe = False
+        """A probe is late now (`_answers`): heartbeats may be late too."""
         """When (monotonic) the watch was last made again, or its consumer answered after being slow to."""
         self._heard = time.monotonic()
         self._task: asyncio.Task[None] | None = None
@@ -99,9 +102,17 @@ class Watch:
 
     def settling(self, now: float) -> bool:
         """Whether what the watch says may be stale (see the module's docstring)."""
-        if self._remaking or self._made_at != self._link.reconnects:
+        if self.lost(now) or self._slow_probe:
             return True
         return bool(self._settled_at) and now - self._settled_at < SETTLE_S
+
+    def lost(self, now: float) -> bool:
+        """Whether the watch is down, being made again, or was made again less than `SETTLE_S` ago: its reader has no
+        view of the fleet it can answer from (workers not heard since look gone). A probe that was merely slow, as it
+        is when this process's own event loop lags under load, leaves the view standing: that is only `settling`."""
+        if self._remaking or self._made_at != self._link.reconnects:
+            return True
+        return bool(self._remade_at) and now - self._remade_at < SETTLE_S
 
     async def _run(self, watcher: KeyValue.KeyWatcher) -> None:
         while True:
@@ -152,15 +163,17 @@ class Watch:
         done, _ = await asyncio.wait({probe}, timeout=SLOW_PROBE_S)
         slow = not done
         if slow:
-            self._remaking = True
+            self._slow_probe = True
         try:
             async with asyncio.timeout(PROBE_TIMEOUT_S - SLOW_PROBE_S):
                 await probe
         except Exception as exc:  # gone (not found), no answer (the node, or the stream's leader, away), closed
             log.debug("watch %s: consumer did not answer: %r", self.name, exc)
             return False
+        finally:
+            self._slow_probe = False
         if slow:
-            self._remaking, self._settled_at = False, time.monotonic()
+            self._settled_at = time.monotonic()
         return True
 
     async def _make_again(self) -> KeyValue.KeyWatcher:
@@ -183,6 +196,7 @@ class Watch:
                 delay = min(2 * delay, 1.0)
                 continue
             self._made_at, self._remaking, self._settled_at = reconnects, False, time.monotonic()
+            self._remade_at = self._settled_at
             self._heard = self._settled_at
             log.info("watch %s made again", self.name)
             return watcher

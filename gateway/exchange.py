@@ -31,7 +31,7 @@ from cortex.gateway.metrics import UNKNOWN_MODEL, RequestTimer
 from cortex.gateway.placing import consider_replica, ensure_placed
 from cortex.gateway.relay import Abandoned, ReplyStream, StillWaiting, raise_for_chunk
 from cortex.gateway.services import Services
-from cortex.gateway.sse import EventStreamResponse, watch_disconnect
+from cortex.gateway.sse import DisconnectWatch, EventStreamResponse, LastEvent
 from cortex.protocol import Chunk, GenerateRequest, TokenLogprob, ToolCall, ToolCallDelta
 
 log = logging.getLogger("cortex.gateway")
@@ -245,21 +245,28 @@ async def handle(request: Request, dialect: Dialect) -> Response:
             )
             response.headers.update(with_clamp_warning(warning, plan, answer.clamped_to) | limit_headers)
             return response
+        # One watch for the wait for the first chunk and then the response (`EventStreamResponse` takes it over).
+        watch = DisconnectWatch(request.receive, stream.abandon)
         try:
-            first: Chunk | None = await until_disconnected(
-                request, stream.next(patience=svc.settings.stream_headers_within), stream
+            try:
+                first: Chunk | None = await stream.next(patience=svc.settings.stream_headers_within)
+            except StillWaiting:
+                first = None  # a long prefill or a cold load: start the stream and keep it alive
+            except Abandoned:
+                raise ClientGone from None
+            if first is not None:
+                raise_for_chunk(first, plan.prompt_param)
+                account(timer, first)
+                warning = with_clamp_warning(warning, plan, first.max_tokens)
+            streaming_started = True
+            return EventStreamResponse(  # type: ignore[return-value]
+                _events(first, stream, timer, fmt, dialect, plan.prompt_param, svc),
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **warning, **limit_headers},
+                watch=watch,
             )
-        except StillWaiting:
-            first = None  # a long prefill or a cold load: start the stream and keep it alive
-        if first is not None:
-            raise_for_chunk(first, plan.prompt_param)
-            account(timer, first)
-            warning = with_clamp_warning(warning, plan, first.max_tokens)
-        streaming_started = True
-        return EventStreamResponse(  # type: ignore[return-value]
-            _events(first, stream, timer, fmt, dialect, plan.prompt_param, svc),
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **warning, **limit_headers},
-        )
+        finally:
+            if not streaming_started:
+                watch.stop()
     except (ClientGone, ClientDisconnect):
         record(svc, timer, dialect.name, CLIENT_CLOSED, "client_closed")
         return Response(status_code=CLIENT_CLOSED)
@@ -326,13 +333,13 @@ def account(timer: RequestTimer, chunk: Chunk) -> None:
 
 async def until_disconnected(request: Request, work: Awaitable[T], stream: ReplyStream) -> T:
     """Await `work` (which reads `stream`); raise ClientGone instead if the client disconnects first."""
-    watcher = watch_disconnect(request.receive, stream.abandon)
+    watch = DisconnectWatch(request.receive, stream.abandon)
     try:
         return await work
     except Abandoned:
         raise ClientGone from None
     finally:
-        watcher.cancel()
+        watch.stop()
 
 
 async def _complete(
@@ -407,14 +414,16 @@ async def _events(
         status, code = 200, None
         timer.done(status, code)
         await settled(timer)
-        yield end
+        yield LastEvent(end)
+    except Abandoned:
+        return  # the client left before the response began (its watch saw it): nobody to tell
     except ApiError as exc:
         status, code = exc.status, exc.code or exc.type
-        yield fmt.stream_error(exc)
+        yield LastEvent(fmt.stream_error(exc))
     except Exception:
         log.exception("stream %s failed", stream.request.request_id)
         status, code = 500, "internal"
-        yield fmt.stream_error(dialect.internal_error(stream.request.request_id))
+        yield LastEvent(fmt.stream_error(dialect.internal_error(stream.request.request_id)))
     finally:
         stream.close()
         timer.done(status, code)

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import logging
 import signal
+from typing import Any
 
 import uvicorn
 
@@ -48,6 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--failover-attempts", type=int, default=Settings.failover_attempts, metavar="N",
                         help="times an answer whose worker dies mid-answer is continued on another worker "
                         "before it ends with a 502 (0 disables failover)")  # fmt: skip
+    parser.add_argument("--no-affinity", action="store_true",
+                        help="send every request to its model's shared queue, not first to the worker that likely "
+                        "has its conversation cached")  # fmt: skip
     parser.add_argument("--require-keys", action="store_true",
                         help="refuse to start while no API key exists (without it, the gateway then serves "
                         "anyone)")  # fmt: skip
@@ -66,6 +70,22 @@ async def _keys_exist(url: str) -> bool:
         return bool(await bus.read_keys()) or await bus.keys_ever_written()
     finally:
         await bus.close()
+
+
+def server_settings(log_level: str) -> dict[str, Any]:
+    """How the gateway runs uvicorn (bench/gateway_scale.py serves its bare-ASGI reference the same way)."""
+    return {
+        # uvloop and httptools when installed (they are dependencies on Linux and macOS), else asyncio and h11.
+        "loop": "auto",
+        "http": "auto",
+        "log_level": log_level.lower(),
+        "log_config": None,  # uvicorn's loggers go through this process's handler (text or JSON)
+        "timeout_graceful_shutdown": 10,
+        "access_log": False,
+        # Up to this many connections wait to be accepted: a burst of a thousand clients opening at once is not
+        # refused (uvicorn's default, made explicit since the scale benchmark relies on it).
+        "backlog": 2048,
+    }
 
 
 def _stopped(_sig: int, _frame: object) -> None:
@@ -105,22 +125,16 @@ def main(argv: list[str] | None = None) -> None:
             max_tokens_policy=args.max_tokens_policy,
             failover_attempts=args.failover_attempts,
             require_keys=args.require_keys,
+            affinity=not args.no_affinity,
         ),
         metrics,
+        freeze_after_start=True,
     )
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to whatever handler was
     # there before it: with these, a requested stop ends with status 0 (systemd, `cortexctl up`), no traceback.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _stopped)
-    uvicorn.run(
-        app,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level.lower(),
-        log_config=None,  # uvicorn's loggers go through this process's handler (text or JSON)
-        timeout_graceful_shutdown=10,
-        access_log=False,
-    )
+    uvicorn.run(app, host=args.host, port=args.port, **server_settings(args.log_level))
 
 
 if __name__ == "__main__":

@@ -139,12 +139,17 @@ class FleetCollector(Collector):
             "cortex_model_load_failures", "Model loads that failed", labels=["model", "worker"]
         )
         evictions = CounterMetricFamily("cortex_evictions", "Models unloaded, by reason", labels=["reason", "worker"])
+        host_loads = CounterMetricFamily("cortex_host_tier_loads", "Models loaded back from a worker's host tier",
+                                         labels=["model", "worker"])  # fmt: skip
+        called_off = CounterMetricFamily("cortex_loads_called_off", "Cold loads called off: nobody waited any more",
+                                         labels=["model", "worker"])  # fmt: skip
         load = HistogramMetricFamily("cortex_model_load_seconds", "Time to load a model", labels=["worker"])
         resident = GaugeMetricFamily("cortex_model_resident", "1 for each model a worker holds, by state",
                                      labels=["model", "worker", "state"])  # fmt: skip
         in_flight = GaugeMetricFamily("cortex_model_in_flight", "Requests running", labels=["model", "worker"])
         queue = GaugeMetricFamily("cortex_model_queue_depth", "Requests waiting in a model's queue", labels=["model"])
-        memory = GaugeMetricFamily("cortex_worker_memory_bytes", "Worker memory: budget, used, reserved, device total",
+        memory = GaugeMetricFamily("cortex_worker_memory_bytes",
+                                   "Worker memory: budget, used, reserved, device total, host tier size and use",
                                    labels=["worker", "device", "kind"])  # fmt: skip
         depths: dict[str, int] = {}
         for advert in self.workers():
@@ -152,6 +157,9 @@ class FleetCollector(Collector):
             for kind, value in (("budget", advert.memory_budget), ("used", advert.memory_used),
                                 ("reserved", advert.memory_reserved), ("total", advert.memory_total)):  # fmt: skip
                 memory.add_metric([w, advert.device, kind], value)
+            if advert.host_cache_bytes:
+                memory.add_metric([w, advert.device, "host_cache"], advert.host_cache_bytes)
+                memory.add_metric([w, advert.device, "host_cache_used"], advert.host_cache_used)
             for state in advert.models:
                 resident.add_metric([state.id, w, state.state], 1)
                 in_flight.add_metric([state.id, w], state.in_flight)
@@ -165,9 +173,13 @@ class FleetCollector(Collector):
                 failures.add_metric([model, w], n)
             for reason, n in life.evictions.items():
                 evictions.add_metric([reason, w], n)
+            for model, n in life.host_tier_loads.items():
+                host_loads.add_metric([model, w], n)
+            for model, n in life.loads_called_off.items():
+                called_off.add_metric([model, w], n)
             if life.load_seconds_buckets:
                 buckets = [(str(b), n) for b, n in zip(LOAD_SECONDS_BUCKETS, life.load_seconds_buckets, strict=False)]
                 load.add_metric([w], [*buckets, ("+Inf", life.loads)], life.load_seconds_sum)
         for model, depth in depths.items():
             queue.add_metric([model], depth)
-        yield from (cold, failures, evictions, load, resident, in_flight, queue, memory)
+        yield from (cold, failures, evictions, host_loads, called_off, load, resident, in_flight, queue, memory)

@@ -22,6 +22,14 @@ worker) was cut off are lost. A lost chunk in the middle shows as a gap in
 broker whether its request is still in the stream (`ReplyStream._lost`): a
 worker acks it only once its final chunk is out, so gone without an end means
 lost, and the answer fails over like any other.
+
+A worker says at once that it took a request, or moved it (`Taken`): before
+the first chunk, the stream then watches that worker's liveness as after one.
+
+Conversation affinity (`cortex.gateway.affinity`): a request may go to one
+worker's affine subject first. Until that worker takes or moves it, the stream
+watches that it still serves the model; if not, or if it dies after taking it
+but before its first chunk, the stream sends it on itself (`ReplyStream._reroute`).
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import msgspec
 from cortex.broker import errors as broker_errors
 from cortex.broker.bus import Bus
 from cortex.gateway import errors
+from cortex.gateway.affinity import Affinity, Placed
 from cortex.protocol import Chunk, GenerateRequest, codec, names
 from cortex.protocol.messages import (
     ERROR_CONTEXT_LENGTH,
@@ -44,6 +53,7 @@ from cortex.protocol.messages import (
     ERROR_INVALID_REQUEST,
     ERROR_MODEL_NOT_LOADED,
     Resume,
+    Taken,
 )
 
 log = logging.getLogger("cortex.gateway")
@@ -65,24 +75,37 @@ node elects new leaders for the streams it led, which takes seconds): the client
 class Relay:
     check_waiting: Callable[[str], Awaitable[None]] | None = None
     """Called every few seconds for a request no worker has started (load on demand): raises if it never will."""
+    affinity: Affinity | None = None
+    """Conversation affinity (`cortex.gateway.affinity`); None: every request goes to its model's shared subject."""
 
     def __init__(self, bus: Bus, is_live: Callable[[str, str], bool], gateway_id: str | None = None) -> None:
         self.bus = bus
         self.is_live = is_live
         """Whether a worker id, and the process of it named (`Chunk.instance`, "": any), is still live."""
         self.gateway_id = gateway_id or f"gw-{uuid.uuid4().hex[:12]}"
-        self._queues: dict[str, asyncio.Queue[bytes]] = {}
+        self._queues: dict[str, asyncio.Queue[bytes | Taken]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._queued: dict[str, tuple[float, asyncio.Task[list[int]]]] = {}
         """Per model: when its queue was last read, and the read (shared by every stream waiting on the model)."""
 
     async def start(self) -> None:
         await self.bus.subscribe(names.reply_wildcard(self.gateway_id), self._on_reply)
+        await self.bus.subscribe(names.taken_wildcard(self.gateway_id), self._on_taken)
 
     def _on_reply(self, subject: str, data: bytes) -> None:
         queue = self._queues.get(names.request_id_from_reply(subject))
         if queue is not None:
             queue.put_nowait(data)
+
+    def _on_taken(self, _subject: str, data: bytes) -> None:
+        try:
+            notice = codec.decode_taken(data)
+        except codec.DecodeError as exc:
+            log.warning("a malformed notice of a request taken: %s", exc)
+            return
+        queue = self._queues.get(notice.request_id)
+        if queue is not None:
+            queue.put_nowait(notice)
 
     def reply_subject(self, request_id: str) -> str:
         return names.reply_subject(self.gateway_id, request_id)
@@ -95,15 +118,31 @@ class Relay:
         If its worker dies mid-answer, the stream continues it on another one up to
         `failovers` times, calling `on_failover` each time (metrics).
         """
-        queue: asyncio.Queue[bytes] = asyncio.Queue()
-        seq = await self._publish(request, queue)
-        return ReplyStream(self, request, queue, seq, failovers=failovers, on_failover=on_failover)
+        queue: asyncio.Queue[bytes | Taken] = asyncio.Queue()
+        worker = ""
+        if self.affinity is not None and request.resume is None:
+            request, worker = self.affinity.route(request)
+        seq, worker = await self._publish(request, queue, worker)
+        return ReplyStream(self, request, queue, seq, failovers=failovers, on_failover=on_failover, affine_to=worker)
 
-    async def _publish(self, request: GenerateRequest, queue: asyncio.Queue[bytes]) -> int:
-        """Route `request`'s replies to `queue` and publish it, with its id as ``Nats-Msg-Id``; its stream sequence."""
+    async def _publish(
+        self, request: GenerateRequest, queue: asyncio.Queue[bytes | Taken], worker: str = ""
+    ) -> tuple[int, str]:
+        """Route `request`'s replies to `queue` and publish it, with its id as ``Nats-Msg-Id``, to `worker`'s affine
+        subject if one is named (else, or if that fails, the shared one); its stream sequence and the worker."""
         self._queues[request.request_id] = queue
         published = False
         try:
+            if worker:
+                try:
+                    seq = await self.bus.publish_request(request.model, codec.encode(request),
+                                                         msg_id=request.request_id, worker=worker)  # fmt: skip
+                    published = True
+                    return seq, worker
+                except broker_errors.PayloadTooLarge:
+                    raise
+                except broker_errors.BrokerError as exc:  # a full affine queue, a stream without affine subjects...
+                    log.info("request %s not sent to %s first: %s", request.request_id, worker, exc)
             seq = await self.bus.publish_request(request.model, codec.encode(request), msg_id=request.request_id)
             published = True
         except broker_errors.PayloadTooLarge as exc:
@@ -115,16 +154,16 @@ class Relay:
         finally:
             if not published:
                 self._queues.pop(request.request_id, None)
-        return seq
+        return seq, ""
 
-    async def _switch(self, old_id: str, attempt: GenerateRequest, queue: asyncio.Queue[bytes]) -> int:
+    async def _switch(self, old_id: str, attempt: GenerateRequest, queue: asyncio.Queue[bytes | Taken]) -> int:
         """Give up attempt `old_id` (its chunks are dropped from now on, its worker told to stop), publish `attempt`."""
         self._queues.pop(old_id, None)
         await self._cancel(old_id)
         give_up = time.monotonic() + REPUBLISH_PATIENCE_S
         while True:
             try:
-                return await self._publish(attempt, queue)
+                return (await self._publish(attempt, queue))[0]
             except errors.NoCapacity as exc:
                 if time.monotonic() >= give_up or (attempt.deadline and time.time() >= attempt.deadline):
                     raise
@@ -179,11 +218,12 @@ class ReplyStream:
         self,
         relay: Relay,
         request: GenerateRequest,
-        queue: asyncio.Queue[bytes],
+        queue: asyncio.Queue[bytes | Taken],
         seq: int = 0,
         *,
         failovers: int = 0,
         on_failover: Callable[[], None] | None = None,
+        affine_to: str = "",
     ) -> None:
         self._relay = relay
         self.request = request
@@ -192,7 +232,7 @@ class ReplyStream:
         self._next_seq = 0
         self.finished = False
         self.worker_id = ""
-        """The worker answering the current attempt, once a chunk of it has named it."""
+        """The worker answering the current attempt, once it has said so (`Taken`) or a chunk of it has named it."""
         self.instance = ""
         """Which start of that worker's process is answering ("" when it does not say)."""
         self.attempt = 0
@@ -214,6 +254,12 @@ class ReplyStream:
         """When the current attempt was published or its last chunk came; when `_lost` may ask next."""
         self._reconnects = relay.bus.reconnects
         """The gateway's reconnects counted when `_lost` last asked (or at the publish)."""
+        self._placed = Placed(relay.affinity, affine_to)
+        """Which worker's affine subject holds the current attempt, and whose slot it takes (affinity's counts)."""
+        self._started = False
+        """A chunk of the current attempt has come."""
+        self._answered = False
+        """The final chunk came without an error: its worker now holds the prompt in its cache."""
 
     async def next(self, patience: float | None = None) -> Chunk:
         """The next chunk; raises DeadlineExceeded, UpstreamError, Abandoned, or StillWaiting after `patience` s.
@@ -224,6 +270,9 @@ class ReplyStream:
         give_up = time.monotonic() + patience if patience is not None else None
         while True:
             data = await self._receive(give_up)
+            if isinstance(data, Taken):
+                self._taken(data)
+                continue
             if data is _ABANDONED or not data:
                 raise Abandoned
             try:
@@ -241,25 +290,43 @@ class ReplyStream:
             self._next_seq += 1
             self._heard_at = time.monotonic()
             self._interrupted = ""
+            self._started = True
             self.delivered += chunk.token_ids
             self._covered += chunk.tokens
             if chunk.worker_id:
+                self._placed.taken(chunk.worker_id)
                 self.worker_id, self.instance = chunk.worker_id, chunk.instance
+            if chunk.stream_seq:
+                self._seq_in_stream = chunk.stream_seq  # moved from an affine subject: `_lost` asks after this one
             if chunk.final:
                 self.finished = True
+                self._answered = chunk.error is None
             return chunk
+
+    def _taken(self, notice: Taken) -> None:
+        """The current attempt's worker took it, or moved it to the shared queue: heard before its first chunk."""
+        if notice.request_id != self.wire_id or self._started:
+            return  # an attempt given up, or one whose chunks say it all already
+        if notice.moved:
+            self._placed.moved()
+        else:
+            self._placed.taken(notice.worker_id)
+            self.worker_id, self.instance = notice.worker_id, notice.instance
+            self._heard_at = time.monotonic()
+        if notice.stream_seq or not notice.moved:
+            self._seq_in_stream = notice.stream_seq  # 0: the worker holds the only copy, nothing to ask after
 
     def abandon(self) -> None:
         """Make a pending or later `next()` raise Abandoned (the client disconnected); it never fails over again."""
         self._abandoned = True
         self._queue.put_nowait(_ABANDONED)
 
-    async def _receive(self, give_up: float | None) -> bytes:
+    async def _receive(self, give_up: float | None) -> bytes | Taken:
         """The next message, checking every few seconds that the worker on it is still alive."""
         if not self._queue.empty():
             return self._queue.get_nowait()
         while True:
-            check = LIVENESS_CHECK_S if self.worker_id else WAITING_CHECK_S
+            check = LIVENESS_CHECK_S if self.worker_id or self._placed.waiting else WAITING_CHECK_S
             remaining = self.request.deadline - time.time() if self.request.deadline else check
             if remaining <= 0:
                 raise errors.DeadlineExceeded("The request did not complete before its deadline.")
@@ -278,16 +345,27 @@ class ReplyStream:
             if self._relay.bus.settling():
                 continue  # this gateway has been deaf to the fleet: silence proves nothing yet
             if self.worker_id and not self._relay.is_live(self.worker_id, self.instance):
-                await self._fail_over(
-                    f"Worker {self.worker_id} stopped answering in the middle of the request (it left the fleet, "
-                    "or restarted)."
-                )
+                if self._started:
+                    await self._fail_over(
+                        f"Worker {self.worker_id} stopped answering in the middle of the request (it left the fleet, "
+                        "or restarted)."
+                    )
+                elif self._placed.affine_to:  # taken from its affine subject: no other worker can have it
+                    await self._reroute(f"worker {self.worker_id} left before its first chunk")
+                else:  # taken from the shared queue: JetStream offers it to another worker after its ack wait
+                    self._placed.run_on("")
+                    self.worker_id = self.instance = ""
+            elif self._placed.waiting and not self._placed.serves(self.request.model):
+                await self._reroute(f"worker {self._placed.affine_to} no longer serves {self.request.model}")
             elif await self._lost():
+                if self._placed.affine_to and not self._started:  # it may only have moved: never a failover
+                    await self._reroute("it left the stream before any chunk came")
+                    continue
                 await self._fail_over(
                     f"The answer's last chunks were lost on the way (worker {self.worker_id or 'unknown'} finished it "
                     "while a connection to the broker was broken)."
                 )
-            elif not self.worker_id and self._relay.check_waiting is not None:
+            elif not self.worker_id and not self._placed.waiting and self._relay.check_waiting is not None:
                 try:
                     await self._relay.check_waiting(self.request.model)
                 except errors.ApiError as exc:
@@ -311,8 +389,8 @@ class ReplyStream:
         while the gateway was away.
         """
         now = time.monotonic()
-        if now - self._heard_at < SILENCE_CHECK_S or now < self._next_check:
-            return False
+        if not self._seq_in_stream or now - self._heard_at < SILENCE_CHECK_S or now < self._next_check:
+            return False  # (no sequence: a worker runs the only copy, having moved it out of the stream)
         reconnects = self._relay.bus.reconnects
         if not self.worker_id and reconnects == self._reconnects:
             return False
@@ -322,6 +400,35 @@ class ReplyStream:
         except broker_errors.BrokerError as exc:
             log.debug("cannot tell whether %s is still queued: %s", self.wire_id, exc)
             return False
+
+    async def _reroute(self, why: str) -> None:
+        """Send a request sent to a worker first to the shared subject as a new attempt, before any chunk came.
+
+        The old attempt is cancelled (a worker holding it drops it, and one that gets
+        a moved copy acks it unrun) and its message deleted if still there; nothing was
+        delivered, so nothing is resumed, and no failover is counted.
+        """
+        if self._abandoned:
+            raise Abandoned
+        worker, old_seq = self._placed.affine_to, self._seq_in_stream
+        log.info("request %s sent on as attempt %d to the shared queue: %s (it was sent to %s first)",
+                 self.request.request_id, self.attempt + 1, why, worker)  # fmt: skip
+        await self._next_attempt(None)
+        if old_seq:
+            await self._relay.bus.drop_request(old_seq)
+
+    async def _next_attempt(self, resume: Resume | None) -> None:
+        """Give up the current attempt and publish the next, ``<request-id>-<n>``, resuming after `resume` if given."""
+        self._placed.moved()
+        self._placed.run_on("")
+        self.worker_id, self.instance, self._started = "", "", False
+        self.attempt += 1
+        old, self.wire_id = self.wire_id, f"{self.request.request_id}-{self.attempt}"
+        attempt = msgspec.structs.replace(
+            self.request, request_id=self.wire_id, reply_subject=self._relay.reply_subject(self.wire_id), resume=resume
+        )
+        self._seq_in_stream = await self._relay._switch(old, attempt, self._queue)
+        self._heard_at = time.monotonic()
 
     async def _fail_over(self, why: str) -> None:
         """Continue the answer on another worker from the tokens delivered so far, or raise UpstreamError(`why`)."""
@@ -333,22 +440,16 @@ class ReplyStream:
         if self._covered != len(self.delivered):
             raise errors.UpstreamError(why + " (its worker does not report token ids, so it cannot be continued).")
         self.failovers_left -= 1
-        self.attempt += 1
-        old, self.wire_id = self.wire_id, f"{self.request.request_id}-{self.attempt}"
-        resume = Resume(token_ids=list(self.delivered), seq=self._next_seq, attempt=self.attempt)
-        attempt = msgspec.structs.replace(
-            self.request, request_id=self.wire_id, reply_subject=self._relay.reply_subject(self.wire_id), resume=resume
-        )
-        log.warning("failover %d of %s (%s): %d tokens delivered; continuing as %s",
-                    self.attempt, self.request.request_id, why, len(self.delivered), self.wire_id)  # fmt: skip
-        self.worker_id, self.instance, self._interrupted = "", "", why
-        self._seq_in_stream = await self._relay._switch(old, attempt, self._queue)
-        self._heard_at = time.monotonic()
+        log.warning("failover %d of %s (%s): %d tokens delivered; continuing as attempt %d",
+                    self.attempt + 1, self.request.request_id, why, len(self.delivered), self.attempt + 1)  # fmt: skip
+        self._interrupted = why
+        await self._next_attempt(Resume(token_ids=list(self.delivered), seq=self._next_seq, attempt=self.attempt + 1))
         if self._on_failover is not None:
             self._on_failover()
 
     def close(self) -> None:
         """Forget the request; tell the workers to stop if it had not finished."""
+        self._placed.close(self.request, self.worker_id if self._answered else "")
         self._relay._close(self.wire_id)
         if not self.finished:
             self.finished = True

@@ -32,6 +32,8 @@ class Settings:
     """Times one answer may be continued on another worker after its worker died mid-answer (0: never; then 502)."""
     require_keys: bool = False
     """Refuse to serve open: with no API key in the ``cortex-keys`` bucket, start no gateway."""
+    affinity: bool = True
+    """Send a request first to the worker likely to hold its prompt's prefix in cache (`cortex.gateway.affinity`)."""
 
 
 @dataclass
@@ -46,8 +48,10 @@ class Services:
     accounting: Accounting
 
     def require_broker(self) -> None:
-        """A 503 while this gateway is cut off from NATS, or just back (`Bus.settling`): its view of the fleet is
-        stale, so "no such model" would be a lie, a placement written from it wrong, and a publish would time out."""
-        if self.bus.settling():
+        """A 503 while this gateway is cut off from NATS, or just back (`Bus.cut_off`): its view of the fleet is
+        stale, so "no such model" would be a lie, a placement written from it wrong, and a publish would time out.
+        Not while a watch's probe is merely slow (`Bus.settling`): an overloaded gateway's own event loop makes
+        probes late, and refusing every request then would turn a slowdown into an outage."""
+        if self.bus.cut_off():
             raise NoCapacity("The request broker (NATS) is unreachable from this gateway; retry shortly.",
                              code="broker_unavailable")  # fmt: skip

@@ -11,7 +11,7 @@ import msgspec
 
 from cortex.protocol.heartbeat import Heartbeat
 from cortex.protocol.keys import ApiKey, AuditEvent, LimitWindow, UsageRecord
-from cortex.protocol.messages import Chunk, Drain, GenerateRequest, Pin, Placement, WorkerAdvert
+from cortex.protocol.messages import Chunk, Drain, GenerateRequest, Pin, Placement, Taken, WorkerAdvert
 
 _encoder = msgspec.json.Encoder()
 _request_decoder = msgspec.json.Decoder(GenerateRequest)
@@ -25,6 +25,7 @@ _api_key_decoder = msgspec.json.Decoder(ApiKey)
 _limit_window_decoder = msgspec.json.Decoder(LimitWindow)
 _usage_decoder = msgspec.json.Decoder(UsageRecord)
 _audit_decoder = msgspec.json.Decoder(AuditEvent)
+_taken_decoder = msgspec.json.Decoder(Taken)
 
 DecodeError = msgspec.DecodeError
 """Raised by every ``decode_*`` function on a malformed or mistyped message."""
@@ -42,6 +43,7 @@ Encodable = (
     | LimitWindow
     | UsageRecord
     | AuditEvent
+    | Taken
 )
 
 
@@ -91,3 +93,7 @@ def decode_usage(data: bytes) -> UsageRecord:
 
 def decode_audit(data: bytes) -> AuditEvent:
     return _audit_decoder.decode(data)
+
+
+def decode_taken(data: bytes) -> Taken:
+    return _taken_decoder.decode(data)

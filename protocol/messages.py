@@ -140,6 +140,10 @@ class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=T
     """A `sampling.max_tokens` over what the context leaves after the prompt is lowered to fit, not refused."""
     resume: Resume | None = None
     """Set on a failover: continue the answer after these tokens (`request_id` is then the attempt's own id)."""
+    prefix_keys: list[str] = []
+    """Conversation affinity: keys of the prompt's prefixes worth finding in a worker's cache (the system part, the
+    whole conversation so far; `cortex.gateway.affinity`). A worker that answers it advertises them
+    (`ModelState.prefix_keys`)."""
 
 
 class Usage(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -241,6 +245,9 @@ class Chunk(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_f
     and can resume the answer elsewhere (`GenerateRequest.resume`)."""
     instance: str = ""
     """With `worker_id`: which start of that worker process sent the chunk (`Heartbeat.instance`)."""
+    stream_seq: int = 0
+    """With `worker_id`: the sequence in the request stream of the message the worker serves (a request moved from a
+    worker's affine subject to the shared one has a new one); 0 from a worker that does not say."""
 
     @property
     def final(self) -> bool:
@@ -294,6 +301,12 @@ class ModelState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """0 to 1 while loading."""
     queue_depth: int = 0
     """Requests waiting in the model's queue (measured by workers that serve it)."""
+    prefix_keys: list[str] = []
+    """The `GenerateRequest.prefix_keys` of the requests this worker answered last for the model, newest first (at
+    most `cortex.worker.conversations.ADVERTISED`): prompts it likely holds in its prefix cache."""
+    affine: bool = False
+    """The worker takes requests for the model on its affine subject (it has its consumer of it): gateways send it
+    affine requests only while this says so (conversation affinity)."""
 
 
 LOAD_SECONDS_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
@@ -311,6 +324,10 @@ class Lifecycle(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Loads that took at most each of `LOAD_SECONDS_BUCKETS` seconds (cumulative counts)."""
     load_seconds_sum: float = 0.0
     loads: int = 0
+    host_tier_loads: dict[str, int] = {}
+    """Of `cold_starts`, the loads that were a copy back from the host tier, per model."""
+    loads_called_off: dict[str, int] = {}
+    """Cold loads called off because every request waiting for them was cancelled or timed out, per model."""
 
 
 class WorkerAdvert(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type", tag="advert"):
@@ -342,6 +359,13 @@ class WorkerAdvert(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     started_at: float = 0.0
     updated_at: float = 0.0
     pid: int = 0
+    host_cached: list[str] = []
+    """Models parked in the worker's host tier (``--host-cache``), most recently parked first: loading one is a
+    copy back to the device. They take none of `memory_budget`."""
+    host_cache_bytes: int = 0
+    """The host tier's size (0: none)."""
+    host_cache_used: int = 0
+    """Bytes the models in `host_cached` take in host memory."""
 
     def ready_models(self) -> list[str]:
         return [m.id for m in self.models if m.state == MODEL_READY]
@@ -391,3 +415,27 @@ class Drain(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_f
     """
 
     since: float = 0.0
+
+
+class Taken(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type", tag="taken"):
+    """A worker's word to a request's gateway, before any chunk: it took the request, or handed it on.
+
+    Sent on `names.taken_subject` of the request's reply subject, as a core message,
+    the moment the worker starts the request (`moved` False) or moves it from its
+    affine subject to the model's shared one (`moved` True). The gateway then knows
+    where the request is while a long prefill sends nothing: it watches that worker's
+    liveness instead of whether the worker still serves the model, and never sends
+    on a request that is already running. A lost notice costs only that knowledge.
+    """
+
+    request_id: str
+    """The attempt's id (`GenerateRequest.request_id`)."""
+    worker_id: str = ""
+    """The worker that took it, or moved it."""
+    instance: str = ""
+    """Which start of that worker's process (`Heartbeat.instance`)."""
+    stream_seq: int = 0
+    """The sequence in the request stream of the message it serves (0: none any more: the worker holds the only copy,
+    a move the broker refused having acked it), or of the copy it moved."""
+    moved: bool = False
+    """Not taken: handed on to the model's shared subject (its window passed, or the model left the worker)."""

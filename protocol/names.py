@@ -79,13 +79,46 @@ def request_subject(model: str) -> str:
 
 
 def request_subject_wildcard() -> str:
-    """Subjects bound to the request stream."""
-    return f"{_REQUEST_PREFIX}.*"
+    """Subjects bound to the request stream: every model's shared subject and its workers' affine ones."""
+    return f"{_REQUEST_PREFIX}.>"
 
 
 def consumer_name(model: str) -> str:
     """Durable pull consumer shared by every worker that serves `model`."""
     return f"{_CONSUMER_PREFIX}{encode_model_token(model)}"
+
+
+def affine_subject(model: str, worker_id: str) -> str:
+    """Where a gateway publishes a request for `model` meant for one worker first (conversation affinity).
+
+    One token below the model's shared subject: the shared consumer's filter is the
+    exact shared subject, so the two never overlap, as a work-queue stream requires.
+    """
+    return f"{request_subject(model)}.{encode_model_token(worker_id)}"
+
+
+def affine_wildcard(model: str) -> str:
+    """Every worker's affine subject of `model` (with `request_subject`: the whole queue of `model`)."""
+    return f"{request_subject(model)}.>"
+
+
+def affine_consumer_name(model: str, worker_id: str) -> str:
+    """The durable pull consumer of `worker_id`'s affine subject of `model`: ``cortex-<model>__<worker>``.
+
+    ``__`` never occurs inside a token (``_`` always starts an escape, ``_XX``), so the
+    name splits back unambiguously.
+    """
+    return f"{consumer_name(model)}__{encode_model_token(worker_id)}"
+
+
+MOVED_BY_HEADER = "Cortex-Moved-By"
+"""On an affine request moved to its shared subject: the worker that moved it (for want of a slot)."""
+
+
+def moved_msg_id(msg_id: str, stream_seq: int) -> str:
+    """``Nats-Msg-Id`` of an affine request moved to its shared subject: new, so the duplicate window keeps it,
+    and the same for every try at moving the one message, so a move retried after a lost ack is not doubled."""
+    return f"{msg_id}~moved-{stream_seq}"
 
 
 def reply_subject(gateway_id: str, request_id: str) -> str:
@@ -96,6 +129,23 @@ def reply_subject(gateway_id: str, request_id: str) -> str:
 def reply_wildcard(gateway_id: str) -> str:
     """The one subscription a gateway process holds for all of its replies."""
     return f"{_REPLY_PREFIX}.{_check_id('gateway id', gateway_id)}.*"
+
+
+_TAKEN_TOKEN = "taken"
+
+
+def taken_subject(reply_subject: str) -> str:
+    """Where a worker tells a request's gateway at once that it took the request, or moved it (`Taken`).
+
+    The reply subject and one token more: a gateway's `reply_wildcard` does not match
+    it, so a gateway older than the notice never hears one (nor takes it for a chunk).
+    """
+    return f"{reply_subject}.{_TAKEN_TOKEN}"
+
+
+def taken_wildcard(gateway_id: str) -> str:
+    """The subscription a gateway holds for the `taken_subject` of all of its requests."""
+    return f"{reply_wildcard(gateway_id)}.{_TAKEN_TOKEN}"
 
 
 def request_id_from_reply(subject: str) -> str:

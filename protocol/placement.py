@@ -7,9 +7,12 @@ makes sure only one decision lands. Nothing here does I/O.
 
 The rules of `choose_worker`, in order: never a draining worker, a worker that
 already failed to load the model, or one whose budget the model exceeds; a
-worker with room over one that must evict; fewer evictions over more; colder
-evictions over warmer ones; more memory left over less; then the worker id, so
-ties break the same way everywhere. Eviction never touches a pinned model or
+worker that can make room at once over one that must wait for busy models; a
+worker holding the model in its host tier (a copy back to the device, where
+others load it from disk) over one that does not; a worker with room over one
+that must evict; fewer evictions over more; colder evictions over warmer ones;
+more memory left over less; then the worker id, so ties break the same way
+everywhere. Eviction never touches a pinned model or
 one with requests in flight.
 
 Every transition of a placement is a function of the "transitions" section: it gets
@@ -226,9 +229,11 @@ def choose_worker(
         lasts = [s.last_used for s in advert.models if s.id in victims]
         freed = sum(s.memory for s in advert.models if s.id in victims)
         left = free_memory(advert) + freed - card.memory
-        cost = (waits, bool(victims), len(victims), max(lasts, default=0.0), -left, name)
+        cached = model in advert.host_cached  # loading it there is a copy from host memory, not a load from disk
+        cost = (waits, not cached, bool(victims), len(victims), max(lasts, default=0.0), -left, name)
         how = f"evicting {', '.join(victims)} ({advert.eviction})" if victims else "no eviction"
         how += " once their requests are done" if waits else ""
+        how += ", from its host tier" if cached else ""
         ranked.append((cost, Choice(name, victims, f"{name}: {gib(free_memory(advert))} free, {how}", waits)))
     if not known:
         return f"no live worker has {model} in its catalogue"

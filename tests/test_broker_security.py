@@ -194,7 +194,9 @@ def violations_by(log: Path, *clients: str) -> list[str]:
             if "Violation" in line and any(f":{client}" in line for client in clients)]  # fmt: skip
 
 
-def test_the_worker_serves_but_never_queues_a_request_nor_touches_a_key(locked: Locked) -> None:
+def test_the_worker_serves_and_hands_requests_on_but_never_queues_one_for_a_worker_nor_touches_a_key(
+    locked: Locked,
+) -> None:
     key, pin = names.api_key_key("worker-probe"), names.pin_key(MODEL)
 
     async def scenario() -> None:
@@ -206,12 +208,19 @@ def test_the_worker_serves_but_never_queues_a_request_nor_touches_a_key(locked: 
             await bus.put_advert(names.worker_key("probe"), b"{}")
             await bus.put_heartbeat(names.alive_key("probe"), b"{}")
             assert await bus.write_decision(names.placement_key("probe-model"), b"{}", 0)
-            await (await bus.pull_queue("probe-model")).close()
+            pull = await bus.pull_queue("probe-model", "probe")  # its affine consumer too
+            assert pull.has_affine
+            await pull.close()
+            # A request sent to it first that it cannot take in time, handed on to its model's shared subject
+            # (affinity: `PullQueue.move`); the requests queued read (a load: does anyone still wait for it).
+            moved = await bus.publish_request("probe-model", b"{}", msg_id="probe-moved")
+            assert [seq for seq, _ in await bus.queued_requests("probe-model", 10)] == [moved]
             await bus.withdraw_heartbeat(names.alive_key("probe"))
             await bus.delete_advert(names.worker_key("probe"))
             # not its work
             js = worker.nc.jetstream()
-            subject = names.request_subject(MODEL)
+            # It hands requests on to a model's shared subject only: it queues none for a worker, another or itself.
+            subject = names.affine_subject(MODEL, "another-worker")
             await worker.refused(subject, worker.nc.publish(subject, b"{}"))
             keys = worker.bucket(names.KEYS_BUCKET)
             await worker.refused(f"$KV.{names.KEYS_BUCKET}.{key}", keys.put(key, b"{}"))
@@ -227,11 +236,15 @@ def test_the_worker_serves_but_never_queues_a_request_nor_touches_a_key(locked: 
             consumer = names.consumer_name("probe-model")
             await worker.refused(f"$JS.API.CONSUMER.DELETE.{names.REQUEST_STREAM}.{consumer}",
                                  js.delete_consumer(names.REQUEST_STREAM, consumer))  # fmt: skip
+            await worker.refused(f"$JS.API.STREAM.MSG.DELETE.{names.REQUEST_STREAM}",
+                                 js.delete_msg(names.REQUEST_STREAM, moved))  # fmt: skip
             # and nothing of it happened
             assert await admin.read_key(key) == (None, 0)
             assert (await admin.read_decision(pin))[0] is None
             info = await admin._js.stream_info(names.REQUEST_STREAM, subjects_filter=subject)
             assert not info.state.subjects
+            assert not await admin.request_settled(moved)  # not deleted
+            await admin._js.purge_stream(names.REQUEST_STREAM, subject=names.request_subject("probe-model"))
         finally:
             await admin.close()
             await bus.close()

@@ -10,7 +10,9 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import COLD_MODEL, SPARE_MODEL, TINY_ALIAS, TINY_MODEL, Gateway
+from cortex.broker import fleet_ops
+from cortex.broker.server import EmbeddedNats
+from tests.conftest import COLD_MODEL, SPARE_MODEL, TINY_ALIAS, TINY_MODEL, Gateway, on_bus, wait_for
 
 pytestmark = pytest.mark.usefixtures("gateway")
 
@@ -138,12 +140,16 @@ def test_unknown_model_is_404(client: openai.OpenAI) -> None:
     assert info.value.code == "model_not_found"
 
 
-def test_model_in_a_catalogue_loads_on_demand(client: openai.OpenAI, gateway: Gateway) -> None:
+def test_model_in_a_catalogue_loads_on_demand(client: openai.OpenAI, nats_server: EmbeddedNats) -> None:
     # The session worker lists tiny-cold in its catalogue but did not load it at start.
     reply = client.chat.completions.create(model=COLD_MODEL, messages=PROMPT, max_tokens=3, temperature=0)
     assert reply.model == COLD_MODEL and reply.usage and reply.usage.completion_tokens == 3
     entry = client.models.retrieve(COLD_MODEL)
     assert entry.model_extra["loaded_on"] == ["test-worker"]  # type: ignore[index]
+    # Leave the session's worker as it was: tests of other files in this process (the fleet page's) expect it cold.
+    on_bus(nats_server.url, lambda bus: fleet_ops.unload(bus, COLD_MODEL))
+    wait_for(lambda: not (client.models.retrieve(COLD_MODEL).model_extra or {}).get("loaded_on"), timeout=60,
+             what="tiny-cold unloaded again")  # fmt: skip
 
 
 def test_prompt_longer_than_context_is_400(client: openai.OpenAI) -> None:

@@ -124,3 +124,16 @@ def test_placements_not_yet_in_adverts_take_memory() -> None:
     waiting = choose_worker("m3", [worker("a")], [], placements=pending)
     assert isinstance(waiting, Choice) and "once their requests are done" in waiting.reason
     assert choose_worker("m1", fleet, [], placements=pending) == Choice("a", [], "a has it loading")
+
+
+def test_a_worker_holding_the_model_in_its_host_tier_is_preferred() -> None:
+    parked = msgspec.structs.replace(worker("b", ("m2", 5.0)), host_cached=["m1"])
+    choice = choose_worker("m1", [worker("a"), parked], [])
+    assert isinstance(choice, Choice) and choice.worker == "b"  # over a's room: b copies it back from host memory
+    assert "from its host tier" in choice.reason and "preferred over a" in choice.reason
+    idle = msgspec.structs.replace(worker("b", ("m2", 5.0), ("m3", 6.0)), host_cached=["m1"])
+    choice = choose_worker("m1", [worker("a"), idle], [])
+    assert isinstance(choice, Choice) and (choice.worker, choice.evict) == ("b", ["m2"])  # m2 goes to b's tier too
+    full = msgspec.structs.replace(worker("b", ("m2", 5.0), ("m3", 6.0), busy=("m2", "m3")), host_cached=["m1"])
+    choice = choose_worker("m1", [worker("a"), full], [])
+    assert isinstance(choice, Choice) and choice.worker == "a"  # never waiting for busy models over loading now

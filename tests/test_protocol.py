@@ -30,7 +30,7 @@ from cortex.protocol import (
     request_subject_wildcard,
     worker_key,
 )
-from cortex.protocol.names import request_id_from_reply
+from cortex.protocol.names import affine_consumer_name, affine_subject, affine_wildcard, request_id_from_reply
 
 TOKEN_RE = re.compile(r"^[A-Za-z0-9_-]+$")
 # NATS KV keys: https://docs.nats.io/nats-concepts/jetstream/key-value-store
@@ -103,9 +103,19 @@ def test_request_subject_has_three_tokens() -> None:
 def test_request_subject_matches_wildcard() -> None:
     wildcard = request_subject_wildcard().split(".")
     subject = request_subject("some.model > x *").split(".")
-    assert len(wildcard) == len(subject)
-    assert wildcard[:-1] == subject[:-1]
-    assert wildcard[-1] == "*"
+    assert wildcard[:-1] == subject[:2] and wildcard[-1] == ">"  # the affine subjects, one token deeper, too
+    affine = affine_subject("some.model > x *", "host.a/gpu 0").split(".")
+    assert affine[:3] == subject and len(affine) == 4 and not BAD_SUBJECT_CHARS.search(affine[3])
+    assert affine_wildcard("some.model > x *").split(".") == [*subject, ">"]
+
+
+@given(st.text(min_size=1), st.text(min_size=1))
+def test_affine_consumer_names_are_valid_and_distinct(model: str, worker: str) -> None:
+    consumer = affine_consumer_name(model, worker)
+    assert not BAD_SUBJECT_CHARS.search(consumer) and consumer != consumer_name(model)
+    # "__" never occurs inside a token, so the name splits back into its model and worker.
+    head, tail = consumer.removeprefix("cortex-").split("__")
+    assert (decode_model_token(head), decode_model_token(tail)) == (model, worker)
 
 
 @given(st.text(min_size=1))

@@ -75,8 +75,9 @@ class Admission:
     """Owns the admission thread; `submit`, `add_model` and `remove_model` are thread-safe.
 
     What it has prepared goes to `handoff` as ``(kind, payload)``: ``admitted``
-    with a `Sequence`, ``add`` with a `LoadedModel`, ``remove`` with the model id
-    and the Future for the bytes its removal frees.
+    with a `Sequence`, ``add`` with a `LoadedModel`, ``remove`` with the model id,
+    the Future for the bytes its removal frees (or for the model itself) and
+    whether to keep the model whole (`Engine.take_model`).
     """
 
     def __init__(self, *, worker_id: str, cancelled: Cancellations, handoff: Callable[[tuple[str, Any]], None]) -> None:
@@ -108,8 +109,10 @@ class Admission:
     def add_model(self, loaded: LoadedModel) -> None:
         self._queue.put(("add", loaded))
 
-    def remove_model(self, model_id: str, future: Future[int]) -> None:
-        self._queue.put(("remove", (model_id, future)))
+    def remove_model(self, model_id: str, future: Future[Any], keep: bool = False) -> None:
+        """Forget the model; the engine thread then frees it (the Future: the bytes freed) or, with `keep`, hands
+        it back whole (the Future: its `LoadedModel`, for the host tier)."""
+        self._queue.put(("remove", (model_id, future, keep)))
 
     def _admit_all(self) -> None:
         """The admission thread: prepare each request in arrival order, then hand it to the engine thread."""

@@ -23,12 +23,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import msgspec
+
 from cortex.broker.bus import Bus
 from cortex.broker.errors import BrokerError
 from cortex.protocol import ModelState, WorkerAdvert, codec, names
 from cortex.protocol import messages as m
 from cortex.protocol.heartbeat import Heartbeat
 from cortex.worker.device import DeviceInfo
+from cortex.worker.host_tier import HostTier
 
 log = logging.getLogger("cortex.worker")
 
@@ -41,10 +44,12 @@ class WorkerMetrics:
 
     lifecycle: m.Lifecycle = field(default_factory=m.Lifecycle)
 
-    def loaded(self, model: str, seconds: float) -> None:
-        """A cold start of `model` that took `seconds`."""
+    def loaded(self, model: str, seconds: float, *, from_host: bool = False) -> None:
+        """A cold start of `model` that took `seconds` (`from_host`: a copy back from the host tier)."""
         life = self.lifecycle
         life.cold_starts[model] = life.cold_starts.get(model, 0) + 1
+        if from_host:
+            life.host_tier_loads[model] = life.host_tier_loads.get(model, 0) + 1
         if not life.load_seconds_buckets:
             life.load_seconds_buckets = [0] * len(m.LOAD_SECONDS_BUCKETS)
         for i, bound in enumerate(m.LOAD_SECONDS_BUCKETS):
@@ -55,6 +60,11 @@ class WorkerMetrics:
     def load_failed(self, model: str) -> None:
         life = self.lifecycle
         life.load_failures[model] = life.load_failures.get(model, 0) + 1
+
+    def load_called_off(self, model: str) -> None:
+        """A cold load of `model` called off: nobody waited for it any more."""
+        life = self.lifecycle
+        life.loads_called_off[model] = life.loads_called_off.get(model, 0) + 1
 
     def evicted(self, kind: str) -> None:
         """An unload, labelled by why (``lru``, ``priority``, ``keep_alive``, ``unplaced``, ``drain``)."""
@@ -83,9 +93,17 @@ class Advertiser:
     started_at: float
     instance: str = ""
     """This start of the worker process (`Heartbeat.instance`)."""
+    host_tier: HostTier | None = None
+    """The models kept in host memory (``--host-cache``), shown in the advert."""
+    prefix_keys: Callable[[str], list[str] | None] | None = None
+    """The prefix keys of the requests answered here last, per model; None for a model whose affine subject this
+    worker does not pull from (`cortex.worker.conversations`)."""
     _soon: asyncio.Event = field(default_factory=asyncio.Event)
 
     def advert(self, models: list[ModelState]) -> WorkerAdvert:
+        if self.prefix_keys is not None:  # conversation affinity: what gateways match a prompt's prefixes against
+            models = [msgspec.structs.replace(s, prefix_keys=keys, affine=True)
+                      if (keys := self.prefix_keys(s.id)) is not None else s for s in models]  # fmt: skip
         total, free = self.device.memory()
         used = sum(s.memory for s in models if s.state in (m.MODEL_READY, m.MODEL_UNLOADING))
         reserved = sum(s.memory for s in models if s.state == m.MODEL_LOADING)
@@ -111,6 +129,9 @@ class Advertiser:
             started_at=self.started_at,
             updated_at=time.time(),
             pid=os.getpid(),
+            host_cached=self.host_tier.models() if self.host_tier is not None else [],
+            host_cache_bytes=self.host_tier.capacity if self.host_tier is not None else 0,
+            host_cache_used=self.host_tier.used() if self.host_tier is not None else 0,
         )
 
     async def publish(self, models: list[ModelState]) -> None:

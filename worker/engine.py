@@ -8,7 +8,7 @@ so a long prompt never holds up the decoding of others (the tokenizer releases
 the GIL). Each loop iteration of the engine thread does:
 
 1. take admitted requests, cancellations and calls from the inbox;
-2. one prefill action: either a group of short waiting prompts in one padded
+2. one prefill round (`cortex.worker.prefill`): a group of short waiting prompts in one padded
    forward pass (up to `max_prefill_tokens`), or one `prefill_chunk` of a long
    prompt, a prompt with a prefix-cache hit, or a preempted sequence; each
    sequence that finishes prefill samples its first token, which is sent at
@@ -31,29 +31,25 @@ import logging
 import queue
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
-from transformers import DynamicCache
 
 from cortex.protocol import ChunkError, GenerateRequest
 from cortex.protocol import messages as m
 from cortex.worker import kvcache
 from cortex.worker.admission import Admission, Cancellations
-from cortex.worker.batch import Batch, forward, sample_and_accept
+from cortex.worker.batch import Batch, sample_and_accept
 from cortex.worker.device import memory_in_use, release_memory
 from cortex.worker.loader import LoadedModel
+from cortex.worker.prefill import EngineModel, Prefill
 from cortex.worker.sequence import Emit, LogitsProcessor, Sequence
 
 log = logging.getLogger("cortex.worker")
 T = TypeVar("T")
-
-HEADROOM_TOKENS = 64
-"""Columns a batch is expected to grow before the next admission check."""
 
 
 @dataclass
@@ -70,27 +66,18 @@ class EngineLimits:
     """Seconds to pause after each decode step: a slow device, so tests and demos can hold requests in flight."""
 
 
-@dataclass
-class _ModelState:
-    loaded: LoadedModel
-    batch: Batch
-    prefix: kvcache.PrefixCache
-    kv_budget: int
-
-
 class Engine:
-    """Owns the device thread; `submit`, `cancel`, `call` and `add_model` are thread-safe."""
+    """Owns the device thread; `submit`, `cancel`, `call`, `add_model`, `remove_model` and `take_model` are
+    thread-safe."""
 
     def __init__(self, *, worker_id: str, limits: EngineLimits | None = None) -> None:
         self.worker_id = worker_id
         self.limits = limits or EngineLimits()
-        self._models: dict[str, _ModelState] = {}
+        self._models: dict[str, EngineModel] = {}
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._cancelled = Cancellations()
         self._admission = Admission(worker_id=worker_id, cancelled=self._cancelled, handoff=self._inbox.put)
-        self._waiting: deque[Sequence] = deque()
-        self._chunked: Sequence | None = None
-        self._chunked_cache: DynamicCache | None = None
+        self._prefill = Prefill(self.limits)
         self._thread = threading.Thread(target=self._run, name="cortex-engine", daemon=True)
         self._stopping = False
         self.preemptions = 0
@@ -128,18 +115,34 @@ class Engine:
         self._admission.remove_model(model_id, future)
         return future
 
-    def _remove(self, model_id: str) -> int:
+    def take_model(self, model_id: str) -> Future[LoadedModel | None]:
+        """Drop a model's engine state (its batch, its prefix cache) but hand back its `LoadedModel`, weights
+        untouched, to park in the host tier; None if it was not here. Ordered as `remove_model` is."""
+        future: Future[LoadedModel | None] = Future()
+        self._admission.remove_model(model_id, future, keep=True)
+        return future
+
+    def _detach(self, model_id: str) -> EngineModel | None:
         if model_id not in self._models:
-            return 0
+            return None
         for seq in self._all_sequences():  # none, normally: the worker waits for them first
             if seq.request.model == model_id:
                 seq.finish(error=ChunkError(code=m.ERROR_MODEL_NOT_LOADED, message=f"{model_id} was unloaded"))
         self._drop_done()
-        state = self._models.pop(model_id)
+        return self._models.pop(model_id)
+
+    def _remove(self, model_id: str) -> int:
+        state = self._detach(model_id)
+        if state is None:
+            return 0
         device = state.loaded.device
         before = memory_in_use(device)
         del state
         return max(0, before - release_memory(device))
+
+    def _take(self, model_id: str) -> LoadedModel | None:
+        state = self._detach(model_id)
+        return state.loaded if state is not None else None
 
     def submit(
         self, request: GenerateRequest, emit: Emit, logits_processors: list[LogitsProcessor] | None = None
@@ -159,7 +162,7 @@ class Engine:
     # -- the engine thread ----------------------------------------------------
 
     def _busy(self) -> bool:
-        return bool(self._waiting or self._chunked or any(s.batch.rows for s in self._models.values()))
+        return self._prefill.busy() or any(s.batch.rows for s in self._models.values())
 
     def _run(self) -> None:
         with torch.inference_mode():
@@ -168,7 +171,7 @@ class Engine:
                     self._drain_inbox(block=not self._busy())
                     if self._stopping:
                         break
-                    self._prefill_round()
+                    self._prefill.round(self._models)
                     self._decode_all()
                 except Exception as exc:
                     # A bug must cost the requests in flight, never the engine thread.
@@ -189,8 +192,7 @@ class Engine:
         error = ChunkError(code=m.ERROR_INTERNAL, message=f"the engine failed: {exc}")
         for seq in self._all_sequences():
             seq.finish(error=error)
-        self._waiting.clear()
-        self._chunked, self._chunked_cache = None, None
+        self._prefill.clear()
         for state in self._models.values():
             state.batch.drop([])
 
@@ -212,7 +214,7 @@ class Engine:
         elif kind == "cancel":
             self._cancel(payload)
         elif kind == "add":
-            self._models[payload.spec.id] = _ModelState(
+            self._models[payload.spec.id] = EngineModel(
                 loaded=payload,
                 batch=Batch(payload),
                 prefix=kvcache.PrefixCache(self.limits.prefix_cache_tokens),
@@ -221,8 +223,8 @@ class Engine:
         elif kind == "call":
             _resolve(*payload)
         elif kind == "remove":
-            model_id, future = payload
-            _resolve(lambda: self._remove(model_id), future)
+            model_id, future, keep = payload
+            _resolve(lambda: self._take(model_id) if keep else self._remove(model_id), future)
         elif kind == "stop":
             self._stopping = True
 
@@ -236,16 +238,12 @@ class Engine:
 
     def _drop_done(self) -> None:
         """Forget the sequences that have finished, wherever they wait or run."""
-        self._waiting = deque(s for s in self._waiting if not s.done)
-        if self._chunked is not None and self._chunked.done:
-            self._chunked, self._chunked_cache = None, None
+        self._prefill.drop_done()
         for state in self._models.values():
             state.batch.drop([i for i, row in enumerate(state.batch.rows) if not row.done])
 
     def _all_sequences(self) -> list[Sequence]:
-        seqs = list(self._waiting)
-        if self._chunked is not None:
-            seqs.append(self._chunked)
+        seqs = self._prefill.sequences()
         for state in self._models.values():
             seqs.extend(state.batch.rows)
         return seqs
@@ -258,134 +256,11 @@ class Engine:
         if state is None or state.loaded is not seq.loaded:
             seq.finish(error=ChunkError(code=m.ERROR_MODEL_NOT_LOADED, message=f"{seq.request.model} was unloaded"))
             return
-        self._waiting.append(seq)
-
-    def _fits(self, state: _ModelState, rows: int, width: int) -> bool:
-        batch = state.batch
-        total_rows = len(batch) + rows
-        return not batch.rows or total_rows * (max(batch.width, width) + HEADROOM_TOKENS) <= state.kv_budget
-
-    # -- prefill ------------------------------------------------------------------
-
-    def _prefill_round(self) -> None:
-        """Prefill work worth up to `max_prefill_tokens` before the next decoding step."""
-        budget = self.limits.max_prefill_tokens
-        while budget > 0 and (self._waiting or self._chunked is not None):
-            spent = self._prefill_once()
-            if not spent:
-                return
-            budget -= spent
-
-    def _prefill_once(self) -> int:
-        """One prefill action; returns the tokens it computed (0: nothing could run)."""
-        if self._chunked is None and self._waiting:
-            head = self._waiting[0]
-            state = self._models[head.request.model]
-            context = head.prompt_ids + head.generated_ids[:-1]
-            if not self._fits(state, 1, len(context)):
-                return 0  # wait for rows to finish
-            cached, prefix_kv = state.prefix.match(context)
-            # A short prefix hit is not worth giving up a grouped prefill: one
-            # padded pass over many prompts beats many small passes.
-            use_hit = cached >= self.limits.prefill_chunk or (cached > 0 and not self._has_group_peer(head))
-            if use_hit or len(context) > self.limits.prefill_chunk or head.generated_ids:
-                if not use_hit:
-                    cached, prefix_kv = 0, None
-                self._waiting.popleft()
-                self._chunked = head
-                self._chunked_cache = kvcache.from_tensors(prefix_kv) if prefix_kv is not None else None
-                head.prefilled = cached
-                if not head.generated_ids:
-                    head.cached_tokens = cached
-            else:
-                return self._prefill_group(state)
-        if self._chunked is not None:
-            return self._prefill_chunk()
-        return 0
-
-    def _groupable(self, seq: Sequence, model: str) -> bool:
-        return seq.request.model == model and not seq.generated_ids and len(seq.prompt_ids) <= self.limits.prefill_chunk
-
-    def _has_group_peer(self, head: Sequence) -> bool:
-        return any(self._groupable(seq, head.request.model) for seq in list(self._waiting)[1:8])
-
-    def _prefill_group(self, state: _ModelState) -> int:
-        """Prefill consecutive short fresh prompts of one model in one padded pass."""
-        group: list[Sequence] = []
-        width = 0
-        while self._waiting:
-            seq = self._waiting[0]
-            n = len(seq.prompt_ids)
-            new_width = max(width, n)
-            if not self._groupable(seq, state.loaded.spec.id):
-                break
-            if group and (new_width * (len(group) + 1) > self.limits.max_prefill_tokens
-                          or not self._fits(state, len(group) + 1, new_width)):  # fmt: skip
-                break
-            group.append(self._waiting.popleft())
-            width = new_width
-        device = state.loaded.device
-        pad = int(state.loaded.tokenizer.pad_token_id or 0)
-        ids = torch.full((len(group), width), pad, dtype=torch.long, device=device)
-        mask = torch.zeros((len(group), width), dtype=torch.long, device=device)
-        for i, seq in enumerate(group):
-            n = len(seq.prompt_ids)
-            ids[i, width - n :] = torch.tensor(seq.prompt_ids, device=device)
-            mask[i, width - n :] = 1
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-        try:
-            logits, cache = forward(state.loaded, ids, mask, positions, None)
-        except Exception as exc:
-            log.exception("prefill failed")
-            for seq in group:
-                seq.finish(error=ChunkError(code=m.ERROR_INTERNAL, message=f"prefill failed: {exc}"))
-            return int(ids.numel())
-        self._first_tokens(state, group, logits, cache, mask)
-        return int(ids.numel())
-
-    def _prefill_chunk(self) -> int:
-        seq = self._chunked
-        assert seq is not None
-        state = self._models[seq.request.model]
-        context = seq.prompt_ids + seq.generated_ids[:-1]
-        start, end = seq.prefilled, min(len(context), seq.prefilled + self.limits.prefill_chunk)
-        device = state.loaded.device
-        ids = torch.tensor([context[start:end]], device=device)
-        mask = torch.ones((1, end), dtype=torch.long, device=device)
-        positions = torch.arange(start, end, device=device).unsqueeze(0)
-        try:
-            logits, cache = forward(state.loaded, ids, mask, positions, self._chunked_cache)
-        except Exception as exc:
-            log.exception("prefill failed for %s", seq.request_id)
-            seq.finish(error=ChunkError(code=m.ERROR_INTERNAL, message=f"prefill failed: {exc}"))
-            self._chunked, self._chunked_cache = None, None
-            return end - start
-        seq.prefilled = end
-        if end < len(context):
-            self._chunked_cache = cache
-            return end - start
-        self._chunked, self._chunked_cache = None, None
-        if seq.generated_ids:  # a preempted sequence resumes where it was
-            state.batch.add([seq], cache, mask)
-        else:
-            self._first_tokens(state, [seq], logits, cache, mask)
-        return end - start
-
-    def _first_tokens(
-        self, state: _ModelState, group: list[Sequence], logits: torch.Tensor, cache: DynamicCache, mask: torch.Tensor
-    ) -> None:
-        sample_and_accept(group, logits)
-        keep = [i for i, seq in enumerate(group) if not seq.done]
-        if keep and len(keep) < len(group):
-            index = torch.tensor(keep, device=mask.device)
-            cache = kvcache.from_tensors(kvcache.select_rows(kvcache.to_tensors(cache), index))
-            mask = mask.index_select(0, index)
-        if keep:
-            state.batch.add([group[i] for i in keep], cache, mask)
+        self._prefill.waiting.append(seq)
 
     # -- decoding -----------------------------------------------------------------
 
-    def _decode(self, state: _ModelState) -> None:
+    def _decode(self, state: EngineModel) -> None:
         batch = state.batch
         try:
             logits = batch.step()
@@ -407,14 +282,14 @@ class Engine:
         if batch.rows and len(batch) * batch.width > state.kv_budget and len(batch) > 1:
             self._preempt(state)
 
-    def _preempt(self, state: _ModelState) -> None:
+    def _preempt(self, state: EngineModel) -> None:
         """Move the newest row back to the front of the queue; it resumes by recomputation."""
         batch = state.batch
         victim = batch.rows[-1]
         batch.drop(list(range(len(batch) - 1)))
         victim.prefilled = 0
         self.preemptions += 1
-        self._waiting.appendleft(victim)
+        self._prefill.waiting.appendleft(victim)
         log.info("preempted %s (batch over its KV budget of %d)", victim.request_id, state.kv_budget)
 
 

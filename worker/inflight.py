@@ -8,6 +8,10 @@ named `Outcome`s, which are the worker's whole ack policy.
 
 Which models have a pull loop is not decided here: `cortex.worker.residency`
 runs `Requests.pull_loop` for each model it has loaded.
+
+Conversation affinity: beside the shared fetch, each pull loop takes the
+requests a gateway sent to this worker first (`cortex.worker.affine`). Every
+request this worker starts is told to its gateway at once (`Taken`, `tell`).
 """
 
 from __future__ import annotations
@@ -20,9 +24,16 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Literal, Protocol
 
-from cortex.broker.bus import Delivery, PullQueue
+import msgspec
+
+from cortex.broker.bus import Bus
 from cortex.broker.errors import BrokerError
-from cortex.protocol import GenerateRequest, codec
+from cortex.broker.pull import Delivery, PullQueue
+from cortex.protocol import Chunk, GenerateRequest, codec, names
+from cortex.protocol.messages import Taken
+from cortex.worker.affine import AFFINITY_WINDOW_S as AFFINITY_WINDOW_S  # re-exported: main and service take it here
+from cortex.worker.affine import AffinePull
+from cortex.worker.conversations import Conversations
 from cortex.worker.engine import Engine
 from cortex.worker.sequence import Emit
 from cortex.worker.synthetic import SyntheticEngine
@@ -35,6 +46,9 @@ NAK_DELAY_S = 1.0
 """A nak'd request waits this long before JetStream offers it again (here or to another worker)."""
 CANCELLED_KEEP_S = 600.0
 CANCELLED_MAX = 10_000
+AFFINE_RECENT_S = 30.0
+"""For this long after its last affine request, a worker polls the shared queue in shorter fetches
+(`Requests._shared_poll_s`)."""
 
 Verb = Literal["ack", "nak", "term"]
 
@@ -47,10 +61,15 @@ class Outcome(Enum):
     """
 
     DONE = ("ack", "its last chunk is published")
-    SEEN = ("ack", "it is already running here, or its client has gone")
+    SEEN = ("ack", "it is already running here, or its client has gone, or its gateway sent it on as another attempt")
     CANCELLED = ("ack", "its client has gone: the request is consumed, not redelivered")
     UNDELIVERED = ("nak", "its final chunk was not published: the gateway never saw the end")
     STOPPING = ("nak", "the worker stopped before it finished: another worker takes it up")
+    RETURNED = (
+        "nak",
+        "this worker moved it to the shared queue for want of a slot, and a fetch of its own from "
+        "before it filled up caught it: after the nak delay (longer than a fetch) another worker takes it",
+    )
     POISON = ("term", "it does not decode")
     NO_REPLY = ("term", "it has no reply subject")
     BROKEN = ("term", "publishing one of its chunks failed unexpectedly")
@@ -91,6 +110,8 @@ class InFlight:
     request: GenerateRequest
     model: str
     settled: Settled
+    answered: bool = False
+    """Its final chunk went out without an error (set from the engine thread): its prompt is in the prefix cache."""
 
 
 @dataclass
@@ -104,6 +125,16 @@ class Requests:
     """While set, no pull loop takes requests."""
     slot_freed: asyncio.Event
     """Set whenever a slot may have come free or pull loops should look again (drain, unload, stop)."""
+    affinity_window: float = AFFINITY_WINDOW_S
+    conversations: Conversations = field(default_factory=Conversations)
+    """The prefix keys of the requests answered here, per model (advertised: conversation affinity)."""
+    bus: Bus | None = None
+    """Where each request taken is told to its gateway (`Taken`); None: nowhere."""
+    worker_id: str = ""
+    instance: str = ""
+    """This start of the worker process (`Heartbeat.instance`), named in each `Taken`."""
+    affine_at: float = float("-inf")
+    """Monotonic time at which an affine fetch last brought requests (`_shared_poll_s`)."""
     _in_flight: dict[str, InFlight] = field(default_factory=dict)
     _reserved: int = 0
     _pulling: int = 0
@@ -123,11 +154,33 @@ class Requests:
         flight = self._in_flight.get(request_id)
         return flight.request.reply_subject if flight is not None else None
 
+    def _serving(self, slot: Served) -> bool:
+        return not self.stopping.is_set() and not slot.leaving.is_set()
+
     async def pull_loop(self, slot: Served, pull: PullQueue, settled: Settled) -> None:
-        """Take requests for `slot` while it stays and the worker runs; `settled` hears of each one settled."""
+        """Take requests for `slot` while it stays and the worker runs; `settled` hears of each one settled.
+
+        The shared queue's, and those meant for this worker first (`AffinePull`);
+        when it ends, those still waiting here for it go to the shared queue.
+        """
+        affine = AffinePull(self, slot, pull, settled, self.slots, self.affinity_window)
+        try:
+            # A TaskGroup: if one loop fails, the other is stopped too, never left running for a model that left.
+            async with asyncio.TaskGroup() as loops:
+                loops.create_task(self._shared_loop(slot, pull, settled))
+                loops.create_task(affine.run())
+        except Exception:
+            # Logged here: the model's task keeps the error unseen until someone awaits it.
+            log.exception("the pull loop of %s failed: this worker takes no more requests for it", slot.model)
+            raise
+        finally:
+            self.conversations.forget(slot.model)  # the model's cache leaves with it, and its keys the advert
+            await affine.hand_over()
+
+    async def _shared_loop(self, slot: Served, pull: PullQueue, settled: Settled) -> None:
         self._pulling += 1
         try:
-            while not self.stopping.is_set() and not slot.leaving.is_set():
+            while self._serving(slot):
                 free = self.free_slots
                 if self.draining.is_set():
                     self.slot_freed.clear()
@@ -142,7 +195,7 @@ class Requests:
                 share = -(-free // max(1, self._pulling))
                 self._reserved += share
                 try:
-                    deliveries = await pull.fetch(share, timeout=FETCH_TIMEOUT_S)
+                    deliveries = await pull.fetch(share, timeout=self._shared_poll_s())
                 except BrokerError as exc:
                     log.warning("fetch for %s failed: %s", slot.model, exc)
                     deliveries = []
@@ -151,35 +204,107 @@ class Requests:
                     self._reserved -= share
                     self.slot_freed.set()
                 for delivery in deliveries:
+                    if delivery.moved_by and delivery.moved_by == pull.worker_id and len(self._in_flight) >= self.slots:
+                        await settle(delivery, Outcome.RETURNED)
+                        continue
                     await self._accept(slot, delivery, settled)
         finally:
             self._pulling -= 1
 
-    async def _accept(self, slot: Served, delivery: Delivery, settled: Settled) -> None:
+    def _shared_poll_s(self) -> float:
+        """How long one shared fetch waits.
+
+        While this worker has had affine requests lately (`AFFINE_RECENT_S`), less than
+        its affinity window: a fetch made before they filled the worker has then expired
+        by the time it moves one of them (else it would catch it back: `Outcome.RETURNED`).
+        Otherwise the usual `FETCH_TIMEOUT_S`: shorter polls on every idle worker of a
+        fleet (or one whose gateways run ``--no-affinity``) would only cost pull requests.
+        """
+        if time.monotonic() - self.affine_at > AFFINE_RECENT_S:
+            return FETCH_TIMEOUT_S
+        return min(FETCH_TIMEOUT_S, max(0.1, 0.8 * self.affinity_window))
+
+    def affine_room(self) -> int:
+        """Slots an affine request may take now: running requests count, the shared fetch's reservation does not."""
+        return 0 if self.draining.is_set() else self.slots - len(self._in_flight)
+
+    def _emit_for(self, flight: InFlight) -> Emit:
+        """The engine's emit for one request: the chunk naming the worker also names the message served, and the
+        final chunk's outcome is noted (engine thread)."""
+        stream_seq = _serving_seq(flight.delivery)
+
+        def emit(chunk: Chunk) -> None:
+            if chunk.worker_id and stream_seq:
+                chunk = msgspec.structs.replace(chunk, stream_seq=stream_seq)
+            if chunk.final and chunk.error is None:
+                flight.answered = True
+            self.emit(chunk)
+
+        return emit
+
+    async def admit(self, model: str, delivery: Delivery) -> GenerateRequest | None:
+        """The request `delivery` brings, or None once its message is settled: it does not decode, has no reply
+        subject, or is running here already or cancelled."""
         try:
             request = codec.decode_request(delivery.data)
         except codec.DecodeError as exc:
-            log.error("poison request on %s: %s", slot.model, exc)
+            log.error("poison request on %s: %s", model, exc)
             await settle(delivery, Outcome.POISON)
-            return
-        if request.request_id in self._in_flight or request.request_id in self._cancelled:
-            await settle(delivery, Outcome.SEEN)
-            return
+            return None
         if not request.reply_subject:
             log.error("request %s has no reply subject; dropped", request.request_id)
             await settle(delivery, Outcome.NO_REPLY)
+            return None
+        if request.request_id in self._in_flight or request.request_id in self._cancelled:
+            await settle(delivery, Outcome.SEEN)
+            return None
+        return request
+
+    async def accept(self, slot: Served, delivery: Delivery, settled: Settled, request: GenerateRequest) -> None:
+        """Start a request `admit` let through (parked meanwhile, perhaps: it is looked at again)."""
+        if request.request_id in self._in_flight or request.request_id in self._cancelled:
+            await settle(delivery, Outcome.SEEN)
             return
-        self._in_flight[request.request_id] = InFlight(
-            delivery=delivery, request=request, model=slot.model, settled=settled
-        )
+        flight = InFlight(delivery=delivery, request=request, model=slot.model, settled=settled)
+        self._in_flight[request.request_id] = flight
         slot.in_flight += 1
-        self.engine.submit(request, self.emit)
+        await self.tell(request, _serving_seq(delivery))  # before any chunk can be sent: they share the connection
+        if self._in_flight.get(request.request_id) is flight:  # else cancelled meanwhile (and settled)
+            self.engine.submit(request, self._emit_for(flight))
+
+    async def _accept(self, slot: Served, delivery: Delivery, settled: Settled) -> None:
+        request = await self.admit(slot.model, delivery)
+        if request is not None:
+            await self.accept(slot, delivery, settled, request)
+
+    async def discard(self, delivery: Delivery) -> None:
+        """Settle a request that will not run here, its attempt being cancelled."""
+        await settle(delivery, Outcome.SEEN)
+
+    async def tell(self, request: GenerateRequest, stream_seq: int, *, moved: bool = False) -> None:
+        """Tell the request's gateway at once that this worker took it, or moved it to the shared queue (`Taken`).
+
+        So the gateway knows where the request is before its first chunk (a long
+        prefill sends none for a while): it never sends on one that already runs.
+        A core message, no more: a gateway that does not hear it (an older one, a
+        broken connection) goes by the worker's advert, as without it.
+        """
+        if self.bus is None:
+            return
+        notice = Taken(request_id=request.request_id, worker_id=self.worker_id, instance=self.instance,
+                       stream_seq=stream_seq, moved=moved)  # fmt: skip
+        try:
+            await self.bus.publish(names.taken_subject(request.reply_subject), codec.encode(notice))
+        except BrokerError as exc:
+            log.debug("request %s: its gateway not told: %s", request.request_id, exc)
 
     async def release(self, request_id: str, outcome: Outcome) -> None:
         """Forget a request and settle its message."""
         flight = self._in_flight.pop(request_id, None)
         if flight is None:
             return
+        if flight.answered and outcome is Outcome.DONE and not flight.request.count_only:
+            self.conversations.remember(flight.model, flight.request.prefix_keys)
         flight.settled(flight.model)
         await settle(flight.delivery, outcome)
         self.slot_freed.set()
@@ -233,3 +358,13 @@ class Requests:
     async def release_all(self, outcome: Outcome) -> None:
         for request_id in list(self._in_flight):
             await self.release(request_id, outcome)
+
+    def was_cancelled(self, request_id: str) -> bool:
+        """Whether this worker has heard `request_id` cancelled (a cold load goes by it: `cortex.worker.load_watch`)."""
+        return request_id in self._cancelled
+
+
+def _serving_seq(delivery: Delivery) -> int:
+    """The stream sequence of the message a request runs from; 0 when a move acked it (the broker refused the copy,
+    so this worker holds the only one): its gateway then has nothing in the stream to ask after."""
+    return 0 if delivery.handed_on else delivery.stream_seq

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +35,34 @@ FALLBACK_CHAT_TEMPLATE = (
 _DEFAULT_CONTEXT = 2048
 
 
+_BUILDING = threading.Lock()
+"""Held while transformers builds a model: it sets torch's process-wide default dtype (and patches ``torch.nn.init``)
+for the while, and two loads on the loader threads doing so at once could leave either set wrong for good."""
+
+
 class PromptError(ValueError):
     """The conversation cannot be rendered by this model's chat template."""
+
+
+class LoadAborted(Exception):
+    """The load was called off (its ``abort`` event set): raised between its phases, nothing of it kept."""
+
+
+def check_abort(abort: threading.Event | None, spec: ModelSpec, phase: str) -> None:
+    """Raise `LoadAborted` if `abort` is set: called between the phases of a load."""
+    if abort is not None and abort.is_set():
+        raise LoadAborted(f"the load of {spec.id} was called off before {phase}")
+
+
+@contextlib.contextmanager
+def _building(abort: threading.Event | None, spec: ModelSpec) -> Iterator[None]:
+    """Hold `_BUILDING`; a load called off while it waits for another to build raises `LoadAborted`."""
+    while not _BUILDING.acquire(timeout=0.1):
+        check_abort(abort, spec, "building its model")
+    try:
+        yield
+    finally:
+        _BUILDING.release()
 
 
 @dataclass
@@ -55,6 +84,8 @@ class LoadedModel:
     """The longest token of the vocabulary, in characters (0: unknown)."""
     from_cache: bool = False
     """Whether the weights came from the converted-weights cache (``worker/weights_cache.py``)."""
+    from_host: bool = False
+    """Whether the model came back from the host tier (``worker/host_tier.py``): a copy to the device, no load."""
 
     def surely_too_long(self, text: str) -> bool:
         """Whether `text` cannot fit the context whatever it says, known without tokenizing it.
@@ -124,6 +155,7 @@ def load_model(
     device: torch.device,
     spread_over: list[torch.device] | None = None,
     weights_cache: Path | None = None,
+    abort: threading.Event | None = None,
 ) -> LoadedModel:
     """Load tokenizer and weights through transformers (the GGUF path for GGUF files).
 
@@ -131,6 +163,8 @@ def load_model(
     by accelerate's ``device_map``; inputs go to `device`, the first. With a
     `weights_cache` folder, weights that need converting (GGUF, another dtype)
     are loaded from there when a previous load left them, else written there.
+    Setting `abort` (from another thread) calls the load off: `LoadAborted` is
+    raised before its next phase (the tokenizer, the weights, the move to the device).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -145,8 +179,10 @@ def load_model(
     entry = entry_for(weights_cache, spec, folder, dtype)
     model: Any = None
     if entry is not None and entry.present():
+        check_abort(abort, spec, "reading its weights cache entry")
         try:
-            tokenizer, model = entry.load(**kwargs)
+            with _building(abort, spec):
+                tokenizer, model = entry.load(**kwargs)
         except CacheError as exc:
             log.warning("weights cache entry %s for %s is damaged (%s): deleting it", entry.path, spec.id, exc)
             entry.discard()
@@ -155,12 +191,16 @@ def load_model(
         source: dict[str, Any] = {"local_files_only": True}
         if spec.gguf_file:
             source["gguf_file"] = spec.gguf_file
+        check_abort(abort, spec, "its tokenizer")
         tokenizer = AutoTokenizer.from_pretrained(folder, **source)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **source, **kwargs)
-        if entry is not None:
+        check_abort(abort, spec, "its weights")
+        with _building(abort, spec):
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **source, **kwargs)
+        if entry is not None:  # even for a load called off meanwhile: the next load of it maps the entry
             entry.store(model, tokenizer)
     if not tokenizer.chat_template:
         tokenizer.chat_template = FALLBACK_CHAT_TEMPLATE
+    check_abort(abort, spec, "moving it to the device")
     if len(gpus) <= 1:
         model.to(device)
     model.eval()

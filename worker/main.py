@@ -14,8 +14,7 @@ import logging
 import signal
 import socket
 import sys
-import time
-from collections.abc import Callable
+import threading
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +27,7 @@ from cortex.protocol.placement import EVICTION_POLICIES
 
 if TYPE_CHECKING:
     from cortex.worker.catalogue import ModelSpec
+    from cortex.worker.loading import Loader
 
 log = logging.getLogger("cortex.worker")
 
@@ -38,10 +38,27 @@ def _summary(policy: object) -> str:
     return (doc[0].rstrip(".").lower() if doc else "").replace("%", "%%")
 
 
-def _load_slowly(load: Callable[[ModelSpec], Any], delay: float, spec: ModelSpec) -> Any:
-    """`load`, after `delay` seconds (on the engine thread, where loads run: the asyncio side stays live)."""
-    time.sleep(delay)
-    return load(spec)
+def parse_load_delay(text: str) -> dict[str, float]:
+    """``--load-delay``: ``4`` (every model) or ``m1=30,m2=5`` (those models only) into seconds by model ("": every
+    other model)."""
+    delays: dict[str, float] = {}
+    for part in (p.strip() for p in text.split(",")):
+        if part:
+            model, _, seconds = part.rpartition("=")
+            delays[model.strip()] = float(seconds)
+    return delays
+
+
+def _load_slowly(load: Loader, delays: dict[str, float], spec: ModelSpec, abort: threading.Event) -> Any:
+    """`load`, after the delay set for `spec` (on a loader thread); the wait ends at once if the load is called off."""
+    delay = delays.get(spec.id, delays.get("", 0.0))
+    if delay > 0:
+        log.info("holding the load of %s for %gs (--load-delay)", spec.id, delay)
+        if abort.wait(delay):
+            from cortex.worker.loader import LoadAborted
+
+            raise LoadAborted(f"the load of {spec.id} was called off while --load-delay held it")
+    return load(spec, abort)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,18 +88,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prefix-cache-tokens", type=int, default=16384, help="tokens kept for prefix reuse")
     parser.add_argument("--step-delay", type=float, default=0.0, metavar="SECONDS",
                         help="tests and demos: pause after every decode step, as a slow device would")  # fmt: skip
-    parser.add_argument("--load-delay", type=float, default=0.0, metavar="SECONDS",
-                        help="tests and demos: take this much longer over every model load (a slow disk)")  # fmt: skip
+    parser.add_argument("--load-delay", type=parse_load_delay, default={}, metavar="SECONDS|MODEL=SECONDS,...",
+                        help="tests and demos: take this much longer over every model load, or those named (a slow "
+                        "disk)")  # fmt: skip
     parser.add_argument(
         "--synthetic-engine", type=float, default=None, metavar="SECONDS",
         help="benchmarks and relay tests only: no model, emit one token every SECONDS",
     )  # fmt: skip
     parser.add_argument("--synthetic-prefill", type=float, default=0.0, metavar="SECONDS",
                         help="with --synthetic-engine: wait this long before the first token")  # fmt: skip
+    parser.add_argument("--host-cache", default="0", metavar="SIZE",
+                        help="keep models that leave the device (evicted, idle, unplaced) in this much host memory, "
+                        "least recently used out first, so loading one again is a copy back (e.g. 16GiB; pinned "
+                        "memory on CUDA; default 0: off)")  # fmt: skip
     parser.add_argument("--weights-cache", default="~/.cache/cortex/weights", metavar="DIR",
                         help="converted weights (GGUF, another dtype) are kept here so later loads map them "
                         "(default ~/.cache/cortex/weights; '' or none: no cache)")  # fmt: skip
     parser.add_argument("--worker-id", default=None, help="name in the fleet bucket (default HOST-gpuN or HOST-cpu)")
+    parser.add_argument("--affinity-window", type=float, default=None, metavar="SECONDS",
+                        help="how long a request sent to this worker first (it has the conversation cached) waits "
+                        "for a free slot here before any worker may take it (default 0.3)")  # fmt: skip
     add_log_options(parser)
     try:
         apply_defaults(parser, "worker")
@@ -98,6 +123,7 @@ async def _serve(args: argparse.Namespace) -> int:
     from cortex.worker.catalogue import CatalogueError, find_model, load_catalogue
     from cortex.worker.device import parse_gpus, pick_device
     from cortex.worker.engine import Engine, EngineLimits
+    from cortex.worker.inflight import AFFINITY_WINDOW_S
     from cortex.worker.loader import load_model
     from cortex.worker.memory import parse_size
     from cortex.worker.service import WorkerService
@@ -108,6 +134,7 @@ async def _serve(args: argparse.Namespace) -> int:
         catalogue = load_catalogue(args.models)
         serve = [find_model(catalogue, name) for name in args.model or []]
         budget = parse_size(args.memory_budget) if args.memory_budget else 0
+        host_cache = parse_size(args.host_cache or "0")
     except (CatalogueError, ValueError) as exc:
         log.error("%s", exc)
         return 2
@@ -127,11 +154,11 @@ async def _serve(args: argparse.Namespace) -> int:
         log.error("%s", exc)
         return 1
     engine: Engine | SyntheticEngine
-    loader: Callable[[ModelSpec], Any]
+    loader: Loader
     if args.synthetic_engine is not None:
         engine, loader = (
             SyntheticEngine(worker_id=worker_id, interval=args.synthetic_engine, prefill=args.synthetic_prefill),
-            load_synthetic,
+            lambda spec, _abort: load_synthetic(spec),
         )
     else:
         limits = EngineLimits(
@@ -140,15 +167,20 @@ async def _serve(args: argparse.Namespace) -> int:
             step_delay=args.step_delay,
         )  # fmt: skip
         engine = Engine(worker_id=worker_id, limits=limits)
-        loader = partial(load_model, device=device.device, spread_over=device.devices,
-                         weights_cache=parse_root(args.weights_cache))  # fmt: skip
-    if args.load_delay > 0:
+        weights_cache = parse_root(args.weights_cache)
+
+        def loader(spec: ModelSpec, abort: threading.Event) -> Any:
+            return load_model(spec, device.device, device.devices, weights_cache, abort=abort)
+
+    if args.load_delay:
         loader = partial(_load_slowly, loader, args.load_delay)
     engine.start()
     auto_dtype = "float32" if device.device.type == "cpu" else "bfloat16"
     service = WorkerService(
         bus=bus, engine=engine, device=device, catalogue=catalogue, serve=serve, worker_id=worker_id,
         slots=max(1, args.slots), loader=loader, memory_budget=budget, eviction=args.eviction, dtype=auto_dtype,
+        host_cache=host_cache,
+        affinity_window=AFFINITY_WINDOW_S if args.affinity_window is None else max(0.0, args.affinity_window),
     )  # fmt: skip
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -135,11 +135,20 @@ class Placements:
     # -- what this worker writes --------------------------------------------------
 
     async def _change(self, model: str, change: Transition, failure: str) -> None:
-        """Apply `change`; a broker that does not answer is logged (`failure`, with the model and the error)."""
+        """Apply `change`; a broker that does not answer is logged (`failure`, with the model and the error).
+
+        The placement in force afterwards is taken at once, before the watch brings
+        it: a model this worker just took itself off must not look wanted to the
+        reconcile that its own unload sets going.
+        """
         try:
-            await change_placement(self.bus, model, change, by=self.worker_id)
+            placement = await change_placement(self.bus, model, change, by=self.worker_id)
         except BrokerError as exc:
             log.warning(failure, model, exc)
+            return
+        if placement is not None and self._placements.get(model) != placement:
+            self._placements[model] = placement
+            self.changed.set()
 
     async def place_here(self, model: str, reason: str) -> None:
         change = partial(add_worker, model=model, worker=self.worker_id, reason=f"{self.worker_id}: {reason}")

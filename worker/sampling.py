@@ -38,7 +38,8 @@ def sample(
 
 def penalties(presence: float, frequency: float, vocab: int, device: torch.device):  # type: ignore[no-untyped-def]
     """A logits processor applying OpenAI's presence and frequency penalties to generated tokens."""
-    counts = torch.zeros(vocab, device=device)
+    # float32 said, not implied: a load on a loader thread sets torch's default dtype process-wide while it builds.
+    counts = torch.zeros(vocab, dtype=torch.float32, device=device)
     seen = 0
 
     def apply(generated: list[int], logits: torch.Tensor) -> torch.Tensor:

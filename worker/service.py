@@ -18,17 +18,18 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from cortex.broker.bus import Bus
 from cortex.protocol import names
 from cortex.worker.advert import Advertiser, WorkerMetrics
 from cortex.worker.catalogue import ModelSpec
+from cortex.worker.conversations import Conversations
 from cortex.worker.device import DeviceInfo
 from cortex.worker.engine import Engine
-from cortex.worker.inflight import Outcome, Requests
+from cortex.worker.host_tier import HostTier
+from cortex.worker.inflight import AFFINITY_WINDOW_S, Outcome, Requests
+from cortex.worker.loading import Loader, Loads
 from cortex.worker.outbox import Outbox
 from cortex.worker.placements import Placements
 from cortex.worker.publisher import ChunkPublisher
@@ -59,13 +60,17 @@ class WorkerService:
     serve: list[ModelSpec]
     worker_id: str
     slots: int
-    loader: Callable[[ModelSpec], Any]
-    """Loads a catalogue entry on the engine thread (the transformers loader, or the synthetic one)."""
+    loader: Loader
+    """Loads a catalogue entry on a loader thread (the transformers loader, or the synthetic one)."""
     memory_budget: int = 0
     """Bytes models may take (0: the device's memory)."""
     eviction: str = "lru"
     dtype: str = "float32"
     """What ``dtype = "auto"`` loads as on this device (for memory estimates)."""
+    host_cache: int = 0
+    """Bytes of host memory for models that left the device (``--host-cache``; 0: none, they are freed)."""
+    affinity_window: float = AFFINITY_WINDOW_S
+    """How long a request sent to this worker first waits for a slot here before any worker may take it."""
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _slot_freed: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when a slot may have come free or pull loops should look again; shared by requests and residency."""
@@ -114,22 +119,29 @@ class WorkerService:
         estimates = {spec.id: spec.memory_needed(self.dtype) for spec in self.catalogue}
         draining = asyncio.Event()
         metrics = WorkerMetrics()
+        conversations = Conversations()
         requests = Requests(engine=self.engine, slots=self.slots, emit=outbox.put, stopping=self._stopping,
-                            draining=draining, slot_freed=self._slot_freed)  # fmt: skip
+                            draining=draining, slot_freed=self._slot_freed, affinity_window=self.affinity_window,
+                            conversations=conversations, bus=self.bus, worker_id=self.worker_id,
+                            instance=self._instance)  # fmt: skip
+        # The synthetic engine holds no weights to park.
+        host_tier = HostTier(self.host_cache) if self.host_cache > 0 and isinstance(self.engine, Engine) else None
         advertiser = Advertiser(
             bus=self.bus, worker_id=self.worker_id, device=self.device, slots=self.slots,
             memory_budget=self.memory_budget, eviction=self.eviction,
             cards=[spec.card(estimates[spec.id]) for spec in self.catalogue],
             metrics=metrics, draining=draining, busy=requests.busy, started_at=self._started_at,
-            instance=self._instance,
+            instance=self._instance, prefix_keys=conversations.recent, host_tier=host_tier,
         )  # fmt: skip
         placements = Placements(bus=self.bus, worker_id=self.worker_id, catalogue=self.catalogue, draining=draining,
                                 slot_freed=self._slot_freed)  # fmt: skip
         residency = Residency(
-            bus=self.bus, engine=self.engine, catalogue=self.catalogue, worker_id=self.worker_id, loader=self.loader,
+            bus=self.bus, engine=self.engine, catalogue=self.catalogue, worker_id=self.worker_id,
+            loads=Loads(loader=self.loader, engine=self.engine, host_tier=host_tier),
             eviction=self.eviction, estimates=estimates, placements=placements, metrics=metrics,
             advertiser=advertiser, serve_requests=requests.pull_loop, stopping=self._stopping,
-            slot_freed=self._slot_freed,
+            slot_freed=self._slot_freed, was_cancelled=requests.was_cancelled,
+            started_with=frozenset(spec.id for spec in self.serve),
         )  # fmt: skip
         publisher = ChunkPublisher(bus=self.bus, outbox=outbox, reply_subject=requests.reply_subject,
                                    release=requests.release, instance=self._instance)  # fmt: skip
