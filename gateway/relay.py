@@ -410,6 +410,8 @@ class ReplyStream:
         """
         if self._abandoned:
             raise Abandoned
+        if self._started:  # chunks came: restarting from scratch would repeat them; continue it instead
+            return await self._fail_over(why)
         worker, old_seq = self._placed.affine_to, self._seq_in_stream
         log.info("request %s sent on as attempt %d to the shared queue: %s (it was sent to %s first)",
                  self.request.request_id, self.attempt + 1, why, worker)  # fmt: skip

@@ -478,7 +478,9 @@ def test_a_move_is_stored_once_however_often_tried_and_a_refused_one_stays_with_
             # The shared queue is full: the broker refuses the copy. The request is acked (its worker holds it, to
             # run or move later), and its ack verbs do nothing more.
             assert await pull.move(second) == (Move.REFUSED, 0)
-            assert second.handed_on and await bus.request_settled(second.stream_seq)
+            assert second.handed_on
+            # An ack is a message with no answer: the broker removes the request once it has read it.
+            await until_async(lambda: settled_or_none(bus, second.stream_seq), 10, "the refused request acked")
             await second.ack()
             assert await bus.queued_seqs(MODEL, 10) == [seq]
             await pull.close()
@@ -556,6 +558,11 @@ def test_a_request_its_worker_took_is_answered_there_though_the_worker_stops_ser
         asyncio.run(scenario())
     finally:
         stop_process(proc)
+
+
+async def settled_or_none(bus: Bus, seq: int) -> bool | None:
+    """True once the request at `seq` has left the stream; None until then (for `until_async`)."""
+    return True if await bus.request_settled(seq) else None
 
 
 async def until_async(probe: Callable[[], Any], timeout: float, what: str) -> Any:

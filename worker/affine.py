@@ -159,7 +159,7 @@ class AffinePull:
         """Run parked requests, oldest first, while there is room; move those whose window has passed."""
         while self._serving():
             await self._forget_cancelled()
-            while self.host.affine_room() > 0 and (taken := self._runnable()) is not None:
+            while self._serving() and self.host.affine_room() > 0 and (taken := self._runnable()) is not None:
                 self.parked.remove(taken)
                 if (waited := time.monotonic() - taken.since) > 0.01:
                     log.debug("affine request %s ran here after waiting %.3fs for a slot",

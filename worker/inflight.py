@@ -268,9 +268,13 @@ class Requests:
         flight = InFlight(delivery=delivery, request=request, model=slot.model, settled=settled)
         self._in_flight[request.request_id] = flight
         slot.in_flight += 1
-        await self.tell(request, _serving_seq(delivery))  # before any chunk can be sent: they share the connection
-        if self._in_flight.get(request.request_id) is flight:  # else cancelled meanwhile (and settled)
-            self.engine.submit(request, self._emit_for(flight))
+        try:
+            await self.tell(request, _serving_seq(delivery))  # before any chunk can be sent: they share the connection
+        finally:
+            # Run even if the notice failed or this task was cancelled meanwhile: a request counted here but never
+            # submitted would never be released, and its model's unload would wait for it until the worker stops.
+            if self._in_flight.get(request.request_id) is flight:  # else cancelled meanwhile (and settled)
+                self.engine.submit(request, self._emit_for(flight))
 
     async def _accept(self, slot: Served, delivery: Delivery, settled: Settled) -> None:
         request = await self.admit(slot.model, delivery)
@@ -295,8 +299,8 @@ class Requests:
                        stream_seq=stream_seq, moved=moved)  # fmt: skip
         try:
             await self.bus.publish(names.taken_subject(request.reply_subject), codec.encode(notice))
-        except BrokerError as exc:
-            log.debug("request %s: its gateway not told: %s", request.request_id, exc)
+        except Exception as exc:  # a notice is a hint: nothing about it may stop the request itself
+            log.debug("request %s: its gateway not told: %r", request.request_id, exc)
 
     async def release(self, request_id: str, outcome: Outcome) -> None:
         """Forget a request and settle its message."""
