@@ -160,3 +160,13 @@ class SyntheticStack:
         stop_processes(self._procs, 20)
         if isinstance(self._nats, EmbeddedNats):
             self._nats.stop()
+
+
+def install_uvloop() -> None:
+    """Run the benchmark's event loops on uvloop where it is installed."""
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass

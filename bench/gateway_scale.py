@@ -37,7 +37,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench.common import SyntheticStack, SyntheticWorker, free_port, p50, percentile, raise_fd_limit
+from bench.common import (
+    SyntheticStack,
+    SyntheticWorker,
+    free_port,
+    install_uvloop,
+    p50,
+    percentile,
+    raise_fd_limit,
+)
 
 PACED, SLOW, FAST = "synthetic-scale", "synthetic-slow", "synthetic-fast"
 PACE_S = 0.03
@@ -421,12 +429,7 @@ def main() -> None:
     if args.bare_server:
         serve_bare(args.bare_server)
         return
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
+    install_uvloop()
     print(json.dumps(measure()))
 
 

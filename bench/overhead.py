@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import SyntheticStack, SyntheticWorker, machine, p50, percentile
+from bench.common import SyntheticStack, SyntheticWorker, install_uvloop, machine, p50, percentile
 from cortex.protocol import GenerateRequest, Message, Sampling
 from cortex.worker.synthetic import SyntheticEngine
 
@@ -163,12 +163,7 @@ def measure(interval: float = INTERVAL_S) -> dict[str, object]:
 
 
 def main() -> None:
-    try:
-        import uvloop
-
-        uvloop.install()
-    except ImportError:
-        pass
+    install_uvloop()
     print(json.dumps(measure()))
 
 

@@ -187,9 +187,8 @@ class PullQueue:
         msg_id = names.moved_msg_id(original.get("Nats-Msg-Id", "request"), delivery.stream_seq)
         if not delivery.moving_since:
             delivery.moving_since = time.monotonic()
-        if not delivery._handed_on:
-            await delivery.ack()
-            delivery._handed_on = True
+        await delivery.ack()  # nothing when an earlier try acked it
+        delivery._handed_on = True
         headers = {"Nats-Msg-Id": msg_id, names.MOVED_BY_HEADER: self.worker_id}
         try:
             ack = await self._js.publish(names.request_subject(self.model), delivery.data, headers=headers)

@@ -134,6 +134,17 @@ def _one(action: argparse.Action, value: Any) -> Any:
     return converted
 
 
+def parse_service_args(parser: argparse.ArgumentParser, section: str, argv: list[str] | None) -> argparse.Namespace:
+    """`argv` parsed by `parser` with the log options added and `apply_defaults(parser, section)` applied; a broken
+    ``cortex.toml`` ends the process with its message."""
+    add_log_options(parser)
+    try:
+        apply_defaults(parser, section)
+    except ConfigError as exc:
+        raise SystemExit(f"{parser.prog}: {exc}") from None
+    return parser.parse_args(argv)
+
+
 def add_log_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO")
     parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",

@@ -78,10 +78,11 @@ class Watch:
         """The connection's reconnect count when the watch was last made."""
         self._remaking = False
         self._settled_at = 0.0
+        """When (monotonic) the watch was last made again, or its consumer answered after being slow to."""
         self._remade_at = 0.0
+        """When (monotonic) the watch was last made again."""
         self._slow_probe = False
         """A probe is late now (`_answers`): heartbeats may be late too."""
-        """When (monotonic) the watch was last made again, or its consumer answered after being slow to."""
         self._heard = time.monotonic()
         self._task: asyncio.Task[None] | None = None
         self._late: set[asyncio.Future[Any]] = set()

@@ -19,7 +19,7 @@ from cortex.broker.access import CREDS_ENV, use_credentials
 from cortex.broker.bus import Bus
 from cortex.broker.connection import DEFAULT_URL
 from cortex.broker.errors import BrokerError
-from cortex.broker.settings import ConfigError, add_log_options, apply_defaults, setup_logging
+from cortex.broker.settings import parse_service_args, setup_logging
 from cortex.gateway.app import create_app
 from cortex.gateway.metrics import Metrics
 from cortex.gateway.services import MAX_TOKENS_POLICIES, Settings
@@ -55,12 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--require-keys", action="store_true",
                         help="refuse to start while no API key exists (without it, the gateway then serves "
                         "anyone)")  # fmt: skip
-    add_log_options(parser)
-    try:
-        apply_defaults(parser, "gateway")
-    except ConfigError as exc:
-        raise SystemExit(f"cortex-gateway: {exc}") from None
-    return parser.parse_args(argv)
+    return parse_service_args(parser, "gateway", argv)
 
 
 async def _keys_exist(url: str) -> bool:

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +125,14 @@ def metric(gateway: Gateway, name: str, **labels: str) -> float:
             if wanted <= got:
                 total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def write_catalogue(path: Path, folder: Path, models: Iterable[str], **fields: str) -> Path:
+    """A catalogue at `path` listing each of `models` on the weights in `folder`, each with the string `fields`
+    (``memory="100MiB"``) too; `path`."""
+    extra = "".join(f'{key} = "{value}"\n' for key, value in fields.items())
+    path.write_text("\n".join(f'[[models]]\nid = "{m}"\npath = "{folder}"\n{extra}' for m in models))
+    return path
 
 
 def start_worker(

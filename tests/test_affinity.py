@@ -95,9 +95,19 @@ def test_prefix_keys_are_the_same_across_dialects_and_turns() -> None:
 # -- the stream: affine subjects, in place of an older configuration; counted in the queue -------------------
 
 
-def test_an_older_request_stream_takes_the_affine_subjects_and_counts_them(tmp_path: Path) -> None:
+@pytest.fixture
+def private_nats(tmp_path: Path) -> Iterator[EmbeddedNats]:
+    """A nats-server of the test's own, for a scenario that reconfigures the request stream."""
     server = EmbeddedNats(store_dir=tmp_path, port=0, log_file=tmp_path / "nats.log")
     server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_an_older_request_stream_takes_the_affine_subjects_and_counts_them(private_nats: EmbeddedNats) -> None:
+    server = private_nats
 
     async def scenario() -> None:
         bus = await Bus.open(server.url, name="provision test")
@@ -118,10 +128,7 @@ def test_an_older_request_stream_takes_the_affine_subjects_and_counts_them(tmp_p
         finally:
             await bus.close()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        server.stop()
+    asyncio.run(scenario())
 
 
 # -- two workers behind the gateway -------------------------------------------------------------------------
@@ -456,9 +463,10 @@ def test_the_gateway_follows_each_advert_and_sends_nothing_to_a_worker_not_takin
 # -- moves: stored once however often tried, refused by a full queue -------------------------------------------
 
 
-def test_a_move_is_stored_once_however_often_tried_and_a_refused_one_stays_with_its_worker(tmp_path: Path) -> None:
-    server = EmbeddedNats(store_dir=tmp_path, port=0, log_file=tmp_path / "nats.log")
-    server.start()
+def test_a_move_is_stored_once_however_often_tried_and_a_refused_one_stays_with_its_worker(
+    private_nats: EmbeddedNats,
+) -> None:
+    server = private_nats
 
     async def scenario() -> None:
         bus = await Bus.open(server.url, name="move test")
@@ -487,10 +495,7 @@ def test_a_move_is_stored_once_however_often_tried_and_a_refused_one_stays_with_
         finally:
             await bus.close()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        server.stop()
+    asyncio.run(scenario())
 
 
 # -- synthetic workers of their own: a request taken early, a worker without its affine consumer -------------

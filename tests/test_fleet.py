@@ -19,7 +19,7 @@ from cortex.broker.bus import Bus
 from cortex.broker.decisions import read_placement
 from cortex.broker.server import EmbeddedNats
 from cortex.protocol import Pin, Placement, WorkerAdvert, codec, names
-from tests.conftest import Gateway, get_json, metric, on_bus, start_worker, stop_process, wait_for
+from tests.conftest import Gateway, get_json, metric, on_bus, start_worker, stop_process, wait_for, write_catalogue
 
 WORKERS = ["fleet-a", "fleet-b", "fleet-c"]
 PROMPT = [{"role": "user", "content": "Hello"}]
@@ -187,14 +187,13 @@ def swap_worker(
     logs_dir: Path,
 ) -> Iterator[Path]:  # fmt: skip
     """One worker with room for one of its two models: they must take turns."""
-    catalogue = tmp_path_factory.mktemp("swap") / "models.toml"
-    catalogue.write_text("\n".join(f'[[models]]\nid = "{m}"\npath = "{tiny_model_dir}"\nmemory = "100MiB"\n'
-                                   for m in ("s1", "s2")))  # fmt: skip
+    catalogue = write_catalogue(tmp_path_factory.mktemp("swap") / "models.toml", tiny_model_dir, ("s1", "s2"),
+                                memory="100MiB")  # fmt: skip
     log_path = logs_dir / "swap.log"
     proc = start_worker(nats_server.url, catalogue, log_path, "--device", "cpu", "--slots", "2", "--worker-id",
                         "swapper", "--memory-budget", "150MiB", "--step-delay", "0.005")  # fmt: skip
     wait_for(lambda: "s1" in {m["id"] for m in get_json(f"{gateway.base_url}/models")["data"]}, timeout=60,  # type: ignore[index]
-             what="swap worker")  # fmt: skip
+             what="swap worker", proc=proc)  # fmt: skip
     yield log_path
     stop_process(proc)
 

@@ -23,7 +23,7 @@ from cortex.protocol import WorkerAdvert, codec, names
 from cortex.worker.catalogue import ModelSpec
 from cortex.worker.host_tier import HostTier, _pinned_size, model_bytes, restore
 from cortex.worker.loader import LoadedModel
-from tests.conftest import Gateway, get_json, on_bus, start_worker, stop_process, wait_for
+from tests.conftest import Gateway, get_json, on_bus, start_worker, stop_process, wait_for, write_catalogue
 
 WORKER = "host-tier-w"
 PROMPT = [{"role": "user", "content": "The quick brown fox"}]
@@ -68,9 +68,8 @@ def host_tier_log(
     nats_server: EmbeddedNats, gateway: Gateway, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory,
     logs_dir: Path,
 ) -> Iterator[Path]:  # fmt: skip
-    catalogue = tmp_path_factory.mktemp("host-tier") / "models.toml"
-    catalogue.write_text("\n".join(f'[[models]]\nid = "{m}"\npath = "{tiny_model_dir}"\ndtype = "float32"\n'
-                                   f'memory = "100MiB"\n' for m in ("ht-a", "ht-b")))  # fmt: skip
+    catalogue = write_catalogue(tmp_path_factory.mktemp("host-tier") / "models.toml", tiny_model_dir,
+                                ("ht-a", "ht-b"), dtype="float32", memory="100MiB")  # fmt: skip
     log = logs_dir / "host-tier.log"
     proc = start_worker(nats_server.url, catalogue, log, "--device", "cpu", "--slots", "2", "--worker-id", WORKER,
                         "--memory-budget", "150MiB", "--host-cache", "64MiB")  # fmt: skip

@@ -40,7 +40,7 @@ from cortex.worker.engine import Engine
 from cortex.worker.load_watch import QUIET_S, WATCH_S
 from cortex.worker.loader import load_model
 from cortex.worker.service import WorkerService
-from tests.conftest import Gateway, get_json, on_bus, start_worker, stop_process, wait_for
+from tests.conftest import Gateway, get_json, on_bus, start_worker, stop_process, wait_for, write_catalogue
 
 WORKER = "loads-w"
 HELD = ["held-a", "held-b", "held-c", "held-d", "held-e", "held-f", "held-p"]
@@ -52,9 +52,8 @@ def loads_log(
     nats_server: EmbeddedNats, gateway: Gateway, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory,
     logs_dir: Path,
 ) -> Iterator[Path]:  # fmt: skip
-    catalogue = tmp_path_factory.mktemp("loads") / "models.toml"
-    catalogue.write_text("\n".join(f'[[models]]\nid = "{m}"\npath = "{tiny_model_dir}"\nmemory = "10MiB"\n'
-                                   for m in ["quick", *HELD]))  # fmt: skip
+    catalogue = write_catalogue(tmp_path_factory.mktemp("loads") / "models.toml", tiny_model_dir, ["quick", *HELD],
+                                memory="10MiB")  # fmt: skip
     log = logs_dir / "loads.log"
     delays = ",".join(f"{m}=60" for m in HELD)
     proc = start_worker(nats_server.url, catalogue, log, "--device", "cpu", "--slots", "4", "--worker-id", WORKER,

@@ -186,7 +186,7 @@ class AffinePull:
             self.parked.remove(gone)
             await self.host.discard(gone.delivery)
 
-    async def _move(self, waiting: Parked) -> Move:
+    async def _move(self, waiting: Parked) -> None:
         """Move one parked request to the shared queue; it stays parked unless it went, or is let go (see `Move`)."""
         outcome, seq = await self.pull.move(waiting.delivery)
         now = time.monotonic()
@@ -205,7 +205,6 @@ class AffinePull:
         else:
             waiting.unsure = waiting.unsure or outcome is Move.UNSURE
             waiting.until = now + MOVE_RETRY_S
-        return outcome
 
     async def hand_over(self) -> None:
         """The model leaves or the worker stops: its affine requests, held or still queued, go to the shared queue.

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from itertools import islice
 
 REMEMBERED = 1024
 """Keys kept per model (newest win)."""
@@ -54,15 +55,7 @@ class Conversations:
         """The newest `limit` keys of `model`, newest first; None while it takes no affine requests (`affine`)."""
         if model not in self._affine:
             return None
-        held = self._keys.get(model)
-        if not held:
-            return []
-        out: list[str] = []
-        for key in reversed(held):
-            out.append(key)
-            if len(out) >= limit:
-                break
-        return out
+        return list(islice(reversed(self._keys.get(model, {})), limit))
 
     def forget(self, model: str) -> None:
         """`model` left this worker (or stops being served here): its cache is gone, and so is its affine pull."""

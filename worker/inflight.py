@@ -255,14 +255,14 @@ class Requests:
             log.error("request %s has no reply subject; dropped", request.request_id)
             await settle(delivery, Outcome.NO_REPLY)
             return None
-        if request.request_id in self._in_flight or request.request_id in self._cancelled:
+        if self._seen(request.request_id):
             await settle(delivery, Outcome.SEEN)
             return None
         return request
 
     async def accept(self, slot: Served, delivery: Delivery, settled: Settled, request: GenerateRequest) -> None:
         """Start a request `admit` let through (parked meanwhile, perhaps: it is looked at again)."""
-        if request.request_id in self._in_flight or request.request_id in self._cancelled:
+        if self._seen(request.request_id):
             await settle(delivery, Outcome.SEEN)
             return
         flight = InFlight(delivery=delivery, request=request, model=slot.model, settled=settled)
@@ -362,6 +362,10 @@ class Requests:
     async def release_all(self, outcome: Outcome) -> None:
         for request_id in list(self._in_flight):
             await self.release(request_id, outcome)
+
+    def _seen(self, request_id: str) -> bool:
+        """Whether `request_id` runs here already, or this worker has heard it cancelled."""
+        return request_id in self._in_flight or request_id in self._cancelled
 
     def was_cancelled(self, request_id: str) -> bool:
         """Whether this worker has heard `request_id` cancelled (a cold load goes by it: `cortex.worker.load_watch`)."""

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from cortex.broker.access import CREDS_ENV, use_credentials
 from cortex.broker.connection import DEFAULT_URL
 from cortex.broker.errors import CredentialsError
-from cortex.broker.settings import ConfigError, add_log_options, apply_defaults, setup_logging
+from cortex.broker.settings import parse_service_args, setup_logging
 from cortex.protocol.placement import EVICTION_POLICIES
 
 if TYPE_CHECKING:
@@ -108,12 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--affinity-window", type=float, default=None, metavar="SECONDS",
                         help="how long a request sent to this worker first (it has the conversation cached) waits "
                         "for a free slot here before any worker may take it (default 0.3)")  # fmt: skip
-    add_log_options(parser)
-    try:
-        apply_defaults(parser, "worker")
-    except ConfigError as exc:
-        raise SystemExit(f"cortex-worker: {exc}") from None
-    return parser.parse_args(argv)
+    return parse_service_args(parser, "worker", argv)
 
 
 async def _serve(args: argparse.Namespace) -> int:

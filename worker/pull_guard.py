@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from cortex.broker.pull import Delivery, Move, PullQueue
@@ -67,10 +67,13 @@ class LeavingPull:
         return []
 
     def _give_back_later(self, fetch: asyncio.Future[list[Delivery]], affine: bool) -> None:
-        task = asyncio.create_task(self._give_back(fetch, affine), name=f"give-back-{self.model}")
-        self._cut_short.append(task)
+        self._cut_short.append(self._in_background(self._give_back(fetch, affine), f"give-back-{self.model}"))
+
+    def _in_background(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(work, name=name)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
 
     async def _give_back(self, fetch: asyncio.Future[list[Delivery]], affine: bool) -> None:
         try:
@@ -102,9 +105,7 @@ class LeavingPull:
         if not pending:
             await self._queue.close()
             return
-        task = asyncio.create_task(self._close_after(pending), name=f"close-pull-{self.model}")
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._in_background(self._close_after(pending), f"close-pull-{self.model}")
 
     async def _close_after(self, pending: list[asyncio.Task[None]]) -> None:
         await asyncio.wait(pending)
