@@ -3,7 +3,8 @@
 python -m bench.all [--device cuda]
 
 Each part prints its own JSON line as it finishes (engine, the broker hop, model
-swaps, conversation affinity, the gateway at scale); the summary last holds each
+swaps, conversation affinity, the gateway at scale, the fleet at
+scale: `bench.fleet_sim`'s small size); the summary last holds each
 part's top-level figures, so a ratio's two sides always come from this run.
 """
 
@@ -13,7 +14,7 @@ import argparse
 import json
 from collections.abc import Callable
 
-from bench import affinity, engine, gateway_scale, overhead, swap
+from bench import affinity, engine, fleet_sim, gateway_scale, overhead, swap
 
 
 def _top_level(result: dict[str, object]) -> dict[str, object]:
@@ -33,6 +34,7 @@ def main() -> None:
         ("swap", lambda: swap.measure(device=args.device)),
         ("affinity", affinity.measure),
         ("gateway_scale", gateway_scale.measure),
+        ("fleet_sim", fleet_sim.measure),  # the small size: 20 workers x 100 models, 3 gateways
     ]
     summary = _top_level(engine_result)
     results: dict[str, dict[str, object]] = {}

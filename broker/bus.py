@@ -199,10 +199,9 @@ class Bus:
         made now (else the pull loop tries again: `PullQueue.ensure_affine`)."""
         try:
             durable = await provision.ensure_model_consumer(self._js, model)
-            sub = await self._js.pull_subscribe_bind(durable, stream=names.REQUEST_STREAM)
+            pull = await PullQueue.bind(self._js, model, durable, worker_id, lambda: self._link.reconnects)
         except Exception as exc:
             raise BrokerUnavailable(f"cannot bind the consumer for {model}: {exc!r}") from exc
-        pull = PullQueue(model=model, _sub=sub, _js=self._js, worker_id=worker_id)
         await pull.ensure_affine()
         return pull
 

@@ -46,6 +46,8 @@ from cortex.broker.ctl_secure import credentials, init, options, up_banner
 from cortex.broker.ctl_top import top
 from cortex.broker.errors import BrokerError
 from cortex.broker.stack import Stack, StackConfig, default_data_dir
+from cortex.protocol import Pin, Placement
+from cortex.protocol.choice import pinned_copies
 
 app = typer.Typer(help="Operate a Cortex fleet.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
@@ -127,12 +129,12 @@ def status(
     """Workers, devices, memory, loaded models, running and queued requests: the live workers (advert and heartbeat)."""
     while True:
         try:
-            adverts, placements = asyncio.run(_read_fleet(nats))
+            adverts, placements, pins = asyncio.run(_read_fleet(nats))
         except BrokerError as exc:
             typer.echo(f"cortexctl status: {exc}", err=True)
             raise typer.Exit(1) from None
         if as_json:
-            typer.echo(json.dumps({"workers": adverts, "placements": placements}, indent=2))
+            typer.echo(json.dumps({"workers": adverts, "placements": placements, "pins": pins}, indent=2))
         else:
             if watch:
                 typer.echo("\x1b[2J\x1b[H", nl=False)  # clear the screen, cursor home
@@ -162,7 +164,13 @@ def _print_status(adverts: list[dict[str, Any]], placements: dict[str, Any] | No
         typer.echo(f"\n{'MODEL':<32} {'PLACED ON':<30} WHY")
         for model, p in sorted(placements.items()):
             why = p.get("error") or p.get("reason", "")
-            typer.echo(f"{model:<32} {', '.join(p.get('workers', [])) or '-':<30} {why}")
+            if p.get("retry_at"):
+                when = time.strftime("%H:%M:%S", time.localtime(p["retry_at"]))
+                why += f"; next retry {when} (in {max(0.0, p['retry_at'] - now):.0f}s, after {p['attempts']} failed)"
+            elif p.get("error") and p.get("attempts"):
+                why += f"; no more retries after {p['attempts']} failed rounds (cortexctl load retries)"
+            workers = [f"{w} (pinned)" if w in p.get("pinned", []) else w for w in p.get("workers", [])]
+            typer.echo(f"{model:<32} {', '.join(workers) or '-':<30} {why}")
 
 
 def _model_status(model: dict[str, Any]) -> str:
@@ -293,28 +301,47 @@ def models(nats: NatsOption = DEFAULT_URL) -> None:
 
         adverts = await _adverts(bus)
         placements, pins = await read_all(bus)
-        lines = [f"{'MODEL':<32} {'MEMORY':<10} {'PINNED':<7} {'LOADED ON':<30} WHY"]
+        lines = [f"{'MODEL':<32} {'MEMORY':<10} {'PINNED':<10} {'LOADED ON':<30} WHY"]
         for model_id in sorted({c.id for a in adverts for c in a.catalogue}):
-            where = [f"{a.worker_id} ({s.state})" for a in adverts if (s := a.state_of(model_id)) is not None]
+            placement, pin = placements.get(model_id), pins.get(model_id)
+            kept = _pinned_on(placement, pin)
+            where = [f"{a.worker_id} ({s.state}{', pinned' if a.worker_id in kept else ''})" for a in adverts
+                     if (s := a.state_of(model_id)) is not None]  # fmt: skip
             memory = max((c.memory for a in adverts for c in a.catalogue if c.id == model_id), default=0)
-            placement = placements.get(model_id)
             why = placement.error or placement.reason if placement is not None else ""
-            lines.append(f"{model_id:<32} {_gib(memory) + ' GiB':<10} {'yes' if model_id in pins else '':<7} "
+            pinned = "" if pin is None else f"on {pin.worker}" if pin.worker else f"{pin.replicas} kept"
+            lines.append(f"{model_id:<32} {_gib(memory) + ' GiB':<10} {pinned:<10} "
                          f"{', '.join(where) or '-':<30} {why}")  # fmt: skip
         return "\n".join(lines)
 
     _done(_run("models", _with_bus(nats, action)))
 
 
-async def _read_fleet(url: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The live adverts, and the placements (model -> placement), as plain data."""
+def _pinned_on(placement: Placement | None, pin: Pin | None) -> list[str]:
+    """The workers whose copies `pin` keeps (the others in `placement` hold extra, ordinary copies)."""
+    if placement is None or pin is None:
+        return []
+    if pin.worker:
+        return [pin.worker] if pin.worker in placement.workers else []
+    return pinned_copies(placement, pin.replicas)
+
+
+async def _read_fleet(url: str) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
+    """The live adverts, the placements (model -> placement, with the workers a pin keeps as ``pinned`` and the
+    others as ``extra``) and the pins (model -> pin), as plain data."""
     from cortex.broker.decisions import read_all
 
-    async def read(bus: Any) -> tuple[list[Any], dict[str, Any]]:
-        return await _adverts(bus), (await read_all(bus))[0]
+    async def read(bus: Any) -> tuple[list[Any], dict[str, Placement], dict[str, Pin]]:
+        return await _adverts(bus), *(await read_all(bus))
 
-    adverts, placements = await _on_bus(url, read)
-    return [msgspec.to_builtins(a) for a in adverts], {model: msgspec.to_builtins(p) for model, p in placements.items()}
+    adverts, placements, pins = await _on_bus(url, read)
+    shown: dict[str, Any] = {}
+    for model, placement in placements.items():
+        kept = _pinned_on(placement, pins.get(model))
+        shown[model] = msgspec.to_builtins(placement) | {
+            "pinned": kept, "extra": [w for w in placement.workers if w not in kept] if model in pins else []
+        }  # fmt: skip
+    return [msgspec.to_builtins(a) for a in adverts], shown, {m: msgspec.to_builtins(p) for m, p in pins.items()}
 
 
 app.command()(init)

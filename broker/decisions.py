@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import time
 
+import msgspec
+
 from cortex.broker.bus import Bus
 from cortex.broker.errors import BrokerUnavailable
 from cortex.protocol import Pin, Placement, codec, names
@@ -45,8 +47,7 @@ async def change_placement(bus: Bus, model: str, change: Transition, *, by: str)
         new = change(current)
         if new is None:
             return current
-        new = Placement(model=model, workers=new.workers, reason=new.reason, failed=new.failed, error=new.error,
-                        updated_at=time.time(), by=by)  # fmt: skip
+        new = msgspec.structs.replace(new, model=model, updated_at=time.time(), by=by)
         if await bus.write_decision(names.placement_key(model), codec.encode(new), revision):
             return new
     raise Contended(f"the placement of {model} kept changing; gave up after {MAX_ATTEMPTS} tries")

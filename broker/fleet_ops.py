@@ -23,8 +23,9 @@ from cortex.broker import audit
 from cortex.broker.bus import Bus
 from cortex.broker.decisions import change_placement, read_pins
 from cortex.protocol import Drain, Pin, WorkerAdvert, codec, names
+from cortex.protocol.choice import pick_worker
 from cortex.protocol.liveness import LiveFleet
-from cortex.protocol.placement import add_worker, pick_worker, remove_all_workers, remove_worker
+from cortex.protocol.placement import add_worker, remove_all_workers, remove_worker
 
 
 class Refused(Exception):

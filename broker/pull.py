@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
 
@@ -21,6 +21,7 @@ from nats.js.errors import APIError, NoStreamResponseError
 
 from cortex.broker import provision
 from cortex.broker.errors import BrokerUnavailable
+from cortex.broker.standing import StandingPull
 from cortex.protocol import names
 
 log = logging.getLogger("cortex.broker")
@@ -115,20 +116,44 @@ class Delivery:
 
 @dataclass
 class PullQueue:
-    """A worker's handle on one model's durable pull consumers: the shared one, and its own affine one (if any)."""
+    """A worker's handle on one model's durable pull consumers: the shared one, and its own affine one (if any).
+
+    Each is pulled through a `StandingPull` (`cortex.broker.standing`): one pull
+    request stays open across fetches, so taking a request costs no JetStream
+    call of its own.
+    """
 
     model: str
-    _sub: JetStreamContext.PullSubscription
+    _shared: StandingPull
     _js: JetStreamContext
     worker_id: str = ""
     """The worker pulling (its affine consumer's, named on the requests it moves)."""
-    _affine: JetStreamContext.PullSubscription | None = None
+    _affine: StandingPull | None = None
     """The consumer of this worker's affine subject of the model (conversation affinity), once made."""
+    _affine_durable: str = ""
     _affine_warned: bool = False
+    _on_arrival: Callable[[], None] | None = None
 
     @property
     def has_affine(self) -> bool:
         return self._affine is not None
+
+    @property
+    def waiting(self) -> int:
+        """Requests of the shared queue delivered to this worker that no fetch has taken yet (a pull request made
+        while it had free slots may bring some after they filled: see `take_waiting`)."""
+        return self._shared.waiting
+
+    def take_waiting(self) -> list[Delivery]:
+        """Every request of the shared queue delivered and not taken yet (`waiting`)."""
+        return [Delivery(m) for m in self._shared.take()]
+
+    def on_arrival(self, callback: Callable[[], None]) -> None:
+        """Call `callback` whenever a request comes while no fetch waits for it (the pull loop should look again)."""
+        self._on_arrival = callback
+        for pull in (self._shared, self._affine):
+            if pull is not None:
+                pull.on_arrival = callback
 
     async def ensure_affine(self) -> bool:
         """Make and bind this worker's affine consumer of the model if it has none yet; whether it has one now.
@@ -142,7 +167,7 @@ class PullQueue:
             return False
         try:
             durable = await provision.ensure_affine_consumer(self._js, self.model, self.worker_id)
-            self._affine = await self._js.pull_subscribe_bind(durable, stream=names.REQUEST_STREAM)
+            self._affine = await self._standing(self._js, durable, self._shared.reconnects)
         except Exception as exc:
             # Warned once: the pull loop tries every few seconds, and serves from the shared queue meanwhile.
             level = logging.DEBUG if self._affine_warned else logging.WARNING
@@ -150,27 +175,39 @@ class PullQueue:
                     self.model, self.worker_id, exc)  # fmt: skip
             self._affine_warned = True
             return False
+        self._affine_durable = durable
+        self._affine.on_arrival = self._on_arrival
         log.info("affine consumer of %s for %s ready", self.model, self.worker_id)
         return True
 
+    @staticmethod
+    async def _standing(js: JetStreamContext, durable: str, reconnects: Callable[[], int]) -> StandingPull:
+        subject = f"{js._prefix}.CONSUMER.MSG.NEXT.{names.REQUEST_STREAM}.{durable}"
+        pull = StandingPull(js._nc, subject, reconnects, durable)
+        return await pull.open()
+
+    @classmethod
+    async def bind(cls, js: JetStreamContext, model: str, durable: str, worker_id: str,
+                   reconnects: Callable[[], int]) -> PullQueue:  # fmt: skip
+        """A queue on the model's shared consumer `durable` (already made); no affine consumer yet."""
+        return cls(model=model, _shared=await cls._standing(js, durable, reconnects), _js=js, worker_id=worker_id)
+
     async def fetch(self, batch: int, timeout: float) -> list[Delivery]:
         """Up to `batch` requests from the shared queue; an empty list when none came within `timeout`."""
-        return await self._fetch(self._sub, batch, timeout)
+        return [Delivery(m) for m in await self._shared.fetch(batch, timeout)]
 
     async def fetch_affine(self, batch: int, timeout: float) -> list[Delivery]:
         """Up to `batch` requests meant for this worker first; an empty list when none came within `timeout`."""
         if self._affine is None:
             return []
-        return await self._fetch(self._affine, batch, timeout)
+        return [Delivery(m) for m in await self._affine.fetch(batch, timeout)]
 
-    async def _fetch(self, sub: JetStreamContext.PullSubscription, batch: int, timeout: float) -> list[Delivery]:
-        try:
-            msgs = await sub.fetch(batch, timeout=timeout)
-        except (TimeoutError, nats.errors.TimeoutError):
-            return []
-        except Exception as exc:  # reconnecting, closed, consumer deleted...: the caller retries
-            raise BrokerUnavailable(f"fetch from {self.model} failed: {exc!r}") from exc
-        return [Delivery(m) for m in msgs]
+    async def wind_down(self, limit: float) -> tuple[list[Delivery], list[Delivery]]:
+        """Stop pulling: wait (at most `limit` s) for the open pull requests to end, and return what was delivered
+        and never taken, from the shared queue and from the affine one, for the caller to give back."""
+        shared = await self._shared.wind_down(limit)
+        affine = await self._affine.wind_down(limit) if self._affine is not None else []
+        return [Delivery(m) for m in shared], [Delivery(m) for m in affine]
 
     async def move(self, delivery: Delivery) -> tuple[Move, int]:
         """Hand an affine request over to the model's shared queue, for any worker: acked, then republished.
@@ -203,21 +240,19 @@ class PullQueue:
     async def pending(self) -> int:
         """Requests waiting in the model's queue and in this worker's affine queue, not yet given to a worker."""
         total = 0
-        for sub in (self._sub, self._affine):
-            if sub is None:
+        for pull in (self._shared, self._affine):
+            if pull is None:
                 continue
             try:
-                info = await sub.consumer_info()
+                info = await self._js.consumer_info(names.REQUEST_STREAM, pull.durable)
             except Exception as exc:
                 raise BrokerUnavailable(f"cannot read the queue of {self.model}: {exc!r}") from exc
             total += int(info.num_pending or 0)
         return total
 
     async def close(self) -> None:
-        for sub in (self._sub, self._affine):
-            if sub is None:
-                continue
-            try:
-                await sub.unsubscribe()
-            except Exception as exc:
-                log.debug("pull unsubscribe: %s", exc)
+        """Stop pulling at once: what the open pull requests bring later is redelivered after the ack wait (a worker
+        giving back what it holds first calls `wind_down`)."""
+        for pull in (self._shared, self._affine):
+            if pull is not None:
+                await pull.close()

@@ -51,6 +51,11 @@ import msgspec
 from cortex.protocol import GenerateRequest, WorkerAdvert
 from cortex.protocol import messages as m
 
+TAKE_PATIENCE_S = 0.3 + 10.0
+"""How long a request sent to a worker first may wait for that worker's `Taken` (taken, or moved to the shared
+queue) before its gateway sends it on itself: the workers' affinity window (`cortex.worker.affine`, 0.3 s) and
+10 s. A worker whose moves go unanswered lets the request go silently after a while (`MOVE_TRIES_S`); its gateway
+must not wait for the deadline then."""
 MIN_PREFIX_BYTES = 256
 """A prefix whose canonical JSON is shorter than this gets no key (a few dozen tokens: nothing worth a detour)."""
 PROMPT_BLOCK = 256
@@ -273,16 +278,21 @@ class Placed:
     worker will still take it. `run_on` keeps the slot counts of whichever worker runs it.
     """
 
-    __slots__ = ("_affinity", "_running_on", "affine_to", "waiting")
+    __slots__ = ("_affinity", "_running_on", "affine_to", "sent_at", "waiting")
 
     def __init__(self, affinity: Affinity | None, affine_to: str = "") -> None:
         self._affinity = affinity
         self.affine_to = affine_to
         self.waiting = bool(affine_to)
         """Sent to `affine_to` and not taken there yet."""
+        self.sent_at = time.monotonic()
         self._running_on = ""
         if affine_to and affinity is not None:
             affinity.sent(affine_to)
+
+    def overdue(self) -> bool:
+        """Whether `affine_to` has neither taken nor moved the attempt in `TAKE_PATIENCE_S`: it let it go silently."""
+        return self.waiting and time.monotonic() - self.sent_at > TAKE_PATIENCE_S
 
     def serves(self, model: str) -> bool:
         """Whether `affine_to` will still take the attempt (`Affinity.serves`)."""

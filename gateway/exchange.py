@@ -28,7 +28,7 @@ from starlette.responses import Response
 from cortex.gateway.auth import caller, check_model
 from cortex.gateway.errors import UNREADABLE_BODY_ERRORS, ApiError, PayloadTooLarge
 from cortex.gateway.metrics import UNKNOWN_MODEL, RequestTimer
-from cortex.gateway.placing import consider_replica, ensure_placed
+from cortex.gateway.placing import ensure_placed
 from cortex.gateway.relay import Abandoned, ReplyStream, StillWaiting, raise_for_chunk
 from cortex.gateway.services import Services
 from cortex.gateway.sse import DisconnectWatch, EventStreamResponse, LastEvent
@@ -224,8 +224,6 @@ async def handle(request: Request, dialect: Dialect) -> Response:
             limit_headers = lease.headers if lease is not None else {}
         if not entry.ready_on:
             await ensure_placed(svc, entry.id)  # the request waits in the queue while a worker loads it
-        else:
-            await consider_replica(svc, entry.id)
         now = time.time()
         canonical = msgspec.structs.replace(
             plan.request,

@@ -63,8 +63,6 @@ class FleetView:
     """`models()` as last computed, and until when it stands: every request resolves a model."""
     placements: dict[str, Placement] = field(default_factory=dict)
     pins: dict[str, Pin] = field(default_factory=dict)
-    deep_since: dict[str, float] = field(default_factory=dict)
-    """Since when (monotonic) each model's queue has been deep: a replica is added once it stays deep."""
     decisions: deque[Placement] = field(default_factory=lambda: deque(maxlen=RECENT_DECISIONS))
     """The placement decisions seen last, as they came (the fleet page lists them)."""
     _known_at: dict[str, float] = field(default_factory=dict)

@@ -22,6 +22,7 @@ from cortex.gateway.fleet import FleetView
 from cortex.gateway.metrics import UNKNOWN_MODEL, Metrics
 from cortex.gateway.services import Services
 from cortex.protocol import Placement, WorkerAdvert
+from cortex.protocol.choice import pinned_models
 from cortex.protocol.keys import ApiKey
 from cortex.protocol.messages import MODEL_FAILED, MODEL_LOADING, MODEL_READY, MODEL_UNLOADING
 
@@ -125,14 +126,18 @@ def snapshot(svc: Services, feed: FleetFeed, key: ApiKey | None) -> dict[str, An
         "broker": "connected" if svc.bus.connected else "disconnected",
         "sample_s": SAMPLE_S,
         "samples": SAMPLES,
-        "workers": [_worker(advert, shown, set(fleet.pins)) for advert in adverts],
+        "workers": [
+            _worker(advert, shown, pinned_models(fleet.pins.values(), advert.worker_id, fleet.placements))
+            for advert in adverts
+        ],
         "models": models,
         "decisions": [msgspec.to_builtins(p) for p in decisions],
     }
 
 
 def _worker(advert: WorkerAdvert, shown: set[str], pinned: set[str]) -> dict[str, Any]:
-    """A worker's advert (its models only those shown; no catalogue nor counters), its cold models and pins."""
+    """A worker's advert (its models only those shown; no catalogue nor counters), its cold models and pins (the
+    copies a pin keeps here: an extra copy of a model pinned by count is not one)."""
     models = [s for s in advert.models if s.id in shown]
     data: dict[str, Any] = msgspec.to_builtins(
         msgspec.structs.replace(advert, models=models, catalogue=[], lifecycle=None)

@@ -46,6 +46,7 @@ from cortex.broker import errors as broker_errors
 from cortex.broker.bus import Bus
 from cortex.gateway import errors
 from cortex.gateway.affinity import Affinity, Placed
+from cortex.gateway.inbox import Inbox
 from cortex.protocol import Chunk, GenerateRequest, codec, names
 from cortex.protocol.messages import (
     ERROR_CONTEXT_LENGTH,
@@ -83,7 +84,7 @@ class Relay:
         self.is_live = is_live
         """Whether a worker id, and the process of it named (`Chunk.instance`, "": any), is still live."""
         self.gateway_id = gateway_id or f"gw-{uuid.uuid4().hex[:12]}"
-        self._queues: dict[str, asyncio.Queue[bytes | Taken]] = {}
+        self._queues: dict[str, Inbox[bytes | Taken]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._queued: dict[str, tuple[float, asyncio.Task[list[int]]]] = {}
         """Per model: when its queue was last read, and the read (shared by every stream waiting on the model)."""
@@ -118,7 +119,7 @@ class Relay:
         If its worker dies mid-answer, the stream continues it on another one up to
         `failovers` times, calling `on_failover` each time (metrics).
         """
-        queue: asyncio.Queue[bytes | Taken] = asyncio.Queue()
+        queue: Inbox[bytes | Taken] = Inbox()
         worker = ""
         if self.affinity is not None and request.resume is None:
             request, worker = self.affinity.route(request)
@@ -126,7 +127,7 @@ class Relay:
         return ReplyStream(self, request, queue, seq, failovers=failovers, on_failover=on_failover, affine_to=worker)
 
     async def _publish(
-        self, request: GenerateRequest, queue: asyncio.Queue[bytes | Taken], worker: str = ""
+        self, request: GenerateRequest, queue: Inbox[bytes | Taken], worker: str = ""
     ) -> tuple[int, str]:
         """Route `request`'s replies to `queue` and publish it, with its id as ``Nats-Msg-Id``, to `worker`'s affine
         subject if one is named (else, or if that fails, the shared one); its stream sequence and the worker."""
@@ -156,7 +157,7 @@ class Relay:
                 self._queues.pop(request.request_id, None)
         return seq, ""
 
-    async def _switch(self, old_id: str, attempt: GenerateRequest, queue: asyncio.Queue[bytes | Taken]) -> int:
+    async def _switch(self, old_id: str, attempt: GenerateRequest, queue: Inbox[bytes | Taken]) -> int:
         """Give up attempt `old_id` (its chunks are dropped from now on, its worker told to stop), publish `attempt`."""
         self._queues.pop(old_id, None)
         await self._cancel(old_id)
@@ -218,7 +219,7 @@ class ReplyStream:
         self,
         relay: Relay,
         request: GenerateRequest,
-        queue: asyncio.Queue[bytes | Taken],
+        queue: Inbox[bytes | Taken],
         seq: int = 0,
         *,
         failovers: int = 0,
@@ -336,10 +337,7 @@ class ReplyStream:
                     raise StillWaiting
                 wait = min(wait, give_up - time.monotonic())
             try:
-                # asyncio.timeout, not wait_for: on 3.11 wait_for spawns a task per call, and
-                # this runs for nearly every chunk of every stream.
-                async with asyncio.timeout(wait):
-                    return await self._queue.get()
+                return await self._queue.get(wait)
             except TimeoutError:
                 pass
             if self._relay.bus.settling():
@@ -357,6 +355,8 @@ class ReplyStream:
                     self.worker_id = self.instance = ""
             elif self._placed.waiting and not self._placed.serves(self.request.model):
                 await self._reroute(f"worker {self._placed.affine_to} no longer serves {self.request.model}")
+            elif self._placed.overdue():
+                await self._reroute(f"worker {self._placed.affine_to} neither took nor moved it in time")
             elif await self._lost():
                 if self._placed.affine_to and not self._started:  # it may only have moved: never a failover
                     await self._reroute("it left the stream before any chunk came")

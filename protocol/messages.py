@@ -275,6 +275,8 @@ class ModelCard(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     min_replicas: int = 0
     max_replicas: int = 1
     gpus: int = 1
+    scale_evicts: bool = False
+    """A replica added for a deep queue may evict idle models of lower `priority` when no worker has room."""
 
 
 MODEL_LOADING = "loading"
@@ -396,10 +398,16 @@ class Placement(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, t
     updated_at: float = 0.0
     by: str = ""
     """Who wrote this revision: a gateway, a worker or cortexctl."""
+    attempts: int = 0
+    """Rounds in a row in which every worker failed to load the model (see `retry_at`)."""
+    retry_at: float = 0.0
+    """Unix time at which the model is tried again by itself, after every worker failed to load it (0: no retry
+    due: none failed, or the retries stopped after `cortex.protocol.retries.RETRY_LIMIT` rounds)."""
 
 
 class Pin(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type", tag="pin"):
-    """A model kept loaded: never evicted or unloaded for idleness, on `replicas` workers (or on `worker`)."""
+    """A model kept loaded: at least `replicas` copies of it (or the one on `worker`) never evicted or unloaded for
+    idleness; copies beyond `replicas` are ordinary replicas."""
 
     model: str
     replicas: int = 1

@@ -422,6 +422,13 @@ def test_a_request_whose_worker_left_goes_to_the_shared_queue(
             bus._link.reconnects += 1
             await answer(stream, stream.request.request_id + "-1")
             assert cancels[-1] == stream.request.request_id  # the moved copy is cancelled: answered once
+            # w1 stays in the fleet serving the model, but neither takes its request nor moves it (a worker whose
+            # moves went unanswered lets one go silently): past its patience the gateway sends it on, not at the
+            # request's deadline.
+            monkeypatch.setattr("cortex.gateway.affinity.TAKE_PATIENCE_S", 0.5)
+            stream, seq = await ask(f"c{uuid.uuid4().hex[:8]}")
+            await answer(stream, stream.request.request_id + "-1")
+            assert cancels[-1] == stream.request.request_id and await bus.request_settled(seq)
         finally:
             await bus._js.purge_stream(names.REQUEST_STREAM, subject=names.affine_wildcard(model))
             await bus._js.purge_stream(names.REQUEST_STREAM, subject=names.request_subject(model))

@@ -6,23 +6,28 @@ the catalogue) and have a 250 MiB budget, so each holds two models at most.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import msgspec
 import openai
 import pytest
 
 from cortex.broker.bus import Bus
-from cortex.broker.decisions import read_placement
+from cortex.broker.decisions import change_placement, read_placement
 from cortex.broker.server import EmbeddedNats
 from cortex.protocol import Pin, Placement, WorkerAdvert, codec, names
 from tests.conftest import Gateway, get_json, metric, on_bus, start_worker, stop_process, wait_for, write_catalogue
 
 WORKERS = ["fleet-a", "fleet-b", "fleet-c"]
 PROMPT = [{"role": "user", "content": "Hello"}]
+BURST_TOKENS = 400
+"""Long enough that one worker's four slots take many seconds over a burst of 24 (measured in the test's output)."""
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +166,29 @@ def test_a_model_every_worker_fails_to_load_is_a_503_with_the_reasons(client: op
     assert attempts == 3  # each worker tried once, then the fleet gave up
 
 
+def test_a_failed_model_shows_its_next_retry_and_retries_by_itself(nats_server: EmbeddedNats, logs_dir: Path) -> None:
+    broken = placement(nats_server, "f-broken")  # every worker failed it in the test before
+    assert broken is not None and broken.error and broken.attempts == 1
+    assert broken.retry_at == pytest.approx(broken.updated_at + 30.0, abs=1.0)
+    assert "next retry" in cortexctl(nats_server, "status").stdout
+
+    def tried() -> int:
+        return sum((logs_dir / f"{w}.log").read_text().count("loading f-broken failed") for w in WORKERS)
+
+    before = tried()
+    due = msgspec.structs.replace(broken, retry_at=time.time())  # as if its 30 s had passed: nothing else changes
+
+    async def make_due(bus: Bus) -> Placement | None:
+        return await change_placement(bus, "f-broken", lambda current: due, by="test")
+
+    on_bus(nats_server.url, make_due)
+    wait_for(lambda: (p := placement(nats_server, "f-broken")) is not None and p.attempts == 2, timeout=30,
+             what="a second round of loads, started by the workers")  # fmt: skip
+    again = placement(nats_server, "f-broken")
+    assert again is not None and again.error and again.retry_at == pytest.approx(again.updated_at + 60.0, abs=1.0)
+    assert tried() >= before + 3  # each worker tried again
+
+
 def test_a_model_too_big_for_every_worker_is_a_clear_503(client: openai.OpenAI) -> None:
     with pytest.raises(openai.InternalServerError) as info:
         ask(client, "f-huge")
@@ -168,17 +196,37 @@ def test_a_model_too_big_for_every_worker_is_a_clear_503(client: openai.OpenAI) 
     assert "fleet-a has 0.24 GiB in all and the model needs 10.00 GiB" in info.value.message
 
 
-def test_a_deep_queue_gets_a_second_replica(client: openai.OpenAI, gateway: Gateway, nats_server: EmbeddedNats) -> None:
-    def busy_client(_: int) -> None:
-        for _ in range(3):
-            reply = client.chat.completions.create(model="f-hot", messages=PROMPT, max_tokens=300, temperature=0)  # type: ignore[arg-type]
-            assert reply.usage is not None and reply.usage.completion_tokens == 300
+def serving_hot(nats_server: EmbeddedNats) -> set[str]:
+    """The workers `cortexctl status --json` shows running requests of f-hot."""
+    result = cortexctl(nats_server, "status", "--json")
+    assert result.returncode == 0, result.stderr
+    return {w["worker_id"] for w in json.loads(result.stdout)["workers"]
+            for m in w.get("models", []) if m["id"] == "f-hot" and m.get("in_flight")}  # fmt: skip
 
-    with ThreadPoolExecutor(12) as pool:  # 12 clients, 4 slots: the queue stays deep while they run
-        list(pool.map(busy_client, range(12)))
-    wait_for(lambda: len(loaded_on(gateway, "f-hot")) == 2, timeout=30, what="a second replica of f-hot")
+
+def test_a_burst_sent_at_once_is_served_by_a_second_replica(
+    client: openai.OpenAI, gateway: Gateway, nats_server: EmbeddedNats
+) -> None:
+    """24 long requests at once for a cold max_replicas = 2 model: its queue stays deep, and a worker adds the
+    second copy with no further request arriving."""
+
+    def long_request(_: int) -> int:
+        reply = client.chat.completions.create(model="f-hot", messages=PROMPT, max_tokens=BURST_TOKENS, temperature=0)  # type: ignore[arg-type]
+        return reply.usage.completion_tokens if reply.usage else 0
+
+    started = time.monotonic()
+    seen: set[str] = set()
+    with ThreadPoolExecutor(24) as pool:
+        answers = [pool.submit(long_request, i) for i in range(24)]
+        while len(seen) < 2 and not all(answer.done() for answer in answers):
+            seen = serving_hot(nats_server)  # during the burst, both at once
+        two_serving = time.monotonic() - started
+        assert [answer.result(timeout=120) for answer in answers] == [BURST_TOKENS] * 24
+    print(f"burst of 24: two workers serving after {two_serving:.1f}s, all answered after "
+          f"{time.monotonic() - started:.1f}s")  # fmt: skip
+    assert len(seen) == 2
     where = placement(nats_server, "f-hot")
-    assert where is not None and "replica 2 of 2" in where.reason
+    assert where is not None and len(where.workers) == 2 and "replica 2 of 2" in where.reason
 
 
 @pytest.fixture(scope="module")

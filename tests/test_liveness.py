@@ -318,3 +318,35 @@ def test_min_replicas_are_kept_after_a_kill(
     wait_for(lambda: loaded_on(gw, "lmin") == ["live-mb"], timeout=MOVED_WITHIN_S, what="lmin loaded on live-mb")
     kept = placement(nats_server, "lmin")
     assert kept is not None and kept.workers == ["live-mb"] and "min_replicas 1" in kept.reason
+
+
+def test_a_pin_by_count_keeps_exactly_that_many_copies_through_a_death(
+    gw: Gateway, nats_server: EmbeddedNats, start: StartWorker, tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    # keep_alive 1s: a copy beyond the pin's count is an ordinary one and leaves once idle; the pinned ones stay.
+    catalogue = tmp_path / "models.toml"
+    catalogue.write_text(
+        f'[[models]]\nid = "lcount"\npath = "{tiny_model_dir}"\nmemory = "100MiB"\nkeep_alive = "1s"\n'
+    )
+    names_ = ["live-ca", "live-cb", "live-cc"]
+    procs = {name: start(name, catalogue) for name in names_}
+    wait_for(lambda: set(names_) <= status_workers(nats_server), timeout=STARTUP_S, what="three workers",
+             proc=procs["live-ca"])  # fmt: skip
+    assert cortexctl(nats_server, "pin", "lcount", "--replicas", "2").returncode == 0
+    try:
+        wait_for(lambda: len(loaded_on(gw, "lcount")) == 2, timeout=STARTUP_S, what="two pinned copies")
+        kept = sorted(loaded_on(gw, "lcount"))
+        spare = next(name for name in names_ if name not in kept)
+        assert cortexctl(nats_server, "load", "lcount", "--worker", spare).returncode == 0  # an extra copy
+        wait_for(lambda: spare in loaded_on(gw, "lcount"), timeout=STARTUP_S, what="an extra copy")
+        shown = json.loads(cortexctl(nats_server, "status", "--json").stdout)["placements"]["lcount"]
+        assert sorted(shown["pinned"]) == kept and shown["extra"] == [spare]
+        wait_for(lambda: sorted(loaded_on(gw, "lcount")) == kept, timeout=MOVED_WITHIN_S,
+                 what="the extra copy gone once idle, the pinned ones kept")  # fmt: skip
+        kill(procs[kept[0]])
+        wait_for(lambda: sorted(loaded_on(gw, "lcount")) == sorted([kept[1], spare]), timeout=MOVED_WITHIN_S,
+                 what="the dead worker's pinned copy loaded on the third worker")  # fmt: skip
+        now = placement(nats_server, "lcount")
+        assert now is not None and sorted(now.workers) == sorted([kept[1], spare])  # exactly two, the dead one left
+    finally:
+        assert cortexctl(nats_server, "unpin", "lcount").returncode == 0

@@ -1,11 +1,26 @@
-"""The placement policy, on hand-made adverts: who loads a model, and what it evicts."""
+"""The placement policy, on hand-made adverts: who loads a model, what it evicts, replicas for deep queues, what a
+pin by count keeps, and the retry schedule of failed loads."""
 
 from __future__ import annotations
 
+import math
+from functools import partial
+
 import msgspec
 
-from cortex.protocol import ModelCard, ModelState, Pin, WorkerAdvert
-from cortex.protocol.placement import Choice, choose_worker, plan_evictions
+from cortex.protocol import ModelCard, ModelState, Pin, Placement, WorkerAdvert
+from cortex.protocol.choice import Choice, choose_worker, pinned_models, plan_evictions
+from cortex.protocol.placement import (
+    add_worker,
+    keep_replicas,
+    leave_above_minimum,
+    place_on_demand,
+    record_failed_load,
+    retry_failed_load,
+    scale_out,
+)
+from cortex.protocol.retries import RETRY_CAP_S, RETRY_LIMIT, held_until, next_retry, retry_delay, retry_due
+from cortex.worker.scaling import DeepQueues
 
 MiB = 2**20
 CATALOGUE = [ModelCard(id=f"m{i}", memory=100 * MiB, priority=i) for i in range(1, 8)]
@@ -137,3 +152,127 @@ def test_a_worker_holding_the_model_in_its_host_tier_is_preferred() -> None:
     full = msgspec.structs.replace(worker("b", ("m2", 5.0), ("m3", 6.0), busy=("m2", "m3")), host_cached=["m1"])
     choice = choose_worker("m1", [worker("a"), full], [])
     assert isinstance(choice, Choice) and choice.worker == "a"  # never waiting for busy models over loading now
+
+
+# -- replicas for a deep queue ----------------------------------------------------------------------------------
+
+
+def live(*adverts: WorkerAdvert) -> dict[str, WorkerAdvert]:
+    return {a.worker_id: a for a in adverts}
+
+
+HOT = ModelCard(id="hot", memory=100 * MiB, priority=5, max_replicas=2)
+
+
+def hot_worker(name: str, *loaded: tuple[str, float], busy: tuple[str, ...] = ()) -> WorkerAdvert:
+    advert = worker(name, *loaded, busy=busy)
+    return msgspec.structs.replace(advert, catalogue=[*CATALOGUE, HOT], slots_total=4)
+
+
+def scale(current: Placement | None, fleet: dict[str, WorkerAdvert], *, evict_below: int | None = None,
+          seen: list[str] | None = None) -> Placement | None:  # fmt: skip
+    seen = seen if seen is not None else list(current.workers if current else [])
+    return scale_out(current, model="hot", seen=seen, live=fleet, pins=[], placements=[], max_replicas=2,
+                     evict_below=evict_below, depth=20, now=0.0)  # fmt: skip
+
+
+def test_a_deep_queue_gets_a_replica_on_a_worker_with_room_and_no_more() -> None:
+    fleet = live(hot_worker("a", ("hot", 1.0)), hot_worker("b", ("m1", 1.0), ("m2", 2.0)), hot_worker("c", ("m3", 1.0)))
+    new = scale(Placement(model="hot", workers=["a"]), fleet)
+    assert new is not None and new.workers == ["a", "c"]  # b has no room without evicting
+    assert "replica 2 of 2: 20 requests queued" in new.reason
+    assert scale(new, fleet) is None  # max_replicas reached
+    assert scale(Placement(model="hot", workers=["a"]), fleet, seen=["a", "x"]) is None  # it moved on meanwhile
+    assert scale(None, fleet) is None and scale(Placement(model="hot", error="no"), fleet) is None
+
+
+def test_a_replica_evicts_only_idle_lower_priority_models_and_only_when_allowed() -> None:
+    full = live(hot_worker("a", ("hot", 1.0)), hot_worker("b", ("m1", 1.0), ("m2", 2.0)))
+    placed = Placement(model="hot", workers=["a"])
+    assert scale(placed, full) is None  # nobody has room, and scale_evicts is off
+    new = scale(placed, full, evict_below=HOT.priority)
+    assert new is not None and new.workers == ["a", "b"] and "evicting m1 (lru)" in new.reason
+    assert scale(placed, full, evict_below=1) is None  # m1 (priority 1) is not below 1
+    busy = live(hot_worker("a", ("hot", 1.0)), hot_worker("b", ("m1", 1.0), ("m2", 2.0), busy=("m1", "m2")))
+    assert scale(placed, busy, evict_below=HOT.priority) is None  # never waits for busy models
+    assert plan_evictions(full["b"], 100 * MiB, [], below=2) == ["m1"]
+    assert plan_evictions(full["b"], 100 * MiB, [], below=1) is None
+
+
+def test_the_deep_clock_restarts_when_the_queue_drains_or_the_placement_changes() -> None:
+    deep = DeepQueues()
+    assert deep.observe("hot", ["a"], True, 10.0) == 0.0
+    assert deep.observe("hot", ["a"], True, 12.5) == 2.5
+    assert deep.observe("hot", ["a", "b"], True, 13.0) == 0.0  # a replica was added: slots changed
+    assert deep.observe("hot", ["a", "b"], False, 14.0) == 0.0
+    assert deep.observe("hot", ["a", "b"], True, 15.0) == 0.0
+
+
+# -- pins by count ----------------------------------------------------------------------------------------------
+
+
+def test_a_pin_by_count_keeps_the_first_copies_and_extras_are_ordinary() -> None:
+    pins = [Pin(model="m1", replicas=2)]
+    placements = {"m1": Placement(model="m1", workers=["a", "b", "c"])}
+    assert [w for w in "abc" if pinned_models(pins, w, placements)] == ["a", "b"]
+    assert all(pinned_models(pins, w) == {"m1"} for w in "abc")  # without placements: every copy, to be safe
+    extra = worker("c", ("m1", 1.0), ("m2", 2.0))
+    assert plan_evictions(extra, 100 * MiB, pins, placements=placements) == ["m1"]
+    assert plan_evictions(worker("a", ("m1", 1.0), ("m2", 2.0)), 100 * MiB, pins, placements=placements) == ["m2"]
+    # An extra copy leaves when idle while the others keep the count, never below it.
+    leave = partial(leave_above_minimum, worker="c", min_replicas=2, reason="idle")
+    assert leave(placements["m1"], live={"a", "b", "c"}) == Placement(model="m1", workers=["a", "b"], reason="idle")
+    assert leave(placements["m1"], live={"b", "c"}) is None
+
+
+def test_a_dead_pinned_copy_hands_its_place_to_an_extra_one() -> None:
+    fleet = {w: worker(w, ("m1", 1.0)) for w in ("b", "c")}
+    current = Placement(model="m1", workers=["a", "b", "c"])  # a died; two copies serve still
+    new = keep_replicas(current, model="m1", wanted=2, why="pinned", live=fleet, pins=[], placements=[], now=0.0)
+    assert new is not None and new.workers == ["b", "c", "a"]  # nobody leaves; b and c are the kept copies now
+    assert keep_replicas(new, model="m1", wanted=2, why="pinned", live=fleet, pins=[], placements=[], now=0.0) is None
+
+
+# -- retries of failed loads ------------------------------------------------------------------------------------
+
+
+def test_the_retry_schedule_doubles_to_a_cap_and_stops() -> None:
+    assert [retry_delay(n) for n in range(1, 7)] == [30.0, 60.0, 120.0, 240.0, 480.0, RETRY_CAP_S]
+    assert retry_delay(RETRY_LIMIT + 5) == RETRY_CAP_S
+    assert next_retry(1, 1000.0) == 1030.0 and next_retry(RETRY_LIMIT, 1000.0) == 0.0
+    failed = Placement(model="m1", error="boom", attempts=2, retry_at=1060.0, updated_at=1000.0)
+    assert held_until(failed) == 1060.0 and not retry_due(failed, 1059.0) and retry_due(failed, 1060.0)
+    spent = msgspec.structs.replace(failed, attempts=RETRY_LIMIT, retry_at=0.0)
+    assert held_until(spent) == math.inf and not retry_due(spent, 1e12)
+    unplaceable = Placement(model="m1", error="too big", updated_at=1000.0)  # no failed load: a request retries
+    assert held_until(unplaceable) == 1030.0 and not retry_due(unplaceable, 2000.0)
+    assert held_until(Placement(model="m1", workers=["a"])) == 0.0
+
+
+def test_a_failed_round_is_scheduled_and_the_next_round_tries_every_worker_again() -> None:
+    failed_state = ModelState(id="m1", state="failed", error="boom")
+    fleet = {w: msgspec.structs.replace(worker(w), models=[failed_state], memory_used=0) for w in ("a", "b")}
+    round_one = Placement(model="m1", workers=["b"], failed={"a": "boom"})
+    done = record_failed_load(round_one, model="m1", worker="b", error="boom", adverts=fleet.values(), pins=[],
+                              placements=[], now=1000.0)  # fmt: skip
+    assert done.workers == [] and done.error and set(done.failed) == {"a", "b"}
+    assert (done.attempts, done.retry_at) == (1, 1030.0)
+    retry = partial(retry_failed_load, model="m1", live=fleet, pins=[], placements=[])
+    assert retry(done, now=1029.0) is None  # not yet
+    again = retry(done, now=1030.0)
+    assert again is not None and again.workers == ["a"] and not again.error and again.attempts == 1
+    assert "retry 1 of" in again.reason
+    assert retry(again, now=2000.0) is None  # under way: nothing to do
+    # The second round fails too: a longer wait.
+    mid = record_failed_load(again, model="m1", worker="a", error="boom", adverts=fleet.values(), pins=[],
+                             placements=[], now=1040.0)  # fmt: skip
+    assert mid.workers == ["b"] and mid.attempts == 1
+    second = record_failed_load(mid, model="m1", worker="b", error="boom", adverts=fleet.values(), pins=[],
+                                placements=[], now=1041.0)  # fmt: skip
+    assert (second.attempts, second.retry_at) == (2, 1101.0)
+    # A request after the retry time starts the round as the worker would; cortexctl load starts afresh.
+    by_request = place_on_demand(second, model="m1", live=fleet, pins=[], placements=[], now=1101.0)
+    assert by_request is not None and by_request.workers == ["a"] and by_request.attempts == 2
+    assert place_on_demand(second, model="m1", live=fleet, pins=[], placements=[], now=1100.0) is None
+    manual = add_worker(second, model="m1", worker="b", reason="cortexctl load")
+    assert manual is not None and manual.workers == ["b"] and not manual.error and manual.retry_at == 0.0

@@ -100,3 +100,27 @@ def _loaded_on(base_url: str) -> list[str]:
         raise
     assert isinstance(model, dict)
     return list(model.get("loaded_on", []))
+
+
+def test_a_worker_process_exits_while_a_load_is_under_way(tmp_path: Path) -> None:
+    # A load cannot be stopped mid-phase; the process's exit must not wait for it (loader threads are daemons).
+    script = tmp_path / "exit_mid_load.py"
+    script.write_text(
+        "import asyncio, threading\n"
+        "from cortex.worker.loading import Loads\n"
+        "from cortex.worker.synthetic import SyntheticEngine\n"
+        "started = threading.Event()\n"
+        "def loader(spec, abort):\n"
+        "    started.set()\n"
+        "    threading.Event().wait(600)  # a load that never reaches its next phase\n"
+        "async def main():\n"
+        "    loads = Loads(loader, SyntheticEngine(worker_id='w', interval=0.0))\n"
+        "    loads.start(None, threading.Event())\n"
+        "    await asyncio.to_thread(started.wait, 30)\n"
+        "    loads.shutdown()\n"
+        "    print('left', flush=True)\n"
+        "asyncio.run(main())\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "left"

@@ -14,6 +14,7 @@
     keep_alive = "5m"                   # idle time before unloading; 0: at once, -1: never
     priority = 0                        # with --eviction priority, lower goes first
     min_replicas = 0                    # max_replicas = 1, gpus = 1
+    scale_evicts = false                # a replica for a deep queue may evict idle lower-priority models
 
 Sources: ``path`` (a local folder in transformers layout, optionally with a
 ``gguf_file`` in it), ``hf`` (a Hugging Face id, used only if already in the
@@ -62,6 +63,8 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     max_replicas: int = 1
     gpus: int = 1
     """Devices it needs (a worker started with ``--gpu 0,1`` has two)."""
+    scale_evicts: bool = False
+    """A replica added for a deep queue may evict idle models of lower ``priority`` when no worker has room."""
 
     @property
     def keep_alive_seconds(self) -> float:
@@ -92,7 +95,8 @@ class ModelSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
         """The catalogue entry as workers advertise it; `memory`: what it needs on their device."""
         return ModelCard(id=self.id, aliases=list(self.aliases), context_length=self.context_length, source=self.source,
                          memory=memory, priority=self.priority, keep_alive=self.keep_alive_seconds,
-                         min_replicas=self.min_replicas, max_replicas=self.max_replicas, gpus=self.gpus)  # fmt: skip
+                         min_replicas=self.min_replicas, max_replicas=self.max_replicas, gpus=self.gpus,
+                         scale_evicts=self.scale_evicts)  # fmt: skip
 
     def memory_needed(self, dtype: str) -> int:
         """Bytes to load it in `dtype` (the catalogue's ``memory`` if set, else the estimate; 0 if unknown)."""

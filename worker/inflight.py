@@ -35,6 +35,7 @@ from cortex.worker.affine import AFFINITY_WINDOW_S as AFFINITY_WINDOW_S  # re-ex
 from cortex.worker.affine import AffinePull
 from cortex.worker.conversations import Conversations
 from cortex.worker.engine import Engine
+from cortex.worker.pull_guard import LeavingPull
 from cortex.worker.sequence import Emit
 from cortex.worker.synthetic import SyntheticEngine
 
@@ -164,6 +165,8 @@ class Requests:
         when it ends, those still waiting here for it go to the shared queue.
         """
         affine = AffinePull(self, slot, pull, settled, self.slots, self.affinity_window)
+        if isinstance(pull, LeavingPull):  # what it gives back when it closes is told like any move
+            pull.moved = self._tell_moved
         try:
             # A TaskGroup: if one loop fails, the other is stopped too, never left running for a model that left.
             async with asyncio.TaskGroup() as loops:
@@ -179,14 +182,16 @@ class Requests:
 
     async def _shared_loop(self, slot: Served, pull: PullQueue, settled: Settled) -> None:
         self._pulling += 1
+        # A pull request made while slots were free may bring requests after they filled (affine requests took
+        # them meanwhile): the loop hears of them even while it waits for a slot, and takes them as a fetch would.
+        pull.on_arrival(self.slot_freed.set)
         try:
             while self._serving(slot):
                 free = self.free_slots
-                if self.draining.is_set():
-                    self.slot_freed.clear()
-                    await self.slot_freed.wait()
-                    continue
-                if free <= 0:
+                if self.draining.is_set() or free <= 0:
+                    if pull.waiting:
+                        await self._take(slot, pull, pull.take_waiting(), settled)
+                        continue
                     self.slot_freed.clear()
                     await self.slot_freed.wait()
                     continue
@@ -203,13 +208,16 @@ class Requests:
                 finally:
                     self._reserved -= share
                     self.slot_freed.set()
-                for delivery in deliveries:
-                    if delivery.moved_by and delivery.moved_by == pull.worker_id and len(self._in_flight) >= self.slots:
-                        await settle(delivery, Outcome.RETURNED)
-                        continue
-                    await self._accept(slot, delivery, settled)
+                await self._take(slot, pull, deliveries, settled)
         finally:
             self._pulling -= 1
+
+    async def _take(self, slot: Served, pull: PullQueue, deliveries: list[Delivery], settled: Settled) -> None:
+        for delivery in deliveries:
+            if delivery.moved_by and delivery.moved_by == pull.worker_id and len(self._in_flight) >= self.slots:
+                await settle(delivery, Outcome.RETURNED)
+                continue
+            await self._accept(slot, delivery, settled)
 
     def _shared_poll_s(self) -> float:
         """How long one shared fetch waits.
@@ -301,6 +309,14 @@ class Requests:
             await self.bus.publish(names.taken_subject(request.reply_subject), codec.encode(notice))
         except Exception as exc:  # a notice is a hint: nothing about it may stop the request itself
             log.debug("request %s: its gateway not told: %r", request.request_id, exc)
+
+    async def _tell_moved(self, delivery: Delivery, seq: int) -> None:
+        try:
+            request = codec.decode_request(delivery.data)
+        except codec.DecodeError:
+            return  # poison: whoever takes the copy terms it
+        if request.reply_subject:
+            await self.tell(request, seq, moved=True)
 
     async def release(self, request_id: str, outcome: Outcome) -> None:
         """Forget a request and settle its message."""

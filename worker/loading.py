@@ -2,7 +2,9 @@
 
 Loads run on `LOAD_THREADS` loader threads of their own, never on the engine
 thread, so the models already loaded keep decoding while another loads, and
-two loads can run side by side. A model parked in the host tier comes back
+two loads can run side by side. They are daemon threads: a load cannot be
+stopped mid-phase, and the worker's exit must not wait for one (a
+`ThreadPoolExecutor`'s threads are joined when the interpreter exits). A model parked in the host tier comes back
 from there (a copy to the device) instead of through the loader. Going away,
 a model is freed, or parked (`cortex.worker.host_tier`) when there is a tier.
 """
@@ -13,11 +15,11 @@ import asyncio
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from cortex.protocol.placement import gib
+from cortex.protocol.choice import gib
 from cortex.worker.catalogue import ModelSpec
 from cortex.worker.device import memory_in_use, release_memory
 from cortex.worker.engine import Engine
@@ -41,9 +43,7 @@ class Loads:
     engine: Engine | SyntheticEngine
     host_tier: HostTier | None = None
     """Where models leaving the device are parked (``--host-cache``); None: they are freed."""
-    _pool: ThreadPoolExecutor = field(
-        default_factory=lambda: ThreadPoolExecutor(LOAD_THREADS, thread_name_prefix="cortex-loader")
-    )
+    _pool: LoaderThreads = field(default_factory=lambda: LoaderThreads(LOAD_THREADS))
     _parkable: dict[str, bool] = field(default_factory=dict)
     """Whether the host tier can take each model loaded here, judged as it loaded (a model spread over several
     GPUs, or larger than the tier, is freed where it is: taking it out of the engine first would only delay that)."""
@@ -94,9 +94,53 @@ class Loads:
 
     def shutdown(self) -> None:
         """No new loads; a load under way stops at its next phase once its abort event is set."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown()
         if self.host_tier is not None:
             self.host_tier.clear()
+
+
+class LoaderThreads:
+    """At most `size` loads at once, each on a daemon thread of its own (`ThreadPoolExecutor`'s verbs that `Loads`
+    uses): nothing waits for a load under way when the process exits."""
+
+    def __init__(self, size: int) -> None:
+        self._slots = threading.BoundedSemaphore(size)
+        self._waiting: set[Future[Any]] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._count = 0
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the loader threads are shut down")
+            self._waiting.add(future)
+            self._count += 1
+            name = f"cortex-loader-{self._count}"
+        threading.Thread(target=self._run, args=(future, fn, args), name=name, daemon=True).start()
+        return future
+
+    def _run(self, future: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        with self._slots:
+            with self._lock:
+                self._waiting.discard(future)
+            if not future.set_running_or_notify_cancel():
+                return  # cancelled while it waited for a slot (a shutdown)
+            try:
+                result = fn(*args)
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+
+    def shutdown(self) -> None:
+        """No new loads; those still waiting for a slot are cancelled (one under way runs on)."""
+        with self._lock:
+            self._closed = True
+            waiting, self._waiting = self._waiting, set()
+        for future in waiting:
+            future.cancel()
 
 
 def _looked_at(load: asyncio.Future[Any]) -> None:

@@ -23,7 +23,7 @@ from cortex.broker.access import CREDS_ENV, use_credentials
 from cortex.broker.connection import DEFAULT_URL
 from cortex.broker.errors import CredentialsError
 from cortex.broker.settings import parse_service_args, setup_logging
-from cortex.protocol.placement import EVICTION_POLICIES
+from cortex.protocol.choice import EVICTION_POLICIES
 
 if TYPE_CHECKING:
     from cortex.worker.catalogue import ModelSpec

@@ -11,7 +11,14 @@ Every worker also watches over pins and ``min_replicas`` (`keep_placed`): on
 each upkeep tick, and as soon as a worker's heartbeat goes or a drain is
 written, it checks the models of its catalogue and, for one with fewer live
 copies than it should have, writes the transition `keep_replicas` that restores
-them; the compare-and-set lets exactly one such write land.
+them; the compare-and-set lets exactly one such write land. On the same tick
+it starts the next round of loads of a model every worker failed to load, once
+the placement's `retry_at` has come (`cortex.protocol.retries`).
+
+The workers serving a model watch its queue (`consider_scaling`, fed by
+`cortex.worker.residency`): once it has stayed at least as deep as the slots
+serving it for `DEEP_FOR_S`, they write `scale_out`, which adds a replica on
+the best worker with room, up to ``max_replicas``.
 """
 
 from __future__ import annotations
@@ -27,19 +34,21 @@ from cortex.broker.bus import Bus
 from cortex.broker.decisions import change_placement
 from cortex.broker.errors import BrokerError
 from cortex.protocol import Pin, Placement, WorkerAdvert, codec, names
+from cortex.protocol.choice import failed_recently, pinned_copies, pinned_models, serving_workers
 from cortex.protocol.liveness import LiveFleet
 from cortex.protocol.placement import (
     Transition,
     add_worker,
-    failed_recently,
     keep_replicas,
     leave_above_minimum,
-    pinned_models,
     record_failed_load,
     remove_worker,
-    serving_workers,
+    retry_failed_load,
+    scale_out,
 )
+from cortex.protocol.retries import retry_due
 from cortex.worker.catalogue import ModelSpec
+from cortex.worker.scaling import DEEP_FOR_S, DeepQueues
 
 log = logging.getLogger("cortex.worker")
 
@@ -62,6 +71,7 @@ class Placements:
     _pins: dict[str, Pin] = field(default_factory=dict)
     _drains: set[str] = field(default_factory=set)
     """Every worker a `Drain` names (its advert says so only from its next write)."""
+    _deep: DeepQueues = field(default_factory=DeepQueues)
 
     # -- what the buckets say -----------------------------------------------------
 
@@ -129,8 +139,18 @@ class Placements:
     def pins(self) -> Collection[Pin]:
         return self._pins.values()
 
+    def placements(self) -> dict[str, Placement]:
+        """Every placement, by model, as the watch brought them (read only)."""
+        return self._placements
+
     def pinned_here(self) -> set[str]:
-        return pinned_models(self._pins.values(), self.worker_id)
+        """The models a pin keeps on this worker (of a pin by count, only the copies it counts)."""
+        return pinned_models(self._pins.values(), self.worker_id, self._placements)
+
+    def kept_copies(self, spec: ModelSpec) -> int:
+        """The copies of `spec` the fleet keeps whatever happens: ``min_replicas``, or a pin by count's `replicas`."""
+        pin = self._pins.get(spec.id)
+        return max(spec.min_replicas, pin.replicas if pin is not None and not pin.worker else 0)
 
     # -- what this worker writes --------------------------------------------------
 
@@ -159,7 +179,8 @@ class Placements:
         await self._change(model, change, "cannot take %s off this worker's placement: %s")
 
     async def leave_idle(self, model: str, reason: str, min_replicas: int) -> None:
-        """Leave the placement of a model idle here, only while its other live workers keep `min_replicas`."""
+        """Leave the placement of a model idle here, only while its other live workers keep `min_replicas` (which
+        callers raise to a pin's count: `kept_copies`)."""
         if self.bus.settling():
             return  # the view of who is live is stale (see `keep_placed`); the next upkeep asks again
         change = partial(leave_above_minimum, worker=self.worker_id, live=set(self.live()), min_replicas=min_replicas,
@@ -170,7 +191,7 @@ class Placements:
         """Leave the placement with the reason, and hand the model to the next best worker (or record why none)."""
         change = partial(record_failed_load, model=model, worker=self.worker_id, error=reason,
                          adverts=list(self.live().values()), pins=self._pins.values(),
-                         placements=self._placements.values())  # fmt: skip
+                         placements=self._placements.values(), now=time.time())  # fmt: skip
         await self._change(model, change, "cannot record the failed load of %s: %s")
 
     async def keep_placed_when_lost(self) -> None:
@@ -195,20 +216,61 @@ class Placements:
         if self.bus.settling():
             return  # cut off from the broker, or just back: every worker seems gone; the next upkeep looks again
         live = self.live()
+        now = time.time()
         for spec in self.catalogue:
             pin = self._pins.get(spec.id)
             placement = self._placements.get(spec.id)
+            if retry_due(placement, now) and not self.draining.is_set():
+                change = partial(retry_failed_load, model=spec.id, live=live, pins=list(self._pins.values()),
+                                 placements=list(self._placements.values()), now=now)  # fmt: skip
+                await self._change(spec.id, change, "cannot retry the load of %s: %s")
+                continue
             if pin is not None and pin.worker:
                 here = placement is not None and self.worker_id in placement.workers
                 mine = pin.worker == self.worker_id and not self.draining.is_set()
                 if mine and not here and (placement is None or self.worker_id not in placement.failed):
                     await self.place_here(spec.id, "pinned to this worker")
                 continue
-            wanted = max(spec.min_replicas, pin.replicas if pin is not None else 0)
-            if len(serving_workers(placement, spec.id, live)) >= wanted or failed_recently(placement, time.time()):
-                continue  # the common case (or nobody could load it a moment ago), without a round trip to the broker
+            wanted = self.kept_copies(spec)
+            serving = serving_workers(placement, spec.id, live)
+            if len(serving) >= wanted:
+                if placement is None or pinned_copies(placement, wanted) == serving[:wanted]:
+                    continue  # the common case, without a round trip to the broker
+            elif failed_recently(placement, now):
+                continue  # nobody could load it a moment ago
             why = f"pinned, {pin.replicas} replica(s)" if pin is not None else f"min_replicas {spec.min_replicas}"
             change = partial(keep_replicas, model=spec.id, wanted=wanted, why=why, live=live,
                              pins=list(self._pins.values()), placements=list(self._placements.values()),
-                             now=time.time())  # fmt: skip
+                             now=now)  # fmt: skip
             await self._change(spec.id, change, "cannot keep the replicas of %s: %s")
+
+    async def consider_scaling(self, spec: ModelSpec, depth: int) -> None:
+        """Add a replica of `spec`, served here, once its queue (`depth` requests, just measured) has stayed at least
+        as deep as the slots serving it for `DEEP_FOR_S`, up to its ``max_replicas``.
+
+        Every worker serving the model asks; `scale_out` goes only to a worker
+        with room (or, with ``scale_evicts``, one that evicts idle models of
+        lower priority), and only while the placement names the workers the
+        decision was made on, so one replica lands per window.
+        """
+        model = spec.id
+        placement = self._placements.get(model)
+        if placement is None or self.bus.settling() or self.draining.is_set():
+            self._deep.forget(model)
+            return
+        live = self.live()
+        serving = serving_workers(placement, model, live)
+        if placement.error or self.worker_id not in serving or len(serving) >= spec.max_replicas:
+            self._deep.forget(model)
+            return
+        slots = sum(live[w].slots_total for w in serving)
+        lasted = self._deep.observe(model, placement.workers, depth >= max(1, slots), time.monotonic())
+        if lasted < DEEP_FOR_S:
+            return
+        change = partial(scale_out, model=model, seen=list(placement.workers), live=live,
+                         pins=list(self._pins.values()), placements=list(self._placements.values()),
+                         max_replicas=spec.max_replicas, evict_below=spec.priority if spec.scale_evicts else None,
+                         depth=depth, now=time.time())  # fmt: skip
+        if change(placement) is None:
+            return  # nobody has room (or it moved on): asked again at the next measure, without a round trip
+        await self._change(model, change, "cannot add a replica of %s: %s")

@@ -1,25 +1,30 @@
-"""A model's pull queue that lets go at once when the model is to unload.
+"""A model's pull queue that lets go at once when the model is to unload, and gives back what it was brought.
 
 The pull loop (`cortex.worker.inflight.Requests.pull_loop`) looks at its slot's
 ``leaving`` only between fetches, and an idle model's fetch waits up to
 `FETCH_TIMEOUT_S` for a request: every unload, so every swap, waited that long
 before the memory came free. Through this wrapper a fetch under way when
 ``leaving`` is set returns nothing at once (one started afterwards, a last look
-on the way out, runs as asked). The fetch cut short is not cancelled (a request
-the broker was handing over would be stranded until JetStream's ack wait
-passed): it finishes in the background and whatever it brings goes back at
-once, nak'd to the queue it came from, or moved to the model's shared queue
-when it came from this worker's affine one (conversation affinity), since
-nobody here pulls that any more. When the worker stops, those still fetching
-are cancelled and waited for (`Residency.stop_serving`), their errors seen:
-nothing is left to fail after the event loop has gone.
+on the way out, runs as asked). Cutting a fetch short loses nothing: the pull
+request it waited on stays open at the broker (`cortex.broker.standing`), and
+what it brings waits in the queue.
+
+When the queue closes, its open pull requests are let run out (they live no
+longer than the poll they were made for), and whatever they brought that no
+fetch took goes back at once (in the background): nak'd to the shared queue,
+or moved to the model's shared queue when it came from this worker's affine
+one (conversation affinity), since nobody here pulls that any more; each move
+is told to the request's gateway (`Taken`, ``moved``), as `AffinePull` tells its
+own, so the gateway follows the copy instead of sending the request on again.
+When the worker stops, those giving back are cancelled and waited for
+(`Residency.stop_serving`): nothing is left to fail after the event loop has gone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from cortex.broker.pull import Delivery, Move, PullQueue
@@ -27,6 +32,10 @@ from cortex.broker.pull import Delivery, Move, PullQueue
 log = logging.getLogger("cortex.worker")
 
 Fetch = Callable[[int, float], Awaitable[list[Delivery]]]
+Moved = Callable[[Delivery, int], Awaitable[None]]
+"""Told of each request given back by a move: its delivery and the copy's stream sequence."""
+WIND_DOWN_S = 1.5
+"""The longest a closing queue waits for its open pull requests to run out (longer than any poll)."""
 
 
 class LeavingPull:
@@ -37,20 +46,21 @@ class LeavingPull:
         self._queue = queue
         self._leaving = leaving
         self._background = background
-        """Where the tasks giving back what a fetch cut short brought are kept (the owner's set of tasks)."""
-        self._cut_short: list[asyncio.Task[None]] = []
+        """Where the task giving back what the queue was brought at its close is kept (the owner's set of tasks)."""
         self._leave: asyncio.Future[Any] | None = None
+        self.moved: Moved | None = None
+        """Told of each affine request given back by a move at the close (the pull loop's `Taken` notice)."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._queue, name)
 
     async def fetch(self, batch: int, timeout: float) -> list[Delivery]:
-        return await self._fetch(self._queue.fetch, batch, timeout, affine=False)
+        return await self._fetch(self._queue.fetch, batch, timeout)
 
     async def fetch_affine(self, batch: int, timeout: float) -> list[Delivery]:
-        return await self._fetch(self._queue.fetch_affine, batch, timeout, affine=True)
+        return await self._fetch(self._queue.fetch_affine, batch, timeout)
 
-    async def _fetch(self, call: Fetch, batch: int, timeout: float, *, affine: bool) -> list[Delivery]:
+    async def _fetch(self, call: Fetch, batch: int, timeout: float) -> list[Delivery]:
         if self._leaving.is_set():
             return await call(batch, timeout)
         if self._leave is None:  # one waiter shared by every fetch: a task each would cost on the hot path
@@ -58,58 +68,42 @@ class LeavingPull:
         fetch = asyncio.ensure_future(call(batch, timeout))
         try:
             await asyncio.wait((fetch, self._leave), return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            self._give_back_later(fetch, affine)
-            raise
-        if fetch.done():
-            return fetch.result()
-        self._give_back_later(fetch, affine)
-        return []
-
-    def _give_back_later(self, fetch: asyncio.Future[list[Delivery]], affine: bool) -> None:
-        self._cut_short.append(self._in_background(self._give_back(fetch, affine), f"give-back-{self.model}"))
-
-    def _in_background(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        task = asyncio.create_task(work, name=name)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return task
-
-    async def _give_back(self, fetch: asyncio.Future[list[Delivery]], affine: bool) -> None:
-        try:
-            await asyncio.wait((fetch,))
-        except asyncio.CancelledError:  # the worker stops: the fetch goes too, quietly (its queue closes anyway)
-            fetch.cancel()
-            await asyncio.wait((fetch,))
-            _looked_at(fetch)
-            raise
-        _looked_at(fetch)
-        if fetch.cancelled() or fetch.exception() is not None:
-            return
-        let_go = 0
-        for delivery in fetch.result():
-            if not affine:
-                await delivery.nak()
-            elif (await self._queue.move(delivery))[0] is not Move.DONE:
-                let_go += 1  # acked already (`PullQueue.move`): its gateway sends it on, as for a worker gone
-        if fetch.result():
-            log.info("gave %d request(s) back to the queue of %s, which is unloading", len(fetch.result()), self.model)
-        if let_go:
-            log.warning("%d affine request(s) of %s not handed over; their gateways send them on", let_go, self.model)
+        finally:
+            if not fetch.done():  # leaving, or this task cancelled: the fetch goes, what it waited for stays queued
+                fetch.cancel()
+                await asyncio.wait((fetch,))
+                _looked_at(fetch)
+        return [] if fetch.cancelled() else fetch.result()
 
     async def close(self) -> None:
-        """Close the queue once what the fetches cut short brought has gone back (in the background if need be)."""
+        """Close the queue once its open pull requests have run out and what they brought has gone back (in the
+        background)."""
         if self._leave is not None:
             self._leave.cancel()
-        pending = [task for task in self._cut_short if not task.done()]
-        if not pending:
-            await self._queue.close()
-            return
-        self._in_background(self._close_after(pending), f"close-pull-{self.model}")
+        task = asyncio.create_task(self._give_back(), name=f"give-back-{self.model}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
-    async def _close_after(self, pending: list[asyncio.Task[None]]) -> None:
-        await asyncio.wait(pending)
-        await self._queue.close()
+    async def _give_back(self) -> None:
+        try:
+            shared, affine = await self._queue.wind_down(WIND_DOWN_S)
+            for delivery in shared:
+                await delivery.nak()
+            let_go = 0
+            for delivery in affine:
+                outcome, seq = await self._queue.move(delivery)
+                if outcome is not Move.DONE:
+                    let_go += 1  # acked already (`PullQueue.move`): its gateway sends it on, as for a worker gone
+                elif self.moved is not None:
+                    await self.moved(delivery, seq)
+            if shared or affine:
+                log.info("gave %d request(s) back to the queue of %s, which is unloading", len(shared) + len(affine),
+                         self.model)  # fmt: skip
+            if let_go:
+                log.warning("%d affine request(s) of %s not handed over; their gateways send them on", let_go,
+                            self.model)  # fmt: skip
+        finally:
+            await self._queue.close()
 
 
 def _looked_at(fetch: asyncio.Future[list[Delivery]]) -> None:

@@ -18,6 +18,11 @@ or a stop is parked in host memory (`cortex.worker.host_tier`), and loading it
 again is a copy back. Unloads, from the moment one is decided until the
 memory is free, are `cortex.worker.unloading`'s.
 
+The queues of the models served here are read on each upkeep tick, and every
+`SCALE_POLL_S` for those with requests running that could have another
+replica: each reading goes to `Placements.consider_scaling` (queue-driven
+scale-out, `cortex.worker.scaling`).
+
 Requests are not handled here: once a model is ready, its slot is handed to the
 request side (`serve_requests`), which runs the model's pull loop until the slot
 is ``leaving``.
@@ -39,7 +44,7 @@ from cortex.broker.errors import BrokerError
 from cortex.broker.pull import PullQueue
 from cortex.protocol import ModelState, WorkerAdvert
 from cortex.protocol import messages as m
-from cortex.protocol.placement import gib, plan_evictions
+from cortex.protocol.choice import gib, plan_evictions
 from cortex.worker.advert import Advertiser, WorkerMetrics
 from cortex.worker.catalogue import ModelSpec
 from cortex.worker.engine import Engine
@@ -49,6 +54,7 @@ from cortex.worker.loader import LoadAborted
 from cortex.worker.loading import Loads
 from cortex.worker.placements import Placements
 from cortex.worker.pull_guard import LeavingPull
+from cortex.worker.scaling import consider_scaling, watch_queues
 from cortex.worker.slot import ModelSlot
 from cortex.worker.slot import progress as _progress
 from cortex.worker.synthetic import SyntheticEngine
@@ -134,8 +140,13 @@ class Residency:
         """The periodic checks: queue depths, idle models, models to keep loaded somewhere."""
         self.placements.changed.set()  # cheap when nothing changed; heals a missed notification
         await self._measure_queues()
+        await consider_scaling(list(self._models.values()), self.placements)
         await self._expire_idle()
         await self.placements.keep_placed()
+
+    async def watch_queues(self) -> None:
+        """Between upkeep ticks, the queues of busy models that could have another replica (`scaling`)."""
+        await watch_queues(lambda: list(self._models.values()), self.placements)
 
     async def stop_serving(self) -> None:
         """On shutdown: every pull loop stops within one fetch; a model still loading is abandoned.
@@ -253,13 +264,14 @@ class Residency:
             if self.stopping.is_set() or model not in self.placements.wanted():
                 return None
             advert = self.advert()
-            victims = plan_evictions(advert, need, self.placements.pins())
+            placed = self.placements.placements()
+            victims = plan_evictions(advert, need, self.placements.pins(), placements=placed)
             if victims is not None and (not victims or not self.unloads.pending):
                 return self._reserve(model, need, victims), victims
             if self.unloads.pending:  # what they free is counted once it is free, which may spare an eviction
                 await asyncio.gather(*self.unloads.pending.values(), return_exceptions=True)
                 continue
-            blocked = plan_evictions(advert, need, self.placements.pins(), busy_too=True)
+            blocked = plan_evictions(advert, need, self.placements.pins(), busy_too=True, placements=placed)
             if blocked is None:
                 why = f"{self.worker_id} cannot make room: it needs {gib(need)} and its other models are pinned"
                 await self.placements.load_failed(model, why)
@@ -376,8 +388,8 @@ class Residency:
                 continue
             self.unloads.kinds[model] = "keep_alive"
             reason = f"idle on {self.worker_id} for {idle:.0f}s (keep_alive {keep:g}s)"
-            # Only while the placement's other live workers keep min_replicas (checked at write time).
-            await self.placements.leave_idle(model, reason, slot.spec.min_replicas)
+            # Only while the placement's other live workers keep min_replicas, or a pin's count (checked at write time).
+            await self.placements.leave_idle(model, reason, self.placements.kept_copies(slot.spec))
 
     async def _measure_queues(self) -> None:
         for slot in list(self._models.values()):

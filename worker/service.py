@@ -96,6 +96,7 @@ class WorkerService:
             asyncio.create_task(requests.progress_loop(), name="in-progress"),
             asyncio.create_task(residency.reconcile_loop(), name="reconcile"),
             asyncio.create_task(placements.keep_placed_when_lost(), name="keep-placed"),
+            asyncio.create_task(residency.watch_queues(), name="watch-queues"),
         ]
         await self._stopping.wait()
         await residency.stop_serving()

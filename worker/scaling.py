@@ -1,0 +1,85 @@
+"""How long each model's queue has stayed deep: the clock of queue-driven scale-out.
+
+A worker serving a model measures its queue (`cortex.worker.residency`) every
+`SCALE_POLL_S` while the model has requests running here, and on every upkeep
+tick; `cortex.worker.placements.Placements.consider_scaling` feeds each reading
+here and adds a replica once the queue has been at least as deep as the slots
+serving it for `DEEP_FOR_S`. A burst that arrives at once therefore scales
+without any further request, within about `DEEP_FOR_S` + `SCALE_POLL_S` of its
+first copy taking requests (plus the new copy's load).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from cortex.broker.errors import BrokerError
+from cortex.protocol import messages as m
+
+if TYPE_CHECKING:  # placements imports this module for its clock
+    from cortex.worker.placements import Placements
+    from cortex.worker.slot import ModelSlot
+
+log = logging.getLogger("cortex.worker")
+
+DEEP_FOR_S = 2.0
+"""A queue at least as deep as the slots serving it for this long asks for another replica."""
+SCALE_POLL_S = 0.5
+"""How often a worker reads the queues of the models it serves that have requests running and could scale."""
+
+
+@dataclass
+class DeepQueues:
+    """Since when (monotonic) each model's queue has been deep, on which set of placed workers."""
+
+    _since: dict[str, tuple[tuple[str, ...], float]] = field(default_factory=dict)
+
+    def observe(self, model: str, workers: Sequence[str], deep: bool, now: float) -> float:
+        """Record a reading; how long the queue has been deep without a break (0.0 when it is not deep now).
+
+        A change of the placement's workers (a replica added, a worker gone)
+        starts the clock again: the slots serving the queue changed.
+        """
+        if not deep:
+            self._since.pop(model, None)
+            return 0.0
+        key = tuple(workers)
+        seen = self._since.get(model)
+        if seen is None or seen[0] != key:
+            self._since[model] = (key, now)
+            return 0.0
+        return now - seen[1]
+
+    def forget(self, model: str) -> None:
+        self._since.pop(model, None)
+
+
+async def watch_queues(held: Callable[[], list[ModelSlot]], placements: Placements) -> None:
+    """Every `SCALE_POLL_S`, read the queues of the models `held` here that run requests and could have another
+    replica, and hand each reading to `Placements.consider_scaling`."""
+    while True:
+        await asyncio.sleep(SCALE_POLL_S)
+        try:
+            read = []
+            for slot in held():
+                placement = placements.placements().get(slot.spec.id)
+                scalable = placement is not None and len(placement.workers) < slot.spec.max_replicas
+                if scalable and slot.pull is not None and slot.state == m.MODEL_READY and slot.in_flight:
+                    with contextlib.suppress(BrokerError):  # read again next time
+                        slot.queue_depth = await slot.pull.pending()
+                        read.append(slot)
+            await consider_scaling(read, placements)
+        except Exception:
+            log.exception("watching the queues failed")  # tried again in SCALE_POLL_S
+
+
+async def consider_scaling(slots: list[ModelSlot], placements: Placements) -> None:
+    """Hand the queue depths just read of `slots` (models held here) to `Placements.consider_scaling`."""
+    for slot in slots:
+        if slot.state == m.MODEL_READY and slot.spec.max_replicas > 1 and not slot.leaving.is_set():
+            await placements.consider_scaling(slot.spec, slot.queue_depth)
