@@ -394,6 +394,7 @@ def measure(workers: int = SMALL["workers"], models: int = SMALL["models"], gate
         "fleet_sim_place_p50_ms": decisions["place_on_demand"]["p50_ms"],
         "fleet_sim_place_p99_ms": decisions["place_on_demand"]["p99_ms"],
         "fleet_sim_compute_models_p50_ms": decisions["compute_models"]["p50_ms"],
+        "fleet_sim_models_call_p50_ms": decisions.get("models_call", {}).get("p50_ms", 0.0),
         "fleet_sim_cold_to_placement_p50_ms": requests["cold_to_placement_p50_ms"],
         "fleet_sim_cold_to_placement_p99_ms": requests["cold_to_placement_p99_ms"],
         "fleet_sim_v1_models_p50_ms": reads["v1_models_p50_ms"],

@@ -17,10 +17,14 @@ with nothing else to wait for:
 - one placement decision (`protocol.placement.pick_worker` over every live
   advert and placement, as `place_on_demand` calls it for a model evicted
   everywhere);
-- the model list behind ``/v1/models`` and every request's model resolution
-  (`FleetView._compute_models`);
+- the model list behind ``/v1/models`` and every request's model resolution:
+  computed from scratch (`FleetView._compute_models` with the merged
+  catalogues dropped, as when a catalogue or the live set changes), again
+  after a model's state changed (the merged catalogues kept), and what a
+  request pays (`FleetView.models()`) with the fleet's adverts arriving in
+  between, one per request, that change nothing the list shows;
 - what ``cortexctl status --json`` does after reading the buckets: decode each
-  advert (`fleet_ops.live_adverts`), turn them into builtins and print them.
+  advert (`fleet_ops.live_adverts`) and print them (`broker.ctl.status_json`).
 
 One JSON line per size, then the growth exponents.
 """
@@ -36,14 +40,14 @@ import statistics
 import time
 from typing import Any
 
-import msgspec
 import torch
 
 from bench.common import percentile
 from bench.fleet_sim import exponents
 from bench.fleet_sim_catalogue import BUDGET, catalogue
+from cortex.broker.ctl import status_json
 from cortex.gateway.fleet import FleetView
-from cortex.protocol import ModelState, Placement, WorkerAdvert, codec, names
+from cortex.protocol import ModelState, Placement, WorkerAdvert, catalogues, codec, names
 from cortex.protocol import messages as m
 from cortex.protocol.choice import pick_worker
 from cortex.protocol.heartbeat import Heartbeat
@@ -95,7 +99,7 @@ def summary(samples: list[float]) -> dict[str, float]:
 
 def measure(workers: int, models: int) -> dict[str, Any]:
     adverts, placements = fleet(workers, models)
-    raw = [codec.encode(a) for a in adverts]
+    raw = [codec.encode(catalogues.on_the_wire(a)) for a in adverts]  # as `Advertiser.publish` writes them
     view = FleetView(stale_after=1e9)  # nothing here goes stale while it is timed: every worker stays live
     view._fleet.beat_window = 1e9
     for advert, value in zip(adverts, raw, strict=True):
@@ -126,11 +130,23 @@ def measure(workers: int, models: int) -> dict[str, Any]:
 
     decide_ms = timed(decide, 30)
 
-    models_ms = timed(view._compute_models, 10)
+    def from_scratch() -> None:
+        view._cards = None
+        view._compute_models()
 
-    def status() -> None:  # cortexctl status --json after its reads: decode, to builtins, print
+    models_ms = timed(from_scratch, 10)
+    view.models()
+    state_ms = timed(view._compute_models, 10)
+    request_ms: list[float] = []
+    for turn in range(min(1000, 5 * workers)):  # an advert that changes nothing shown (untimed), then a request
+        view.on_change(advert_keys[turn % workers], raw[turn % workers])
+        t0 = time.process_time()
+        view.models()
+        request_ms.append((time.process_time() - t0) * 1000)
+
+    def status() -> None:  # cortexctl status --json after its reads: decode, print
         decoded = [codec.decode_advert(value) for value in raw]
-        json.dumps({"workers": [msgspec.to_builtins(a) for a in decoded]}, indent=2)
+        status_json(decoded, {}, {})
 
     status_ms = timed(status, 3, 20.0)
     rate_adverts = workers / names.ADVERT_INTERVAL_S
@@ -145,6 +161,8 @@ def measure(workers: int, models: int) -> dict[str, Any]:
         "reader_cpu_share_without_gc": round(statistics.median(interval_no_gc_ms) / 1000 / names.ADVERT_INTERVAL_S, 4),
         "pick_worker": summary(decide_ms),
         "compute_models": summary(models_ms),
+        "compute_models_after_state_change": summary(state_ms),
+        "models_per_request": summary(request_ms),
         "cortexctl_status_after_reads": summary(status_ms),
     }
 
@@ -155,6 +173,7 @@ FLAT = {
     "fleet_sim_place_p50_ms": ("pick_worker", "p50_ms"),
     "fleet_sim_place_p99_ms": ("pick_worker", "p99_ms"),
     "fleet_sim_compute_models_p50_ms": ("compute_models", "p50_ms"),
+    "fleet_sim_models_per_request_p50_ms": ("models_per_request", "p50_ms"),
     "fleet_sim_cortexctl_status_p50_ms": ("cortexctl_status_after_reads", "p50_ms"),
 }
 

@@ -12,7 +12,9 @@ another `--profile` seconds with cProfile, and (gateway) times the decisions a
 gateway makes from that view: `place_on_demand` for a cold model, over the
 live map built as `gateway.placing.ensure_placed` builds it,
 the model list behind ``/v1/models`` and every request's model resolution
-(`FleetView._compute_models`), and decoding one advert. cProfile counts CPU
+(`FleetView._compute_models`, a recompute with the merged catalogues kept;
+`models_call`: what a request pays, the list kept until what it shows changes),
+and decoding one advert. cProfile counts CPU
 time (`time.process_time`), so other processes on the cores do not inflate it. One JSON line on stdout.
 """
 
@@ -140,6 +142,7 @@ async def decisions(fleet: FleetView, models: int) -> dict[str, Any]:
         "placements": len(fleet.placements),
         "advert_bytes": len(raw),
         "compute_models": await timed(fleet._compute_models, 10),
+        "models_call": await timed(fleet.models, 50),
         "decode_advert": await timed(lambda: codec.decode_advert(raw), 50) if raw else {},
         "place_on_demand": await timed(decide, 60),
     }

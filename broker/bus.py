@@ -7,6 +7,7 @@ translated into `cortex.broker.errors` here and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -23,12 +24,13 @@ from nats.js.kv import KeyValue
 
 from cortex.broker import lockdown, provision
 from cortex.broker.access import Access
+from cortex.broker.catalogues import Catalogues, HeldAdverts
 from cortex.broker.connection import Link, connect
 from cortex.broker.errors import BrokerUnavailable, NotProvisioned, PayloadTooLarge, QueueFull
 from cortex.broker.pull import Delivery as Delivery  # re-exported: the worker's modules take both from here
 from cortex.broker.pull import PullQueue
 from cortex.broker.watch import FleetHandler, Watch
-from cortex.protocol import names
+from cortex.protocol import catalogues, names
 
 log = logging.getLogger("cortex.broker")
 
@@ -67,7 +69,12 @@ class Bus:
         self._alive = buckets.alive
         self._keys = buckets.keys
         self._limits = buckets.limits
+        self.catalogues = Catalogues(buckets.catalogues)
+        """The catalogues adverts name by digest, read into `cortex.protocol.catalogues.CACHE` (`read_fleet`,
+        `watch_fleet`)."""
+        self._catalogue_bucket = buckets.catalogues
         self._watches: list[Watch] = []
+        self._held: list[HeldAdverts] = []
 
     @classmethod
     async def open(cls, url: str, *, name: str, access: Access | None = None) -> Bus:
@@ -131,6 +138,8 @@ class Bus:
         return int(self._nc.max_payload)
 
     async def close(self) -> None:
+        for held in self._held:
+            held.stop()
         for watch in self._watches:
             await watch.stop()
         try:
@@ -234,6 +243,13 @@ class Bus:
             await self._fleet.delete(key)
         except Exception as exc:
             raise BrokerUnavailable(f"cannot delete {key}: {exc}") from exc
+
+    async def put_catalogue(self, key: str, value: bytes) -> None:
+        """Write a catalogue under its digest's key (`names.catalogue_key`) in the catalogue bucket."""
+        try:
+            await self._catalogue_bucket.put(key, value)
+        except Exception as exc:
+            raise BrokerUnavailable(f"cannot write {key}: {exc}") from exc
 
     # -- heartbeat bucket ---------------------------------------------------
 
@@ -382,24 +398,34 @@ class Bus:
         return out
 
     async def read_fleet(self) -> dict[str, bytes]:
-        """Every live key of the fleet bucket and its value."""
-        return _present(await self._read_all(self._fleet, names.FLEET_BUCKET))
+        """Every live key of the fleet bucket and its value, with the catalogues its adverts name read into
+        `cortex.protocol.catalogues.CACHE` (so `codec.decode_advert` fills them in; one that cannot be read is
+        logged, and its adverts decode with an empty catalogue)."""
+        fleet = _present(await self._read_all(self._fleet, names.FLEET_BUCKET))
+        digests = [catalogues.digest_of_advert(v) for k, v in fleet.items() if names.is_worker_key(k)]
+        for digest, why in (await self.catalogues.fetch_all(digests)).items():
+            log.warning("catalogue %s %s: the adverts naming it show no catalogue", digest, why)
+        return fleet
 
     async def _read_all(self, bucket: KeyValue, bucket_name: str) -> dict[str, bytes | None]:
-        """A snapshot of a bucket: the stream's subjects, then each key's latest value.
+        """A snapshot of a bucket: the stream's subjects, then every key's latest value in one pass.
 
-        Not a watcher: its "initial values done" mark comes early while keys are being
-        rewritten (adverts are, every few seconds), and a read then missed live keys.
-        A key whose latest entry is a delete, purge or expiry marker reads as None.
+        The pass is a KV watch (an ordered consumer delivering the last value per key) read up to its "initial
+        values done" mark. That mark can come early while keys are being rewritten (adverts are, every few seconds):
+        a key the subjects listed and the pass did not bring is then read by itself. A key whose latest entry is a
+        delete, purge or expiry marker reads as None.
         """
         prefix = f"$KV.{bucket_name}."
         try:
             info = await self._js.stream_info(f"KV_{bucket_name}", subjects_filter=f"{prefix}>")
-            keys = [subject[len(prefix) :] for subject in info.state.subjects or {}]
-            values = await asyncio.gather(*(_latest_value(bucket, key) for key in keys))
+            listed = [subject[len(prefix) :] for subject in info.state.subjects or {}]
+            out = await _last_values(bucket) if listed else {}
+            missed = [key for key in listed if key not in out]
+            values = await asyncio.gather(*(_latest_value(bucket, key) for key in missed))
         except (nats.errors.Error, TimeoutError) as exc:
             raise BrokerUnavailable(f"cannot read the {bucket_name} bucket: {exc!r}") from exc
-        return dict(zip(keys, values, strict=True))
+        out.update(zip(missed, values, strict=True))
+        return out
 
     async def watch_fleet(self, handler: FleetHandler) -> None:
         """Start calling `handler` for every change of the fleet, in the background: its adverts and heartbeats.
@@ -408,8 +434,13 @@ class Bus:
         (``alive.*``, bucket ``cortex-alive``) come to the same handler; a
         heartbeat that expired or was withdrawn comes as (key, None).
         `cortex.protocol.liveness.LiveFleet` takes both.
+
+        Adverts that name a catalogue this process has not read yet are held until it is
+        (`cortex.broker.catalogues.HeldAdverts`), so `codec.decode_advert` always fills in a catalogue.
         """
-        await self._watch(names.FLEET_BUCKET, self._fleet, handler)
+        held = HeldAdverts(self.catalogues, handler)
+        self._held.append(held)
+        await self._watch(names.FLEET_BUCKET, self._fleet, held.on_change)
         await self._watch(names.ALIVE_BUCKET, self._alive, handler)
 
     async def _watch(self, bucket_name: str, bucket: KeyValue, handler: FleetHandler) -> None:
@@ -493,6 +524,30 @@ async def _read_revision(bucket: KeyValue, key: str) -> tuple[bytes | None, int]
 def _present(snapshot: dict[str, bytes | None]) -> dict[str, bytes]:
     """The keys of a snapshot that have a value."""
     return {key: value for key, value in snapshot.items() if value}
+
+
+SNAPSHOT_TIMEOUT_S = 10.0
+"""A one-pass read of a bucket that has not reached its "initial values done" mark by then keeps what it has (and
+reads the keys it is missing one by one)."""
+_KV_DELETE_OPS = frozenset({"DEL", "PURGE"})
+
+
+async def _last_values(bucket: KeyValue) -> dict[str, bytes | None]:
+    """Every key's latest value as one KV watch delivers them, up to its "initial values done" mark."""
+    out: dict[str, bytes | None] = {}
+    watcher = await bucket.watchall()
+    try:
+        async with asyncio.timeout(SNAPSHOT_TIMEOUT_S):
+            async for entry in watcher:
+                if entry is None:
+                    break
+                out[entry.key] = None if entry.operation in _KV_DELETE_OPS else (entry.value or None)
+    except TimeoutError:
+        log.info("a read of bucket %s did not finish in one pass; reading the rest key by key", bucket._name)
+    finally:
+        with contextlib.suppress(Exception):
+            await watcher.stop()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
+    return out
 
 
 async def _latest_value(bucket: KeyValue, key: str) -> bytes | None:

@@ -4,7 +4,7 @@
 
     cortexctl up                      # nats-server + gateway :31313 + worker, Ctrl-C stops all
     cortexctl status                  # workers, devices, memory, models, free slots
-    cortexctl status --json
+    cortexctl status --json           # the same as JSON (adverts without catalogues; --catalogue adds them)
     cortexctl models                  # the catalogue: where each model is loaded, and why
     cortexctl load MODEL [--worker W] / unload MODEL [--worker W]
     cortexctl pin MODEL [--worker W] / unpin MODEL
@@ -29,7 +29,6 @@ page calls too.
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import sys
 import time
@@ -46,7 +45,7 @@ from cortex.broker.ctl_secure import credentials, init, options, up_banner
 from cortex.broker.ctl_top import top
 from cortex.broker.errors import BrokerError
 from cortex.broker.stack import Stack, StackConfig, default_data_dir
-from cortex.protocol import Pin, Placement
+from cortex.protocol import Pin, Placement, WorkerAdvert
 from cortex.protocol.choice import pinned_copies
 
 app = typer.Typer(help="Operate a Cortex fleet.", no_args_is_help=True)
@@ -124,8 +123,10 @@ def up(
 def status(
     nats: Annotated[str, typer.Option(help="NATS server URL")] = DEFAULT_URL,
     as_json: Annotated[bool, typer.Option("--json", help="print the adverts as JSON")] = False,
+    catalogue: Annotated[bool, typer.Option("--catalogue", help="with --json: each advert's whole catalogue too "
+                                            "(every card of every worker: megabytes on a large fleet)")] = False,
     watch: Annotated[bool, typer.Option("--watch", help="redraw every 2 s until Ctrl-C")] = False,
-) -> None:
+) -> None:  # fmt: skip
     """Workers, devices, memory, loaded models, running and queued requests: the live workers (advert and heartbeat)."""
     while True:
         try:
@@ -134,14 +135,29 @@ def status(
             typer.echo(f"cortexctl status: {exc}", err=True)
             raise typer.Exit(1) from None
         if as_json:
-            typer.echo(json.dumps({"workers": adverts, "placements": placements, "pins": pins}, indent=2))
+            typer.echo(status_json(adverts, placements, pins, catalogue=catalogue).decode())
         else:
             if watch:
                 typer.echo("\x1b[2J\x1b[H", nl=False)  # clear the screen, cursor home
-            _print_status(adverts, placements)
+            _print_status([msgspec.to_builtins(_without_catalogue(a)) for a in adverts], placements)
         if not watch:
             return
         time.sleep(2.0)
+
+
+def _without_catalogue(advert: WorkerAdvert) -> WorkerAdvert:
+    """The advert less its catalogue (500 cards are 127 KB an advert; status shows the models held)."""
+    return msgspec.structs.replace(advert, catalogue=[])
+
+
+def status_json(
+    adverts: list[WorkerAdvert], placements: dict[str, Any], pins: dict[str, Any], *, catalogue: bool = False
+) -> bytes:
+    """``cortexctl status --json``: the live adverts (with their catalogues only if `catalogue`), the placements
+    and the pins, indented; encoded by msgspec in one pass (no builtins copy of every advert first)."""
+    workers = adverts if catalogue else [_without_catalogue(a) for a in adverts]
+    document = {"workers": workers, "placements": placements, "pins": pins}
+    return msgspec.json.format(msgspec.json.encode(document), indent=2)
 
 
 def _print_status(adverts: list[dict[str, Any]], placements: dict[str, Any] | None = None) -> None:
@@ -301,13 +317,20 @@ def models(nats: NatsOption = DEFAULT_URL) -> None:
 
         adverts = await _adverts(bus)
         placements, pins = await read_all(bus)
+        memory_of: dict[str, int] = {}  # each model's largest card across the catalogues, in one pass
+        for advert in adverts:
+            for card in advert.catalogue:
+                memory_of[card.id] = max(memory_of.get(card.id, 0), card.memory)
+        held: dict[str, list[tuple[str, str]]] = {}  # model -> (worker, state), workers in id order
+        for advert in adverts:
+            for state in dict((s.id, s) for s in reversed(advert.models)).values():  # the first state of an id
+                held.setdefault(state.id, []).append((advert.worker_id, state.state))
         lines = [f"{'MODEL':<32} {'MEMORY':<10} {'PINNED':<10} {'LOADED ON':<30} WHY"]
-        for model_id in sorted({c.id for a in adverts for c in a.catalogue}):
+        for model_id, memory in sorted(memory_of.items()):
             placement, pin = placements.get(model_id), pins.get(model_id)
             kept = _pinned_on(placement, pin)
-            where = [f"{a.worker_id} ({s.state}{', pinned' if a.worker_id in kept else ''})" for a in adverts
-                     if (s := a.state_of(model_id)) is not None]  # fmt: skip
-            memory = max((c.memory for a in adverts for c in a.catalogue if c.id == model_id), default=0)
+            where = [f"{worker} ({state}{', pinned' if worker in kept else ''})"
+                     for worker, state in held.get(model_id, [])]  # fmt: skip
             why = placement.error or placement.reason if placement is not None else ""
             pinned = "" if pin is None else f"on {pin.worker}" if pin.worker else f"{pin.replicas} kept"
             lines.append(f"{model_id:<32} {_gib(memory) + ' GiB':<10} {pinned:<10} "
@@ -326,9 +349,9 @@ def _pinned_on(placement: Placement | None, pin: Pin | None) -> list[str]:
     return pinned_copies(placement, pin.replicas)
 
 
-async def _read_fleet(url: str) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any]]:
-    """The live adverts, the placements (model -> placement, with the workers a pin keeps as ``pinned`` and the
-    others as ``extra``) and the pins (model -> pin), as plain data."""
+async def _read_fleet(url: str) -> tuple[list[WorkerAdvert], dict[str, Any], dict[str, Any]]:
+    """The live adverts, by worker id; the placements (model -> placement as plain data, with the workers a pin keeps
+    as ``pinned`` and the others as ``extra``) and the pins (model -> pin, plain data)."""
     from cortex.broker.decisions import read_all
 
     async def read(bus: Any) -> tuple[list[Any], dict[str, Placement], dict[str, Pin]]:
@@ -341,7 +364,7 @@ async def _read_fleet(url: str) -> tuple[list[dict[str, Any]], dict[str, Any], d
         shown[model] = msgspec.to_builtins(placement) | {
             "pinned": kept, "extra": [w for w in placement.workers if w not in kept] if model in pins else []
         }  # fmt: skip
-    return [msgspec.to_builtins(a) for a in adverts], shown, {m: msgspec.to_builtins(p) for m, p in pins.items()}
+    return adverts, shown, {m: msgspec.to_builtins(p) for m, p in pins.items()}
 
 
 app.command()(init)

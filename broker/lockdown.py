@@ -49,6 +49,7 @@ CONFIG_FILE = "nats-secure.conf"
 _BUCKETS = {
     "fleet": names.FLEET_BUCKET, "responses": names.RESPONSES_BUCKET, "placement": names.PLACEMENT_BUCKET,
     "alive": names.ALIVE_BUCKET, "keys": names.KEYS_BUCKET, "limits": names.LIMITS_BUCKET,
+    "catalogues": names.CATALOGUE_BUCKET,
 }  # fmt: skip
 """`provision.Buckets` field -> bucket name."""
 _STREAMS = (names.REQUEST_STREAM, names.USAGE_STREAM, names.AUDIT_STREAM)

@@ -68,6 +68,7 @@ class Buckets:
     alive: KeyValue
     keys: KeyValue
     limits: KeyValue
+    catalogues: KeyValue
 
 
 def cluster_replicas(server_info: Mapping[str, Any]) -> int:
@@ -263,6 +264,23 @@ async def ensure_limits_bucket(js: JetStreamContext, replicas: int = 1) -> KeyVa
     )  # fmt: skip
 
 
+async def ensure_catalogue_bucket(js: JetStreamContext, replicas: int = 1) -> KeyValue:
+    """Worker catalogues under their digests (`cortex.protocol.catalogues`), written once per change.
+
+    A bucket max age (`names.CATALOGUE_MAX_AGE_S`), no per-key TTL: workers write theirs again every
+    `names.CATALOGUE_REFRESH_S`, so only the catalogues of workers gone for that long expire; history 1 keeps one
+    copy of each (the same digest is the same bytes).
+    """
+    return await _ensure_bucket(
+        js,
+        KeyValueConfig(
+            bucket=names.CATALOGUE_BUCKET, description="Cortex worker catalogues, by digest (adverts name them)",
+            history=1, ttl=names.CATALOGUE_MAX_AGE_S, storage=StorageType.FILE, max_value_size=MAX_REQUEST_BYTES,
+            replicas=replicas,
+        ),
+    )  # fmt: skip
+
+
 def _record_stream_config(name: str, description: str, subjects: str, max_age: float, replicas: int) -> StreamConfig:
     return StreamConfig(
         name=name, description=description, subjects=[subjects], retention=RetentionPolicy.LIMITS,
@@ -296,4 +314,5 @@ async def ensure_all(js: JetStreamContext, replicas: int = 1) -> Buckets:
         fleet=await ensure_fleet_bucket(js, replicas), responses=await ensure_responses_bucket(js, replicas),
         placement=await ensure_placement_bucket(js, replicas), alive=await ensure_alive_bucket(js, replicas),
         keys=await ensure_keys_bucket(js, replicas), limits=await ensure_limits_bucket(js, replicas),
+        catalogues=await ensure_catalogue_bucket(js, replicas),
     )  # fmt: skip

@@ -48,6 +48,18 @@ leader hangs for nats-py's whole 5 s timeout; a cluster elects one in several se
 SETTLE_S = float(names.HEARTBEAT_TTL_S)
 """After a watch is made again, how long what it says is taken for stale: in this time every live worker beats again."""
 
+REMAKE_GAP_S = 2.0
+REMAKE_GAP_MAX_S = 30.0
+REMAKE_RECENT_S = 60.0
+"""A watch made again for a failed probe less than `REMAKE_RECENT_S` after the last time is not made again for a
+failed probe sooner than `REMAKE_GAP_S` after, doubling each time up to `REMAKE_GAP_MAX_S` (it settles meanwhile):
+a process too loaded to hear its probes is not loaded further by re-deliveries of the whole bucket. A reconnect
+makes it again at once, as ever."""
+OWN_TIME_STEP_S = 0.1
+"""`_within_own_time` looks at the event loop's lateness this often."""
+OWN_TIME_CAP_S = 20.0
+"""However late this process's event loop, a probe unanswered this long (wall clock) has failed."""
+
 FleetHandler = Callable[[str, bytes | None], None]
 """Called with (key, value) for a put and (key, None) for a delete or expiry."""
 
@@ -83,6 +95,12 @@ class Watch:
         """When (monotonic) the watch was last made again."""
         self._slow_probe = False
         """A probe is late now (`_answers`): heartbeats may be late too."""
+        self._doubted = False
+        """The last probe failed and the watch was not made again (`_may_remake`): what it says may be stale."""
+        self._probe_remade_at = 0.0
+        """When (monotonic) the watch was last made again for a probe that failed."""
+        self._remake_gap = 0.0
+        """How long after `_probe_remade_at` a failed probe may make the watch again."""
         self._heard = time.monotonic()
         self._task: asyncio.Task[None] | None = None
         self._late: set[asyncio.Future[Any]] = set()
@@ -103,7 +121,7 @@ class Watch:
 
     def settling(self, now: float) -> bool:
         """Whether what the watch says may be stale (see the module's docstring)."""
-        if self.lost(now) or self._slow_probe:
+        if self.lost(now) or self._slow_probe or self._doubted:
             return True
         return bool(self._settled_at) and now - self._settled_at < SETTLE_S
 
@@ -150,13 +168,26 @@ class Watch:
                         await self._link.reconnected(self._made_at)
                 continue
             if not await self._answers(watcher):
+                if not self._may_remake(time.monotonic()):  # it was made again moments ago: give it longer
+                    self._doubted = True
+                    log.info("watch %s: its consumer does not answer; made again %.0fs ago, so not yet", self.name,
+                             time.monotonic() - self._probe_remade_at)  # fmt: skip
+                    self._heard = time.monotonic()
+                    continue
                 log.warning("watch %s: its consumer or its stream does not answer (a server or cluster node went "
                             "away?): making it again", self.name)  # fmt: skip
+                self._probe_remade(time.monotonic())
                 return
+            self._doubted = False
             self._heard = time.monotonic()
 
     async def _answers(self, watcher: KeyValue.KeyWatcher) -> bool:
-        """Whether the watch's consumer and its stream (its leader) answer; a slow answer makes the watch settle."""
+        """Whether the watch's consumer and its stream (its leader) answer; a slow answer makes the watch settle.
+
+        The wait counts this process's own time only (`_within_own_time`): while its event loop is what is late
+        (blocked, or starved of CPU), the answer may be sitting unread in the socket, and remaking the watch would
+        only add a full re-delivery of the bucket to the load.
+        """
         sub = watcher._sub  # nats-py keeps the watch's subscription only here
         if sub is None:
             return False
@@ -166,8 +197,7 @@ class Watch:
         if slow:
             self._slow_probe = True
         try:
-            async with asyncio.timeout(PROBE_TIMEOUT_S - SLOW_PROBE_S):
-                await probe
+            await _within_own_time(probe, PROBE_TIMEOUT_S - SLOW_PROBE_S)
         except Exception as exc:  # gone (not found), no answer (the node, or the stream's leader, away), closed
             log.debug("watch %s: consumer did not answer: %r", self.name, exc)
             return False
@@ -176,6 +206,16 @@ class Watch:
         if slow:
             self._settled_at = time.monotonic()
         return True
+
+    def _may_remake(self, now: float) -> bool:
+        """Whether a watch whose probe failed may be made again now: not sooner than `_remake_gap` after the last
+        time it was, for the same reason (the gap doubles while such remakes follow each other)."""
+        return now - self._probe_remade_at >= self._remake_gap
+
+    def _probe_remade(self, now: float) -> None:
+        recent = self._probe_remade_at and now - self._probe_remade_at < REMAKE_RECENT_S
+        self._remake_gap = min(max(2 * self._remake_gap, REMAKE_GAP_S), REMAKE_GAP_MAX_S) if recent else 0.0
+        self._probe_remade_at = now
 
     async def _make_again(self) -> KeyValue.KeyWatcher:
         """A new watch of the bucket (each key's latest value first), retried until the broker takes it."""
@@ -197,6 +237,7 @@ class Watch:
                 delay = min(2 * delay, 1.0)
                 continue
             self._made_at, self._remaking, self._settled_at = reconnects, False, time.monotonic()
+            self._doubted = False
             self._remade_at = self._settled_at
             self._heard = self._settled_at
             log.info("watch %s made again", self.name)
@@ -208,3 +249,25 @@ class Watch:
             stopping = asyncio.ensure_future(attempt.result().stop())
             self._late.add(stopping)
             stopping.add_done_callback(self._late.discard)
+
+
+async def _within_own_time(future: asyncio.Future[Any], budget: float) -> Any:
+    """`future`'s result, waited for up to `budget` seconds of this event loop's own time (TimeoutError after that).
+
+    Time the loop spent late, as a wait of `OWN_TIME_STEP_S` that returned later than that shows, does not count:
+    that was this process (blocked, starved of CPU, busy with a burst of messages), not the broker. The wait ends
+    after `OWN_TIME_CAP_S` of wall clock whatever the lateness.
+    """
+    start, spent = time.monotonic(), 0.0
+    try:
+        while not future.done():
+            step = min(OWN_TIME_STEP_S, budget - spent)
+            if step <= 0 or time.monotonic() - start >= OWN_TIME_CAP_S:
+                raise TimeoutError
+            before = time.monotonic()
+            await asyncio.wait({future}, timeout=step)
+            spent += min(time.monotonic() - before, step)  # beyond `step`, the loop was late
+    finally:
+        if not future.done():
+            future.cancel()
+    return future.result()

@@ -48,28 +48,59 @@ class ModelEntry:
 
 RECENTLY_OFFERED_S = 60.0
 """A model a live worker offered this recently is "not served right now" (503), not "unknown" (404)."""
-MODELS_CACHE_S = 0.5
-"""How long a computed model list stands without a change in the fleet (and never past a worker going stale)."""
 RECENT_DECISIONS = 20
 """Placement decisions kept for the fleet page (each model's latest when the gateway starts, then every change)."""
+
+_Shown = tuple[tuple[str, str, int, str, bool, float, int, int], ...]
+"""What the model list takes from an advert's held models: id, state, context length, error, reasoning, progress,
+queue depth, in flight (not `last_used`, `memory` nor `prefix_keys`, which change with every request)."""
+
+
+def _shown(advert: WorkerAdvert) -> _Shown:
+    return tuple((s.id, s.state, s.context_length, s.error, s.reasoning, s.progress, s.queue_depth, s.in_flight)
+                 for s in advert.models)  # fmt: skip
 
 
 @dataclass
 class FleetView:
+    """The fleet as this gateway sees it, and the model list every request resolves its model in.
+
+    The model list (`models`) is kept until what it shows changes, not recomputed per request: an advert drops it
+    only when its worker comes, its catalogue changes, or the shown fields of its models do (`_shown`); a
+    heartbeat only when a worker starts or stops counting; a placement or pin whenever one changes; and it never
+    stands past the moment a worker it counts goes stale. The catalogues merged across the live workers (the
+    costly part: workers x catalogue) are kept apart and merged again only when a catalogue or who is live
+    changes, so a change in a model's state costs O(workers x models held + models).
+    """
+
     stale_after: float = names.ADVERT_TTL_S
     """How long an advert counts without being rewritten (a worker without heartbeats is judged by this alone)."""
     _fleet: LiveFleet = field(init=False)
-    _models: tuple[float, dict[str, ModelEntry]] | None = None
-    """`models()` as last computed, and until when it stands: every request resolves a model."""
     placements: dict[str, Placement] = field(default_factory=dict)
     pins: dict[str, Pin] = field(default_factory=dict)
     decisions: deque[Placement] = field(default_factory=lambda: deque(maxlen=RECENT_DECISIONS))
     """The placement decisions seen last, as they came (the fleet page lists them)."""
-    _known_at: dict[str, float] = field(default_factory=dict)
-    """Every model id and alias a live worker offered, and when (monotonic) one last did."""
     listeners: list[Callable[[], None]] = field(default_factory=list)
     """Called after every change the watches bring (not a heartbeat that only keeps a worker live): the fleet page
     sends a new snapshot."""
+    _models: dict[str, ModelEntry] | None = None
+    """`models()` as last computed (None: to compute again)."""
+    _listed: dict[str, ModelEntry] = field(default_factory=dict)
+    """The list last computed, even once dropped: the names it had (`_known_at`)."""
+    _models_until: float = 0.0
+    """When that list stops standing by itself: the first worker it counts goes stale (monotonic)."""
+    _placed: dict[str, Placement] = field(default_factory=dict)
+    """`placements` as that list showed them (a placement this gateway writes lands in `placements` directly)."""
+    _aliases: dict[str, str] = field(default_factory=dict)
+    """Alias -> model id over that list (the first id in order that has it)."""
+    _counted: set[str] = field(default_factory=set)
+    """The advert keys that list counted: an advert from another worker is a worker coming (back)."""
+    _cards: dict[str, ModelCard] | None = None
+    """The live workers' catalogues merged, the first card of an id kept (None: to merge again)."""
+    _adverts_shown: dict[str, tuple[list[ModelCard], _Shown]] = field(default_factory=dict)
+    """By advert key: the catalogue and `_shown` of the worker's advert last seen."""
+    _known_at: dict[str, float] = field(default_factory=dict)
+    """Model ids and aliases live workers stopped offering, and when (monotonic) the list last had them."""
 
     def __post_init__(self) -> None:
         self._fleet = LiveFleet(advert_window=self.stale_after)
@@ -101,9 +132,32 @@ class FleetView:
         except codec.DecodeError as exc:
             log.warning("ignoring malformed advert %s: %s", key, exc)
             changed = True
-        if changed:
-            self._models = None
-            self._notify()
+        if not changed:
+            return
+        self._forget_shown(key, value)
+        self._notify()
+
+    def _forget_shown(self, key: str, value: bytes | None) -> None:
+        """Drop the model list (and the merged catalogues) if what `key`'s change brings may change them."""
+        if not names.is_worker_key(key):  # a heartbeat that made a worker start or stop counting
+            self._models = self._cards = None
+            return
+        before = self._adverts_shown.pop(key, None)
+        try:
+            advert = self._fleet.advert(names.decode_model_token(key.partition(".")[2]))
+        except ValueError:
+            advert = None
+        if advert is None or value is None:  # gone, or did not decode
+            self._models = self._cards = None
+            return
+        catalogue, shown = advert.catalogue, _shown(advert)
+        if before is None or key not in self._counted or before[0] != catalogue:
+            self._models = self._cards = None
+        else:
+            catalogue = before[0]  # the same cards: the next comparison may stop at the first (identical) one
+            if before[1] != shown:
+                self._models = None
+        self._adverts_shown[key] = (catalogue, shown)
 
     def _notify(self) -> None:
         for listener in self.listeners:
@@ -122,14 +176,27 @@ class FleetView:
         return self._fleet.is_live(worker_id, time.monotonic(), instance)
 
     def models(self) -> dict[str, ModelEntry]:
+        """Every model a live worker offers or holds, by id, as /v1/models shows them (kept until they change)."""
         now = time.monotonic()
-        if self._models is None or now >= self._models[0]:
-            # The list stands a moment, but never past the time a worker it counts goes stale.
-            self._models = (min(now + MODELS_CACHE_S, self._fleet.next_change(now)), self._compute_models())
-        return self._models[1]
+        if self._models is None or now >= self._models_until or self._placed != self.placements:
+            if now >= self._models_until:
+                self._cards = None  # a worker went stale: its catalogue leaves the merge
+            self._models_until = self._fleet.next_change(now)
+            self._models = self._compute_models()
+        return self._models
+
+    def _merged_cards(self, adverts: list[WorkerAdvert]) -> dict[str, ModelCard]:
+        if self._cards is None:
+            cards: dict[str, ModelCard] = {}
+            for advert in adverts:
+                for card in advert.catalogue:
+                    cards.setdefault(card.id, card)
+            self._cards = cards
+        return self._cards
 
     def _compute_models(self) -> dict[str, ModelEntry]:
-        cards: dict[str, ModelCard] = {}
+        adverts = self.workers()
+        cards = dict(self._merged_cards(adverts))
         ready: dict[str, list[str]] = {}
         loading: dict[str, list[str]] = {}
         failed: dict[str, list[str]] = {}
@@ -138,11 +205,10 @@ class FleetView:
         progress: dict[str, dict[str, float]] = {}
         queued: dict[str, int] = {}
         running: dict[str, int] = {}
-        for advert in self.workers():
-            for card in advert.catalogue:
-                cards.setdefault(card.id, card)
+        for advert in adverts:
             for state in advert.models:
-                cards.setdefault(state.id, ModelCard(id=state.id, context_length=state.context_length))
+                if state.id not in cards:
+                    cards[state.id] = ModelCard(id=state.id, context_length=state.context_length)
                 bucket = {m.MODEL_READY: ready, m.MODEL_LOADING: loading}.get(state.state, failed)
                 detail = advert.worker_id if state.state != m.MODEL_FAILED else f"{advert.worker_id}: {state.error}"
                 bucket.setdefault(state.id, []).append(detail)
@@ -159,11 +225,7 @@ class FleetView:
         for model_id, context in loaded_context.items():
             if not cards[model_id].context_length:
                 cards[model_id] = msgspec.structs.replace(cards[model_id], context_length=context)
-        now = time.monotonic()
-        for card in cards.values():
-            for name in (card.id, *card.aliases):
-                self._known_at[name] = now
-        return {
+        entries = {
             model_id: ModelEntry(
                 id=model_id,
                 card=card,
@@ -179,13 +241,26 @@ class FleetView:
             )
             for model_id, card in sorted(cards.items())
         }
+        aliases: dict[str, str] = {}
+        for model_id, entry in entries.items():
+            for alias in entry.card.aliases:
+                aliases.setdefault(alias, model_id)
+        # Names the list had and has no more were offered until now: a request for one is a 503 for a while.
+        now = time.monotonic()
+        for name in (*self._listed, *self._aliases):
+            if name not in entries and name not in aliases:
+                self._known_at[name] = now
+        self._listed, self._aliases = entries, aliases
+        self._placed = dict(self.placements)
+        self._counted = {names.worker_key(advert.worker_id) for advert in adverts}
+        return entries
 
     def find(self, name: str) -> ModelEntry:
         """The model a name (id or alias) refers to; raises 404 when no live worker knows it."""
         entries = self.models()
         entry = entries.get(name)
-        if entry is None:
-            entry = next((e for e in entries.values() if name in e.card.aliases), None)
+        if entry is None and name in self._aliases:
+            entry = entries.get(self._aliases[name])
         if entry is None:
             known_at = self._known_at.get(name)
             if known_at is not None and time.monotonic() - known_at <= RECENTLY_OFFERED_S:

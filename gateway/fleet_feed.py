@@ -21,7 +21,7 @@ import msgspec
 from cortex.gateway.fleet import FleetView
 from cortex.gateway.metrics import UNKNOWN_MODEL, Metrics
 from cortex.gateway.services import Services
-from cortex.protocol import Placement, WorkerAdvert
+from cortex.protocol import ModelCard, ModelState, Placement, WorkerAdvert
 from cortex.protocol.choice import pinned_models
 from cortex.protocol.keys import ApiKey
 from cortex.protocol.messages import MODEL_FAILED, MODEL_LOADING, MODEL_READY, MODEL_UNLOADING
@@ -96,20 +96,29 @@ def snapshot(svc: Services, feed: FleetFeed, key: ApiKey | None) -> dict[str, An
     fleet = svc.fleet
     feed.rates.sample(time.monotonic())
     adverts = sorted(fleet.workers(), key=lambda a: a.worker_id)
-    cards = {card.id: card for advert in adverts for card in advert.catalogue}
-    held = {s.id for a in adverts for s in a.models}
-    aliases = {model: card.aliases for model, card in cards.items()}
-    shown = {m for m in cards.keys() | held if key is None or key.allows(m, *aliases.get(m, []))}
+    # One pass over every catalogue and every held model (not one per model shown: that was models x workers x
+    # catalogue): the last card of each id, its largest memory, and where it is held.
+    cards: dict[str, ModelCard] = {}
+    memory: dict[str, int] = {}
+    for advert in adverts:
+        for card in advert.catalogue:
+            cards[card.id] = card
+            memory[card.id] = max(memory.get(card.id, 0), card.memory)
+    held: dict[str, list[tuple[str, ModelState]]] = {}
+    for advert in adverts:
+        for state in {s.id: s for s in reversed(advert.models)}.values():  # the first state of an id, as state_of
+            held.setdefault(state.id, []).append((advert.worker_id, state))
+    shown = {m for m in cards.keys() | held.keys() if key is None or key.allows(m, *_aliases(cards.get(m)))}
     models = []
     for model in sorted(shown):
-        card = cards.get(model)
-        on = [(a.worker_id, s) for a in adverts if (s := a.state_of(model)) is not None]
+        known = cards.get(model)
+        on = held.get(model, [])
         placement, pin = fleet.placements.get(model), fleet.pins.get(model)
         series = list(feed.rates.series.get(model, ()))
         models.append({
             "id": model,
-            "aliases": card.aliases if card else [],
-            "memory": max((c.memory for a in adverts if (c := a.card(model)) is not None), default=0),
+            "aliases": _aliases(known),
+            "memory": memory.get(model, 0),
             "state": _overall({s.state for _, s in on}, placement),
             "on": [{"worker": w, "state": s.state, "progress": s.progress, "error": s.error} for w, s in on],
             "in_flight": sum(s.in_flight for _, s in on),
@@ -147,6 +156,10 @@ def _worker(advert: WorkerAdvert, shown: set[str], pinned: set[str]) -> dict[str
     data["cold"] = [{"id": c.id, "memory": c.memory} for c in advert.catalogue if c.id in shown and c.id not in held]
     data["pinned"] = sorted(held & pinned)
     return data
+
+
+def _aliases(card: ModelCard | None) -> list[str]:
+    return card.aliases if card is not None else []
 
 
 def _overall(states: set[str], placement: Placement | None) -> str:

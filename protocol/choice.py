@@ -25,6 +25,7 @@ from cortex.protocol.messages import (
     MODEL_FAILED,
     MODEL_LOADING,
     MODEL_READY,
+    ModelCard,
     ModelState,
     Pin,
     Placement,
@@ -105,18 +106,56 @@ class Pick:
         return self.choice if self.choice is not None and not self.choice.waits else None
 
 
-def _with_pending(advert: WorkerAdvert, placements: Iterable[Placement]) -> WorkerAdvert:
-    """`advert` with the models placed on its worker but not in its advert yet, as loading (they take memory)."""
+def _with_pending(
+    advert: WorkerAdvert, placements: Iterable[Placement], cards: Mapping[str, ModelCard] | None = None
+) -> WorkerAdvert:
+    """`advert` with the models placed on its worker but not in its advert yet, as loading (they take memory).
+
+    The worker is checked before the catalogue (most placements name other workers); `cards` is the advert's
+    catalogue by id when the caller has it (`_Index`), else each pending model's card is looked up in the list.
+    """
     held = {state.id for state in advert.models}
     pending = []
     for placement in placements:
-        card = advert.card(placement.model)
-        if advert.worker_id in placement.workers and placement.model not in held and card is not None:
+        if advert.worker_id not in placement.workers or placement.model in held:
+            continue
+        card = cards.get(placement.model) if cards is not None else advert.card(placement.model)
+        if card is not None:
             pending.append(ModelState(id=placement.model, state=MODEL_LOADING, memory=card.memory))
     if not pending:
         return advert
     reserved = advert.memory_reserved + sum(state.memory for state in pending)
     return msgspec.structs.replace(advert, models=[*advert.models, *pending], memory_reserved=reserved)
+
+
+class _Index:
+    """What one `choose_worker` call looks up again and again, built once for the call.
+
+    Placements by the workers they name, so each advert meets only its own (not every placement); and each
+    catalogue's cards by id, built the first time the catalogue is asked about and keyed by the list's identity
+    (adverts that share one catalogue list share one index; every advert outlives the call, so ids are not
+    reused meanwhile). Without it a decision cost workers x placements x catalogue.
+    """
+
+    def __init__(self, placements: list[Placement]) -> None:
+        self.by_worker: dict[str, list[Placement]] = {}
+        for placement in placements:
+            for worker in dict.fromkeys(placement.workers):
+                self.by_worker.setdefault(worker, []).append(placement)
+        self._cards: dict[int, dict[str, ModelCard]] = {}
+
+    def cards(self, advert: WorkerAdvert) -> dict[str, ModelCard]:
+        """`advert`'s catalogue by id (the first card of an id wins, as `WorkerAdvert.card` finds it)."""
+        catalogue = advert.catalogue
+        index = self._cards.get(id(catalogue))
+        if index is None:
+            index = self._cards[id(catalogue)] = {card.id: card for card in reversed(catalogue)}
+        return index
+
+    def with_pending(self, advert: WorkerAdvert) -> WorkerAdvert:
+        """`_with_pending` over the placements naming `advert`'s worker."""
+        mine = self.by_worker.get(advert.worker_id)
+        return _with_pending(advert, mine, self.cards(advert)) if mine else advert
 
 
 def gib(n: int) -> str:
@@ -218,12 +257,13 @@ def choose_worker(
     skip = set(exclude)
     placements = list(placements)
     by_model = {p.model: p for p in placements} if placements else None
-    adverts = [_with_pending(a, placements) for a in adverts]
+    index = _Index(placements)
+    adverts = [index.with_pending(a) for a in adverts]
     ranked: list[tuple[tuple[object, ...], Choice]] = []
     against: list[str] = []
     known = False
     for advert in sorted(adverts, key=lambda a: a.worker_id):
-        card = advert.card(model)
+        card = index.cards(advert).get(model)
         if card is None:
             continue
         known = True
@@ -264,12 +304,33 @@ def choose_worker(
     if not known:
         return f"no live worker has {model} in its catalogue"
     if not ranked:
-        return f"no worker can load {model}: " + "; ".join(against)
+        return f"no worker can load {model}: " + _refusals(against)
     ranked.sort(key=lambda pair: pair[0])
     best = ranked[0][1]
     others = [choice.worker for _, choice in ranked[1:]]
-    reason = best.reason + (f" (preferred over {', '.join(others)})" if others else "")
+    reason = best.reason + (f" (preferred over {_names(others)})" if others else "")
     return Choice(best.worker, best.evict, reason, best.waits)
+
+
+REASON_NAMES = 3
+"""Workers a placement's reason names beside the chosen one (the runners-up, best first); the rest are counted."""
+REASON_REFUSALS = 5
+"""Workers' refusals a "no worker can load" reason spells out; the rest are counted."""
+
+
+def _names(workers: list[str]) -> str:
+    """The runners-up a reason names: the first `REASON_NAMES`, then how many more (a reason, kept in the placement
+    bucket and shown by /v1/models, must not grow with the fleet)."""
+    if len(workers) <= REASON_NAMES:
+        return ", ".join(workers)
+    return f"{', '.join(workers[:REASON_NAMES])} and {len(workers) - REASON_NAMES} more"
+
+
+def _refusals(against: list[str]) -> str:
+    """Why no worker can load a model: the first `REASON_REFUSALS` workers' reasons, then how many more."""
+    if len(against) <= REASON_REFUSALS:
+        return "; ".join(against)
+    return f"{'; '.join(against[:REASON_REFUSALS])}; and {len(against) - REASON_REFUSALS} more workers"
 
 
 def pick_worker(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import msgspec
 
+from cortex.protocol import catalogues
 from cortex.protocol.heartbeat import Heartbeat
 from cortex.protocol.keys import ApiKey, AuditEvent, LimitWindow, UsageRecord
 from cortex.protocol.messages import Chunk, Drain, GenerateRequest, Pin, Placement, Taken, WorkerAdvert
@@ -60,7 +61,9 @@ def decode_chunk(data: bytes) -> Chunk:
 
 
 def decode_advert(data: bytes) -> WorkerAdvert:
-    return _advert_decoder.decode(data)
+    """An advert, its catalogue filled in from this process's `catalogues.CACHE` when it names one by digest (the
+    broker side fetches a digest before it hands on the advert; one it could not fetch stays empty)."""
+    return catalogues.CACHE.resolve(_advert_decoder.decode(data))
 
 
 def decode_placement(data: bytes) -> Placement:

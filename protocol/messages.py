@@ -258,7 +258,7 @@ KEEP_FOREVER = -1.0
 """`keep_alive` of a model that never unloads for being idle."""
 
 
-class ModelCard(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class ModelCard(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False):
     """What a catalogue says about a model a worker can serve."""
 
     id: str
@@ -285,7 +285,7 @@ MODEL_UNLOADING = "unloading"
 MODEL_FAILED = "failed"
 
 
-class ModelState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class ModelState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, gc=False):
     """A model on a worker: loading, ready, or failed (with the reason)."""
 
     id: str
@@ -314,7 +314,7 @@ class ModelState(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
 LOAD_SECONDS_BUCKETS = (1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
-class Lifecycle(msgspec.Struct, kw_only=True, omit_defaults=True):
+class Lifecycle(msgspec.Struct, kw_only=True, omit_defaults=True, gc=False):
     """A worker's model loads and unloads since it started (cumulative, as Prometheus counters are)."""
 
     cold_starts: dict[str, int] = {}
@@ -332,8 +332,15 @@ class Lifecycle(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Cold loads called off because every request waiting for them was cancelled or timed out, per model."""
 
 
-class WorkerAdvert(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type", tag="advert"):
-    """A worker's capacity, kept fresh in the fleet bucket under `worker_key`."""
+class WorkerAdvert(
+    msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type", tag="advert", gc=False
+):
+    """A worker's capacity, kept fresh in the fleet bucket under `worker_key`.
+
+    ``gc=False`` here and on the Structs it holds (`ModelCard`, `ModelState`, `Lifecycle`): none of them can
+    reference itself or an advert, so the garbage collector need not track them (readers hold hundreds of adverts,
+    rewritten every 2 s: tracking them was most of a reader's cost, docs/scale.md).
+    """
 
     worker_id: str
     host: str
@@ -368,6 +375,10 @@ class WorkerAdvert(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True
     """The host tier's size (0: none)."""
     host_cache_used: int = 0
     """Bytes the models in `host_cached` take in host memory."""
+    catalogue_digest: str = ""
+    """The worker's catalogue by digest (`cortex.protocol.catalogues`), stored once under `names.catalogue_key` in
+    ``cortex-catalogues``; `catalogue` is then empty on the wire and readers fill it in from there. "": the
+    catalogue is inline (an older worker, or ``--advert-catalogue inline``)."""
 
     def ready_models(self) -> list[str]:
         return [m.id for m in self.models if m.state == MODEL_READY]

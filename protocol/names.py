@@ -169,6 +169,23 @@ ADVERT_TTL_S = 10.0
 """Fleet bucket TTL: an advert not refreshed for this long disappears by itself."""
 
 
+CATALOGUE_BUCKET = "cortex-catalogues"
+"""KV bucket of worker catalogues, each under its digest (`cortex.protocol.catalogues`), written once per change;
+adverts name theirs by digest. Entries outlive `CATALOGUE_MAX_AGE_S` only by being written again."""
+_CATALOGUE_PREFIX = "catalogues."
+
+CATALOGUE_MAX_AGE_S = 24 * 3600.0
+"""The catalogue bucket's max age: a catalogue no worker has written for this long goes (a worker long gone)."""
+CATALOGUE_REFRESH_S = 600.0
+"""How often a worker writes its catalogue again (and at start, and on each change), far inside
+`CATALOGUE_MAX_AGE_S`: a catalogue lost (a purged bucket) comes back within this."""
+
+
+def catalogue_key(digest: str) -> str:
+    """KV key of the catalogue whose digest is `digest`, in `CATALOGUE_BUCKET`."""
+    return f"{_CATALOGUE_PREFIX}{_check_id('catalogue digest', digest)}"
+
+
 ALIVE_BUCKET = "cortex-alive"
 """KV bucket with one heartbeat key per live worker, each expiring on its own (`HEARTBEAT_TTL_S`)."""
 _ALIVE_KEY_PREFIX = "alive."

@@ -32,7 +32,7 @@ from cortex.broker.access import TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV, Access, 
 from cortex.broker.bus import Bus
 from cortex.broker.errors import BrokerUnavailable, CredentialsError, NotProvisioned
 from cortex.broker.server import EmbeddedNats
-from cortex.protocol import names
+from cortex.protocol import ModelCard, catalogues, names
 from tests.conftest import (
     STARTUP_TIMEOUT_S,
     child_env,
@@ -206,6 +206,7 @@ def test_the_worker_serves_and_hands_requests_on_but_never_queues_one_for_a_work
         try:
             # its work
             await bus.put_advert(names.worker_key("probe"), b"{}")
+            await bus.put_catalogue(names.catalogue_key(catalogues.digest(b"[]")), b"[]")  # its catalogue, by digest
             await bus.put_heartbeat(names.alive_key("probe"), b"{}")
             assert await bus.write_decision(names.placement_key("probe-model"), b"{}", 0)
             pull = await bus.pull_queue("probe-model", "probe")  # its affine consumer too
@@ -277,6 +278,10 @@ def test_the_gateway_queues_and_reads_keys_but_never_writes_the_fleet_nor_a_key(
             assert await bus.get_stored("probe") == b"{}"
             assert await bus.write_limit(names.limit_key("gateway-probe"), b"{}", 0)
             await bus.append_record(names.usage_subject("gateway-probe"), b"{}")
+            catalogue = catalogues.encode_catalogue([ModelCard(id="gateway-probe")])
+            await admin.put_catalogue(names.catalogue_key(catalogues.digest(catalogue)), catalogue)
+            catalogues.CACHE.clear()
+            assert await bus.catalogues.fetch(catalogues.digest(catalogue)) == ""  # workers' catalogues, by digest
             # not its work
             js = gateway.nc.jetstream()
             advert, beat = names.worker_key("forged"), names.alive_key("forged")
@@ -286,6 +291,9 @@ def test_the_gateway_queues_and_reads_keys_but_never_writes_the_fleet_nor_a_key(
             await gateway.refused(
                 f"$KV.{names.ALIVE_BUCKET}.{beat}", gateway.bucket(names.ALIVE_BUCKET).put(beat, b"{}")
             )
+            forged_catalogue = names.catalogue_key(catalogues.digest(b"[]"))
+            await gateway.refused(f"$KV.{names.CATALOGUE_BUCKET}.{forged_catalogue}",
+                                  gateway.bucket(names.CATALOGUE_BUCKET).put(forged_catalogue, b"[]"))  # fmt: skip
             forged = names.api_key_key("forged")
             await gateway.refused(
                 f"$KV.{names.KEYS_BUCKET}.{forged}", gateway.bucket(names.KEYS_BUCKET).put(forged, b"{}")

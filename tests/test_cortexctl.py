@@ -40,6 +40,15 @@ def test_status_json_lists_the_worker(nats_server: EmbeddedNats, gateway: Gatewa
     assert (TINY_MODEL, "ready") in [(m["id"], m["state"]) for m in worker["models"]]
 
 
+def test_status_json_leaves_catalogues_out_unless_asked(nats_server: EmbeddedNats, gateway: Gateway) -> None:
+    plain = json.loads(cortexctl("status", "--nats", nats_server.url, "--json").stdout)["workers"]
+    assert plain and all("catalogue" not in w for w in plain)
+    result = cortexctl("status", "--nats", nats_server.url, "--json", "--catalogue")
+    assert result.returncode == 0, result.stderr
+    worker = {w["worker_id"]: w for w in json.loads(result.stdout)["workers"]}["test-worker"]
+    assert TINY_MODEL in [card["id"] for card in worker["catalogue"]]
+
+
 def test_status_table(nats_server: EmbeddedNats, gateway: Gateway) -> None:
     result = cortexctl("status", "--nats", nats_server.url)
     assert result.returncode == 0, result.stderr

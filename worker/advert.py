@@ -27,7 +27,7 @@ import msgspec
 
 from cortex.broker.bus import Bus
 from cortex.broker.errors import BrokerError
-from cortex.protocol import ModelState, WorkerAdvert, codec, names
+from cortex.protocol import ModelState, WorkerAdvert, catalogues, codec, names
 from cortex.protocol import messages as m
 from cortex.protocol.heartbeat import Heartbeat
 from cortex.worker.device import DeviceInfo
@@ -36,6 +36,12 @@ from cortex.worker.host_tier import HostTier
 log = logging.getLogger("cortex.worker")
 
 VERSION = "0.1.0"
+
+CATALOGUE_DIGEST = "digest"
+"""``--advert-catalogue digest``: the catalogue is written once under its digest, the advert names it (default)."""
+CATALOGUE_INLINE = "inline"
+"""``--advert-catalogue inline``: every advert carries the whole catalogue, as before (readers older than digests)."""
+CATALOGUE_MODES = (CATALOGUE_DIGEST, CATALOGUE_INLINE)
 
 
 @dataclass
@@ -98,7 +104,21 @@ class Advertiser:
     prefix_keys: Callable[[str], list[str] | None] | None = None
     """The prefix keys of the requests answered here last, per model; None for a model whose affine subject this
     worker does not pull from (`cortex.worker.conversations`)."""
+    catalogue_mode: str = CATALOGUE_DIGEST
+    """`CATALOGUE_DIGEST` or `CATALOGUE_INLINE` (``--advert-catalogue``)."""
     _soon: asyncio.Event = field(default_factory=asyncio.Event)
+    _digested: tuple[list[m.ModelCard], bytes, str] | None = None
+    """The cards last digested, encoded, and their digest (`cards` is replaced, never changed in place)."""
+    _stored: tuple[str, float] = ("", 0.0)
+    """The digest whose catalogue this worker last wrote, and when (monotonic)."""
+
+    def _catalogue(self) -> tuple[bytes, str]:
+        """The catalogue encoded, and its digest (in this process's cache from now on: its own readers need it)."""
+        if self._digested is None or self._digested[0] is not self.cards:
+            encoded = catalogues.encode_catalogue(self.cards)
+            self._digested = (self.cards, encoded, catalogues.digest(encoded))
+            catalogues.CACHE.put(self._digested[2], self.cards)
+        return self._digested[1], self._digested[2]
 
     def advert(self, models: list[ModelState]) -> WorkerAdvert:
         if self.prefix_keys is not None:  # conversation affinity: what gateways match a prompt's prefixes against
@@ -132,13 +152,35 @@ class Advertiser:
             host_cached=self.host_tier.models() if self.host_tier is not None else [],
             host_cache_bytes=self.host_tier.capacity if self.host_tier is not None else 0,
             host_cache_used=self.host_tier.used() if self.host_tier is not None else 0,
+            catalogue_digest=self._catalogue()[1] if self.catalogue_mode == CATALOGUE_DIGEST else "",
         )
 
     async def publish(self, models: list[ModelState]) -> None:
+        """Write the advert; by digest, its catalogue first when it is new or due again (`names.CATALOGUE_REFRESH_S`),
+        and the advert with the catalogue inline while that write fails."""
+        advert = self.advert(models)
+        if advert.catalogue_digest and not await self._store_catalogue():
+            advert = msgspec.structs.replace(advert, catalogue_digest="")
         try:
-            await self.bus.put_advert(names.worker_key(self.worker_id), codec.encode(self.advert(models)))
+            await self.bus.put_advert(names.worker_key(self.worker_id), codec.encode(catalogues.on_the_wire(advert)))
         except BrokerError as exc:
             log.warning("advert not written: %s", exc)
+
+    async def _store_catalogue(self) -> bool:
+        """Whether the catalogue is stored under its digest (written now if it is new or due again)."""
+        encoded, digest = self._catalogue()
+        stored, at = self._stored
+        if stored == digest and time.monotonic() - at < names.CATALOGUE_REFRESH_S:
+            return True
+        try:
+            await self.bus.put_catalogue(names.catalogue_key(digest), encoded)
+        except BrokerError as exc:
+            log.warning("catalogue %s not written (adverts carry it inline meanwhile): %s", digest, exc)
+            return False
+        if stored != digest:
+            log.info("catalogue %s written (%d models, %d bytes)", digest, len(self.cards), len(encoded))
+        self._stored = (digest, time.monotonic())
+        return True
 
     async def withdraw(self) -> None:
         """Delete the advert and the heartbeat, so the fleet stops counting on this worker at once."""

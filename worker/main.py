@@ -105,6 +105,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="converted weights (GGUF, another dtype) are kept here so later loads map them "
                         "(default ~/.cache/cortex/weights; '' or none: no cache)")  # fmt: skip
     parser.add_argument("--worker-id", default=None, help="name in the fleet bucket (default HOST-gpuN or HOST-cpu)")
+    parser.add_argument("--advert-catalogue", choices=["digest", "inline"], default="digest",
+                        help="digest (default): write the catalogue once under its digest and name it in each "
+                        "advert; inline: put it in every advert, for gateways and cortexctl older than digests "
+                        "(during a rolling upgrade; upgrade gateways and cortexctl first)")  # fmt: skip
     parser.add_argument("--affinity-window", type=float, default=None, metavar="SECONDS",
                         help="how long a request sent to this worker first (it has the conversation cached) waits "
                         "for a free slot here before any worker may take it (default 0.3)")  # fmt: skip
@@ -174,7 +178,7 @@ async def _serve(args: argparse.Namespace) -> int:
     service = WorkerService(
         bus=bus, engine=engine, device=device, catalogue=catalogue, serve=serve, worker_id=worker_id,
         slots=max(1, args.slots), loader=loader, memory_budget=budget, eviction=args.eviction, dtype=auto_dtype,
-        host_cache=host_cache,
+        host_cache=host_cache, advert_catalogue=args.advert_catalogue,
         affinity_window=AFFINITY_WINDOW_S if args.affinity_window is None else max(0.0, args.affinity_window),
     )  # fmt: skip
     loop = asyncio.get_running_loop()

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 from cortex.broker.bus import Bus
 from cortex.protocol import names
-from cortex.worker.advert import Advertiser, WorkerMetrics
+from cortex.worker.advert import CATALOGUE_DIGEST, Advertiser, WorkerMetrics
 from cortex.worker.catalogue import ModelSpec
 from cortex.worker.conversations import Conversations
 from cortex.worker.device import DeviceInfo
@@ -71,6 +71,8 @@ class WorkerService:
     """Bytes of host memory for models that left the device (``--host-cache``; 0: none, they are freed)."""
     affinity_window: float = AFFINITY_WINDOW_S
     """How long a request sent to this worker first waits for a slot here before any worker may take it."""
+    advert_catalogue: str = CATALOGUE_DIGEST
+    """How adverts carry the catalogue (``--advert-catalogue``): by digest, or inline for readers older than that."""
     _stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _slot_freed: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when a slot may have come free or pull loops should look again; shared by requests and residency."""
@@ -133,6 +135,7 @@ class WorkerService:
             cards=[spec.card(estimates[spec.id]) for spec in self.catalogue],
             metrics=metrics, draining=draining, busy=requests.busy, started_at=self._started_at,
             instance=self._instance, prefix_keys=conversations.recent, host_tier=host_tier,
+            catalogue_mode=self.advert_catalogue,
         )  # fmt: skip
         placements = Placements(bus=self.bus, worker_id=self.worker_id, catalogue=self.catalogue, draining=draining,
                                 slot_freed=self._slot_freed)  # fmt: skip
