@@ -34,7 +34,7 @@ from typing import Any
 from bench.common import install_uvloop, p50, percentile
 from bench.fleet_sim_catalogue import catalogue, open_bus, specs
 from cortex.gateway.fleet import FleetView
-from cortex.protocol import codec, names
+from cortex.protocol import catalogues, codec, names
 from cortex.protocol.placement import place_on_demand
 from cortex.worker.placements import Placements
 
@@ -136,7 +136,7 @@ async def decisions(fleet: FleetView, models: int) -> dict[str, Any]:
                         placements=fleet.placements.values(), now=time.time())  # fmt: skip
 
     live = fleet.workers()
-    raw = codec.encode(live[0]) if live else b""
+    raw = codec.encode(catalogues.on_the_wire(live[0])) if live else b""  # as `Advertiser.publish` writes it
     out: dict[str, Any] = {
         "live_workers": len(live),
         "placements": len(fleet.placements),

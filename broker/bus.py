@@ -29,7 +29,7 @@ from cortex.broker.connection import Link, connect
 from cortex.broker.errors import BrokerUnavailable, NotProvisioned, PayloadTooLarge, QueueFull
 from cortex.broker.pull import Delivery as Delivery  # re-exported: the worker's modules take both from here
 from cortex.broker.pull import PullQueue
-from cortex.broker.watch import FleetHandler, Watch
+from cortex.broker.watch import KV_DELETE_OPS, FleetHandler, Watch
 from cortex.protocol import catalogues, names
 
 log = logging.getLogger("cortex.broker")
@@ -529,7 +529,6 @@ def _present(snapshot: dict[str, bytes | None]) -> dict[str, bytes]:
 SNAPSHOT_TIMEOUT_S = 10.0
 """A one-pass read of a bucket that has not reached its "initial values done" mark by then keeps what it has (and
 reads the keys it is missing one by one)."""
-_KV_DELETE_OPS = frozenset({"DEL", "PURGE"})
 
 
 async def _last_values(bucket: KeyValue) -> dict[str, bytes | None]:
@@ -541,7 +540,7 @@ async def _last_values(bucket: KeyValue) -> dict[str, bytes | None]:
             async for entry in watcher:
                 if entry is None:
                     break
-                out[entry.key] = None if entry.operation in _KV_DELETE_OPS else (entry.value or None)
+                out[entry.key] = None if entry.operation in KV_DELETE_OPS else (entry.value or None)
     except TimeoutError:
         log.info("a read of bucket %s did not finish in one pass; reading the rest key by key", bucket._name)
     finally:

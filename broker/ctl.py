@@ -46,7 +46,7 @@ from cortex.broker.ctl_top import top
 from cortex.broker.errors import BrokerError
 from cortex.broker.stack import Stack, StackConfig, default_data_dir
 from cortex.protocol import Pin, Placement, WorkerAdvert
-from cortex.protocol.choice import pinned_copies
+from cortex.protocol.choice import pinned_workers
 
 app = typer.Typer(help="Operate a Cortex fleet.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
@@ -328,7 +328,7 @@ def models(nats: NatsOption = DEFAULT_URL) -> None:
         lines = [f"{'MODEL':<32} {'MEMORY':<10} {'PINNED':<10} {'LOADED ON':<30} WHY"]
         for model_id, memory in sorted(memory_of.items()):
             placement, pin = placements.get(model_id), pins.get(model_id)
-            kept = _pinned_on(placement, pin)
+            kept = pinned_workers(pin, placement)
             where = [f"{worker} ({state}{', pinned' if worker in kept else ''})"
                      for worker, state in held.get(model_id, [])]  # fmt: skip
             why = placement.error or placement.reason if placement is not None else ""
@@ -338,15 +338,6 @@ def models(nats: NatsOption = DEFAULT_URL) -> None:
         return "\n".join(lines)
 
     _done(_run("models", _with_bus(nats, action)))
-
-
-def _pinned_on(placement: Placement | None, pin: Pin | None) -> list[str]:
-    """The workers whose copies `pin` keeps (the others in `placement` hold extra, ordinary copies)."""
-    if placement is None or pin is None:
-        return []
-    if pin.worker:
-        return [pin.worker] if pin.worker in placement.workers else []
-    return pinned_copies(placement, pin.replicas)
 
 
 async def _read_fleet(url: str) -> tuple[list[WorkerAdvert], dict[str, Any], dict[str, Any]]:
@@ -360,7 +351,7 @@ async def _read_fleet(url: str) -> tuple[list[WorkerAdvert], dict[str, Any], dic
     adverts, placements, pins = await _on_bus(url, read)
     shown: dict[str, Any] = {}
     for model, placement in placements.items():
-        kept = _pinned_on(placement, pins.get(model))
+        kept = pinned_workers(pins.get(model), placement)
         shown[model] = msgspec.to_builtins(placement) | {
             "pinned": kept, "extra": [w for w in placement.workers if w not in kept] if model in pins else []
         }  # fmt: skip

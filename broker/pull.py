@@ -148,6 +148,21 @@ class PullQueue:
         """Every request of the shared queue delivered and not taken yet (`waiting`)."""
         return [Delivery(m) for m in self._shared.take()]
 
+    def outstanding(self) -> int:
+        """Requests of the shared queue that its open pull request may still bring here."""
+        return self._shared.outstanding()
+
+    def open_for(self) -> float:
+        """Seconds until the shared queue's open pull requests have ended at the broker (0: none open): a request nak'd
+        with this delay goes to another worker, never back to one of them."""
+        return self._shared.open_for()
+
+    def put_back(self, deliveries: list[Delivery], *, affine: bool = False) -> None:
+        """Return requests a fetch took and nobody used, first in line again (for the next fetch, or `wind_down`)."""
+        pull = self._affine if affine else self._shared
+        if pull is not None and deliveries:
+            pull.put_back([d._msg for d in deliveries])
+
     def on_arrival(self, callback: Callable[[], None]) -> None:
         """Call `callback` whenever a request comes while no fetch waits for it (the pull loop should look again)."""
         self._on_arrival = callback

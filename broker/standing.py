@@ -15,9 +15,18 @@ Status messages (a header ``Status``) are never requests: 100 (idle heartbeat,
 flow control) is ignored; 404 and 408 (no messages, expired) and 409 (consumer
 deleted, leader changed, too many waiting requests...) end the request they
 answer, and the next fetch asks again (at once after an expiry, at its next
-call otherwise, never in a loop); any other status is raised by the next fetch
-as `BrokerUnavailable`. After a reconnect every request made before it counts
-as gone (the server may have dropped it) and is asked for again.
+call otherwise, never in a loop); a 409 is logged as a warning (at most once a
+minute per consumer: "Exceeded MaxWaiting" says the consumer's ``max_waiting``
+is too small for its fleet); any other status is raised by the next fetch as
+`BrokerUnavailable`. After a reconnect every request made before it counts as
+gone (the server may have dropped it) and is asked for again.
+
+Stopping (`wind_down`) loses nothing: the server times each request from when
+it receives it, so one can still bring a request a little after this side's
+clock says it expired. `wind_down` waits for each open request's closing status
+(at most `STATUS_GRACE_S` past its expiry here), then drains the subscription
+(whatever the server sent before the unsubscribe is handed over), and returns
+everything never taken, for the caller to give back.
 """
 
 from __future__ import annotations
@@ -35,11 +44,20 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from cortex.broker.errors import BrokerUnavailable
+from cortex.broker.waiter import Waiter
 
 log = logging.getLogger("cortex.broker")
 
 MIN_EXPIRES_S = 0.05
 """The shortest life a pull request is given (a poll shorter than this asks for this long)."""
+STATUS_GRACE_S = 0.5
+"""How long past its expiry here an open request's closing status is waited for (`wind_down`), and counted open: the
+server starts its clock when the request reaches it, so it may deliver a little later than this side expects."""
+LATE_S = 0.1
+"""How much later than this side's clock says a pull request ends at the server, at most on any sane network (its
+trip there): the nak delay of a request one brought too many (`open_for`)."""
+CONFLICT_WARN_S = 60.0
+"""A consumer's 409 statuses (too many waiting requests...) are warned of at most this often."""
 _ENDED = frozenset({"404", "408", "409"})
 
 
@@ -64,9 +82,11 @@ class StandingPull:
         self._ready: deque[Msg] = deque()
         self._asked: dict[str, _Asked] = {}
         self._count = 0
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter = Waiter()
         self._error = ""
         self._ended_early = False
+        self._closed = False
+        self._conflict_warned = float("-inf")
         self.on_arrival: Callable[[], None] | None = None
         """Called when a request comes while no fetch waits for one (the caller's loop should look again)."""
 
@@ -81,14 +101,28 @@ class StandingPull:
         return len(self._ready)
 
     def outstanding(self, now: float | None = None) -> int:
-        """Requests the open pull requests may still bring."""
-        self._forget_lost(time.monotonic() if now is None else now)
-        return sum(asked.remaining for asked in self._asked.values())
+        """Requests the open pull requests may still bring (those not expired yet by this side's clock)."""
+        now = time.monotonic() if now is None else now
+        self._forget_lost(now)
+        return sum(asked.remaining for asked in self._asked.values() if asked.expires_at > now)
+
+    def open_for(self) -> float:
+        """Seconds until every pull request open now has ended at the server too (0 if none is open; `LATE_S` added
+        for the server's later start of its clock): a request given back (nak'd) with this delay goes to another
+        worker, never back here through one of them."""
+        now = time.monotonic()
+        self._forget_lost(now)
+        return max(0.0, max((a.expires_at + LATE_S - now for a in self._asked.values()), default=0.0))
 
     def take(self, limit: int = 0) -> list[Msg]:
         """The requests delivered and not yet taken, at most `limit` of them (0: all)."""
         count = len(self._ready) if limit <= 0 else min(limit, len(self._ready))
         return [self._ready.popleft() for _ in range(count)]
+
+    def put_back(self, msgs: list[Msg]) -> None:
+        """Return requests taken and never used to the front of the queue, in their order (a fetch cut short after
+        it took them: `wind_down` then hands them over with the rest)."""
+        self._ready.extendleft(reversed(msgs))
 
     async def fetch(self, batch: int, timeout: float) -> list[Msg]:
         """Up to `batch` requests: those waiting here, else the first to come within `timeout` (an empty list if none
@@ -96,7 +130,7 @@ class StandingPull:
         if self._error:
             error, self._error = self._error, ""
             raise BrokerUnavailable(f"pull from {self._next_subject} refused: {error}")
-        if self._ready:
+        if self._ready or self._closed:
             return self.take(batch)
         now = time.monotonic()
         deadline = now + timeout
@@ -108,7 +142,7 @@ class StandingPull:
             if want > 0 and not (asked_here and self._ended_early):
                 await self._ask(want, deadline - now)
                 asked_here = True
-            first_end = min((a.expires_at for a in self._asked.values()), default=deadline)
+            first_end = min((a.expires_at for a in self._asked.values() if a.expires_at > now), default=deadline)
             await self._wait(min(deadline, first_end + 0.002) - now)
             if self._error:
                 error, self._error = self._error, ""
@@ -118,21 +152,38 @@ class StandingPull:
             now = time.monotonic()
 
     async def wind_down(self, limit: float) -> list[Msg]:
-        """Wait (at most `limit` seconds) for the open requests to end, asking for none; then take what they brought."""
+        """Stop pulling and take everything brought and not taken: wait (at most `limit` seconds) for each open
+        request's closing status (at most `STATUS_GRACE_S` past its expiry), asking for none, then drain the
+        subscription. Fetches return only what is left here from then on."""
+        self._closed = True
         give_up = time.monotonic() + limit
-        while (now := time.monotonic()) < give_up and self.outstanding(now) > 0:
-            await self._wait(min(give_up, min(a.expires_at for a in self._asked.values()) + 0.01) - now)
+        while (now := time.monotonic()) < give_up:
+            self._forget_lost(now)  # those made before a reconnect, or past their grace: no status to wait for
+            if not self._asked:
+                break
+            await self._wait(min(give_up, max(a.expires_at for a in self._asked.values()) + STATUS_GRACE_S) - now)
+        await self._unsubscribe(drain=True)
         return self.take()
 
     async def close(self) -> None:
-        """Unsubscribe: the server drops the open requests (nobody listens), what they brought later is redelivered."""
+        """Unsubscribe at once: the server drops the open requests (nobody listens), what they brought later is
+        redelivered after the ack wait (`wind_down` first gives nothing up)."""
+        self._closed = True
         self._asked.clear()
-        if self._sub is not None:
-            sub, self._sub = self._sub, None
-            try:
+        await self._unsubscribe(drain=False)
+
+    async def _unsubscribe(self, *, drain: bool) -> None:
+        if self._sub is None:
+            return
+        sub, self._sub = self._sub, None
+        try:
+            if drain:  # the server sends nothing after the unsubscribe; what it sent before reaches `_on_msg`
+                async with asyncio.timeout(STATUS_GRACE_S + 1.0):
+                    await sub.drain()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
+            else:
                 await sub.unsubscribe()
-            except Exception as exc:
-                log.debug("standing pull unsubscribe: %s", exc)
+        except Exception as exc:  # the connection gone: the server dropped the requests with it
+            log.debug("standing pull unsubscribe: %r", exc)
 
     async def _ask(self, batch: int, expires: float) -> None:
         self._count += 1
@@ -147,22 +198,13 @@ class StandingPull:
             raise BrokerUnavailable(f"pull from {self._next_subject} failed: {exc!r}") from exc
 
     async def _wait(self, seconds: float) -> None:
-        if seconds <= 0:
-            return
-        loop = asyncio.get_running_loop()
-        waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(seconds, _wake, waiter)
-        try:
-            await waiter
-        finally:
-            timer.cancel()
-            self._waiter = None
+        await self._waiter.wait(seconds)
 
     def _forget_lost(self, now: float) -> None:
         reconnects = self.reconnects()
-        # Gone at its expiry whether or not its 408 came: which request brought each message is a guess (see
-        # `_on_msg`), so one counted as open may be spent already, and the server says nothing of a spent one.
-        lost = [t for t, a in self._asked.items() if a.reconnects != reconnects or a.expires_at <= now]
+        # Gone past its expiry and grace whether or not its 408 came: which request brought each message is a guess
+        # (see `_on_msg`), so one counted as open may be spent already, and the server says nothing of a spent one.
+        lost = [t for t, a in self._asked.items() if a.reconnects != reconnects or a.expires_at + STATUS_GRACE_S <= now]
         for token in lost:
             del self._asked[token]
 
@@ -177,7 +219,7 @@ class StandingPull:
                     del self._asked[token]
                 break
             self._ready.append(msg)
-            if self._waiter is None:
+            if not self._waiter.waiting:
                 if self.on_arrival is not None:
                     self.on_arrival()
                 return
@@ -185,15 +227,18 @@ class StandingPull:
             return
         else:  # a status comes on the subject its pull request named
             self._asked.pop(msg.subject.rsplit(".", 1)[-1], None)
+            description = msg.headers.get("Description", "") if msg.headers else ""
             if status not in _ENDED:
-                description = msg.headers.get("Description", "") if msg.headers else ""
                 self._error = f"{status} {description}".strip()
             elif status != "408":
                 self._ended_early = True
-        if self._waiter is not None:
-            _wake(self._waiter)
+                if status == "409":
+                    self._warn_conflict(description)
+        self._waiter.wake()
 
-
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
+    def _warn_conflict(self, description: str) -> None:
+        now = time.monotonic()
+        if now - self._conflict_warned >= CONFLICT_WARN_S:
+            self._conflict_warned = now
+            log.warning("pull request on consumer %s ended by the server: 409 %s (warned at most once a minute)",
+                        self.durable or self._next_subject, description)  # fmt: skip

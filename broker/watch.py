@@ -63,7 +63,8 @@ OWN_TIME_CAP_S = 20.0
 FleetHandler = Callable[[str, bytes | None], None]
 """Called with (key, value) for a put and (key, None) for a delete or expiry."""
 
-_KV_DELETE_OPS = frozenset({"DEL", "PURGE"})
+KV_DELETE_OPS = frozenset({"DEL", "PURGE"})
+"""The operations of a KV entry that removes its key (a delete, a purge), for every reader of a bucket."""
 
 
 class Watch:
@@ -153,7 +154,7 @@ class Watch:
             self._heard = time.monotonic()
             if entry is None:  # the mark after the initial values
                 continue
-            if entry.operation in _KV_DELETE_OPS:
+            if entry.operation in KV_DELETE_OPS:
                 self._handler(entry.key, None)
             else:
                 self._handler(entry.key, entry.value)

@@ -3,15 +3,17 @@
 The relay's subscription handler puts every chunk (and `Taken` notice) of a
 request here; its `ReplyStream` takes them one by one. An `asyncio.Queue` with
 ``asyncio.timeout`` around each get did the same with a timeout object, a
-cancellation scope and a getter future per wait; this is a deque, one future
-and one timer handle, on the path of every chunk of every stream.
+cancellation scope and a getter future per wait; this is a deque and a
+`Waiter` (one future and one timer handle), on the path of every chunk of every
+stream.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
 from typing import Generic, TypeVar
+
+from cortex.broker.waiter import Waiter
 
 T = TypeVar("T")
 
@@ -23,13 +25,11 @@ class Inbox(Generic[T]):
 
     def __init__(self) -> None:
         self._items: deque[T] = deque()
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter = Waiter()
 
     def put_nowait(self, item: T) -> None:
         self._items.append(item)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._waiter.wake()
 
     def empty(self) -> bool:
         return not self._items
@@ -41,19 +41,7 @@ class Inbox(Generic[T]):
     async def get(self, timeout: float) -> T:
         """The oldest item, waiting for one at most `timeout` seconds; TimeoutError if none came."""
         if not self._items:
-            loop = asyncio.get_running_loop()
-            waiter = self._waiter = loop.create_future()
-            timer = loop.call_later(timeout, _wake, waiter)
-            try:
-                await waiter
-            finally:
-                timer.cancel()
-                self._waiter = None
+            await self._waiter.wait(timeout)
             if not self._items:
                 raise TimeoutError
         return self._items.popleft()
-
-
-def _wake(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)

@@ -15,6 +15,12 @@ and one copy in memory per reader, whatever the number of workers.
 
 An advert with an inline catalogue (an older worker, or one run with
 ``--advert-catalogue inline``) has no digest and decodes as before.
+
+Workers read each other's adverts, so a worker from before digests would take a
+digest advert for a worker with no models. Adverts say which kind wrote them
+(`WorkerAdvert.advert_format`, `ADVERT_FORMAT`), and a worker keeps its
+catalogue inline while any other live worker's advert is older
+(`reads_digests`): a rolling upgrade of the workers goes in any order.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from cortex.protocol.messages import ModelCard, WorkerAdvert
 
 DIGEST_PREFIX = "sha256-"
 """Digests are ``sha256-`` and the first 32 hex digits of the SHA-256 of the encoded cards (a valid KV key token)."""
+ADVERT_FORMAT = 1
+"""The `WorkerAdvert.advert_format` this release writes: its writer reads catalogues by digest (0: an older one)."""
 CACHE_SIZE = 256
 """Distinct catalogues a process keeps (least recently used out first); a fleet has a handful."""
 
@@ -66,6 +74,11 @@ def digest_of_advert(data: bytes) -> str:
         return _digest_decoder.decode(data).catalogue_digest
     except msgspec.DecodeError:
         return ""
+
+
+def reads_digests(advert: WorkerAdvert) -> bool:
+    """Whether the worker behind `advert` reads catalogues by digest in others' adverts (it is not older)."""
+    return advert.advert_format >= ADVERT_FORMAT
 
 
 def on_the_wire(advert: WorkerAdvert) -> WorkerAdvert:

@@ -97,14 +97,6 @@ class Pick:
     reason: str
     """The choice's reason, or why no worker can load the model."""
 
-    def without_eviction(self) -> Choice | None:
-        """The choice if it evicts nothing (a replica added for a deep queue never pushes a model out)."""
-        return self.choice if self.choice is not None and not self.choice.evict else None
-
-    def without_waiting(self) -> Choice | None:
-        """The choice if it can load at once, evicting only idle models (a kept pin never waits for a swap)."""
-        return self.choice if self.choice is not None and not self.choice.waits else None
-
 
 def _with_pending(
     advert: WorkerAdvert, placements: Iterable[Placement], cards: Mapping[str, ModelCard] | None = None
@@ -173,6 +165,14 @@ def free_memory(advert: WorkerAdvert) -> int:
 def pinned_copies(placement: Placement, replicas: int) -> list[str]:
     """The workers whose copies a pin by count keeps: the first `replicas` of the placement (extras come after)."""
     return list(placement.workers[:replicas])
+
+
+def pinned_workers(pin: Pin | None, placement: Placement | None) -> list[str]:
+    """The workers of `placement` whose copies `pin` keeps (as `pinned_models` counts them); the others hold extra,
+    ordinary copies."""
+    if placement is None or pin is None:
+        return []
+    return [w for w in placement.workers if pin.model in pinned_models([pin], w, {pin.model: placement})]
 
 
 def pinned_models(pins: Iterable[Pin], worker_id: str, placements: Mapping[str, Placement] | None = None) -> set[str]:
@@ -244,6 +244,8 @@ def choose_worker(
     exclude: Iterable[str] = (),
     placements: Iterable[Placement] = (),
     evict_below: int | None = None,
+    evict: bool = True,
+    wait: bool = True,
 ) -> Choice | str:
     """The worker that should load `model`, or the reason no worker can (callers use `pick_worker`).
 
@@ -252,6 +254,11 @@ def choose_worker(
     burst of cold models spreads over the fleet instead of piling onto one worker;
     and they say which copies of a model pinned by count are the pinned ones.
     `evict_below`: evict only models of a lower catalogue priority than that.
+    `evict=False` leaves out every worker that would have to evict (a replica
+    for a deep queue never pushes a model out), `wait=False` every worker that
+    would wait for busy models (a kept pin loads at once): the rest are ranked
+    among themselves, so a worker ranked first but left out never hides one
+    that qualifies.
     """
     pins = list(pins)
     skip = set(exclude)
@@ -291,6 +298,12 @@ def choose_worker(
             waits = True
         if victims is None:
             against.append(f"{name} cannot free {gib(card.memory)} (its models are pinned)")
+            continue
+        if waits and not wait:
+            against.append(f"{name} would wait for busy models to free {gib(card.memory)}")
+            continue
+        if victims and not evict:
+            against.append(f"{name} has no room for it without evicting")
             continue
         lasts = [s.last_used for s in advert.models if s.id in victims]
         freed = sum(s.memory for s in advert.models if s.id in victims)
@@ -341,9 +354,12 @@ def pick_worker(
     exclude: Iterable[str] = (),
     placements: Iterable[Placement] = (),
     evict_below: int | None = None,
+    evict: bool = True,
+    wait: bool = True,
 ) -> Pick:
     """`choose_worker` as a `Pick`: how gateways, workers and cortexctl ask who should load `model`."""
-    result = choose_worker(model, adverts, pins, exclude=exclude, placements=placements, evict_below=evict_below)
+    result = choose_worker(model, adverts, pins, exclude=exclude, placements=placements, evict_below=evict_below,
+                           evict=evict, wait=wait)  # fmt: skip
     return Pick(None, result) if isinstance(result, str) else Pick(result, result.reason)
 
 

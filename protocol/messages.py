@@ -379,6 +379,10 @@ class WorkerAdvert(
     """The worker's catalogue by digest (`cortex.protocol.catalogues`), stored once under `names.catalogue_key` in
     ``cortex-catalogues``; `catalogue` is then empty on the wire and readers fill it in from there. "": the
     catalogue is inline (an older worker, or ``--advert-catalogue inline``)."""
+    advert_format: int = 0
+    """What the writer's adverts are and what it reads in others' (`cortex.protocol.catalogues.ADVERT_FORMAT`):
+    0, a worker from before catalogues by digest, which takes an advert without an inline catalogue for a worker
+    with no models; 1, one that reads catalogues by digest."""
 
     def ready_models(self) -> list[str]:
         return [m.id for m in self.models if m.state == MODEL_READY]

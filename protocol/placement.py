@@ -18,9 +18,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
+import msgspec
+
 from cortex.protocol.choice import Choice, failed_recently, pick_worker, pinned_copies, recent_failures, serving_workers
 from cortex.protocol.messages import (
     MODEL_FAILED,
+    MODEL_READY,
     Pin,
     Placement,
     WorkerAdvert,
@@ -59,23 +62,6 @@ def remove_all_workers(current: Placement | None, *, reason: str) -> Placement |
     return Placement(model=current.model, reason=reason, failed=current.failed)
 
 
-def add_replica(
-    current: Placement | None, *, worker: str, reason: str, max_replicas: int, seen: Sequence[str] | None = None
-) -> Placement | None:
-    """`worker` loads another copy of a placed model, up to `max_replicas` (checked again at write time).
-
-    With `seen` (the workers the decision was made on), only while the placement
-    still names exactly those: when several deciders add a replica at once, one
-    lands and the others look again on their next tick.
-    """
-    if current is None or worker in current.workers or len(current.workers) >= max_replicas:
-        return None
-    if seen is not None and list(current.workers) != list(seen):
-        return None
-    return Placement(model=current.model, workers=[*current.workers, worker], reason=reason, failed=current.failed,
-                     attempts=current.attempts)  # fmt: skip
-
-
 def scale_out(
     current: Placement | None,
     *,
@@ -92,11 +78,16 @@ def scale_out(
     """Another copy of a model whose queue has stayed deep, on the best live worker with room for it.
 
     The caller has seen the queue at least as deep as the serving slots for the
-    window, on the placement naming `seen`. A worker that has room without
-    evicting comes first; when none has and `evict_below` is set (the catalogue's
-    ``scale_evicts``: the model's priority), one that can make room at once by
-    evicting idle models of lower priority. None once the placement has moved on
-    (someone else decided), has `max_replicas` copies, or no worker can take one.
+    window, on the placement naming `seen` (and every copy there ready:
+    `loading_copies`). A worker that has room without evicting comes first;
+    when none has and `evict_below` is set (the catalogue's ``scale_evicts``:
+    the model's priority), one that can make room at once by evicting idle
+    models of lower priority. Copies count only while they serve
+    (`serving_workers`): the new placement is the serving workers, in their
+    order, then the new one, so a dead or draining copy leaves (as
+    `keep_replicas` does) rather than holding a place up to `max_replicas`.
+    None once the placement has moved on (someone else decided), serves
+    `max_replicas` copies, or no worker can take one.
     """
     serving = serving_workers(current, model, live)
     if current is None or current.error or not serving or len(serving) >= max_replicas:
@@ -107,15 +98,39 @@ def scale_out(
     placements = list(placements)
     skip = set(recent_failures(current, now))
     skip |= {w for w, a in live.items() if (s := a.state_of(model)) is not None and s.state == MODEL_FAILED}
-    others = [a for w, a in live.items() if w not in current.workers]
-    choice = pick_worker(model, others, pins, exclude=skip, placements=placements).without_eviction()
+    others = [a for w, a in live.items() if w not in serving]
+    choice = pick_worker(model, others, pins, exclude=skip, placements=placements, evict=False).choice
     if choice is None and evict_below is not None:
-        choice = pick_worker(model, others, pins, exclude=skip, placements=placements,
-                             evict_below=evict_below).without_waiting()  # fmt: skip
+        choice = pick_worker(model, others, pins, exclude=skip, placements=placements, evict_below=evict_below,
+                             wait=False).choice  # fmt: skip
     if choice is None:
         return None
     reason = f"{choice.reason}; replica {len(serving) + 1} of {max_replicas}: {depth} requests queued"
-    return add_replica(current, worker=choice.worker, reason=reason, max_replicas=max_replicas, seen=seen)
+    gone = [w for w in current.workers if w not in serving]
+    reason += f" ({', '.join(gone)} left)" if gone else ""
+    failed = {w: error for w, error in current.failed.items() if w != choice.worker}
+    return Placement(model=current.model, workers=[*serving, choice.worker], reason=reason, failed=failed)
+
+
+def loading_copies(placement: Placement | None, model: str, live: Mapping[str, WorkerAdvert]) -> list[str]:
+    """The serving workers of `placement` whose copy of `model` is not ready yet (placed but not started, or
+    loading): while any is, its slots drain nothing yet, so a deep queue asks for no further replica."""
+    out = []
+    for worker in serving_workers(placement, model, live):
+        state = live[worker].state_of(model)
+        if state is None or state.state != MODEL_READY:
+            out.append(worker)
+    return out
+
+
+def record_loaded(current: Placement | None, *, worker: str) -> Placement | None:
+    """`worker` loaded the model: the rounds of failed loads in a row (`attempts`, `retry_at`) start again from
+    none. None when there is nothing to reset, or the placement no longer names `worker`."""
+    if current is None or worker not in current.workers or current.error:
+        return None
+    if not current.attempts and not current.retry_at:
+        return None
+    return msgspec.structs.replace(current, attempts=0, retry_at=0.0)
 
 
 def leave_above_minimum(
@@ -191,12 +206,15 @@ def record_failed_load(
     adverts: Iterable[WorkerAdvert],
     pins: Iterable[Pin],
     placements: Iterable[Placement],
-    now: float = 0.0,
+    now: float,
 ) -> Placement:
     """`worker` could not load the model: it leaves with `error`, and the next best worker gets it (or none can).
 
     When none is left, the round has failed: the placement carries the error,
     one more `attempts`, and when the next round starts (`retries.next_retry`).
+    `attempts` counts rounds in a row: a load that succeeds resets it
+    (`record_loaded`), so a worker failing long after a retry round succeeded
+    starts the count from one again.
     """
     failed = {**(current.failed if current else {}), worker: error}
     workers = [w for w in (current.workers if current else []) if w != worker]
@@ -253,7 +271,7 @@ def keep_replicas(
     while len(serving) + len(chosen) < wanted:
         taken = {*serving, *(c.worker for c in chosen)}
         others = [a for w, a in live.items() if w not in taken]
-        choice = pick_worker(model, others, pins, exclude=skip, placements=placements).without_waiting()
+        choice = pick_worker(model, others, pins, exclude=skip, placements=placements, wait=False).choice
         if choice is None:
             break
         chosen.append(choice)

@@ -19,26 +19,31 @@ import msgspec
 import pytest
 import torch
 
+from cortex.broker import bus as bus_module
 from cortex.broker.bus import Bus
+from cortex.broker.errors import BrokerUnavailable
 from cortex.broker.server import EmbeddedNats
 from cortex.broker.watch import _within_own_time
 from cortex.protocol import ModelCard, ModelState, WorkerAdvert, catalogues, codec, names
 from cortex.protocol.heartbeat import Heartbeat
 from cortex.protocol.liveness import LiveFleet
+from cortex.worker import advert as advert_module
 from cortex.worker.advert import CATALOGUE_INLINE, Advertiser, WorkerMetrics
 from cortex.worker.device import DeviceInfo
+from cortex.worker.placements import Placements
 from tests.conftest import TINY_MODEL, Gateway
 
 SEEN_WITHIN_S = 10.0
 CARDS = [ModelCard(id=f"m{i}", aliases=[f"alias-{i}"], memory=i << 20, context_length=4096) for i in range(50)]
 
 
-def advertiser(bus: Bus, worker_id: str, cards: list[ModelCard], mode: str = "digest") -> Advertiser:
+def advertiser(bus: Bus, worker_id: str, cards: list[ModelCard], mode: str = "digest",
+               older_readers: Callable[[], bool] = lambda: False) -> Advertiser:  # fmt: skip
     cpu = torch.device("cpu")
     return Advertiser(bus=bus, worker_id=worker_id, device=DeviceInfo(cpu, "test", [cpu]), slots=4,
                       memory_budget=1 << 30, eviction="lru", cards=cards, metrics=WorkerMetrics(),
                       draining=asyncio.Event(), busy=lambda: 0, started_at=time.time(),
-                      catalogue_mode=mode)  # fmt: skip
+                      catalogue_mode=mode, older_readers=older_readers)  # fmt: skip
 
 
 class Reader:
@@ -113,7 +118,8 @@ def test_a_probe_waits_out_its_own_event_loop_being_late() -> None:
         started = time.monotonic()
         with pytest.raises(TimeoutError):
             await _within_own_time(never, 0.5)
-        assert time.monotonic() - started < 1.5 and never.cancelled()
+        assert never.cancelled()
+        assert time.monotonic() - started < 30.0  # it gives up (generous: a loaded machine's loop runs late)
 
     asyncio.run(run())
 
@@ -198,19 +204,110 @@ def test_an_inline_worker_and_an_old_style_advert_still_work(nats_server: Embedd
     scenario(nats_server.url, body)
 
 
-def test_a_bucket_read_is_one_pass_and_sees_every_key(nats_server: EmbeddedNats) -> None:
+def test_a_new_worker_goes_inline_while_an_older_worker_reads_adverts(nats_server: EmbeddedNats) -> None:
+    """A rolling upgrade in any order: an older worker takes a digest advert for a worker with no models."""
+    worker_id, old = f"cat-{uuid.uuid4().hex[:8]}", f"cat-{uuid.uuid4().hex[:8]}"
+    assert not catalogues.reads_digests(WorkerAdvert(worker_id=old, host="h", device="cpu"))  # no field: older
+
+    async def body(writer: Bus, reader: Bus) -> None:
+        fleet = Placements(bus=reader, worker_id=worker_id, catalogue=[], draining=asyncio.Event(),
+                           slot_freed=asyncio.Event())  # fmt: skip
+        await reader.watch_fleet(fleet.on_fleet)
+        ad = advertiser(writer, worker_id, CARDS[:5], older_readers=fleet.older_readers)
+        assert catalogues.reads_digests(ad.advert([]))
+        legacy = msgspec.json.decode(codec.encode(WorkerAdvert(worker_id=old, host="h", device="cpu",
+                                                               catalogue=CARDS[5:8])))  # fmt: skip
+        await writer.put_advert(names.worker_key(old), msgspec.json.encode(legacy))
+        await writer.put_heartbeat(names.alive_key(old), codec.encode(Heartbeat(worker_id=old)))
+        try:
+            await until(fleet.older_readers)
+            await ad.publish([])
+            raw = (await reader.read_fleet())[names.worker_key(worker_id)]
+            wire = msgspec.json.decode(raw)  # as the older worker reads it: no digest to follow, the cards there
+            assert not wire.get("catalogue_digest") and len(wire["catalogue"]) == 5
+            await writer.delete_advert(names.worker_key(old))  # the older worker is upgraded (or gone)
+            await until(lambda: not fleet.older_readers())
+            await ad.publish([])
+            raw = (await reader.read_fleet())[names.worker_key(worker_id)]
+            assert catalogues.digest_of_advert(raw) and b'"catalogue"' not in raw
+        finally:
+            for key in (names.worker_key(worker_id), names.worker_key(old)):
+                await writer.delete_advert(key)
+
+    scenario(nats_server.url, body)
+
+
+def test_a_failing_catalogue_write_holds_no_advert_up_and_is_tried_again_later(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The broker refuses the catalogue (injected on the real bus's write); adverts go inline without trying again
+    each time, and the write is retried in the background every `CATALOGUE_RETRY_S`."""
+    worker_id = f"cat-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setattr(advert_module, "CATALOGUE_RETRY_S", 0.2)
+
+    async def body(writer: Bus, reader: Bus) -> None:
+        real_put, calls, failing = writer.put_catalogue, [], [True]
+
+        async def put_catalogue(key: str, value: bytes) -> None:
+            calls.append(key)
+            if failing[0]:
+                raise BrokerUnavailable(f"cannot write {key}: refused for the test")
+            await real_put(key, value)
+
+        monkeypatch.setattr(writer, "put_catalogue", put_catalogue)
+        ad = advertiser(writer, worker_id, CARDS[:6])
+        try:
+            await ad.publish([])
+            await ad.publish([])  # within the retry interval: no write tried, the advert inline at once
+            assert len(calls) == 1
+            raw = (await reader.read_fleet())[names.worker_key(worker_id)]
+            assert catalogues.digest_of_advert(raw) == "" and codec.decode_advert(raw).catalogue == CARDS[:6]
+            failing[0] = False
+            deadline = time.monotonic() + SEEN_WITHIN_S
+            while not catalogues.digest_of_advert((await reader.read_fleet())[names.worker_key(worker_id)]):
+                assert time.monotonic() < deadline, "the catalogue write was never tried again"
+                await ad.publish([])
+                await asyncio.sleep(0.05)
+            assert len(calls) >= 2
+        finally:
+            await ad.withdraw()
+
+    scenario(nats_server.url, body)
+
+
+async def until(check: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + SEEN_WITHIN_S
+    while not check():
+        assert time.monotonic() < deadline, "the condition never held"
+        await asyncio.sleep(0.02)
+
+
+def test_a_bucket_read_is_one_pass_and_sees_every_key(
+    nats_server: EmbeddedNats, monkeypatch: pytest.MonkeyPatch
+) -> None:
     prefix = f"snapshot-{uuid.uuid4().hex[:6]}"
+    per_key: list[str] = []
+    read_one = bus_module._latest_value
+
+    async def counted(bucket: object, key: str) -> bytes | None:
+        per_key.append(key)
+        return await read_one(bucket, key)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(bus_module, "_latest_value", counted)
 
     async def body(writer: Bus, reader: Bus) -> None:
         keys = [f"{prefix}.k{i}" for i in range(300)]
-        await asyncio.gather(*(writer.put_advert(key, key.encode()) for key in keys))
-        await writer.delete_advert(keys[0])
-        started = time.monotonic()
-        snapshot = await reader.read_fleet()
-        took = time.monotonic() - started
-        assert all(snapshot.get(key) == key.encode() for key in keys[1:]) and keys[0] not in snapshot
-        assert took < 2.0, f"reading 300 keys took {took:.2f}s"
-        await asyncio.gather(*(writer.delete_advert(key) for key in keys[1:]))
+        try:
+            await asyncio.gather(*(writer.put_advert(key, key.encode()) for key in keys))
+            await writer.delete_advert(keys[0])
+            snapshot = await reader.read_fleet()
+            assert all(snapshot.get(key) == key.encode() for key in keys[1:]) and keys[0] not in snapshot
+            # One pass brings them: a key read by itself only when the pass's end mark came early (other keys
+            # rewritten meanwhile), never key after key.
+            mine = [key for key in per_key if key.startswith(prefix)]
+            assert len(mine) < len(keys) // 2, f"{len(mine)} of {len(keys)} keys were read one by one"
+        finally:
+            await asyncio.gather(*(writer.delete_advert(key) for key in keys), return_exceptions=True)
 
     scenario(nats_server.url, body)
 
@@ -233,8 +330,15 @@ def test_cortexctl_shows_the_real_workers_catalogue(nats_server: EmbeddedNats, g
 
 
 async def _read_worker(url: str) -> bytes:
+    """The real worker's advert once it names its catalogue by digest (it goes inline while an older-format advert,
+    such as another test's hand-written one, lives in the fleet: up to the fleet bucket's TTL)."""
     bus = await Bus.open(url, name="test-catalogue-ctl")
+    deadline = time.monotonic() + names.ADVERT_TTL_S + SEEN_WITHIN_S
     try:
-        return (await bus.read_fleet())[names.worker_key("test-worker")]
+        while True:
+            raw = (await bus.read_fleet()).get(names.worker_key("test-worker"), b"")
+            if catalogues.digest_of_advert(raw) or time.monotonic() > deadline:
+                return raw
+            await asyncio.sleep(0.2)
     finally:
         await bus.close()

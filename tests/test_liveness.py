@@ -323,10 +323,12 @@ def test_min_replicas_are_kept_after_a_kill(
 def test_a_pin_by_count_keeps_exactly_that_many_copies_through_a_death(
     gw: Gateway, nats_server: EmbeddedNats, start: StartWorker, tmp_path: Path, tiny_model_dir: Path
 ) -> None:
-    # keep_alive 1s: a copy beyond the pin's count is an ordinary one and leaves once idle; the pinned ones stay.
+    # keep_alive 8s: a copy beyond the pin's count is an ordinary one and leaves once idle; the pinned ones stay.
+    # Long enough that the extra copy is still there when `cortexctl status` is read just after it loaded, short
+    # enough that it leaves well within MOVED_WITHIN_S.
     catalogue = tmp_path / "models.toml"
     catalogue.write_text(
-        f'[[models]]\nid = "lcount"\npath = "{tiny_model_dir}"\nmemory = "100MiB"\nkeep_alive = "1s"\n'
+        f'[[models]]\nid = "lcount"\npath = "{tiny_model_dir}"\nmemory = "100MiB"\nkeep_alive = "8s"\n'
     )
     names_ = ["live-ca", "live-cb", "live-cc"]
     procs = {name: start(name, catalogue) for name in names_}

@@ -9,13 +9,15 @@ from functools import partial
 import msgspec
 
 from cortex.protocol import ModelCard, ModelState, Pin, Placement, WorkerAdvert
-from cortex.protocol.choice import Choice, choose_worker, pinned_models, plan_evictions
+from cortex.protocol.choice import Choice, choose_worker, pinned_models, pinned_workers, plan_evictions
 from cortex.protocol.placement import (
     add_worker,
     keep_replicas,
     leave_above_minimum,
+    loading_copies,
     place_on_demand,
     record_failed_load,
+    record_loaded,
     retry_failed_load,
     scale_out,
 )
@@ -199,6 +201,59 @@ def test_a_replica_evicts_only_idle_lower_priority_models_and_only_when_allowed(
     assert plan_evictions(full["b"], 100 * MiB, [], below=1) is None
 
 
+def test_a_full_worker_holding_the_model_in_its_host_tier_does_not_block_a_replica_elsewhere() -> None:
+    parked = msgspec.structs.replace(hot_worker("b", ("m1", 1.0), ("m2", 2.0)), host_cached=["hot"])
+    fleet = live(hot_worker("a", ("hot", 1.0)), parked, hot_worker("c", ("m3", 1.0)))
+    others = [fleet["b"], fleet["c"]]
+    ranked_first = choose_worker("hot", others, [])
+    assert isinstance(ranked_first, Choice) and ranked_first.worker == "b" and ranked_first.evict  # its host tier
+    no_evict = choose_worker("hot", others, [], evict=False)
+    assert isinstance(no_evict, Choice) and (no_evict.worker, no_evict.evict) == ("c", [])
+    new = scale(Placement(model="hot", workers=["a"]), fleet, evict_below=HOT.priority)
+    assert new is not None and new.workers == ["a", "c"]  # c has room: nobody evicts, though b ranks first
+    assert isinstance(choose_worker("hot", [fleet["b"]], [], evict=False), str)  # only b: no worker qualifies
+
+
+def test_a_busy_worker_that_would_wait_is_left_out_not_chosen() -> None:
+    busy = msgspec.structs.replace(worker("b", ("m2", 1.0), ("m3", 2.0), busy=("m2", "m3")), host_cached=["m1"])
+    idle = worker("c", ("m4", 5.0), ("m5", 6.0))
+    choice = choose_worker("m1", [busy, idle], [], wait=False)
+    assert isinstance(choice, Choice) and choice.worker == "c" and not choice.waits
+    assert isinstance(choose_worker("m1", [busy], [], wait=False), str)
+
+
+def test_a_dead_replica_does_not_hold_a_place_up_to_max_replicas() -> None:
+    fleet = live(hot_worker("a", ("hot", 1.0)), hot_worker("c", ("m3", 1.0)))
+    placed = Placement(model="hot", workers=["dead", "a"])  # "dead" has no advert any more
+    new = scale(placed, fleet)
+    assert new is not None and new.workers == ["a", "c"]  # the dead copy leaves, the serving one keeps its place
+    assert scale(new, fleet) is None  # two serve now: max_replicas
+
+
+def test_a_copy_still_loading_holds_scale_out_back() -> None:
+    loading = msgspec.structs.replace(hot_worker("b"), models=[ModelState(id="hot", state="loading", memory=100 * MiB)])
+    fleet = live(hot_worker("a", ("hot", 1.0)), loading, hot_worker("c"))
+    placed = Placement(model="hot", workers=["a", "b"])
+    assert loading_copies(placed, "hot", fleet) == ["b"]
+    assert loading_copies(Placement(model="hot", workers=["a", "c"]), "hot", fleet) == ["c"]  # placed, not started
+    assert loading_copies(Placement(model="hot", workers=["a"]), "hot", fleet) == []
+    assert loading_copies(None, "hot", fleet) == []
+
+
+def test_a_successful_load_ends_the_count_of_failed_rounds() -> None:
+    retried = Placement(model="m1", workers=["a"], failed={"b": "boom"}, attempts=3)  # round 4 under way on a
+    ok = record_loaded(retried, worker="a")
+    assert ok is not None and ok.workers == ["a"] and (ok.attempts, ok.retry_at) == (0, 0.0)
+    assert record_loaded(ok, worker="a") is None  # nothing to reset: no write
+    assert record_loaded(retried, worker="b") is None  # b is not placed
+    # Much later the worker fails and nobody else can: the first failed round in a row, not the fourth.
+    later = record_failed_load(ok, model="m1", worker="a", error="oom", adverts=[], pins=[], placements=[],
+                               now=5000.0)  # fmt: skip
+    assert (later.attempts, later.retry_at) == (1, 5030.0)
+    assert record_failed_load(retried, model="m1", worker="a", error="oom", adverts=[], pins=[], placements=[],
+                              now=5000.0).attempts == 4  # fmt: skip
+
+
 def test_the_deep_clock_restarts_when_the_queue_drains_or_the_placement_changes() -> None:
     deep = DeepQueues()
     assert deep.observe("hot", ["a"], True, 10.0) == 0.0
@@ -223,6 +278,14 @@ def test_a_pin_by_count_keeps_the_first_copies_and_extras_are_ordinary() -> None
     leave = partial(leave_above_minimum, worker="c", min_replicas=2, reason="idle")
     assert leave(placements["m1"], live={"a", "b", "c"}) == Placement(model="m1", workers=["a", "b"], reason="idle")
     assert leave(placements["m1"], live={"b", "c"}) is None
+
+
+def test_the_workers_a_pin_keeps_are_the_ones_it_counts() -> None:
+    placed = Placement(model="m1", workers=["a", "b", "c"])
+    assert pinned_workers(Pin(model="m1", replicas=2), placed) == ["a", "b"]
+    assert pinned_workers(Pin(model="m1", worker="b"), placed) == ["b"]
+    assert pinned_workers(Pin(model="m1", worker="x"), placed) == [] and pinned_workers(None, placed) == []
+    assert pinned_workers(Pin(model="m1"), None) == []
 
 
 def test_a_dead_pinned_copy_hands_its_place_to_an_extra_one() -> None:

@@ -42,6 +42,9 @@ CATALOGUE_DIGEST = "digest"
 CATALOGUE_INLINE = "inline"
 """``--advert-catalogue inline``: every advert carries the whole catalogue, as before (readers older than digests)."""
 CATALOGUE_MODES = (CATALOGUE_DIGEST, CATALOGUE_INLINE)
+CATALOGUE_RETRY_S = 30.0
+"""After a failed catalogue write, how long adverts carry the catalogue inline before the write is tried again
+(in the background: no advert waits for it)."""
 
 
 @dataclass
@@ -106,11 +109,18 @@ class Advertiser:
     worker does not pull from (`cortex.worker.conversations`)."""
     catalogue_mode: str = CATALOGUE_DIGEST
     """`CATALOGUE_DIGEST` or `CATALOGUE_INLINE` (``--advert-catalogue``)."""
+    older_readers: Callable[[], bool] = lambda: False
+    """Whether another live worker's advert comes from a release before catalogues by digest (it would take a digest
+    advert for a worker with no models): while one does, the catalogue goes inline too (`catalogues.reads_digests`)."""
     _soon: asyncio.Event = field(default_factory=asyncio.Event)
     _digested: tuple[list[m.ModelCard], bytes, str] | None = None
     """The cards last digested, encoded, and their digest (`cards` is replaced, never changed in place)."""
-    _stored: tuple[str, float] = ("", 0.0)
-    """The digest whose catalogue this worker last wrote, and when (monotonic)."""
+    _stored: tuple[str, float, int] = ("", 0.0, -1)
+    """The digest whose catalogue this worker last wrote, when (monotonic), and the bus's reconnect count then."""
+    _failed_at: float | None = None
+    """When the last catalogue write failed (monotonic); None once one succeeds."""
+    _retry: asyncio.Task[None] | None = None
+    """The catalogue write tried again in the background after a failure."""
 
     def _catalogue(self) -> tuple[bytes, str]:
         """The catalogue encoded, and its digest (in this process's cache from now on: its own readers need it)."""
@@ -153,13 +163,14 @@ class Advertiser:
             host_cache_bytes=self.host_tier.capacity if self.host_tier is not None else 0,
             host_cache_used=self.host_tier.used() if self.host_tier is not None else 0,
             catalogue_digest=self._catalogue()[1] if self.catalogue_mode == CATALOGUE_DIGEST else "",
+            advert_format=catalogues.ADVERT_FORMAT,
         )
 
     async def publish(self, models: list[ModelState]) -> None:
         """Write the advert; by digest, its catalogue first when it is new or due again (`names.CATALOGUE_REFRESH_S`),
-        and the advert with the catalogue inline while that write fails."""
+        and the advert with the catalogue inline while that write fails or an older worker reads adverts."""
         advert = self.advert(models)
-        if advert.catalogue_digest and not await self._store_catalogue():
+        if advert.catalogue_digest and (not await self._store_catalogue() or self.older_readers()):
             advert = msgspec.structs.replace(advert, catalogue_digest="")
         try:
             await self.bus.put_advert(names.worker_key(self.worker_id), codec.encode(catalogues.on_the_wire(advert)))
@@ -167,23 +178,46 @@ class Advertiser:
             log.warning("advert not written: %s", exc)
 
     async def _store_catalogue(self) -> bool:
-        """Whether the catalogue is stored under its digest (written now if it is new or due again)."""
+        """Whether the catalogue is stored under its digest (written now if it is new or due again).
+
+        Due again every `names.CATALOGUE_REFRESH_S`, and after the connection
+        came back (`Bus.reconnects`): a broker restarted without its buckets
+        lost it. After a failed write, adverts go inline at once and the write
+        is tried again every `CATALOGUE_RETRY_S` in the background.
+        """
         encoded, digest = self._catalogue()
-        stored, at = self._stored
-        if stored == digest and time.monotonic() - at < names.CATALOGUE_REFRESH_S:
+        stored, at, reconnects = self._stored
+        now = time.monotonic()
+        if stored == digest and now - at < names.CATALOGUE_REFRESH_S and reconnects == self.bus.reconnects:
             return True
+        if self._failed_at is None:
+            return await self._write_catalogue(digest, encoded)
+        if now - self._failed_at >= CATALOGUE_RETRY_S and (self._retry is None or self._retry.done()):
+            self._retry = asyncio.create_task(self._retry_catalogue(digest, encoded))
+        return False
+
+    async def _retry_catalogue(self, digest: str, encoded: bytes) -> None:
+        if await self._write_catalogue(digest, encoded):
+            self.soon()  # the next advert names it again
+
+    async def _write_catalogue(self, digest: str, encoded: bytes) -> bool:
+        reconnects = self.bus.reconnects  # before the write: a reconnect during it writes again
         try:
             await self.bus.put_catalogue(names.catalogue_key(digest), encoded)
         except BrokerError as exc:
-            log.warning("catalogue %s not written (adverts carry it inline meanwhile): %s", digest, exc)
+            if self._failed_at is None:
+                log.warning("catalogue %s not written (adverts carry it inline meanwhile): %s", digest, exc)
+            self._failed_at = time.monotonic()
             return False
-        if stored != digest:
+        if self._stored[0] != digest or self._failed_at is not None:
             log.info("catalogue %s written (%d models, %d bytes)", digest, len(self.cards), len(encoded))
-        self._stored = (digest, time.monotonic())
+        self._stored, self._failed_at = (digest, time.monotonic(), reconnects), None
         return True
 
     async def withdraw(self) -> None:
         """Delete the advert and the heartbeat, so the fleet stops counting on this worker at once."""
+        if self._retry is not None:
+            self._retry.cancel()
         try:
             await self.bus.withdraw_heartbeat(names.alive_key(self.worker_id))
             await self.bus.delete_advert(names.worker_key(self.worker_id))

@@ -1,8 +1,11 @@
 """The requests a worker holds: pulling them per model, handing them to the engine, settling their messages.
 
-A worker takes from a model's durable consumer only as many requests as it has
+A worker asks a model's durable consumer only for as many requests as it has
 free slots, so warm load balancing needs no router: idle workers pull, busy
-ones don't. While a request runs, ``in_progress`` keeps JetStream from giving
+ones don't. It never runs more than its slots: a pull request stays open after
+its fetch returns, and what it brings once the slots have filled (affine
+requests took them meanwhile), or while the worker drains, is nak'd at once
+(`Outcome.NO_ROOM`), for another worker. While a request runs, ``in_progress`` keeps JetStream from giving
 it to another worker; once it is done its message is settled by one of the
 named `Outcome`s, which are the worker's whole ack policy.
 
@@ -66,6 +69,11 @@ class Outcome(Enum):
     CANCELLED = ("ack", "its client has gone: the request is consumed, not redelivered")
     UNDELIVERED = ("nak", "its final chunk was not published: the gateway never saw the end")
     STOPPING = ("nak", "the worker stopped before it finished: another worker takes it up")
+    NO_ROOM = (
+        "nak",
+        "a pull request of this worker made while it had free slots brought it after they filled, or while it "
+        "drains: another worker takes it once this worker's open pull requests have ended (so none brings it back)",
+    )
     RETURNED = (
         "nak",
         "this worker moved it to the shared queue for want of a slot, and a fetch of its own from "
@@ -80,12 +88,13 @@ class Outcome(Enum):
         self.reason = reason
 
 
-async def settle(delivery: Delivery, outcome: Outcome) -> None:
-    """Apply `outcome` to a request's message: the one place the ack verbs are called."""
+async def settle(delivery: Delivery, outcome: Outcome, *, delay: float = NAK_DELAY_S) -> None:
+    """Apply `outcome` to a request's message (a nak redelivers it after `delay`): the one place the ack verbs are
+    called."""
     if outcome.verb == "ack":
         await delivery.ack()
     elif outcome.verb == "nak":
-        await delivery.nak(delay=NAK_DELAY_S)
+        await delivery.nak(delay=delay)
     else:
         await delivery.term()
 
@@ -116,6 +125,18 @@ class InFlight:
 
 
 @dataclass
+class _Claim:
+    """The free slots one model's shared pull loop holds for its pull requests: the share its fetch under way asked
+    for, and after the fetch returned, what its still open pull request may bring."""
+
+    pull: PullQueue
+    fetching: int = 0
+
+    def held(self) -> int:
+        return max(self.fetching, self.pull.outstanding())
+
+
+@dataclass
 class Requests:
     engine: Engine | SyntheticEngine
     slots: int
@@ -137,14 +158,19 @@ class Requests:
     affine_at: float = float("-inf")
     """Monotonic time at which an affine fetch last brought requests (`_shared_poll_s`)."""
     _in_flight: dict[str, InFlight] = field(default_factory=dict)
-    _reserved: int = 0
-    _pulling: int = 0
+    _claims: list[_Claim] = field(default_factory=list)
     _cancelled: dict[str, float] = field(default_factory=dict)
     _background: set[asyncio.Task[None]] = field(default_factory=set)
 
     @property
     def free_slots(self) -> int:
-        return self.slots - len(self._in_flight) - self._reserved
+        """Slots neither running a request nor held by a shared pull loop's pull requests (`_Claim`)."""
+        return self.slots - len(self._in_flight) - sum(claim.held() for claim in self._claims)
+
+    def _free_for(self, claim: _Claim) -> int:
+        """The free slots a shared pull loop may ask for: those of `free_slots` and those it holds itself (its fetch
+        asks only for what its open pull request does not cover: `StandingPull.fetch`)."""
+        return self.slots - len(self._in_flight) - sum(other.held() for other in self._claims if other is not claim)
 
     def busy(self) -> int:
         """Requests running now (for the advert's free slots)."""
@@ -181,13 +207,14 @@ class Requests:
             await affine.hand_over()
 
     async def _shared_loop(self, slot: Served, pull: PullQueue, settled: Settled) -> None:
-        self._pulling += 1
+        claim = _Claim(pull)
+        self._claims.append(claim)
         # A pull request made while slots were free may bring requests after they filled (affine requests took
-        # them meanwhile): the loop hears of them even while it waits for a slot, and takes them as a fetch would.
+        # them meanwhile): the loop hears of them even while it waits for a slot, and runs or naks them at once.
         pull.on_arrival(self.slot_freed.set)
         try:
             while self._serving(slot):
-                free = self.free_slots
+                free = self._free_for(claim)
                 if self.draining.is_set() or free <= 0:
                     if pull.waiting:
                         await self._take(slot, pull, pull.take_waiting(), settled)
@@ -197,8 +224,8 @@ class Requests:
                     continue
                 # With several models, each pull takes a fair share of the free
                 # slots so that an idle model's long poll cannot starve the others.
-                share = -(-free // max(1, self._pulling))
-                self._reserved += share
+                share = -(-free // max(1, len(self._claims)))
+                claim.fetching = share
                 try:
                     deliveries = await pull.fetch(share, timeout=self._shared_poll_s())
                 except BrokerError as exc:
@@ -206,18 +233,21 @@ class Requests:
                     deliveries = []
                     await asyncio.sleep(0.5)
                 finally:
-                    self._reserved -= share
+                    claim.fetching = 0
                     self.slot_freed.set()
                 await self._take(slot, pull, deliveries, settled)
         finally:
-            self._pulling -= 1
+            self._claims.remove(claim)
 
     async def _take(self, slot: Served, pull: PullQueue, deliveries: list[Delivery], settled: Settled) -> None:
+        """Run each request while a slot is free (never more than `slots` at once), and nak the rest at once."""
         for delivery in deliveries:
-            if delivery.moved_by and delivery.moved_by == pull.worker_id and len(self._in_flight) >= self.slots:
+            if len(self._in_flight) < self.slots and not self.draining.is_set() and self._serving(slot):
+                await self._accept(slot, delivery, settled)  # no await before it counts the request in flight
+            elif delivery.moved_by and delivery.moved_by == pull.worker_id:
                 await settle(delivery, Outcome.RETURNED)
-                continue
-            await self._accept(slot, delivery, settled)
+            else:
+                await settle(delivery, Outcome.NO_ROOM, delay=pull.open_for())
 
     def _shared_poll_s(self) -> float:
         """How long one shared fetch waits.

@@ -26,6 +26,7 @@ from cortex.worker.engine import Engine
 from cortex.worker.host_tier import HostTier, restore
 from cortex.worker.loader import LoadedModel
 from cortex.worker.synthetic import SyntheticEngine
+from cortex.worker.tasks import looked_at
 
 log = logging.getLogger("cortex.worker")
 
@@ -59,7 +60,7 @@ class Loads:
         cannot be stopped mid-phase, and until it ends, the memory it fills is in use.
         """
         load = asyncio.wrap_future(self._pool.submit(self._load, spec, abort))
-        load.add_done_callback(_looked_at)
+        load.add_done_callback(looked_at)  # one called off (an unload, a stop) is nobody's to report
         return load
 
     def _load(self, spec: ModelSpec, abort: threading.Event) -> Any:
@@ -141,12 +142,6 @@ class LoaderThreads:
             waiting, self._waiting = self._waiting, set()
         for future in waiting:
             future.cancel()
-
-
-def _looked_at(load: asyncio.Future[Any]) -> None:
-    """Mark a load's error as seen: one called off (by an unload, or a stop) is nobody's to report."""
-    if not load.cancelled():
-        load.exception()
 
 
 def _park(tier: HostTier, held: list[LoadedModel]) -> tuple[int, str]:

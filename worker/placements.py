@@ -18,7 +18,8 @@ the placement's `retry_at` has come (`cortex.protocol.retries`).
 The workers serving a model watch its queue (`consider_scaling`, fed by
 `cortex.worker.residency`): once it has stayed at least as deep as the slots
 serving it for `DEEP_FOR_S`, they write `scale_out`, which adds a replica on
-the best worker with room, up to ``max_replicas``.
+the best worker with room, up to ``max_replicas``. The clock stands still while
+a copy of the model is still loading: its slots drain nothing yet.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from functools import partial
 from cortex.broker.bus import Bus
 from cortex.broker.decisions import change_placement
 from cortex.broker.errors import BrokerError
-from cortex.protocol import Pin, Placement, WorkerAdvert, codec, names
+from cortex.protocol import Pin, Placement, WorkerAdvert, catalogues, codec, names
 from cortex.protocol.choice import failed_recently, pinned_copies, pinned_models, serving_workers
 from cortex.protocol.liveness import LiveFleet
 from cortex.protocol.placement import (
@@ -41,7 +42,9 @@ from cortex.protocol.placement import (
     add_worker,
     keep_replicas,
     leave_above_minimum,
+    loading_copies,
     record_failed_load,
+    record_loaded,
     remove_worker,
     retry_failed_load,
     scale_out,
@@ -91,6 +94,12 @@ class Placements:
         if (own := self._fleet.advert(self.worker_id)) is not None:
             live.setdefault(self.worker_id, own)  # it knows it is alive, whatever its heartbeat's echo says
         return {w: a for w, a in live.items() if not a.draining and w not in self._drains}
+
+    def older_readers(self) -> bool:
+        """Whether another live worker's advert comes from a release before catalogues by digest (it reads ours so):
+        this worker's `Advertiser` keeps its catalogue inline meanwhile."""
+        return any(not catalogues.reads_digests(a) for a in self._fleet.live(time.monotonic())
+                   if a.worker_id != self.worker_id)  # fmt: skip
 
     def on_decision(self, key: str, value: bytes | None) -> None:
         """The handler of the decision bucket's watch."""
@@ -194,6 +203,14 @@ class Placements:
                          placements=self._placements.values(), now=time.time())  # fmt: skip
         await self._change(model, change, "cannot record the failed load of %s: %s")
 
+    async def loaded(self, model: str) -> None:
+        """The model loaded here: a placement still counting failed rounds (`attempts`, `retry_at`) starts afresh."""
+        placement = self._placements.get(model)
+        if placement is None or not (placement.attempts or placement.retry_at):
+            return  # the common case, without a round trip to the broker
+        change = partial(record_loaded, worker=self.worker_id)
+        await self._change(model, change, "cannot record the load of %s: %s")
+
     async def keep_placed_when_lost(self) -> None:
         """Run `keep_placed` as soon as a worker stops counting or drains, not only on the upkeep tick."""
         while True:
@@ -261,6 +278,12 @@ class Placements:
         live = self.live()
         serving = serving_workers(placement, model, live)
         if placement.error or self.worker_id not in serving or len(serving) >= spec.max_replicas:
+            self._deep.forget(model)
+            return
+        # A copy still loading (or placed, not started) takes none of the queue yet: the clock waits for it, so a
+        # burst does not add a replica per window up to max_replicas before the first new one serves. This worker
+        # serves the model (the caller says so), whatever its own advert, a write behind, still shows.
+        if [w for w in loading_copies(placement, model, live) if w != self.worker_id]:
             self._deep.forget(model)
             return
         slots = sum(live[w].slots_total for w in serving)

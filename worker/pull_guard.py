@@ -7,7 +7,8 @@ before the memory came free. Through this wrapper a fetch under way when
 ``leaving`` is set returns nothing at once (one started afterwards, a last look
 on the way out, runs as asked). Cutting a fetch short loses nothing: the pull
 request it waited on stays open at the broker (`cortex.broker.standing`), and
-what it brings waits in the queue.
+what it brings waits in the queue; a fetch that had taken requests when its
+caller was cancelled puts them back first in line (`PullQueue.put_back`).
 
 When the queue closes, its open pull requests are let run out (they live no
 longer than the poll they were made for), and whatever they brought that no
@@ -28,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from cortex.broker.pull import Delivery, Move, PullQueue
+from cortex.worker.tasks import looked_at
 
 log = logging.getLogger("cortex.worker")
 
@@ -55,24 +57,29 @@ class LeavingPull:
         return getattr(self._queue, name)
 
     async def fetch(self, batch: int, timeout: float) -> list[Delivery]:
-        return await self._fetch(self._queue.fetch, batch, timeout)
+        return await self._fetch(self._queue.fetch, batch, timeout, affine=False)
 
     async def fetch_affine(self, batch: int, timeout: float) -> list[Delivery]:
-        return await self._fetch(self._queue.fetch_affine, batch, timeout)
+        return await self._fetch(self._queue.fetch_affine, batch, timeout, affine=True)
 
-    async def _fetch(self, call: Fetch, batch: int, timeout: float) -> list[Delivery]:
+    async def _fetch(self, call: Fetch, batch: int, timeout: float, *, affine: bool) -> list[Delivery]:
         if self._leaving.is_set():
             return await call(batch, timeout)
         if self._leave is None:  # one waiter shared by every fetch: a task each would cost on the hot path
             self._leave = asyncio.ensure_future(self._leaving.wait())
         fetch = asyncio.ensure_future(call(batch, timeout))
+        handed = False
         try:
             await asyncio.wait((fetch, self._leave), return_when=asyncio.FIRST_COMPLETED)
+            handed = True
         finally:
             if not fetch.done():  # leaving, or this task cancelled: the fetch goes, what it waited for stays queued
                 fetch.cancel()
                 await asyncio.wait((fetch,))
-                _looked_at(fetch)
+            looked_at(fetch)
+            if not handed and (taken := _taken(fetch)):
+                # Cancelled after the fetch had taken requests: they go back in line, for `wind_down` to give back.
+                self._queue.put_back(taken, affine=affine)
         return [] if fetch.cancelled() else fetch.result()
 
     async def close(self) -> None:
@@ -106,7 +113,8 @@ class LeavingPull:
             await self._queue.close()
 
 
-def _looked_at(fetch: asyncio.Future[list[Delivery]]) -> None:
-    """Mark a fetch's error as seen: a fetch cut short belongs to nobody who could report it."""
-    if fetch.done() and not fetch.cancelled():
-        fetch.exception()
+def _taken(fetch: asyncio.Future[list[Delivery]]) -> list[Delivery]:
+    """What a finished fetch brought (nothing if it was cancelled or failed)."""
+    if fetch.cancelled() or fetch.exception() is not None:
+        return []
+    return fetch.result()

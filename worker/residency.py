@@ -343,6 +343,7 @@ class Residency:
         slot.reasoning = getattr(loaded, "reasoning", None) is not None  # the synthetic model has no tags
         slot.last_used = time.time()
         await self.advertise()
+        await self.placements.loaded(slot.spec.id)  # a round of failed loads that ends here ends the count
         pull = LeavingPull(slot.pull, slot.leaving, self._background)
         try:
             await self.serve_requests(slot, pull, self._request_settled)

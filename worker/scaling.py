@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from cortex.broker.errors import BrokerError
 from cortex.protocol import messages as m
+from cortex.protocol.choice import serving_workers
 
 if TYPE_CHECKING:  # placements imports this module for its clock
     from cortex.worker.placements import Placements
@@ -66,9 +67,11 @@ async def watch_queues(held: Callable[[], list[ModelSlot]], placements: Placemen
         await asyncio.sleep(SCALE_POLL_S)
         try:
             read = []
+            live = placements.live()
             for slot in held():
                 placement = placements.placements().get(slot.spec.id)
-                scalable = placement is not None and len(placement.workers) < slot.spec.max_replicas
+                serving = serving_workers(placement, slot.spec.id, live)  # a dead copy holds no place
+                scalable = placement is not None and len(serving) < slot.spec.max_replicas
                 if scalable and slot.pull is not None and slot.state == m.MODEL_READY and slot.in_flight:
                     with contextlib.suppress(BrokerError):  # read again next time
                         slot.queue_depth = await slot.pull.pending()

@@ -129,16 +129,16 @@ class WorkerService:
                             instance=self._instance)  # fmt: skip
         # The synthetic engine holds no weights to park.
         host_tier = HostTier(self.host_cache) if self.host_cache > 0 and isinstance(self.engine, Engine) else None
+        placements = Placements(bus=self.bus, worker_id=self.worker_id, catalogue=self.catalogue, draining=draining,
+                                slot_freed=self._slot_freed)  # fmt: skip
         advertiser = Advertiser(
             bus=self.bus, worker_id=self.worker_id, device=self.device, slots=self.slots,
             memory_budget=self.memory_budget, eviction=self.eviction,
             cards=[spec.card(estimates[spec.id]) for spec in self.catalogue],
             metrics=metrics, draining=draining, busy=requests.busy, started_at=self._started_at,
             instance=self._instance, prefix_keys=conversations.recent, host_tier=host_tier,
-            catalogue_mode=self.advert_catalogue,
+            catalogue_mode=self.advert_catalogue, older_readers=placements.older_readers,
         )  # fmt: skip
-        placements = Placements(bus=self.bus, worker_id=self.worker_id, catalogue=self.catalogue, draining=draining,
-                                slot_freed=self._slot_freed)  # fmt: skip
         residency = Residency(
             bus=self.bus, engine=self.engine, catalogue=self.catalogue, worker_id=self.worker_id,
             loads=Loads(loader=self.loader, engine=self.engine, host_tier=host_tier),
