@@ -5,8 +5,9 @@ python -m bench.fleet_sim_probe --nats URL --role gateway|worker --models 500 --
 Runs the product's own reader over a real `cortex.broker.bus.Bus` watch of a
 running fleet: ``gateway`` is `cortex.gateway.fleet.FleetView` fed by the
 fleet, heartbeat and decision buckets, as `cortex.gateway.app` wires it;
-``worker`` is `cortex.worker.placements.Placements` with `keep_placed` on every
-upkeep tick, as every worker runs it. It takes this process's CPU seconds
+``worker`` is `cortex.worker.placements.Placements` watching the fleet with
+`keep_placed` on every upkeep tick, as the keeper runs it (`cortex.worker.keeper`;
+the other workers watch only decisions). It takes this process's CPU seconds
 (``getrusage``) over `--window` seconds with nothing else to do, then profiles
 another `--profile` seconds with cProfile, and (gateway) times the decisions a
 gateway makes from that view: `place_on_demand` for a cold model, over the
@@ -91,8 +92,8 @@ async def measure(args: argparse.Namespace) -> dict[str, Any]:
     else:
         view = Placements(bus=bus, worker_id="fleet-sim-probe", catalogue=specs(catalogue(args.models)),
                           draining=asyncio.Event(), slot_freed=asyncio.Event())  # fmt: skip
-        await bus.watch_fleet(view.on_fleet)
         await bus.watch_decisions(view.on_decision)
+        await view.watch_fleet()  # as the keeper does once it holds the lease
 
         async def tick(placements: Placements) -> None:
             while True:

@@ -15,10 +15,10 @@ fleet upkeep and placement, not generation.
 
 The decision bucket is watched once per process and fanned out to the
 workers in it. ``--worker-watch`` also gives every simulated worker the real
-worker's own view of the fleet (`cortex.worker.placements.Placements` fed by
-its own watches of adverts, heartbeats and decisions, and `keep_placed` on each
-upkeep tick), as each real worker has; without it that cost is measured once by
-`bench.fleet_sim_probe` and multiplied.
+worker's own fleet upkeep: `cortex.worker.placements.Placements` fed by its own
+watch of decisions, the keeper's lease (`cortex.worker.keeper`: the one worker
+holding it also watches adverts and heartbeats), and `keep_placed` on each
+upkeep tick; without it that cost is measured once by `bench.fleet_sim_probe`.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from cortex.protocol.choice import plan_evictions
 from cortex.protocol.placement import remove_worker
 from cortex.worker.advert import Advertiser, WorkerMetrics
 from cortex.worker.device import DeviceInfo
+from cortex.worker.keeper import KeeperLease
 from cortex.worker.placements import Placements
 
 log = logging.getLogger("bench.fleet_sim")
@@ -150,8 +151,11 @@ async def main_async(args: argparse.Namespace) -> None:
         if args.worker_watch:
             sim.view = Placements(bus=bus, worker_id=worker_id, catalogue=specs(cards), draining=asyncio.Event(),
                                   slot_freed=asyncio.Event())  # fmt: skip
-            await bus.watch_fleet(sim.view.on_fleet)
+            sim.view.lease = KeeperLease(bus=bus, worker_id=worker_id, instance=advertiser.instance,
+                                         inline_catalogues=sim.view.older_readers_seen, gained=sim.view.watch_fleet,
+                                         lost=sim.view.unwatch_fleet)  # fmt: skip
             await bus.watch_decisions(sim.view.on_decision)
+            sim.tasks.append(asyncio.create_task(sim.view.lease.run()))
         sim.tasks.append(asyncio.create_task(advertiser.beat()))
         sim.tasks.append(asyncio.create_task(sim.run()))
         workers.append(sim)

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import nats.errors
@@ -47,6 +48,26 @@ PROVISION_PATIENCE_S = 30.0
 _NO_MESSAGE_CODE = 10037  # JSNoMessageFoundErr: the sequence asked for is not (or no longer) in the stream
 
 ReplyHandler = Callable[[str, bytes], None]
+
+
+@dataclass(frozen=True)
+class FleetWatch:
+    """A watch of the fleet's adverts and heartbeats, as `Bus.watch_fleet` started it (`Bus.unwatch_fleet` stops it)."""
+
+    held: HeldAdverts
+    watches: tuple[Watch, ...]
+
+    async def caught_up(self, timeout: float) -> bool:
+        """Wait until the watch has brought the fleet as it was when it began, every advert's catalogue read (False
+        if that took longer than `timeout`): a view taken earlier is missing workers that are alive."""
+        try:
+            async with asyncio.timeout(timeout):
+                for watch in self.watches:
+                    await watch.caught_up.wait()
+                await self.held.none_held.wait()
+        except TimeoutError:
+            return False
+        return True
 
 
 class Bus:
@@ -312,6 +333,11 @@ class Bus:
 
     async def write_decision(self, key: str, value: bytes, revision: int) -> bool:
         """Compare-and-set: write only if the key is still at `revision` (0: absent); False if someone else won."""
+        return bool(await _compare_and_set(self._placement, key, value, revision))
+
+    async def swap_decision(self, key: str, value: bytes, revision: int) -> int:
+        """`write_decision`, returning the revision written (0 if someone else won), for a writer that goes on
+        rewriting its own key (the keeper's lease)."""
         return await _compare_and_set(self._placement, key, value, revision)
 
     async def delete_decision(self, key: str) -> None:
@@ -351,7 +377,7 @@ class Bus:
 
     async def write_key(self, key: str, value: bytes, revision: int) -> bool:
         """Compare-and-set an API key (0: only if there is none by that name)."""
-        return await _compare_and_set(self._keys, key, value, revision)
+        return bool(await _compare_and_set(self._keys, key, value, revision))
 
     async def delete_key(self, key: str) -> None:
         try:
@@ -365,7 +391,7 @@ class Bus:
 
     async def write_limit(self, key: str, value: bytes, revision: int) -> bool:
         """Compare-and-set a key's rate-limit window; False if another gateway wrote it first."""
-        return await _compare_and_set(self._limits, key, value, revision)
+        return bool(await _compare_and_set(self._limits, key, value, revision))
 
     async def append_record(self, subject: str, payload: bytes) -> None:
         """Append a usage record or an audit event to its stream (durably: JetStream acknowledges it)."""
@@ -427,7 +453,7 @@ class Bus:
         out.update(zip(missed, values, strict=True))
         return out
 
-    async def watch_fleet(self, handler: FleetHandler) -> None:
+    async def watch_fleet(self, handler: FleetHandler) -> FleetWatch:
         """Start calling `handler` for every change of the fleet, in the background: its adverts and heartbeats.
 
         Advert keys (``workers.*``, bucket ``cortex-fleet``) and heartbeat keys
@@ -440,13 +466,23 @@ class Bus:
         """
         held = HeldAdverts(self.catalogues, handler)
         self._held.append(held)
-        await self._watch(names.FLEET_BUCKET, self._fleet, held.on_change)
-        await self._watch(names.ALIVE_BUCKET, self._alive, handler)
+        adverts = await self._watch(names.FLEET_BUCKET, self._fleet, held.on_change)
+        beats = await self._watch(names.ALIVE_BUCKET, self._alive, handler)
+        return FleetWatch(held, (adverts, beats))
 
-    async def _watch(self, bucket_name: str, bucket: KeyValue, handler: FleetHandler) -> None:
+    async def unwatch_fleet(self, watch: FleetWatch) -> None:
+        """Stop a watch `watch_fleet` started: its handler is called no more."""
+        watch.held.stop()
+        self._held.remove(watch.held)
+        for one in watch.watches:
+            self._watches.remove(one)
+            await one.stop()
+
+    async def _watch(self, bucket_name: str, bucket: KeyValue, handler: FleetHandler) -> Watch:
         watch = Watch(self._js, bucket_name, bucket, handler, f"{bucket_name}-watch", self._link)
         await watch.start()
         self._watches.append(watch)
+        return watch
 
     async def queued_requests(self, model: str, limit: int) -> list[tuple[int, bytes]]:
         """The first `limit` requests for `model` still in the stream, as `queued_seqs` finds them, with their bodies:
@@ -491,23 +527,21 @@ async def _provision_patiently(js: JetStreamContext, replicas: int) -> provision
             await asyncio.sleep(0.5)
 
 
-async def _compare_and_set(bucket: KeyValue, key: str, value: bytes, revision: int) -> bool:
-    """Write `key` only if it is still at `revision` (0: absent); False if someone else wrote first."""
+async def _compare_and_set(bucket: KeyValue, key: str, value: bytes, revision: int) -> int:
+    """Write `key` only if it is still at `revision` (0: absent): the new revision, 0 if someone else wrote first."""
     try:
         if revision:
-            await bucket.update(key, value, last=revision)
-        else:
-            await bucket.create(key, value)
+            return int(await bucket.update(key, value, last=revision))
+        return int(await bucket.create(key, value))
     except KeyWrongLastSequenceError:
-        return False
+        return 0
     except APIError as exc:
         # nats-py's KV errors (KeyDeletedError...) are APIErrors that never set err_code.
         if getattr(exc, "err_code", None) in _WRONG_LAST_SEQUENCE_CODES:
-            return False
+            return 0
         raise BrokerUnavailable(f"cannot write {key}: {exc}") from exc
     except Exception as exc:
         raise BrokerUnavailable(f"cannot write {key}: {exc}") from exc
-    return True
 
 
 async def _read_revision(bucket: KeyValue, key: str) -> tuple[bytes | None, int]:

@@ -98,6 +98,9 @@ class HeldAdverts:
         self._held: dict[str, tuple[str, bytes]] = {}
         """By advert key: the digest it waits for and the advert."""
         self._resolving: dict[str, asyncio.Task[None]] = {}
+        self.none_held = asyncio.Event()
+        """Set while no advert waits for its catalogue."""
+        self.none_held.set()
 
     @property
     def held(self) -> int:
@@ -108,10 +111,12 @@ class HeldAdverts:
             digest = catalogues.digest_of_advert(value)
             if digest and digest not in self._catalogues.cache:
                 self._held[key] = (digest, value)
+                self.none_held.clear()
                 if digest not in self._resolving:
                     self._resolving[digest] = asyncio.create_task(self._resolve(digest), name=f"catalogue-{digest}")
                 return
-        self._held.pop(key, None)
+        if self._held.pop(key, None) is not None and not self._held:
+            self.none_held.set()
         self._handler(key, value)
 
     def stop(self) -> None:
@@ -144,3 +149,5 @@ class HeldAdverts:
                 self._handler(key, value)
             except Exception:  # one advert the handler cannot take must not keep the others from it
                 log.exception("the fleet handler failed on %s", key)
+        if not self._held:
+            self.none_held.set()

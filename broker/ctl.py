@@ -170,6 +170,7 @@ def _print_status(adverts: list[dict[str, Any]], placements: dict[str, Any] | No
         memory = _bar(a.get("memory_used", 0) + a.get("memory_reserved", 0), a.get("memory_budget", 0))
         slots = f"{a.get('slots_free', 0)}/{a.get('slots_total', 0)}"
         age = f"{max(0.0, now - a.get('updated_at', now)):.0f}s" + (" draining" if a.get("draining") else "")
+        age += " keeper" if a.get("keeper") else ""  # it watches the fleet for the others (docs/fleet.md)
         models = ", ".join(_model_status(m) for m in a.get("models", []))
         if a.get("host_cache_bytes"):  # the host tier (--host-cache): models a copy away from the device
             parked = ", ".join(a.get("host_cached", [])) or "empty"

@@ -104,6 +104,8 @@ class Watch:
         """How long after `_probe_remade_at` a failed probe may make the watch again."""
         self._heard = time.monotonic()
         self._task: asyncio.Task[None] | None = None
+        self.caught_up = asyncio.Event()
+        """Set once the watch has brought every key's value as it was when the watch began (and stays set)."""
         self._late: set[asyncio.Future[Any]] = set()
         """Tries at making the watch again that were not waited for: each one stops its watch if it ever comes."""
 
@@ -153,6 +155,7 @@ class Watch:
         async for entry in watcher:
             self._heard = time.monotonic()
             if entry is None:  # the mark after the initial values
+                self.caught_up.set()
                 continue
             if entry.operation in KV_DELETE_OPS:
                 self._handler(entry.key, None)

@@ -12,7 +12,7 @@ import msgspec
 from cortex.protocol import catalogues
 from cortex.protocol.heartbeat import Heartbeat
 from cortex.protocol.keys import ApiKey, AuditEvent, LimitWindow, UsageRecord
-from cortex.protocol.messages import Chunk, Drain, GenerateRequest, Pin, Placement, Taken, WorkerAdvert
+from cortex.protocol.messages import Chunk, Drain, GenerateRequest, Keeper, Pin, Placement, Taken, WorkerAdvert
 
 _encoder = msgspec.json.Encoder()
 _request_decoder = msgspec.json.Decoder(GenerateRequest)
@@ -21,6 +21,7 @@ _advert_decoder = msgspec.json.Decoder(WorkerAdvert)
 _placement_decoder = msgspec.json.Decoder(Placement)
 _pin_decoder = msgspec.json.Decoder(Pin)
 _drain_decoder = msgspec.json.Decoder(Drain)
+_keeper_decoder = msgspec.json.Decoder(Keeper)
 _heartbeat_decoder = msgspec.json.Decoder(Heartbeat)
 _api_key_decoder = msgspec.json.Decoder(ApiKey)
 _limit_window_decoder = msgspec.json.Decoder(LimitWindow)
@@ -39,6 +40,7 @@ Encodable = (
     | Placement
     | Pin
     | Drain
+    | Keeper
     | Heartbeat
     | ApiKey
     | LimitWindow
@@ -76,6 +78,10 @@ def decode_pin(data: bytes) -> Pin:
 
 def decode_drain(data: bytes) -> Drain:
     return _drain_decoder.decode(data)
+
+
+def decode_keeper(data: bytes) -> Keeper:
+    return _keeper_decoder.decode(data)
 
 
 def decode_heartbeat(data: bytes) -> Heartbeat:

@@ -383,6 +383,8 @@ class WorkerAdvert(
     """What the writer's adverts are and what it reads in others' (`cortex.protocol.catalogues.ADVERT_FORMAT`):
     0, a worker from before catalogues by digest, which takes an advert without an inline catalogue for a worker
     with no models; 1, one that reads catalogues by digest."""
+    keeper: bool = False
+    """Whether this worker keeps watch over the fleet for the others (`cortex.worker.keeper`; shown by cortexctl)."""
 
     def ready_models(self) -> list[str]:
         return [m.id for m in self.models if m.state == MODEL_READY]
@@ -428,6 +430,24 @@ class Pin(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_fie
     replicas: int = 1
     worker: str = ""
     pinned_at: float = 0.0
+
+
+class Keeper(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type", tag="keeper"):
+    """The worker that keeps watch over the whole fleet for the others (`names.KEEPER_KEY`; `cortex.worker.keeper`).
+
+    It alone watches every advert and heartbeat, keeps pins and ``min_replicas`` placed and retries failed loads;
+    the other workers read the fleet only for their own rare decisions. It rewrites this record every
+    `names.KEEPER_RENEW_S`; one not rewritten for `names.KEEPER_LEASE_S` (by the reader's clock) may be taken over.
+    """
+
+    worker_id: str
+    instance: str = ""
+    """The keeper's process (`Heartbeat.instance`): a restart under the same id holds the lease afresh."""
+    since: float = 0.0
+    renewed: float = 0.0
+    inline_catalogues: bool = False
+    """Whether some live worker reads only catalogues inline (a release before catalogues by digest): every worker
+    then writes its catalogue inline in its advert (`cortex.protocol.catalogues`)."""
 
 
 class Drain(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="type", tag="drain"):

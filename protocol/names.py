@@ -222,6 +222,12 @@ PLACEMENT_BUCKET = "cortex-placement"
 _PLACEMENT_PREFIX = "models."
 _PIN_PREFIX = "pins."
 _DRAIN_PREFIX = "drain."
+KEEPER_KEY = "keeper"
+"""The `Keeper` record in `PLACEMENT_BUCKET`: which worker watches the whole fleet for the others."""
+KEEPER_RENEW_S = 1.0
+"""How often the keeper rewrites its record."""
+KEEPER_LEASE_S = 5.0
+"""A keeper record not rewritten for this long (by the reader's own clock) may be taken over."""
 
 
 def placement_key(model: str) -> str:

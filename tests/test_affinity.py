@@ -95,17 +95,6 @@ def test_prefix_keys_are_the_same_across_dialects_and_turns() -> None:
 # -- the stream: affine subjects, in place of an older configuration; counted in the queue -------------------
 
 
-@pytest.fixture
-def private_nats(tmp_path: Path) -> Iterator[EmbeddedNats]:
-    """A nats-server of the test's own, for a scenario that reconfigures the request stream."""
-    server = EmbeddedNats(store_dir=tmp_path, port=0, log_file=tmp_path / "nats.log")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def test_an_older_request_stream_takes_the_affine_subjects_and_counts_them(private_nats: EmbeddedNats) -> None:
     server = private_nats
 

@@ -32,7 +32,7 @@ from cortex.broker.access import TLS_CA_ENV, TLS_CERT_ENV, TLS_KEY_ENV, Access, 
 from cortex.broker.bus import Bus
 from cortex.broker.errors import BrokerUnavailable, CredentialsError, NotProvisioned
 from cortex.broker.server import EmbeddedNats
-from cortex.protocol import ModelCard, catalogues, names
+from cortex.protocol import Keeper, ModelCard, catalogues, codec, names
 from tests.conftest import (
     STARTUP_TIMEOUT_S,
     child_env,
@@ -209,6 +209,12 @@ def test_the_worker_serves_and_hands_requests_on_but_never_queues_one_for_a_work
             await bus.put_catalogue(names.catalogue_key(catalogues.digest(b"[]")), b"[]")  # its catalogue, by digest
             await bus.put_heartbeat(names.alive_key("probe"), b"{}")
             assert await bus.write_decision(names.placement_key("probe-model"), b"{}", 0)
+            # the keeper's lease (rewritten as it stands if a worker of another test holds it)
+            standing, revision = await bus.read_decision(names.KEEPER_KEY)
+            record = standing or codec.encode(Keeper(worker_id="probe"))
+            assert await bus.swap_decision(names.KEEPER_KEY, record, revision)
+            if standing is None:
+                await bus.delete_decision(names.KEEPER_KEY)
             pull = await bus.pull_queue("probe-model", "probe")  # its affine consumer too
             assert pull.has_affine
             await pull.close()

@@ -212,7 +212,7 @@ def test_a_new_worker_goes_inline_while_an_older_worker_reads_adverts(nats_serve
     async def body(writer: Bus, reader: Bus) -> None:
         fleet = Placements(bus=reader, worker_id=worker_id, catalogue=[], draining=asyncio.Event(),
                            slot_freed=asyncio.Event())  # fmt: skip
-        await reader.watch_fleet(fleet.on_fleet)
+        await fleet.watch_fleet()  # as the keeper: it sees every advert (the others read its record's flag)
         ad = advertiser(writer, worker_id, CARDS[:5], older_readers=fleet.older_readers)
         assert catalogues.reads_digests(ad.advert([]))
         legacy = msgspec.json.decode(codec.encode(WorkerAdvert(worker_id=old, host="h", device="cpu",
@@ -231,6 +231,7 @@ def test_a_new_worker_goes_inline_while_an_older_worker_reads_adverts(nats_serve
             raw = (await reader.read_fleet())[names.worker_key(worker_id)]
             assert catalogues.digest_of_advert(raw) and b'"catalogue"' not in raw
         finally:
+            await fleet.unwatch_fleet()
             for key in (names.worker_key(worker_id), names.worker_key(old)):
                 await writer.delete_advert(key)
 

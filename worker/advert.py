@@ -112,6 +112,8 @@ class Advertiser:
     older_readers: Callable[[], bool] = lambda: False
     """Whether another live worker's advert comes from a release before catalogues by digest (it would take a digest
     advert for a worker with no models): while one does, the catalogue goes inline too (`catalogues.reads_digests`)."""
+    keeper: Callable[[], bool] = lambda: False
+    """Whether this worker holds the keeper's lease (said in the advert)."""
     _soon: asyncio.Event = field(default_factory=asyncio.Event)
     _digested: tuple[list[m.ModelCard], bytes, str] | None = None
     """The cards last digested, encoded, and their digest (`cards` is replaced, never changed in place)."""
@@ -164,6 +166,7 @@ class Advertiser:
             host_cache_used=self.host_tier.used() if self.host_tier is not None else 0,
             catalogue_digest=self._catalogue()[1] if self.catalogue_mode == CATALOGUE_DIGEST else "",
             advert_format=catalogues.ADVERT_FORMAT,
+            keeper=self.keeper(),
         )
 
     async def publish(self, models: list[ModelState]) -> None:

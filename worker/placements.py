@@ -1,22 +1,28 @@
 """The fleet's decisions as this worker watches them, and the placement changes this worker writes.
 
-The worker keeps a copy of the fleet (adverts and heartbeats, judged live by
-`cortex.protocol.liveness.LiveFleet` as gateways do) and of the decision bucket
-(placements, pins, drains), fed by the watches; `cortex.worker.residency` reads
-it to know what to hold. Every write is a transition of
-`cortex.protocol.placement` applied by `cortex.broker.decisions.change_placement`,
-so a worker changes a placement exactly as a gateway or cortexctl would.
+The worker keeps a copy of the decision bucket (placements, pins, drains),
+fed by its watch; `cortex.worker.residency` reads it to know what to hold.
+Every write is a transition of `cortex.protocol.placement` applied by
+`cortex.broker.decisions.change_placement`, so a worker changes a placement
+exactly as a gateway or cortexctl would.
 
-Every worker also watches over pins and ``min_replicas`` (`keep_placed`): on
-each upkeep tick, and as soon as a worker's heartbeat goes or a drain is
-written, it checks the models of its catalogue and, for one with fewer live
-copies than it should have, writes the transition `keep_replicas` that restores
-them; the compare-and-set lets exactly one such write land. On the same tick
-it starts the next round of loads of a model every worker failed to load, once
-the placement's `retry_at` has come (`cortex.protocol.retries`).
+Only the keeper (`cortex.worker.keeper`) also watches the fleet (adverts and
+heartbeats, judged live by `cortex.protocol.liveness.LiveFleet` as gateways
+do). The other workers read it when one of their rare decisions needs it (a
+failed load handed on, an idle copy leaving, a replica added: `live`), a
+snapshot kept for a few seconds.
+
+The keeper watches over pins and ``min_replicas`` (`keep_placed`): on each
+upkeep tick, and as soon as a worker's heartbeat goes or a drain is written, it
+checks the models of its catalogue and, for one with fewer live copies than it
+should have, writes the transition `keep_replicas` that restores them; the
+compare-and-set lets exactly one such write land. On the same tick it starts
+the next round of loads of a model every worker failed to load, once the
+placement's `retry_at` has come (`cortex.protocol.retries`). A pin to a named
+worker is placed by that worker itself.
 
 The workers serving a model watch its queue (`consider_scaling`, fed by
-`cortex.worker.residency`): once it has stayed at least as deep as the slots
+`cortex.worker.scaling`): once it has stayed at least as deep as the slots
 serving it for `DEEP_FOR_S`, they write `scale_out`, which adds a replica on
 the best worker with room, up to ``max_replicas``. The clock stands still while
 a copy of the model is still loading: its slots drain nothing yet.
@@ -27,13 +33,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 
-from cortex.broker.bus import Bus
+from cortex.broker.bus import Bus, FleetWatch
 from cortex.broker.decisions import change_placement
 from cortex.broker.errors import BrokerError
+from cortex.broker.fleet_ops import live_adverts
 from cortex.protocol import Pin, Placement, WorkerAdvert, catalogues, codec, names
 from cortex.protocol.choice import failed_recently, pinned_copies, pinned_models, serving_workers
 from cortex.protocol.liveness import LiveFleet
@@ -51,9 +58,13 @@ from cortex.protocol.placement import (
 )
 from cortex.protocol.retries import retry_due
 from cortex.worker.catalogue import ModelSpec
+from cortex.worker.keeper import KeeperLease
 from cortex.worker.scaling import DEEP_FOR_S, DeepQueues
 
 log = logging.getLogger("cortex.worker")
+
+CAUGHT_UP_S = 15.0
+"""How long a new keeper waits for its watch to bring the whole fleet before it judges who is missing."""
 
 
 @dataclass
@@ -65,11 +76,21 @@ class Placements:
     """Set while a `Drain` names this worker (set and cleared here only)."""
     slot_freed: asyncio.Event
     """Shared with the request side: set so that pull loops look again when the worker starts or stops draining."""
+    own_slots: int = 1
+    """This worker's slots (a queue shallower than them is not deep, whoever else serves it)."""
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when what this worker should hold may have changed (the residency side reconciles)."""
     lost: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when a worker stopped counting or started draining: copies of pinned models may be missing."""
+    lease: KeeperLease | None = None
+    """Who keeps watch over the fleet (set once, by the service: it calls back `watch_fleet` and `unwatch_fleet`)."""
     _fleet: LiveFleet = field(default_factory=LiveFleet)
+    """The fleet as this worker's watch brings it, while it is the keeper (`_watching`)."""
+    _fleet_watch: FleetWatch | None = None
+    _watching: bool = False
+    """Whether `_fleet` is whole: this worker keeps watch and its watch has caught up."""
+    _snapshot: tuple[float, list[WorkerAdvert]] | None = None
+    """The fleet last read by a worker that does not keep watch, and when (monotonic)."""
     _placements: dict[str, Placement] = field(default_factory=dict)
     _pins: dict[str, Pin] = field(default_factory=dict)
     _drains: set[str] = field(default_factory=set)
@@ -88,21 +109,68 @@ class Placements:
         if changed and value is None:  # a heartbeat gone (expired or withdrawn), an advert deleted
             self.lost.set()
 
-    def live(self) -> dict[str, WorkerAdvert]:
-        """The live workers that take placements (none draining), by id; this worker while it is not draining."""
-        live = {a.worker_id: a for a in self._fleet.live(time.monotonic())}
-        if (own := self._fleet.advert(self.worker_id)) is not None:
-            live.setdefault(self.worker_id, own)  # it knows it is alive, whatever its heartbeat's echo says
+    async def live(self, max_age: float = 0.0) -> dict[str, WorkerAdvert]:
+        """The live workers that take placements (none draining), by id; this worker while it is not draining.
+
+        The keeper answers from its watch; another worker reads the fleet, or
+        takes its last read if that is at most `max_age` seconds old. Raises
+        `BrokerError` when the fleet cannot be read.
+        """
+        if self._watching:
+            live = {a.worker_id: a for a in self._fleet.live(time.monotonic())}
+            if (own := self._fleet.advert(self.worker_id)) is not None:
+                live.setdefault(self.worker_id, own)  # it knows it is alive, whatever its heartbeat's echo says
+        else:
+            if self._snapshot is None or time.monotonic() - self._snapshot[0] > max_age:
+                self._snapshot = (time.monotonic(), await live_adverts(self.bus))
+            live = {a.worker_id: a for a in self._snapshot[1]}
         return {w: a for w, a in live.items() if not a.draining and w not in self._drains}
 
+    def last_read(self) -> dict[str, WorkerAdvert] | None:
+        """What `live` said last without reading (the keeper's view, or the last snapshot however old; None if
+        there is none), for a cheap first look."""
+        if self._watching:
+            return {a.worker_id: a for a in self._fleet.live(time.monotonic())}
+        return {a.worker_id: a for a in self._snapshot[1]} if self._snapshot is not None else None
+
     def older_readers(self) -> bool:
-        """Whether another live worker's advert comes from a release before catalogues by digest (it reads ours so):
-        this worker's `Advertiser` keeps its catalogue inline meanwhile."""
+        """Whether some live worker comes from a release before catalogues by digest (it reads ours inline): this
+        worker's `Advertiser` keeps its catalogue inline meanwhile. The keeper's view says, or its record does."""
+        if self._watching:
+            return self.older_readers_seen()
+        record = self.lease.record() if self.lease is not None else None
+        return record is not None and record.inline_catalogues
+
+    def older_readers_seen(self) -> bool:
+        """`older_readers` by this worker's own watch (the keeper's, published in its record)."""
         return any(not catalogues.reads_digests(a) for a in self._fleet.live(time.monotonic())
                    if a.worker_id != self.worker_id)  # fmt: skip
 
+    async def watch_fleet(self) -> None:
+        """This worker became the keeper: watch the fleet, and use the view once it holds the whole fleet."""
+        if self._fleet_watch is not None:
+            return
+        self._fleet_watch = await self.bus.watch_fleet(self.on_fleet)
+        if not await self._fleet_watch.caught_up(CAUGHT_UP_S):
+            log.warning("the fleet watch took over %.0f s to bring the fleet; keeping watch with it as it is",
+                        CAUGHT_UP_S)  # fmt: skip
+        if self._fleet_watch is not None:  # not given up meanwhile
+            self._watching = True
+            self.lost.set()  # look over the pins now, with the whole fleet in view
+
+    async def unwatch_fleet(self) -> None:
+        """This worker is the keeper no more: stop watching the fleet."""
+        watch, self._fleet_watch, self._watching = self._fleet_watch, None, False
+        self._fleet = LiveFleet()
+        if watch is not None:
+            await self.bus.unwatch_fleet(watch)
+
     def on_decision(self, key: str, value: bytes | None) -> None:
         """The handler of the decision bucket's watch."""
+        if key == names.KEEPER_KEY:
+            if self.lease is not None:
+                self.lease.on_record(value)
+            return
         parsed = names.parse_placement_key(key)
         if parsed is None:
             return
@@ -192,14 +260,24 @@ class Placements:
         callers raise to a pin's count: `kept_copies`)."""
         if self.bus.settling():
             return  # the view of who is live is stale (see `keep_placed`); the next upkeep asks again
-        change = partial(leave_above_minimum, worker=self.worker_id, live=set(self.live()), min_replicas=min_replicas,
+        try:
+            live = await self.live()
+        except BrokerError as exc:
+            log.warning("cannot take idle %s off this worker: %s", model, exc)
+            return
+        change = partial(leave_above_minimum, worker=self.worker_id, live=set(live), min_replicas=min_replicas,
                          reason=reason)  # fmt: skip
         await self._change(model, change, "cannot take idle %s off this worker: %s")
 
     async def load_failed(self, model: str, reason: str) -> None:
         """Leave the placement with the reason, and hand the model to the next best worker (or record why none)."""
+        try:
+            live = await self.live()
+        except BrokerError as exc:
+            log.warning("cannot record the failed load of %s: %s", model, exc)
+            return
         change = partial(record_failed_load, model=model, worker=self.worker_id, error=reason,
-                         adverts=list(self.live().values()), pins=self._pins.values(),
+                         adverts=list(live.values()), pins=self._pins.values(),
                          placements=self._placements.values(), now=time.time())  # fmt: skip
         await self._change(model, change, "cannot record the failed load of %s: %s")
 
@@ -222,46 +300,61 @@ class Placements:
                 log.exception("keeping pinned models placed failed")  # tried again on the next tick
 
     async def keep_placed(self) -> None:
-        """Keep pinned and ``min_replicas`` models of this worker's catalogue at their count, before anyone asks.
+        """Keep pinned and ``min_replicas`` models at their count, before anyone asks; retry failed loads when due.
 
-        A model short of copies (never placed, or its worker died or drains) is
-        placed on the best live worker, which evicts idle unpinned models if it
-        must; every worker that notices writes the same change and the
-        compare-and-set lets one land. A pin to a worker places it there, by
-        that worker only.
+        The keeper does, for every model in a live worker's catalogue: a model
+        short of copies (never placed, or its worker died or drains) is placed on
+        the best live worker, which evicts idle unpinned models if it must;
+        should two workers write the same change at once, the compare-and-set
+        lets one land. A pin to a named worker is placed by that worker itself
+        (keeper or not).
         """
         if self.bus.settling():
             return  # cut off from the broker, or just back: every worker seems gone; the next upkeep looks again
-        live = self.live()
-        now = time.time()
         for spec in self.catalogue:
             pin = self._pins.get(spec.id)
-            placement = self._placements.get(spec.id)
-            if retry_due(placement, now) and not self.draining.is_set():
-                change = partial(retry_failed_load, model=spec.id, live=live, pins=list(self._pins.values()),
+            if pin is not None and pin.worker == self.worker_id:
+                await self._keep_pin_here(spec, pin)
+        if not self._watching:
+            return
+        live = await self.live()
+        now = time.time()
+        for model, min_replicas in fleet_minimums(live.values()).items():
+            pin = self._pins.get(model)
+            placement = self._placements.get(model)
+            if retry_due(placement, now):
+                change = partial(retry_failed_load, model=model, live=live, pins=list(self._pins.values()),
                                  placements=list(self._placements.values()), now=now)  # fmt: skip
-                await self._change(spec.id, change, "cannot retry the load of %s: %s")
+                await self._change(model, change, "cannot retry the load of %s: %s")
                 continue
             if pin is not None and pin.worker:
-                here = placement is not None and self.worker_id in placement.workers
-                mine = pin.worker == self.worker_id and not self.draining.is_set()
-                if mine and not here and (placement is None or self.worker_id not in placement.failed):
-                    await self.place_here(spec.id, "pinned to this worker")
-                continue
-            wanted = self.kept_copies(spec)
-            serving = serving_workers(placement, spec.id, live)
+                continue  # its worker places it (above)
+            wanted = max(min_replicas, pin.replicas if pin is not None else 0)
+            serving = serving_workers(placement, model, live)
             if len(serving) >= wanted:
                 if placement is None or pinned_copies(placement, wanted) == serving[:wanted]:
                     continue  # the common case, without a round trip to the broker
             elif failed_recently(placement, now):
                 continue  # nobody could load it a moment ago
-            why = f"pinned, {pin.replicas} replica(s)" if pin is not None else f"min_replicas {spec.min_replicas}"
-            change = partial(keep_replicas, model=spec.id, wanted=wanted, why=why, live=live,
+            why = f"pinned, {pin.replicas} replica(s)" if pin is not None else f"min_replicas {min_replicas}"
+            change = partial(keep_replicas, model=model, wanted=wanted, why=why, live=live,
                              pins=list(self._pins.values()), placements=list(self._placements.values()),
                              now=now)  # fmt: skip
-            await self._change(spec.id, change, "cannot keep the replicas of %s: %s")
+            await self._change(model, change, "cannot keep the replicas of %s: %s")
 
-    async def consider_scaling(self, spec: ModelSpec, depth: int) -> None:
+    async def _keep_pin_here(self, spec: ModelSpec, pin: Pin) -> None:
+        """A pin to a named worker: placed by that worker itself, unless it drains or failed to load the model."""
+        placement = self._placements.get(spec.id)
+        here = placement is not None and self.worker_id in placement.workers
+        mine = pin.worker == self.worker_id and not self.draining.is_set()
+        if mine and not here and (placement is None or self.worker_id not in placement.failed):
+            await self.place_here(spec.id, "pinned to this worker")
+
+    def forget_deep(self, model: str) -> None:
+        """The queue of `model` is not deep enough now (its clock starts again)."""
+        self._deep.forget(model)
+
+    async def consider_scaling(self, spec: ModelSpec, depth: int, live: dict[str, WorkerAdvert]) -> None:
         """Add a replica of `spec`, served here, once its queue (`depth` requests, just measured) has stayed at least
         as deep as the slots serving it for `DEEP_FOR_S`, up to its ``max_replicas``.
 
@@ -275,7 +368,6 @@ class Placements:
         if placement is None or self.bus.settling() or self.draining.is_set():
             self._deep.forget(model)
             return
-        live = self.live()
         serving = serving_workers(placement, model, live)
         if placement.error or self.worker_id not in serving or len(serving) >= spec.max_replicas:
             self._deep.forget(model)
@@ -297,3 +389,18 @@ class Placements:
         if change(placement) is None:
             return  # nobody has room (or it moved on): asked again at the next measure, without a round trip
         await self._change(model, change, "cannot add a replica of %s: %s")
+
+
+def fleet_minimums(adverts: Iterable[WorkerAdvert]) -> dict[str, int]:
+    """Every model in the adverts' catalogues, with the largest ``min_replicas`` any of them gives it (a catalogue
+    shared by digest is looked at once)."""
+    out: dict[str, int] = {}
+    seen: set[str] = set()
+    for advert in adverts:
+        if advert.catalogue_digest:
+            if advert.catalogue_digest in seen:
+                continue
+            seen.add(advert.catalogue_digest)
+        for card in advert.catalogue:
+            out[card.id] = max(out.get(card.id, 0), card.min_replicas)
+    return out

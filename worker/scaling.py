@@ -60,6 +60,10 @@ class DeepQueues:
         self._since.pop(model, None)
 
 
+SCALE_VIEW_S = 5.0
+"""A worker that does not keep watch over the fleet reads it for scaling at most this often (`Placements.live`)."""
+
+
 async def watch_queues(held: Callable[[], list[ModelSlot]], placements: Placements) -> None:
     """Every `SCALE_POLL_S`, read the queues of the models `held` here that run requests and could have another
     replica, and hand each reading to `Placements.consider_scaling`."""
@@ -67,11 +71,14 @@ async def watch_queues(held: Callable[[], list[ModelSlot]], placements: Placemen
         await asyncio.sleep(SCALE_POLL_S)
         try:
             read = []
-            live = placements.live()
+            seen = placements.last_read()  # a first look, without reading the fleet
             for slot in held():
                 placement = placements.placements().get(slot.spec.id)
-                serving = serving_workers(placement, slot.spec.id, live)  # a dead copy holds no place
-                scalable = placement is not None and len(serving) < slot.spec.max_replicas
+                if placement is None:
+                    continue
+                # A dead copy holds no place; without a view yet, its queue is read (and the fleet, if it is deep).
+                copies = 0 if seen is None else len(serving_workers(placement, slot.spec.id, seen))
+                scalable = copies < slot.spec.max_replicas
                 if scalable and slot.pull is not None and slot.state == m.MODEL_READY and slot.in_flight:
                     with contextlib.suppress(BrokerError):  # read again next time
                         slot.queue_depth = await slot.pull.pending()
@@ -82,7 +89,27 @@ async def watch_queues(held: Callable[[], list[ModelSlot]], placements: Placemen
 
 
 async def consider_scaling(slots: list[ModelSlot], placements: Placements) -> None:
-    """Hand the queue depths just read of `slots` (models held here) to `Placements.consider_scaling`."""
+    """Hand the queue depths just read of `slots` (models held here) to `Placements.consider_scaling`.
+
+    A queue shallower than this worker's own slots cannot be as deep as the
+    slots serving it: its clock starts again without a look at the fleet. For
+    the others the fleet is read (or, at most `SCALE_VIEW_S` old, taken as last
+    read), so a worker that does not keep watch reads it only while a queue of
+    its is deep.
+    """
+    deep = []
     for slot in slots:
         if slot.state == m.MODEL_READY and slot.spec.max_replicas > 1 and not slot.leaving.is_set():
-            await placements.consider_scaling(slot.spec, slot.queue_depth)
+            if slot.queue_depth >= max(1, placements.own_slots):
+                deep.append(slot)
+            else:
+                placements.forget_deep(slot.spec.id)
+    if not deep:
+        return
+    try:
+        live = await placements.live(max_age=SCALE_VIEW_S)
+    except BrokerError as exc:
+        log.warning("cannot read the fleet to consider a replica: %s", exc)  # read again at the next measure
+        return
+    for slot in deep:
+        await placements.consider_scaling(slot.spec, slot.queue_depth, live)

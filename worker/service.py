@@ -29,6 +29,7 @@ from cortex.worker.device import DeviceInfo
 from cortex.worker.engine import Engine
 from cortex.worker.host_tier import HostTier
 from cortex.worker.inflight import AFFINITY_WINDOW_S, Outcome, Requests
+from cortex.worker.keeper import KeeperLease
 from cortex.worker.loading import Loader, Loads
 from cortex.worker.outbox import Outbox
 from cortex.worker.placements import Placements
@@ -49,6 +50,7 @@ class _Parts:
     placements: Placements
     residency: Residency
     advertiser: Advertiser
+    keeper: KeeperLease
 
 
 @dataclass
@@ -88,7 +90,6 @@ class WorkerService:
         heartbeat = asyncio.create_task(parts.advertiser.beat(), name="heartbeat")
         await residency.advertise()
         cancel_sub = await self.bus.subscribe(names.cancel_subject(), requests.on_cancel)
-        await self.bus.watch_fleet(placements.on_fleet)
         await self.bus.watch_decisions(placements.on_decision)
         for spec in self.serve:
             await placements.place_here(spec.id, "loaded at start (--model)")
@@ -99,6 +100,7 @@ class WorkerService:
             asyncio.create_task(residency.reconcile_loop(), name="reconcile"),
             asyncio.create_task(placements.keep_placed_when_lost(), name="keep-placed"),
             asyncio.create_task(residency.watch_queues(), name="watch-queues"),
+            asyncio.create_task(parts.keeper.run(), name="keeper-lease"),
         ]
         await self._stopping.wait()
         await residency.stop_serving()
@@ -109,6 +111,7 @@ class WorkerService:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await parts.keeper.release()
         await requests.release_all(Outcome.STOPPING)
         heartbeat.cancel()
         await asyncio.gather(heartbeat, return_exceptions=True)
@@ -130,7 +133,10 @@ class WorkerService:
         # The synthetic engine holds no weights to park.
         host_tier = HostTier(self.host_cache) if self.host_cache > 0 and isinstance(self.engine, Engine) else None
         placements = Placements(bus=self.bus, worker_id=self.worker_id, catalogue=self.catalogue, draining=draining,
-                                slot_freed=self._slot_freed)  # fmt: skip
+                                slot_freed=self._slot_freed, own_slots=self.slots)  # fmt: skip
+        placements.lease = KeeperLease(bus=self.bus, worker_id=self.worker_id, instance=self._instance,
+                                       inline_catalogues=placements.older_readers_seen, gained=placements.watch_fleet,
+                                       lost=placements.unwatch_fleet)  # fmt: skip
         advertiser = Advertiser(
             bus=self.bus, worker_id=self.worker_id, device=self.device, slots=self.slots,
             memory_budget=self.memory_budget, eviction=self.eviction,
@@ -138,6 +144,7 @@ class WorkerService:
             metrics=metrics, draining=draining, busy=requests.busy, started_at=self._started_at,
             instance=self._instance, prefix_keys=conversations.recent, host_tier=host_tier,
             catalogue_mode=self.advert_catalogue, older_readers=placements.older_readers,
+            keeper=lambda: placements.lease is not None and placements.lease.held,
         )  # fmt: skip
         residency = Residency(
             bus=self.bus, engine=self.engine, catalogue=self.catalogue, worker_id=self.worker_id,
@@ -149,7 +156,7 @@ class WorkerService:
         )  # fmt: skip
         publisher = ChunkPublisher(bus=self.bus, outbox=outbox, reply_subject=requests.reply_subject,
                                    release=requests.release, instance=self._instance)  # fmt: skip
-        return _Parts(requests, publisher, placements, residency, advertiser)
+        return _Parts(requests, publisher, placements, residency, advertiser, placements.lease)
 
     @staticmethod
     async def _upkeep_loop(residency: Residency, advertiser: Advertiser) -> None:
