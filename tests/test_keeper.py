@@ -18,6 +18,7 @@ from cortex.broker.bus import Bus
 from cortex.broker.server import EmbeddedNats
 from cortex.protocol import Keeper, codec, names
 from cortex.worker.keeper import KeeperLease
+from cortex.worker.tasks import cancel_and_wait
 from tests.conftest import start_worker, stop_process, wait_for, write_catalogue
 
 RENEW_S = 0.2
@@ -52,8 +53,7 @@ class Candidate:
     async def die(self) -> None:
         """Stop without a word, as a killed process does: its record stays until it is judged stale."""
         assert self.task is not None
-        self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
+        await cancel_and_wait([self.task])
 
 
 async def until(check: object, what: str) -> None:

@@ -87,6 +87,7 @@ class Placements:
     _fleet: LiveFleet = field(default_factory=LiveFleet)
     """The fleet as this worker's watch brings it, while it is the keeper (`_watching`)."""
     _fleet_watch: FleetWatch | None = None
+    _catching_up: asyncio.Task[None] | None = None
     _watching: bool = False
     """Whether `_fleet` is whole: this worker keeps watch and its watch has caught up."""
     _snapshot: tuple[float, list[WorkerAdvert]] | None = None
@@ -147,20 +148,27 @@ class Placements:
                    if a.worker_id != self.worker_id)  # fmt: skip
 
     async def watch_fleet(self) -> None:
-        """This worker became the keeper: watch the fleet, and use the view once it holds the whole fleet."""
+        """This worker became the keeper: watch the fleet, and use the view once it holds the whole fleet (in the
+        background: the lease is renewed meanwhile)."""
         if self._fleet_watch is not None:
             return
-        self._fleet_watch = await self.bus.watch_fleet(self.on_fleet)
-        if not await self._fleet_watch.caught_up(CAUGHT_UP_S):
+        watch = self._fleet_watch = await self.bus.watch_fleet(self.on_fleet)
+        self._catching_up = asyncio.create_task(self._use_when_caught_up(watch), name="fleet-watch-caught-up")
+
+    async def _use_when_caught_up(self, watch: FleetWatch) -> None:
+        if not await watch.caught_up(CAUGHT_UP_S):
             log.warning("the fleet watch took over %.0f s to bring the fleet; keeping watch with it as it is",
                         CAUGHT_UP_S)  # fmt: skip
-        if self._fleet_watch is not None:  # not given up meanwhile
+        if self._fleet_watch is watch:  # not given up meanwhile
             self._watching = True
             self.lost.set()  # look over the pins now, with the whole fleet in view
 
     async def unwatch_fleet(self) -> None:
         """This worker is the keeper no more: stop watching the fleet."""
         watch, self._fleet_watch, self._watching = self._fleet_watch, None, False
+        if self._catching_up is not None:
+            self._catching_up.cancel()
+            self._catching_up = None
         self._fleet = LiveFleet()
         if watch is not None:
             await self.bus.unwatch_fleet(watch)

@@ -36,6 +36,7 @@ from cortex.worker.placements import Placements
 from cortex.worker.publisher import ChunkPublisher
 from cortex.worker.residency import Residency
 from cortex.worker.synthetic import SyntheticEngine
+from cortex.worker.tasks import cancel_and_wait
 
 DRAIN_TIMEOUT_S = 30.0
 """On shutdown, how long in-flight requests may run before they go back to the queue."""
@@ -108,13 +109,10 @@ class WorkerService:
         requests.cancel_all()  # cancels are still honoured until here
         await cancel_sub.unsubscribe()
         await parts.publisher.drain()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_and_wait(tasks)
         await parts.keeper.release()
         await requests.release_all(Outcome.STOPPING)
-        heartbeat.cancel()
-        await asyncio.gather(heartbeat, return_exceptions=True)
+        await cancel_and_wait([heartbeat])
         await parts.advertiser.withdraw()
 
     def stop(self) -> None:
