@@ -340,11 +340,19 @@ class Bus:
         rewriting its own key (the keeper's lease)."""
         return await _compare_and_set(self._placement, key, value, revision)
 
-    async def delete_decision(self, key: str) -> None:
+    async def delete_decision(self, key: str, *, revision: int = 0) -> bool:
+        """Delete a decision; with `revision`, only while the key is still at it (False: someone else wrote it)."""
         try:
-            await self._placement.delete(key)
+            await self._placement.delete(key, last=revision or None)
+        except KeyWrongLastSequenceError:
+            return False
+        except APIError as exc:
+            if getattr(exc, "err_code", None) in _WRONG_LAST_SEQUENCE_CODES:
+                return False
+            raise BrokerUnavailable(f"cannot delete {key}: {exc}") from exc
         except Exception as exc:
             raise BrokerUnavailable(f"cannot delete {key}: {exc}") from exc
+        return True
 
     async def read_decisions(self) -> dict[str, bytes]:
         """Every key of the placement bucket and its value."""
@@ -466,9 +474,14 @@ class Bus:
         """
         held = HeldAdverts(self.catalogues, handler)
         self._held.append(held)
-        adverts = await self._watch(names.FLEET_BUCKET, self._fleet, held.on_change)
-        beats = await self._watch(names.ALIVE_BUCKET, self._alive, handler)
-        return FleetWatch(held, (adverts, beats))
+        made: list[Watch] = []
+        try:
+            made.append(await self._watch(names.FLEET_BUCKET, self._fleet, held.on_change))
+            made.append(await self._watch(names.ALIVE_BUCKET, self._alive, handler))
+        except BaseException:
+            await self.unwatch_fleet(FleetWatch(held, tuple(made)))  # all or nothing
+            raise
+        return FleetWatch(held, tuple(made))
 
     async def unwatch_fleet(self, watch: FleetWatch) -> None:
         """Stop a watch `watch_fleet` started: its handler is called no more."""

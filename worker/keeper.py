@@ -39,6 +39,8 @@ log = logging.getLogger("cortex.worker")
 
 TAKE_JITTER_S = 1.0
 """A free lease is taken after a random pause up to this long, so a fleet does not write it all at once."""
+WARN_EVERY_S = 30.0
+"""A broker that cannot be reached is logged at most this often (the lease is tried every second)."""
 
 
 @dataclass
@@ -46,8 +48,9 @@ class KeeperLease:
     bus: Bus
     worker_id: str
     instance: str
-    inline_catalogues: Callable[[], bool]
-    """What the keeper's own view says: some live worker reads catalogues only inline (published in its record)."""
+    inline_catalogues: Callable[[], bool | None]
+    """What the keeper's own view says: some live worker reads catalogues only inline (published in its record);
+    None while the view is not whole yet (the last record's word stands meanwhile)."""
     gained: Callable[[], Awaitable[None]]
     """Called when this worker becomes the keeper (it starts watching the fleet)."""
     lost: Callable[[], Awaitable[None]]
@@ -61,6 +64,9 @@ class KeeperLease:
     _revision: int = 0
     """The revision of this worker's own record while it holds the lease (0: it does not)."""
     _since: float = 0.0
+    _inline: bool = False
+    """The last record's `inline_catalogues`, kept while no record stands (a keeper changing hands)."""
+    _warned_at: float = -WARN_EVERY_S
     _nudge: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -71,6 +77,10 @@ class KeeperLease:
         """The keeper's record as last seen."""
         return self._record
 
+    def inline(self) -> bool:
+        """Whether workers write their catalogues inline, by the keeper's word (the last one, while none stands)."""
+        return self._inline
+
     def on_record(self, value: bytes | None) -> None:
         """The placement bucket's watch brought the keeper's record (None: deleted)."""
         try:
@@ -80,6 +90,8 @@ class KeeperLease:
             record = None
         if record != self._record:
             self._record, self._record_seen = record, time.monotonic()
+        if record is not None:
+            self._inline = record.inline_catalogues
         if record is None or (self.held and not self._mine(record)):
             self._nudge.set()
 
@@ -92,53 +104,89 @@ class KeeperLease:
                 else:
                     await self._take_if_free()
             except BrokerError as exc:
-                log.warning("keeper lease: %s", exc)  # tried again in a moment
+                if time.monotonic() - self._warned_at >= WARN_EVERY_S:
+                    self._warned_at = time.monotonic()
+                    log.warning("keeper lease: %s", exc)  # tried again in a moment
+            except Exception:
+                log.exception("keeper lease")  # tried again in a moment
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.renew_s):
                     await self._nudge.wait()
             self._nudge.clear()
 
     async def release(self) -> None:
-        """Give the lease up (the worker stops): the record goes, so another worker takes it at once."""
+        """Give the lease up (the worker stops; call it once `run` has ended): the record goes, so another worker
+        takes it at once. Only this worker's own revision is deleted, never a successor's record."""
         if not self.held:
             return
+        revision = self._revision
         await self._step_down()
         with contextlib.suppress(BrokerError):
-            await self.bus.delete_decision(names.KEEPER_KEY)
+            await self.bus.delete_decision(names.KEEPER_KEY, revision=revision)
 
     def _mine(self, record: Keeper) -> bool:
         return record.worker_id == self.worker_id and record.instance == self.instance
 
     def _own_record(self) -> bytes:
         now = time.time()
+        seen = self.inline_catalogues()
+        inline = self._inline if seen is None else seen
         return codec.encode(Keeper(worker_id=self.worker_id, instance=self.instance, since=self._since or now,
-                                   renewed=now, inline_catalogues=self.inline_catalogues()))  # fmt: skip
+                                   renewed=now, inline_catalogues=inline))  # fmt: skip
+
+    async def _write(self, revision: int) -> int:
+        """Write this worker's record over `revision` (0: absent): the revision written, 0 if another's stands.
+
+        A write whose answer was lost may still have landed: the record standing
+        is then this worker's, and its revision is the one to go on from.
+        """
+        try:
+            written = await self.bus.swap_decision(names.KEEPER_KEY, self._own_record(), revision)
+        except BrokerError:
+            value, standing = await self.bus.read_decision(names.KEEPER_KEY)
+            if not self._stands_mine(value):
+                raise
+            return standing
+        if written:
+            return written
+        value, standing = await self.bus.read_decision(names.KEEPER_KEY)
+        return standing if self._stands_mine(value) else 0
+
+    def _stands_mine(self, value: bytes | None) -> bool:
+        record = _decoded(value) if value is not None else None
+        return record is not None and self._mine(record)
 
     async def _take_if_free(self) -> None:
+        if self.bus.settling():
+            # Cut off, or just back: the keeper could not renew either; its lease runs again from now.
+            self._record_seen = time.monotonic()
+            return
         if self._record is not None and time.monotonic() - self._record_seen < self.lease_s:
             return  # a keeper stands
         if self._record is None:
             await asyncio.sleep(random.uniform(0.0, TAKE_JITTER_S))
         value, revision = await self.bus.read_decision(names.KEEPER_KEY)
-        try:
-            current = codec.decode_keeper(value) if value is not None else None
-        except codec.DecodeError:
-            current = None  # a malformed record is taken over like a stale one
+        current = _decoded(value) if value is not None else None  # a malformed record is taken over like a stale one
         if current is not None and current != self._record:
             self.on_record(value)  # rewritten since this worker last saw it: its keeper is alive
         if current is not None and time.monotonic() - self._record_seen < self.lease_s:
             return  # (the watch may have brought it during the pause)
         self._since = time.time()
-        written = await self.bus.swap_decision(names.KEEPER_KEY, self._own_record(), revision)
+        written = await self._write(revision)
         if not written:
             return  # another worker took it first
         self._revision = written
         log.info("%s keeps watch over the fleet (%s)", self.worker_id,
                  f"after {current.worker_id}" if current is not None else "none before")  # fmt: skip
-        await self.gained()
+        try:
+            await self.gained()
+        except Exception:
+            log.exception("%s cannot keep watch over the fleet: giving the lease up", self.worker_id)
+            await self.release()  # taken again, by this worker or another, once the record is gone
+            raise
 
     async def _renew(self) -> None:
-        written = await self.bus.swap_decision(names.KEEPER_KEY, self._own_record(), self._revision)
+        written = await self._write(self._revision)
         if written:
             self._revision = written
             return
@@ -149,3 +197,10 @@ class KeeperLease:
         self._revision = 0
         self._since = 0.0
         await self.lost()
+
+
+def _decoded(value: bytes) -> Keeper | None:
+    try:
+        return codec.decode_keeper(value)
+    except codec.DecodeError:
+        return None

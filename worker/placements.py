@@ -65,6 +65,10 @@ log = logging.getLogger("cortex.worker")
 
 CAUGHT_UP_S = 15.0
 """How long a new keeper waits for its watch to bring the whole fleet before it judges who is missing."""
+LEAVE_VIEW_S = 5.0
+"""An idle copy's leave may go by a read of the fleet this old (`live`), by a worker that does not keep watch."""
+LEAVE_RETRY_S = 30.0
+"""An idle copy that could not leave (its other copies not live) asks again after this long, not every upkeep."""
 
 
 @dataclass
@@ -90,6 +94,8 @@ class Placements:
     _catching_up: asyncio.Task[None] | None = None
     _watching: bool = False
     """Whether `_fleet` is whole: this worker keeps watch and its watch has caught up."""
+    _leave_refused: dict[str, float] = field(default_factory=dict)
+    """By model: until when (monotonic) an idle copy that could not leave does not ask again."""
     _snapshot: tuple[float, list[WorkerAdvert]] | None = None
     """The fleet last read by a worker that does not keep watch, and when (monotonic)."""
     _placements: dict[str, Placement] = field(default_factory=dict)
@@ -137,13 +143,16 @@ class Placements:
     def older_readers(self) -> bool:
         """Whether some live worker comes from a release before catalogues by digest (it reads ours inline): this
         worker's `Advertiser` keeps its catalogue inline meanwhile. The keeper's view says, or its record does."""
-        if self._watching:
-            return self.older_readers_seen()
-        record = self.lease.record() if self.lease is not None else None
-        return record is not None and record.inline_catalogues
+        seen = self.older_readers_seen()
+        if seen is not None:
+            return seen
+        return self.lease is not None and self.lease.inline()
 
-    def older_readers_seen(self) -> bool:
-        """`older_readers` by this worker's own watch (the keeper's, published in its record)."""
+    def older_readers_seen(self) -> bool | None:
+        """`older_readers` by this worker's own watch (the keeper's, published in its record); None unless this worker
+        keeps watch with the whole fleet in view."""
+        if not self._watching:
+            return None
         return any(not catalogues.reads_digests(a) for a in self._fleet.live(time.monotonic())
                    if a.worker_id != self.worker_id)  # fmt: skip
 
@@ -169,9 +178,9 @@ class Placements:
         if self._catching_up is not None:
             self._catching_up.cancel()
             self._catching_up = None
-        self._fleet = LiveFleet()
         if watch is not None:
             await self.bus.unwatch_fleet(watch)
+        self._fleet = LiveFleet()  # after the watch has stopped feeding it
 
     def on_decision(self, key: str, value: bytes | None) -> None:
         """The handler of the decision bucket's watch."""
@@ -268,13 +277,22 @@ class Placements:
         callers raise to a pin's count: `kept_copies`)."""
         if self.bus.settling():
             return  # the view of who is live is stale (see `keep_placed`); the next upkeep asks again
+        placement = self._placements.get(model)
+        others = [w for w in placement.workers if w != self.worker_id] if placement is not None else []
+        if min_replicas and len(others) < min_replicas:
+            return  # no view of the fleet could let it go: asked again at the next upkeep, without a read
+        if time.monotonic() < self._leave_refused.get(model, 0.0):
+            return  # refused a moment ago (its other copies were not live)
         try:
-            live = await self.live()
+            live = await self.live(max_age=LEAVE_VIEW_S)
         except BrokerError as exc:
             log.warning("cannot take idle %s off this worker: %s", model, exc)
             return
         change = partial(leave_above_minimum, worker=self.worker_id, live=set(live), min_replicas=min_replicas,
                          reason=reason)  # fmt: skip
+        if placement is not None and change(placement) is None:
+            self._leave_refused[model] = time.monotonic() + LEAVE_RETRY_S
+            return
         await self._change(model, change, "cannot take idle %s off this worker: %s")
 
     async def load_failed(self, model: str, reason: str) -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
+
+log = logging.getLogger("cortex.worker")
 
 
 def looked_at(future: asyncio.Future[Any]) -> None:
@@ -31,4 +34,5 @@ async def cancel_and_wait(tasks: list[asyncio.Task[Any]]) -> None:
             task.cancel()
         _, pending = await asyncio.wait(pending, timeout=CANCEL_AGAIN_S)
     for task in tasks:
-        looked_at(task)
+        if not task.cancelled() and (error := task.exception()) is not None:
+            log.error("%s had failed before it was stopped: %r", task.get_name(), error)
