@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import nats
@@ -59,9 +60,9 @@ class Candidate:
         await cancel_and_wait([self.task])
 
 
-async def until(check: object, what: str) -> None:
+async def until(check: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + TAKEN_WITHIN_S
-    while not check():  # type: ignore[operator]
+    while not check():
         assert time.monotonic() < deadline, what
         await asyncio.sleep(0.05)
 
