@@ -48,7 +48,6 @@ from cortex.protocol.choice import plan_evictions
 from cortex.protocol.placement import remove_worker
 from cortex.worker.advert import Advertiser, WorkerMetrics
 from cortex.worker.device import DeviceInfo
-from cortex.worker.keeper import KeeperLease
 from cortex.worker.placements import Placements
 
 log = logging.getLogger("bench.fleet_sim")
@@ -151,11 +150,9 @@ async def main_async(args: argparse.Namespace) -> None:
         if args.worker_watch:
             sim.view = Placements(bus=bus, worker_id=worker_id, catalogue=specs(cards), draining=asyncio.Event(),
                                   slot_freed=asyncio.Event())  # fmt: skip
-            sim.view.lease = KeeperLease(bus=bus, worker_id=worker_id, instance=advertiser.instance,
-                                         inline_catalogues=sim.view.older_readers_seen, gained=sim.view.watch_fleet,
-                                         lost=sim.view.unwatch_fleet)  # fmt: skip
+            lease = sim.view.hold_lease(advertiser.instance)
             await bus.watch_decisions(sim.view.on_decision)
-            sim.tasks.append(asyncio.create_task(sim.view.lease.run()))
+            sim.tasks.append(asyncio.create_task(lease.run()))
         sim.tasks.append(asyncio.create_task(advertiser.beat()))
         sim.tasks.append(asyncio.create_task(sim.run()))
         workers.append(sim)

@@ -229,7 +229,7 @@ class Bus:
         made now (else the pull loop tries again: `PullQueue.ensure_affine`)."""
         try:
             durable = await provision.ensure_model_consumer(self._js, model)
-            pull = await PullQueue.bind(self._js, model, durable, worker_id, lambda: self._link.reconnects)
+            pull = await PullQueue.bind(self._nc, self._js, model, durable, worker_id, lambda: self.reconnects)
         except Exception as exc:
             raise BrokerUnavailable(f"cannot bind the consumer for {model}: {exc!r}") from exc
         await pull.ensure_affine()

@@ -102,10 +102,6 @@ class HeldAdverts:
         """Set while no advert waits for its catalogue."""
         self.none_held.set()
 
-    @property
-    def held(self) -> int:
-        return len(self._held)
-
     def on_change(self, key: str, value: bytes | None) -> None:
         if value is not None and names.is_worker_key(key):
             digest = catalogues.digest_of_advert(value)

@@ -45,8 +45,8 @@ from cortex.broker.ctl_secure import credentials, init, options, up_banner
 from cortex.broker.ctl_top import top
 from cortex.broker.errors import BrokerError
 from cortex.broker.stack import Stack, StackConfig, default_data_dir
-from cortex.protocol import Pin, Placement, WorkerAdvert
-from cortex.protocol.choice import pinned_workers
+from cortex.protocol import Pin, Placement, WorkerAdvert, catalogues
+from cortex.protocol.choice import held_by_model, pinned_workers
 
 app = typer.Typer(help="Operate a Cortex fleet.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
@@ -318,19 +318,13 @@ def models(nats: NatsOption = DEFAULT_URL) -> None:
 
         adverts = await _adverts(bus)
         placements, pins = await read_all(bus)
-        memory_of: dict[str, int] = {}  # each model's largest card across the catalogues, in one pass
-        for advert in adverts:
-            for card in advert.catalogue:
-                memory_of[card.id] = max(memory_of.get(card.id, 0), card.memory)
-        held: dict[str, list[tuple[str, str]]] = {}  # model -> (worker, state), workers in id order
-        for advert in adverts:
-            for state in dict((s.id, s) for s in reversed(advert.models)).values():  # the first state of an id
-                held.setdefault(state.id, []).append((advert.worker_id, state.state))
+        memory_of = catalogues.largest_per_model(adverts, "memory")  # each model's largest card
+        held = held_by_model(adverts)  # model -> (worker, state), workers in id order
         lines = [f"{'MODEL':<32} {'MEMORY':<10} {'PINNED':<10} {'LOADED ON':<30} WHY"]
         for model_id, memory in sorted(memory_of.items()):
             placement, pin = placements.get(model_id), pins.get(model_id)
             kept = pinned_workers(pin, placement)
-            where = [f"{worker} ({state}{', pinned' if worker in kept else ''})"
+            where = [f"{worker} ({state.state}{', pinned' if worker in kept else ''})"
                      for worker, state in held.get(model_id, [])]  # fmt: skip
             why = placement.error or placement.reason if placement is not None else ""
             pinned = "" if pin is None else f"on {pin.worker}" if pin.worker else f"{pin.replicas} kept"

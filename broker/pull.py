@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 import nats.errors
+from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.errors import APIError, NoStreamResponseError
@@ -126,11 +127,12 @@ class PullQueue:
     model: str
     _shared: StandingPull
     _js: JetStreamContext
+    _nc: NATS
+    """The connection the standing pull requests go over (the JetStream context's own)."""
     worker_id: str = ""
     """The worker pulling (its affine consumer's, named on the requests it moves)."""
     _affine: StandingPull | None = None
     """The consumer of this worker's affine subject of the model (conversation affinity), once made."""
-    _affine_durable: str = ""
     _affine_warned: bool = False
     _on_arrival: Callable[[], None] | None = None
 
@@ -182,7 +184,7 @@ class PullQueue:
             return False
         try:
             durable = await provision.ensure_affine_consumer(self._js, self.model, self.worker_id)
-            self._affine = await self._standing(self._js, durable, self._shared.reconnects)
+            self._affine = await self._standing(self._nc, durable, self._shared.reconnects)
         except Exception as exc:
             # Warned once: the pull loop tries every few seconds, and serves from the shared queue meanwhile.
             level = logging.DEBUG if self._affine_warned else logging.WARNING
@@ -190,22 +192,21 @@ class PullQueue:
                     self.model, self.worker_id, exc)  # fmt: skip
             self._affine_warned = True
             return False
-        self._affine_durable = durable
         self._affine.on_arrival = self._on_arrival
         log.info("affine consumer of %s for %s ready", self.model, self.worker_id)
         return True
 
     @staticmethod
-    async def _standing(js: JetStreamContext, durable: str, reconnects: Callable[[], int]) -> StandingPull:
-        subject = f"{js._prefix}.CONSUMER.MSG.NEXT.{names.REQUEST_STREAM}.{durable}"
-        pull = StandingPull(js._nc, subject, reconnects, durable)
+    async def _standing(nc: NATS, durable: str, reconnects: Callable[[], int]) -> StandingPull:
+        pull = StandingPull(nc, names.pull_next_subject(names.REQUEST_STREAM, durable), reconnects, durable)
         return await pull.open()
 
     @classmethod
-    async def bind(cls, js: JetStreamContext, model: str, durable: str, worker_id: str,
+    async def bind(cls, nc: NATS, js: JetStreamContext, model: str, durable: str, worker_id: str,
                    reconnects: Callable[[], int]) -> PullQueue:  # fmt: skip
         """A queue on the model's shared consumer `durable` (already made); no affine consumer yet."""
-        return cls(model=model, _shared=await cls._standing(js, durable, reconnects), _js=js, worker_id=worker_id)
+        shared = await cls._standing(nc, durable, reconnects)
+        return cls(model=model, _shared=shared, _js=js, _nc=nc, worker_id=worker_id)
 
     async def fetch(self, batch: int, timeout: float) -> list[Delivery]:
         """Up to `batch` requests from the shared queue; an empty list when none came within `timeout`."""

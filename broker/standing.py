@@ -71,7 +71,7 @@ class _Asked:
 class StandingPull:
     """One consumer's standing pull request and the messages it brought (see the module's docstring)."""
 
-    def __init__(self, nc: NATS, next_subject: str, reconnects: Callable[[], int], durable: str = "") -> None:
+    def __init__(self, nc: NATS, next_subject: str, reconnects: Callable[[], int], durable: str) -> None:
         self._nc = nc
         self._next_subject = next_subject
         self.reconnects = reconnects
@@ -127,9 +127,7 @@ class StandingPull:
     async def fetch(self, batch: int, timeout: float) -> list[Msg]:
         """Up to `batch` requests: those waiting here, else the first to come within `timeout` (an empty list if none
         did). Asks JetStream only for what the open requests do not cover already."""
-        if self._error:
-            error, self._error = self._error, ""
-            raise BrokerUnavailable(f"pull from {self._next_subject} refused: {error}")
+        self._raise_if_refused()
         if self._ready or self._closed:
             return self.take(batch)
         now = time.monotonic()
@@ -143,10 +141,8 @@ class StandingPull:
                 await self._ask(want, deadline - now)
                 asked_here = True
             first_end = min((a.expires_at for a in self._asked.values() if a.expires_at > now), default=deadline)
-            await self._wait(min(deadline, first_end + 0.002) - now)
-            if self._error:
-                error, self._error = self._error, ""
-                raise BrokerUnavailable(f"pull from {self._next_subject} refused: {error}")
+            await self._waiter.wait(min(deadline, first_end + 0.002) - now)
+            self._raise_if_refused()
             if self._ready:
                 return self.take(batch)
             now = time.monotonic()
@@ -161,7 +157,9 @@ class StandingPull:
             self._forget_lost(now)  # those made before a reconnect, or past their grace: no status to wait for
             if not self._asked:
                 break
-            await self._wait(min(give_up, max(a.expires_at for a in self._asked.values()) + STATUS_GRACE_S) - now)
+            await self._waiter.wait(
+                min(give_up, max(a.expires_at for a in self._asked.values()) + STATUS_GRACE_S) - now
+            )
         await self._unsubscribe(drain=True)
         return self.take()
 
@@ -197,8 +195,11 @@ class StandingPull:
             self._asked.pop(token, None)
             raise BrokerUnavailable(f"pull from {self._next_subject} failed: {exc!r}") from exc
 
-    async def _wait(self, seconds: float) -> None:
-        await self._waiter.wait(seconds)
+    def _raise_if_refused(self) -> None:
+        """Raise the error the server answered a pull request with, once."""
+        if self._error:
+            error, self._error = self._error, ""
+            raise BrokerUnavailable(f"pull from {self._next_subject} refused: {error}")
 
     def _forget_lost(self, now: float) -> None:
         reconnects = self.reconnects()
@@ -241,4 +242,4 @@ class StandingPull:
         if now - self._conflict_warned >= CONFLICT_WARN_S:
             self._conflict_warned = now
             log.warning("pull request on consumer %s ended by the server: 409 %s (warned at most once a minute)",
-                        self.durable or self._next_subject, description)  # fmt: skip
+                        self.durable, description)  # fmt: skip

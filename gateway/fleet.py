@@ -89,7 +89,6 @@ class FleetView:
     """The list last computed, even once dropped: the names it had (`_known_at`)."""
     _models_until: float = 0.0
     """When that list stops standing by itself: the first worker it counts goes stale (monotonic)."""
-    _placed: dict[str, Placement] = field(default_factory=dict)
     """`placements` as that list showed them (a placement this gateway writes lands in `placements` directly)."""
     _aliases: dict[str, str] = field(default_factory=dict)
     """Alias -> model id over that list (the first id in order that has it)."""
@@ -178,12 +177,15 @@ class FleetView:
     def models(self) -> dict[str, ModelEntry]:
         """Every model a live worker offers or holds, by id, as /v1/models shows them (kept until they change)."""
         now = time.monotonic()
-        if self._models is None or now >= self._models_until or self._placed != self.placements:
-            if now >= self._models_until:
-                self._cards = None  # a worker went stale: its catalogue leaves the merge
+        if self._models is None or now >= self._models_until:
             self._models_until = self._fleet.next_change(now)
             self._models = self._compute_models()
         return self._models
+
+    def note_placement(self, placement: Placement) -> None:
+        """A placement this gateway just wrote, seen by the next request before the bucket's watch brings it."""
+        self.placements[placement.model] = placement
+        self._models = None
 
     def _merged_cards(self, adverts: list[WorkerAdvert]) -> dict[str, ModelCard]:
         if self._cards is None:
@@ -196,6 +198,9 @@ class FleetView:
 
     def _compute_models(self) -> dict[str, ModelEntry]:
         adverts = self.workers()
+        counted = {names.worker_key(advert.worker_id) for advert in adverts}
+        if counted != self._counted:
+            self._cards = None  # a worker started or stopped counting: its catalogue joins or leaves the merge
         cards = dict(self._merged_cards(adverts))
         ready: dict[str, list[str]] = {}
         loading: dict[str, list[str]] = {}
@@ -251,8 +256,7 @@ class FleetView:
             if name not in entries and name not in aliases:
                 self._known_at[name] = now
         self._listed, self._aliases = entries, aliases
-        self._placed = dict(self.placements)
-        self._counted = {names.worker_key(advert.worker_id) for advert in adverts}
+        self._counted = counted
         return entries
 
     def find(self, name: str) -> ModelEntry:

@@ -21,8 +21,8 @@ import msgspec
 from cortex.gateway.fleet import FleetView
 from cortex.gateway.metrics import UNKNOWN_MODEL, Metrics
 from cortex.gateway.services import Services
-from cortex.protocol import ModelCard, ModelState, Placement, WorkerAdvert
-from cortex.protocol.choice import pinned_models
+from cortex.protocol import ModelCard, Placement, WorkerAdvert, catalogues
+from cortex.protocol.choice import held_by_model, pinned_models
 from cortex.protocol.keys import ApiKey
 from cortex.protocol.messages import MODEL_FAILED, MODEL_LOADING, MODEL_READY, MODEL_UNLOADING
 
@@ -98,16 +98,9 @@ def snapshot(svc: Services, feed: FleetFeed, key: ApiKey | None) -> dict[str, An
     adverts = sorted(fleet.workers(), key=lambda a: a.worker_id)
     # One pass over every catalogue and every held model (not one per model shown: that was models x workers x
     # catalogue): the last card of each id, its largest memory, and where it is held.
-    cards: dict[str, ModelCard] = {}
-    memory: dict[str, int] = {}
-    for advert in adverts:
-        for card in advert.catalogue:
-            cards[card.id] = card
-            memory[card.id] = max(memory.get(card.id, 0), card.memory)
-    held: dict[str, list[tuple[str, ModelState]]] = {}
-    for advert in adverts:
-        for state in {s.id: s for s in reversed(advert.models)}.values():  # the first state of an id, as state_of
-            held.setdefault(state.id, []).append((advert.worker_id, state))
+    cards = {card.id: card for advert in adverts for card in advert.catalogue}
+    memory = catalogues.largest_per_model(adverts, "memory")
+    held = held_by_model(adverts)
     shown = {m for m in cards.keys() | held.keys() if key is None or key.allows(m, *_aliases(cards.get(m)))}
     models = []
     for model in sorted(shown):

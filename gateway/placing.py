@@ -36,7 +36,7 @@ async def ensure_placed(svc: Services, model: str) -> None:
     except BrokerError as exc:
         raise NoCapacity(f"Cannot place the model `{model}` right now: {exc}") from exc
     if placement is not None:  # seen at once by the next request, before the bucket's watch brings it
-        svc.fleet.placements[model] = placement
+        svc.fleet.note_placement(placement)
     # Whether just written (no worker can) or left alone (nobody could a moment ago), an error with no
     # live worker serving is the 503 every request for the model gets until its next retry
     # (`cortex.protocol.retries`).

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
+from collections.abc import Iterable
 
 import msgspec
 
@@ -123,3 +124,18 @@ class CatalogueCache:
 
 CACHE = CatalogueCache()
 """This process's catalogues: shared by every reader in it (they are the same catalogues)."""
+
+
+def largest_per_model(adverts: Iterable[WorkerAdvert], field: str) -> dict[str, int]:
+    """Every model in the adverts' catalogues, with the largest value of a card's integer `field` (``memory``,
+    ``min_replicas``) any of them gives it; a catalogue shared by digest is looked at once."""
+    out: dict[str, int] = {}
+    seen: set[str] = set()
+    for advert in adverts:
+        if advert.catalogue_digest:
+            if advert.catalogue_digest in seen:
+                continue
+            seen.add(advert.catalogue_digest)
+        for card in advert.catalogue:
+            out[card.id] = max(out.get(card.id, 0), getattr(card, field))
+    return out

@@ -386,3 +386,13 @@ def recent_failures(placement: Placement | None, now: float) -> dict[str, str]:
 def failed_recently(placement: Placement | None, now: float) -> bool:
     """Nobody could load the model a moment ago: answering 503 again needs no new attempt yet (`retries`)."""
     return now < held_until(placement)
+
+
+def held_by_model(adverts: Iterable[WorkerAdvert]) -> dict[str, list[tuple[str, ModelState]]]:
+    """Where each model is held: (worker, its state there) in the adverts' order, a worker's first state of an id
+    as `WorkerAdvert.state_of` takes it."""
+    held: dict[str, list[tuple[str, ModelState]]] = {}
+    for advert in adverts:
+        for state in {s.id: s for s in reversed(advert.models)}.values():
+            held.setdefault(state.id, []).append((advert.worker_id, state))
+    return held

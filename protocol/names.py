@@ -121,6 +121,11 @@ def moved_msg_id(msg_id: str, stream_seq: int) -> str:
     return f"{msg_id}~moved-{stream_seq}"
 
 
+def pull_next_subject(stream: str, durable: str) -> str:
+    """The JetStream API subject a pull request for `durable`'s next messages goes to (`broker/standing.py`)."""
+    return f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
+
+
 def reply_subject(gateway_id: str, request_id: str) -> str:
     """Core-NATS subject a worker sends one request's chunks to."""
     return f"{_REPLY_PREFIX}.{_check_id('gateway id', gateway_id)}.{_check_id('request id', request_id)}"

@@ -37,6 +37,11 @@ Transition = Callable[[Placement | None], Placement | None]
 # -- transitions ----------------------------------------------------------------
 
 
+def failed_on(live: Mapping[str, WorkerAdvert], model: str) -> set[str]:
+    """The live workers whose advert says they failed to load `model`."""
+    return {w for w, a in live.items() if (s := a.state_of(model)) is not None and s.state == MODEL_FAILED}
+
+
 def add_worker(current: Placement | None, *, model: str, worker: str, reason: str) -> Placement | None:
     """`worker` loads the model (cortexctl load and pin, a worker placing itself); its failure and any error go."""
     workers = list(current.workers) if current else []
@@ -97,7 +102,7 @@ def scale_out(
     pins = list(pins)
     placements = list(placements)
     skip = set(recent_failures(current, now))
-    skip |= {w for w, a in live.items() if (s := a.state_of(model)) is not None and s.state == MODEL_FAILED}
+    skip |= failed_on(live, model)
     others = [a for w, a in live.items() if w not in serving]
     choice = pick_worker(model, others, pins, exclude=skip, placements=placements, evict=False).choice
     if choice is None and evict_below is not None:
@@ -165,8 +170,7 @@ def place_on_demand(
     # A new round after failed loads (`retries`) tries every worker again, whatever its advert still says.
     attempts = current.attempts if current is not None and current.error else 0
     previous = {} if attempts else recent_failures(current, now)
-    failed = set() if attempts else {w for w, a in live.items()
-                                     if (s := a.state_of(model)) is not None and s.state == MODEL_FAILED}  # fmt: skip
+    failed = set() if attempts else failed_on(live, model)
     pick = pick_worker(model, live.values(), pins, exclude=failed | set(previous), placements=placements)
     if pick.choice is None:
         if attempts:  # this round ends before it began: it counts as failed
@@ -188,8 +192,8 @@ def retry_failed_load(
 ) -> Placement | None:
     """The next round of loads of a model every worker failed to load, once its `retry_at` has come.
 
-    What a worker's upkeep tick writes (every worker with the model in its
-    catalogue, the compare-and-set lets one land); a request arriving then does
+    What the keeper's upkeep tick writes (`cortex.worker.keeper`; should two
+    write it, the compare-and-set lets one land); a request arriving then does
     the same through `place_on_demand`.
     """
     if not retry_due(current, now):
@@ -265,7 +269,7 @@ def keep_replicas(
         return Placement(model=model, workers=[*serving, *rest], reason=reason, failed=current.failed)
     if len(serving) >= wanted or failed_recently(current, now):
         return None
-    skip = {w for w, a in live.items() if (s := a.state_of(model)) is not None and s.state == MODEL_FAILED}
+    skip = failed_on(live, model)
     skip |= set(recent_failures(current, now))
     chosen: list[Choice] = []
     while len(serving) + len(chosen) < wanted:

@@ -49,7 +49,7 @@ def test_the_model_list_stands_until_what_it_shows_changes() -> None:
     assert "m4" in view.models()
     view.on_change(names.worker_key("c"), None)  # and went
     assert "m4" not in view.models()
-    view.placements["m2"] = Placement(model="m2", workers=["b"], reason="written here")  # as `ensure_placed` does
+    view.note_placement(Placement(model="m2", workers=["b"], reason="written here"))  # as `ensure_placed` does
     assert view.models()["m2"].placement == view.placements["m2"]
 
 

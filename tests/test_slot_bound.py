@@ -86,11 +86,10 @@ async def burst(bus: Bus) -> tuple[int, int]:
                 MODEL, codec.encode(one), msg_id=one.request_id, worker=WORKER if i < SLOTS else ""
             )
         sent += [one.request_id for one in batch]
-        await asyncio.sleep(0.5)  # the next round once these ran: an idle worker's shared fetch is open again
-    async with asyncio.timeout(120):
-        while not done.issuperset(sent):
-            arrived.clear()
-            await arrived.wait()
+        async with asyncio.timeout(120):  # the next round once these ran: an idle worker's shared fetch opens again
+            while not done.issuperset(sent):
+                arrived.clear()
+                await arrived.wait()
     return most, len(done & set(sent))
 
 

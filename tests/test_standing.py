@@ -17,6 +17,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from cortex.broker.server import EmbeddedNats
 from cortex.broker.standing import StandingPull
+from cortex.protocol import names
 
 
 def scenario(url: str, body: Callable[[nats.NATS, str, str, str], Awaitable[None]], *, max_waiting: int = 512) -> None:
@@ -40,7 +41,7 @@ def scenario(url: str, body: Callable[[nats.NATS, str, str, str], Awaitable[None
 
 
 def _pull(nc: nats.NATS, stream: str, durable: str) -> StandingPull:
-    return StandingPull(nc, f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}", lambda: 0, durable)
+    return StandingPull(nc, names.pull_next_subject(stream, durable), lambda: 0, durable)
 
 
 def test_wind_down_hands_over_what_came_until_the_requests_ended(nats_server: EmbeddedNats) -> None:

@@ -41,7 +41,6 @@ CATALOGUE_DIGEST = "digest"
 """``--advert-catalogue digest``: the catalogue is written once under its digest, the advert names it (default)."""
 CATALOGUE_INLINE = "inline"
 """``--advert-catalogue inline``: every advert carries the whole catalogue, as before (readers older than digests)."""
-CATALOGUE_MODES = (CATALOGUE_DIGEST, CATALOGUE_INLINE)
 CATALOGUE_RETRY_S = 30.0
 """After a failed catalogue write, how long adverts carry the catalogue inline before the write is tried again
 (in the background: no advert waits for it)."""

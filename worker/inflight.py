@@ -162,14 +162,10 @@ class Requests:
     _cancelled: dict[str, float] = field(default_factory=dict)
     _background: set[asyncio.Task[None]] = field(default_factory=set)
 
-    @property
-    def free_slots(self) -> int:
-        """Slots neither running a request nor held by a shared pull loop's pull requests (`_Claim`)."""
-        return self.slots - len(self._in_flight) - sum(claim.held() for claim in self._claims)
-
     def _free_for(self, claim: _Claim) -> int:
-        """The free slots a shared pull loop may ask for: those of `free_slots` and those it holds itself (its fetch
-        asks only for what its open pull request does not cover: `StandingPull.fetch`)."""
+        """The free slots a shared pull loop may ask for: those neither running a request nor held by another pull
+        loop's pull requests, and those it holds itself (its fetch asks only for what its open pull request does not
+        cover: `StandingPull.fetch`)."""
         return self.slots - len(self._in_flight) - sum(other.held() for other in self._claims if other is not claim)
 
     def busy(self) -> int:
@@ -241,13 +237,15 @@ class Requests:
 
     async def _take(self, slot: Served, pull: PullQueue, deliveries: list[Delivery], settled: Settled) -> None:
         """Run each request while a slot is free (never more than `slots` at once), and nak the rest at once."""
+        no_room_delay: float | None = None  # how long the pull's open requests may still bring messages (once)
         for delivery in deliveries:
             if len(self._in_flight) < self.slots and not self.draining.is_set() and self._serving(slot):
                 await self._accept(slot, delivery, settled)  # no await before it counts the request in flight
             elif delivery.moved_by and delivery.moved_by == pull.worker_id:
                 await settle(delivery, Outcome.RETURNED)
             else:
-                await settle(delivery, Outcome.NO_ROOM, delay=pull.open_for())
+                no_room_delay = pull.open_for() if no_room_delay is None else no_room_delay
+                await settle(delivery, Outcome.NO_ROOM, delay=no_room_delay)
 
     def _shared_poll_s(self) -> float:
         """How long one shared fetch waits.

@@ -73,10 +73,6 @@ class KeeperLease:
     def held(self) -> bool:
         return self._revision > 0
 
-    def record(self) -> Keeper | None:
-        """The keeper's record as last seen."""
-        return self._record
-
     def inline(self) -> bool:
         """Whether workers write their catalogues inline, by the keeper's word (the last one, while none stands)."""
         return self._inline

@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Collection, Iterable
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -87,7 +87,7 @@ class Placements:
     lost: asyncio.Event = field(default_factory=asyncio.Event)
     """Set when a worker stopped counting or started draining: copies of pinned models may be missing."""
     lease: KeeperLease | None = None
-    """Who keeps watch over the fleet (set once, by the service: it calls back `watch_fleet` and `unwatch_fleet`)."""
+    """Who keeps watch over the fleet (`hold_lease`: it calls back `watch_fleet` and `unwatch_fleet`)."""
     _fleet: LiveFleet = field(default_factory=LiveFleet)
     """The fleet as this worker's watch brings it, while it is the keeper (`_watching`)."""
     _fleet_watch: FleetWatch | None = None
@@ -181,6 +181,14 @@ class Placements:
         if watch is not None:
             await self.bus.unwatch_fleet(watch)
         self._fleet = LiveFleet()  # after the watch has stopped feeding it
+
+    def hold_lease(self, instance: str) -> KeeperLease:
+        """The keeper's lease for this worker (`instance`: its process), wired to this view; its `run` is the
+        caller's to start."""
+        self.lease = KeeperLease(bus=self.bus, worker_id=self.worker_id, instance=instance,
+                                 inline_catalogues=self.older_readers_seen, gained=self.watch_fleet,
+                                 lost=self.unwatch_fleet)  # fmt: skip
+        return self.lease
 
     def on_decision(self, key: str, value: bytes | None) -> None:
         """The handler of the decision bucket's watch."""
@@ -345,7 +353,7 @@ class Placements:
             return
         live = await self.live()
         now = time.time()
-        for model, min_replicas in fleet_minimums(live.values()).items():
+        for model, min_replicas in catalogues.largest_per_model(live.values(), "min_replicas").items():
             pin = self._pins.get(model)
             placement = self._placements.get(model)
             if retry_due(placement, now):
@@ -415,18 +423,3 @@ class Placements:
         if change(placement) is None:
             return  # nobody has room (or it moved on): asked again at the next measure, without a round trip
         await self._change(model, change, "cannot add a replica of %s: %s")
-
-
-def fleet_minimums(adverts: Iterable[WorkerAdvert]) -> dict[str, int]:
-    """Every model in the adverts' catalogues, with the largest ``min_replicas`` any of them gives it (a catalogue
-    shared by digest is looked at once)."""
-    out: dict[str, int] = {}
-    seen: set[str] = set()
-    for advert in adverts:
-        if advert.catalogue_digest:
-            if advert.catalogue_digest in seen:
-                continue
-            seen.add(advert.catalogue_digest)
-        for card in advert.catalogue:
-            out[card.id] = max(out.get(card.id, 0), card.min_replicas)
-    return out

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from cortex.broker.errors import BrokerError
+from cortex.protocol import WorkerAdvert
 from cortex.protocol import messages as m
 from cortex.protocol.choice import serving_workers
 
@@ -71,15 +72,17 @@ async def watch_queues(held: Callable[[], list[ModelSlot]], placements: Placemen
         await asyncio.sleep(SCALE_POLL_S)
         try:
             read = []
-            seen = placements.last_read()  # a first look, without reading the fleet
+            seen: dict[str, WorkerAdvert] | None = None  # the fleet as last read, looked at once a busy model needs it
             for slot in held():
                 placement = placements.placements().get(slot.spec.id)
-                if placement is None:
+                if placement is None or slot.spec.max_replicas <= 1 or slot.pull is None:
                     continue
-                # A dead copy holds no place; without a view yet, its queue is read (and the fleet, if it is deep).
-                copies = 0 if seen is None else len(serving_workers(placement, slot.spec.id, seen))
-                scalable = copies < slot.spec.max_replicas
-                if scalable and slot.pull is not None and slot.state == m.MODEL_READY and slot.in_flight:
+                if slot.state != m.MODEL_READY or not slot.in_flight:
+                    continue
+                seen = seen if seen is not None else placements.last_read() or {}
+                # A dead copy holds no place; this worker serves it, whatever a view older than its load says.
+                copies = max(1, len(serving_workers(placement, slot.spec.id, seen)))
+                if copies < slot.spec.max_replicas:
                     with contextlib.suppress(BrokerError):  # read again next time
                         slot.queue_depth = await slot.pull.pending()
                         read.append(slot)

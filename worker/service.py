@@ -132,9 +132,7 @@ class WorkerService:
         host_tier = HostTier(self.host_cache) if self.host_cache > 0 and isinstance(self.engine, Engine) else None
         placements = Placements(bus=self.bus, worker_id=self.worker_id, catalogue=self.catalogue, draining=draining,
                                 slot_freed=self._slot_freed, own_slots=self.slots)  # fmt: skip
-        placements.lease = KeeperLease(bus=self.bus, worker_id=self.worker_id, instance=self._instance,
-                                       inline_catalogues=placements.older_readers_seen, gained=placements.watch_fleet,
-                                       lost=placements.unwatch_fleet)  # fmt: skip
+        lease = placements.hold_lease(self._instance)
         advertiser = Advertiser(
             bus=self.bus, worker_id=self.worker_id, device=self.device, slots=self.slots,
             memory_budget=self.memory_budget, eviction=self.eviction,
@@ -142,7 +140,7 @@ class WorkerService:
             metrics=metrics, draining=draining, busy=requests.busy, started_at=self._started_at,
             instance=self._instance, prefix_keys=conversations.recent, host_tier=host_tier,
             catalogue_mode=self.advert_catalogue, older_readers=placements.older_readers,
-            keeper=lambda: placements.lease is not None and placements.lease.held,
+            keeper=lambda: lease.held,
         )  # fmt: skip
         residency = Residency(
             bus=self.bus, engine=self.engine, catalogue=self.catalogue, worker_id=self.worker_id,
@@ -154,7 +152,7 @@ class WorkerService:
         )  # fmt: skip
         publisher = ChunkPublisher(bus=self.bus, outbox=outbox, reply_subject=requests.reply_subject,
                                    release=requests.release, instance=self._instance)  # fmt: skip
-        return _Parts(requests, publisher, placements, residency, advertiser, placements.lease)
+        return _Parts(requests, publisher, placements, residency, advertiser, lease)
 
     @staticmethod
     async def _upkeep_loop(residency: Residency, advertiser: Advertiser) -> None:
