@@ -151,6 +151,13 @@ class SyntheticStack:
         return {"gateway": self.gateway.pid, "nats": self._nats.pid, **workers}
 
     @property
+    def nats_url(self) -> str:
+        from cortex.broker.server import EmbeddedNats
+
+        assert isinstance(self._nats, EmbeddedNats)
+        return self._nats.url
+
+    @property
     def port(self) -> int:
         return int(self.base.rsplit(":", 1)[1].split("/", 1)[0])
 

@@ -4,7 +4,9 @@ Prints one JSON object. A synthetic engine (no model) emits one token every
 `--interval` seconds so only the hop is measured: HTTP in, msgspec, JetStream
 publish, the worker's pull, chunks back over core NATS, SSE out. All processes
 run on this machine on 127.0.0.1 (nats-server, one gateway, two synthetic
-workers, the client), so they share its cores.
+workers, the client), so they share its cores. In the same run, on the same
+nats-server, `bench.machine_probe` measures the broker's own round trip with
+the hop's pacing: ``hop_vs_broker_rtt_paced_at_16`` is the hop in those units.
 
     python -m bench.overhead
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import httpx
 
+from bench import machine_probe
 from bench.common import SyntheticStack, SyntheticWorker, install_uvloop, machine, p50, percentile
 from cortex.protocol import GenerateRequest, Message, Sampling
 from cortex.worker.synthetic import SyntheticEngine
@@ -139,6 +142,7 @@ def measure(interval: float = INTERVAL_S) -> dict[str, object]:
         stack = SyntheticStack(Path(tmp), [SyntheticWorker(PACED, interval), SyntheticWorker(FAST, 0.0)]).start()
         try:
             http = asyncio.run(measure_http(stack.base))
+            probe = machine_probe.measure(stack.nats_url, ANSWER_S)  # the same server, the hop's own pacing
         finally:
             stack.stop()
     base_p50, base_p99 = p50(baseline), percentile(baseline, 99)
@@ -156,6 +160,8 @@ def measure(interval: float = INTERVAL_S) -> dict[str, object]:
         "hop_added_ttft_ms_p99_at_16": added["16"]["p99_ms"],
         "relay_chunks_per_s": round(float(http["relay_chunks_per_s"]), 1),  # type: ignore[arg-type]
         "large_prompt_added_ms": round((statistics.median(sizes["200k"]) - statistics.median(sizes["1k"])) * 1000, 3),
+        "hop_vs_broker_rtt_paced_at_16": round(added["16"]["p50_ms"] / probe["broker_rtt_ms_p50_paced_16"], 2),
+        **probe,
         "hop_added_ttft_ms": added,
         "in_process_ttft_ms_p50": round(base_p50 * 1000, 4),
         "machine": machine("cpu"),

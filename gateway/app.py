@@ -132,7 +132,12 @@ class GatewayApp(Starlette):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         scope[SERVER_SEND] = send
-        await super().__call__(scope, receive, send)
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            # The server's `send` is a method of its request cycle, which holds this scope: left here, every
+            # request would end as a reference cycle, freed only by the garbage collector's passes.
+            scope.pop(SERVER_SEND, None)
 
 
 def _keys_of(app: Starlette) -> KeyRing | None:

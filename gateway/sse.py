@@ -49,7 +49,7 @@ class DisconnectWatch:
     def __init__(self, receive: Receive, on_gone: Callable[[], Any]) -> None:
         self.on_gone = on_gone
         self.gone = False
-        self._task = asyncio.create_task(self._watch(receive))
+        self._task: asyncio.Task[None] | None = asyncio.create_task(self._watch(receive))
 
     async def _watch(self, receive: Receive) -> None:
         await wait_for_disconnect(receive)
@@ -57,7 +57,12 @@ class DisconnectWatch:
         self.on_gone()
 
     def stop(self) -> None:
-        self._task.cancel()
+        # The reference goes with the cancel: the cancelled task keeps its CancelledError, whose traceback holds
+        # `_watch`'s frame and so this watch; a watch still holding the task would make every request's objects
+        # (its stream, its ASGI cycle, the request) a reference cycle, left for the garbage collector's passes.
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
 
 
 class EventStreamResponse:
