@@ -27,9 +27,11 @@ import asyncio
 import json
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import nats
+from nats.aio.msg import Msg
 from nats.js.api import StorageType, StreamConfig
 
 from bench.common import install_uvloop, p50
@@ -43,7 +45,7 @@ IDLE_S = 0.02
 """The idle time before a cold call: about a quarter of one hop stream's answer time."""
 
 
-async def _paced(pace: float, call: object) -> list[float]:
+async def _paced(pace: float, call: Callable[[], Awaitable[None]]) -> list[float]:
     """`STREAMS` loops, starts spread over `pace`, each timing `call` then waiting `pace`, `PER_STREAM` times."""
 
     async def loop(index: int) -> list[float]:
@@ -51,7 +53,7 @@ async def _paced(pace: float, call: object) -> list[float]:
         out = []
         for _ in range(PER_STREAM):
             start = time.perf_counter()
-            await call()  # type: ignore[operator]
+            await call()
             out.append(time.perf_counter() - start)
             await asyncio.sleep(pace)
         return out
@@ -64,7 +66,7 @@ async def broker_figures(url: str, pace: float) -> dict[str, float]:
     asker, answerer = await nats.connect(url), await nats.connect(url)
     try:
 
-        async def echo(msg: nats.aio.msg.Msg) -> None:
+        async def echo(msg: Msg) -> None:
             await answerer.publish(msg.reply, msg.data)
 
         await answerer.subscribe(ECHO_SUBJECT, cb=echo)
