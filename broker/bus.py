@@ -344,13 +344,9 @@ class Bus:
         """Delete a decision; with `revision`, only while the key is still at it (False: someone else wrote it)."""
         try:
             await self._placement.delete(key, last=revision or None)
-        except KeyWrongLastSequenceError:
-            return False
-        except APIError as exc:
-            if getattr(exc, "err_code", None) in _WRONG_LAST_SEQUENCE_CODES:
-                return False
-            raise BrokerUnavailable(f"cannot delete {key}: {exc}") from exc
         except Exception as exc:
+            if _lost_race(exc):
+                return False
             raise BrokerUnavailable(f"cannot delete {key}: {exc}") from exc
         return True
 
@@ -485,11 +481,12 @@ class Bus:
 
     async def unwatch_fleet(self, watch: FleetWatch) -> None:
         """Stop a watch `watch_fleet` started: its handler is called no more."""
-        watch.held.stop()
-        self._held.remove(watch.held)
+        # The watches first: one still feeding the held adverts could start a catalogue read after they stopped.
         for one in watch.watches:
             self._watches.remove(one)
             await one.stop()
+        watch.held.stop()
+        self._held.remove(watch.held)
 
     async def _watch(self, bucket_name: str, bucket: KeyValue, handler: FleetHandler) -> Watch:
         watch = Watch(self._js, bucket_name, bucket, handler, f"{bucket_name}-watch", self._link)
@@ -546,15 +543,18 @@ async def _compare_and_set(bucket: KeyValue, key: str, value: bytes, revision: i
         if revision:
             return int(await bucket.update(key, value, last=revision))
         return int(await bucket.create(key, value))
-    except KeyWrongLastSequenceError:
-        return 0
-    except APIError as exc:
-        # nats-py's KV errors (KeyDeletedError...) are APIErrors that never set err_code.
-        if getattr(exc, "err_code", None) in _WRONG_LAST_SEQUENCE_CODES:
+    except Exception as exc:
+        if _lost_race(exc):
             return 0
         raise BrokerUnavailable(f"cannot write {key}: {exc}") from exc
-    except Exception as exc:
-        raise BrokerUnavailable(f"cannot write {key}: {exc}") from exc
+
+
+def _lost_race(exc: Exception) -> bool:
+    """Whether a write or delete at a revision failed because someone else wrote the key first."""
+    if isinstance(exc, KeyWrongLastSequenceError):
+        return True
+    # nats-py's other KV errors (KeyDeletedError...) are APIErrors that never set err_code.
+    return isinstance(exc, APIError) and getattr(exc, "err_code", None) in _WRONG_LAST_SEQUENCE_CODES
 
 
 async def _read_revision(bucket: KeyValue, key: str) -> tuple[bytes | None, int]:

@@ -24,14 +24,15 @@ gone (the server may have dropped it) and is asked for again.
 Stopping (`wind_down`) loses nothing: the server times each request from when
 it receives it, so one can still bring a request a little after this side's
 clock says it expired. `wind_down` waits for each open request's closing status
-(at most `STATUS_GRACE_S` past its expiry here), then drains the subscription
-(whatever the server sent before the unsubscribe is handed over), and returns
-everything never taken, for the caller to give back.
+(at most `STATUS_GRACE_S` past its expiry here: a status comes after every
+message its request brought), then unsubscribes and returns everything never
+taken, for the caller to give back. A request whose status never came (a broken
+connection) may still bring one later: the server redelivers it after the ack
+wait.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -149,8 +150,10 @@ class StandingPull:
 
     async def wind_down(self, limit: float) -> list[Msg]:
         """Stop pulling and take everything brought and not taken: wait (at most `limit` seconds) for each open
-        request's closing status (at most `STATUS_GRACE_S` past its expiry), asking for none, then drain the
-        subscription. Fetches return only what is left here from then on."""
+        request's closing status (at most `STATUS_GRACE_S` past its expiry), asking for none, then unsubscribe.
+        Statuses come after the messages their requests brought, so once every one is in, nothing more can come;
+        what a request given up on brings later is redelivered after the ack wait. Fetches return only what is
+        left here from then on."""
         self._closed = True
         give_up = time.monotonic() + limit
         while (now := time.monotonic()) < give_up:
@@ -160,7 +163,7 @@ class StandingPull:
             await self._waiter.wait(
                 min(give_up, max(a.expires_at for a in self._asked.values()) + STATUS_GRACE_S) - now
             )
-        await self._unsubscribe(drain=True)
+        await self._unsubscribe()
         return self.take()
 
     async def close(self) -> None:
@@ -168,18 +171,16 @@ class StandingPull:
         redelivered after the ack wait (`wind_down` first gives nothing up)."""
         self._closed = True
         self._asked.clear()
-        await self._unsubscribe(drain=False)
+        await self._unsubscribe()
 
-    async def _unsubscribe(self, *, drain: bool) -> None:
+    async def _unsubscribe(self) -> None:
         if self._sub is None:
             return
         sub, self._sub = self._sub, None
         try:
-            if drain:  # the server sends nothing after the unsubscribe; what it sent before reaches `_on_msg`
-                async with asyncio.timeout(STATUS_GRACE_S + 1.0):
-                    await sub.drain()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
-            else:
-                await sub.unsubscribe()
+            # Not a drain: its flush waits for a PONG that a broken connection never brings, and a drain that
+            # fails leaves the subscription in the client, to be made again at every reconnect.
+            await sub.unsubscribe()
         except Exception as exc:  # the connection gone: the server dropped the requests with it
             log.debug("standing pull unsubscribe: %r", exc)
 

@@ -89,7 +89,6 @@ class FleetView:
     """The list last computed, even once dropped: the names it had (`_known_at`)."""
     _models_until: float = 0.0
     """When that list stops standing by itself: the first worker it counts goes stale (monotonic)."""
-    """`placements` as that list showed them (a placement this gateway writes lands in `placements` directly)."""
     _aliases: dict[str, str] = field(default_factory=dict)
     """Alias -> model id over that list (the first id in order that has it)."""
     _counted: set[str] = field(default_factory=set)

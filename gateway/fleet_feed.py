@@ -96,7 +96,7 @@ def snapshot(svc: Services, feed: FleetFeed, key: ApiKey | None) -> dict[str, An
     fleet = svc.fleet
     feed.rates.sample(time.monotonic())
     adverts = sorted(fleet.workers(), key=lambda a: a.worker_id)
-    # One pass over every catalogue and every held model (not one per model shown: that was models x workers x
+    # Passes over every catalogue and every held model, not one per model shown (that was models x workers x
     # catalogue): the last card of each id, its largest memory, and where it is held.
     cards = {card.id: card for advert in adverts for card in advert.catalogue}
     memory = catalogues.largest_per_model(adverts, "memory")

@@ -74,16 +74,16 @@ class KeeperLease:
         return self._revision > 0
 
     def inline(self) -> bool:
-        """Whether workers write their catalogues inline, by the keeper's word (the last one, while none stands)."""
-        return self._inline
+        """Whether workers write their catalogues inline: by this worker's own view when it is whole (the keeper's),
+        else by the keeper's word (the last one, while none stands)."""
+        seen = self.inline_catalogues()
+        return self._inline if seen is None else seen
 
     def on_record(self, value: bytes | None) -> None:
         """The placement bucket's watch brought the keeper's record (None: deleted)."""
-        try:
-            record = codec.decode_keeper(value) if value is not None else None
-        except codec.DecodeError:
+        record = _decoded(value) if value is not None else None
+        if value is not None and record is None:
             log.warning("ignoring a malformed %s record", names.KEEPER_KEY)
-            record = None
         if record != self._record:
             self._record, self._record_seen = record, time.monotonic()
         if record is not None:
@@ -118,17 +118,20 @@ class KeeperLease:
         revision = self._revision
         await self._step_down()
         with contextlib.suppress(BrokerError):
-            await self.bus.delete_decision(names.KEEPER_KEY, revision=revision)
+            if not await self.bus.delete_decision(names.KEEPER_KEY, revision=revision):
+                # A renewal that landed while its answer was lost (the run cancelled meanwhile) moved the record on:
+                # still this worker's, it goes all the same, as `_write` adopts such a write.
+                value, standing = await self.bus.read_decision(names.KEEPER_KEY)
+                if self._stands_mine(value):
+                    await self.bus.delete_decision(names.KEEPER_KEY, revision=standing)
 
     def _mine(self, record: Keeper) -> bool:
         return record.worker_id == self.worker_id and record.instance == self.instance
 
     def _own_record(self) -> bytes:
         now = time.time()
-        seen = self.inline_catalogues()
-        inline = self._inline if seen is None else seen
         return codec.encode(Keeper(worker_id=self.worker_id, instance=self.instance, since=self._since or now,
-                                   renewed=now, inline_catalogues=inline))  # fmt: skip
+                                   renewed=now, inline_catalogues=self.inline()))  # fmt: skip
 
     async def _write(self, revision: int) -> int:
         """Write this worker's record over `revision` (0: absent): the revision written, 0 if another's stands.

@@ -69,6 +69,8 @@ LEAVE_VIEW_S = 5.0
 """An idle copy's leave may go by a read of the fleet this old (`live`), by a worker that does not keep watch."""
 LEAVE_RETRY_S = 30.0
 """An idle copy that could not leave (its other copies not live) asks again after this long, not every upkeep."""
+SCALE_RETRY_S = 30.0
+"""A deep queue for which no worker had room for a replica asks again after this long, reading no fleet meanwhile."""
 
 
 @dataclass
@@ -96,6 +98,8 @@ class Placements:
     """Whether `_fleet` is whole: this worker keeps watch and its watch has caught up."""
     _leave_refused: dict[str, float] = field(default_factory=dict)
     """By model: until when (monotonic) an idle copy that could not leave does not ask again."""
+    _scale_refused: dict[str, float] = field(default_factory=dict)
+    """By model: until when (monotonic) a replica is not asked for again (nobody had room)."""
     _snapshot: tuple[float, list[WorkerAdvert]] | None = None
     """The fleet last read by a worker that does not keep watch, and when (monotonic)."""
     _placements: dict[str, Placement] = field(default_factory=dict)
@@ -133,6 +137,10 @@ class Placements:
             live = {a.worker_id: a for a in self._snapshot[1]}
         return {w: a for w, a in live.items() if not a.draining and w not in self._drains}
 
+    def scale_refused(self, model: str) -> bool:
+        """Whether a replica of `model` found no room a moment ago (`SCALE_RETRY_S`): not asked for again yet."""
+        return time.monotonic() < self._scale_refused.get(model, 0.0)
+
     def last_read(self) -> dict[str, WorkerAdvert] | None:
         """What `live` said last without reading (the keeper's view, or the last snapshot however old; None if
         there is none), for a cheap first look."""
@@ -143,10 +151,9 @@ class Placements:
     def older_readers(self) -> bool:
         """Whether some live worker comes from a release before catalogues by digest (it reads ours inline): this
         worker's `Advertiser` keeps its catalogue inline meanwhile. The keeper's view says, or its record does."""
-        seen = self.older_readers_seen()
-        if seen is not None:
-            return seen
-        return self.lease is not None and self.lease.inline()
+        if self.lease is None:
+            return bool(self.older_readers_seen())
+        return self.lease.inline()
 
     def older_readers_seen(self) -> bool | None:
         """`older_readers` by this worker's own watch (the keeper's, published in its record); None unless this worker
@@ -249,10 +256,10 @@ class Placements:
         """The models a pin keeps on this worker (of a pin by count, only the copies it counts)."""
         return pinned_models(self._pins.values(), self.worker_id, self._placements)
 
-    def kept_copies(self, spec: ModelSpec) -> int:
-        """The copies of `spec` the fleet keeps whatever happens: ``min_replicas``, or a pin by count's `replicas`."""
-        pin = self._pins.get(spec.id)
-        return max(spec.min_replicas, pin.replicas if pin is not None and not pin.worker else 0)
+    def kept_copies(self, model: str, min_replicas: int) -> int:
+        """The copies of `model` the fleet keeps whatever happens: `min_replicas`, or a pin by count's `replicas`."""
+        pin = self._pins.get(model)
+        return max(min_replicas, pin.replicas if pin is not None and not pin.worker else 0)
 
     # -- what this worker writes --------------------------------------------------
 
@@ -348,7 +355,7 @@ class Placements:
         for spec in self.catalogue:
             pin = self._pins.get(spec.id)
             if pin is not None and pin.worker == self.worker_id:
-                await self._keep_pin_here(spec, pin)
+                await self._keep_pin_here(spec)
         if not self._watching:
             return
         live = await self.live()
@@ -363,7 +370,7 @@ class Placements:
                 continue
             if pin is not None and pin.worker:
                 continue  # its worker places it (above)
-            wanted = max(min_replicas, pin.replicas if pin is not None else 0)
+            wanted = self.kept_copies(model, min_replicas)  # a pin naming a worker went on above
             serving = serving_workers(placement, model, live)
             if len(serving) >= wanted:
                 if placement is None or pinned_copies(placement, wanted) == serving[:wanted]:
@@ -376,17 +383,26 @@ class Placements:
                              now=now)  # fmt: skip
             await self._change(model, change, "cannot keep the replicas of %s: %s")
 
-    async def _keep_pin_here(self, spec: ModelSpec, pin: Pin) -> None:
-        """A pin to a named worker: placed by that worker itself, unless it drains or failed to load the model."""
+    async def _keep_pin_here(self, spec: ModelSpec) -> None:
+        """A pin to this worker: placed by the worker itself, unless it drains or failed to load the model."""
         placement = self._placements.get(spec.id)
         here = placement is not None and self.worker_id in placement.workers
-        mine = pin.worker == self.worker_id and not self.draining.is_set()
-        if mine and not here and (placement is None or self.worker_id not in placement.failed):
+        if not self.draining.is_set() and not here and (placement is None or self.worker_id not in placement.failed):
             await self.place_here(spec.id, "pinned to this worker")
 
     def forget_deep(self, model: str) -> None:
         """The queue of `model` is not deep enough now (its clock starts again)."""
         self._deep.forget(model)
+
+    def _copy_loading(self, placement: Placement, live: dict[str, WorkerAdvert]) -> bool:
+        """Whether another copy of the placed model is still loading (or placed, not started): it takes none of the
+        queue yet, so the deep-queue clock waits for it (a burst would otherwise add a replica per window up to
+        max_replicas before the first new one serves). This worker serves the model (its caller says so), whatever
+        its own advert, a write behind, still shows."""
+        if [w for w in loading_copies(placement, placement.model, live) if w != self.worker_id]:
+            self._deep.forget(placement.model)
+            return True
+        return False
 
     async def consider_scaling(self, spec: ModelSpec, depth: int, live: dict[str, WorkerAdvert]) -> None:
         """Add a replica of `spec`, served here, once its queue (`depth` requests, just measured) has stayed at least
@@ -406,20 +422,28 @@ class Placements:
         if placement.error or self.worker_id not in serving or len(serving) >= spec.max_replicas:
             self._deep.forget(model)
             return
-        # A copy still loading (or placed, not started) takes none of the queue yet: the clock waits for it, so a
-        # burst does not add a replica per window up to max_replicas before the first new one serves. This worker
-        # serves the model (the caller says so), whatever its own advert, a write behind, still shows.
-        if [w for w in loading_copies(placement, model, live) if w != self.worker_id]:
-            self._deep.forget(model)
+        if self._copy_loading(placement, live):
             return
         slots = sum(live[w].slots_total for w in serving)
         lasted = self._deep.observe(model, placement.workers, depth >= max(1, slots), time.monotonic())
         if lasted < DEEP_FOR_S:
             return
+        if not self._watching:
+            # The new placement keeps only the copies `live` shows serving: a read up to SCALE_VIEW_S old would drop
+            # a worker placed since. The fleet is read afresh for the decision (at most once a window per model).
+            try:
+                live = await self.live()
+            except BrokerError as exc:
+                log.warning("cannot read the fleet to add a replica of %s: %s", model, exc)
+                return
+            if self._copy_loading(placement, live):
+                return
         change = partial(scale_out, model=model, seen=list(placement.workers), live=live,
                          pins=list(self._pins.values()), placements=list(self._placements.values()),
                          max_replicas=spec.max_replicas, evict_below=spec.priority if spec.scale_evicts else None,
                          depth=depth, now=time.time())  # fmt: skip
         if change(placement) is None:
-            return  # nobody has room (or it moved on): asked again at the next measure, without a round trip
+            # Nobody has room (or it moved on): asked again after a while, and meanwhile the queue costs no fleet read.
+            self._scale_refused[model] = time.monotonic() + SCALE_RETRY_S
+            return
         await self._change(model, change, "cannot add a replica of %s: %s")

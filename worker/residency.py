@@ -390,7 +390,7 @@ class Residency:
             self.unloads.kinds[model] = "keep_alive"
             reason = f"idle on {self.worker_id} for {idle:.0f}s (keep_alive {keep:g}s)"
             # Only while the placement's other live workers keep min_replicas, or a pin's count (checked at write time).
-            await self.placements.leave_idle(model, reason, self.placements.kept_copies(slot.spec))
+            await self.placements.leave_idle(model, reason, self.placements.kept_copies(model, slot.spec.min_replicas))
 
     async def _measure_queues(self) -> None:
         for slot in list(self._models.values()):

@@ -72,20 +72,13 @@ async def watch_queues(held: Callable[[], list[ModelSlot]], placements: Placemen
         await asyncio.sleep(SCALE_POLL_S)
         try:
             read = []
-            seen: dict[str, WorkerAdvert] | None = None  # the fleet as last read, looked at once a busy model needs it
+            room = _RoomForCopy(placements)
             for slot in held():
-                placement = placements.placements().get(slot.spec.id)
-                if placement is None or slot.spec.max_replicas <= 1 or slot.pull is None:
+                if slot.pull is None or slot.state != m.MODEL_READY or not slot.in_flight or not room(slot):
                     continue
-                if slot.state != m.MODEL_READY or not slot.in_flight:
-                    continue
-                seen = seen if seen is not None else placements.last_read() or {}
-                # A dead copy holds no place; this worker serves it, whatever a view older than its load says.
-                copies = max(1, len(serving_workers(placement, slot.spec.id, seen)))
-                if copies < slot.spec.max_replicas:
-                    with contextlib.suppress(BrokerError):  # read again next time
-                        slot.queue_depth = await slot.pull.pending()
-                        read.append(slot)
+                with contextlib.suppress(BrokerError):  # read again next time
+                    slot.queue_depth = await slot.pull.pending()
+                    read.append(slot)
             await consider_scaling(read, placements)
         except Exception:
             log.exception("watching the queues failed")  # tried again in SCALE_POLL_S
@@ -101,8 +94,9 @@ async def consider_scaling(slots: list[ModelSlot], placements: Placements) -> No
     its is deep.
     """
     deep = []
+    room = _RoomForCopy(placements)
     for slot in slots:
-        if slot.state == m.MODEL_READY and slot.spec.max_replicas > 1 and not slot.leaving.is_set():
+        if slot.state == m.MODEL_READY and not slot.leaving.is_set() and room(slot):
             if slot.queue_depth >= max(1, placements.own_slots):
                 deep.append(slot)
             else:
@@ -116,3 +110,23 @@ async def consider_scaling(slots: list[ModelSlot], placements: Placements) -> No
         return
     for slot in deep:
         await placements.consider_scaling(slot.spec, slot.queue_depth, live)
+
+
+class _RoomForCopy:
+    """Whether a model held here could have another copy, judged without a broker read: placed, ``max_replicas``
+    above the copies the fleet as last read serves it on, and not refused for want of room a moment ago. So a
+    saturated model, or a fleet with no room, costs a worker no fleet reads."""
+
+    def __init__(self, placements: Placements) -> None:
+        self._placements = placements
+        self._seen: dict[str, WorkerAdvert] | None = None  # read once a model needs it
+
+    def __call__(self, slot: ModelSlot) -> bool:
+        model = slot.spec.id
+        placement = self._placements.placements().get(model)
+        if placement is None or slot.spec.max_replicas <= 1 or self._placements.scale_refused(model):
+            return False
+        if self._seen is None:
+            self._seen = self._placements.last_read() or {}
+        # A dead copy holds no place; this worker serves it, whatever a view older than its load says.
+        return max(1, len(serving_workers(placement, model, self._seen))) < slot.spec.max_replicas
