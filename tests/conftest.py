@@ -56,6 +56,14 @@ def wait_for(
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    """`wait_for` inside an event loop: poll `predicate` until true; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
 def get_json(url: str) -> object:
     with urllib.request.urlopen(url, timeout=5) as resp:
         return json.load(resp)

@@ -42,7 +42,7 @@ from cortex.gateway.openai_responses import OpenAIResponses
 from cortex.gateway.relay import Relay
 from cortex.protocol import Chunk, GenerateRequest, Message, ModelState, Sampling, Usage, WorkerAdvert, codec, names
 from cortex.protocol.messages import Taken
-from tests.conftest import Gateway, get_json, on_bus, start_worker, stop_process, wait_for
+from tests.conftest import Gateway, get_json, on_bus, start_worker, stop_process, until, wait_for
 
 MODEL = "affine-tiny"
 QUICK, PATIENT = "aff-a", "aff-b"
@@ -290,14 +290,6 @@ class Wire:
     async def cancel(self, rids: list[str]) -> None:
         for rid in rids:
             await self.bus.publish(names.cancel_subject(), rid.encode())
-
-
-async def until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll `predicate` on the event loop until true; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out after {timeout:.0f}s waiting for {what}"
-        await asyncio.sleep(0.01)
 
 
 @contextlib.asynccontextmanager

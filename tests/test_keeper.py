@@ -9,8 +9,6 @@ heartbeats, and when it is killed another takes the watch over.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import nats
@@ -20,7 +18,7 @@ from cortex.broker.server import EmbeddedNats
 from cortex.protocol import Keeper, codec, names
 from cortex.worker.keeper import KeeperLease
 from cortex.worker.tasks import cancel_and_wait
-from tests.conftest import start_worker, stop_process, wait_for, write_catalogue
+from tests.conftest import start_worker, stop_process, until, wait_for, write_catalogue
 
 RENEW_S = 0.2
 LEASE_S = 3.0
@@ -40,6 +38,8 @@ class Candidate:
         self.lease = KeeperLease(bus=bus, worker_id=worker_id, instance="i1", inline_catalogues=lambda: False,
                                  gained=self._gained, lost=self._lost, renew_s=RENEW_S, lease_s=LEASE_S)  # fmt: skip
         self.task: asyncio.Task[None] | None = None
+        self.records: list[bytes | None] = []
+        """Every value of the keeper's record this candidate's watch brought (None: deleted)."""
 
     async def _gained(self) -> None:
         self.gained += 1
@@ -50,21 +50,18 @@ class Candidate:
         self.lost += 1
 
     async def start(self) -> None:
-        await self.bus.watch_decisions(lambda key, value: self.lease.on_record(value) if key == names.KEEPER_KEY
-                                       else None)  # fmt: skip
+        await self.bus.watch_decisions(self._on_decision)
         self.task = asyncio.create_task(self.lease.run())
+
+    def _on_decision(self, key: str, value: bytes | None) -> None:
+        if key == names.KEEPER_KEY:
+            self.records.append(value)
+            self.lease.on_record(value)
 
     async def die(self) -> None:
         """Stop without a word, as a killed process does: its record stays until it is judged stale."""
         assert self.task is not None
         await cancel_and_wait([self.task])
-
-
-async def until(check: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + TAKEN_WITHIN_S
-    while not check():
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.05)
 
 
 async def record(bus: Bus) -> Keeper | None:
@@ -79,7 +76,9 @@ def test_one_worker_holds_the_lease_and_another_takes_it_when_it_dies_or_leaves(
         try:
             for candidate in candidates:
                 await candidate.start()
-            await until(lambda: sum(c.lease.held for c in candidates) == 1, "nobody took the free lease")
+            await until(
+                lambda: sum(c.lease.held for c in candidates) == 1, TAKEN_WITHIN_S, "nobody took the free lease"
+            )
             first = next(c for c in candidates if c.lease.held)
             standing = await record(buses[0])
             assert standing is not None and standing.worker_id == first.lease.worker_id
@@ -90,7 +89,9 @@ def test_one_worker_holds_the_lease_and_another_takes_it_when_it_dies_or_leaves(
 
             await first.die()
             alive = [c for c in candidates if c is not first]
-            await until(lambda: sum(c.lease.held for c in alive) == 1, "nobody took over from a dead keeper")
+            await until(
+                lambda: sum(c.lease.held for c in alive) == 1, TAKEN_WITHIN_S, "nobody took over from a dead keeper"
+            )
             second = next(c for c in alive if c.lease.held)
             standing = await record(buses[0])
             assert standing is not None and standing.worker_id == second.lease.worker_id
@@ -99,7 +100,8 @@ def test_one_worker_holds_the_lease_and_another_takes_it_when_it_dies_or_leaves(
             await second.lease.release()
             assert second.lost == 1 and not second.lease.held
             third = next(c for c in alive if c is not second)
-            await until(lambda: third.lease.held, "the lease given up was not taken")
+            await until(lambda: third.lease.held, TAKEN_WITHIN_S, "the lease given up was not taken")
+            assert third.records[-2:-1] == [None]  # deleted by the release, then written by the taker: not waited out
         finally:
             for candidate in candidates:
                 if candidate.task is not None and not candidate.task.done():
@@ -118,11 +120,15 @@ def test_a_keeper_whose_record_another_wrote_steps_down(private_nats: EmbeddedNa
         candidate = Candidate(bus, "keeper-solo")
         try:
             await candidate.start()
-            await until(lambda: candidate.lease.held, "the free lease was not taken")
+            await until(lambda: candidate.lease.held, TAKEN_WITHIN_S, "the free lease was not taken")
             await bus.put_decision(names.KEEPER_KEY, codec.encode(Keeper(worker_id="keeper-other")))
-            await until(lambda: candidate.lost == 1, "the keeper did not step down")
+            await until(lambda: candidate.lost == 1, TAKEN_WITHIN_S, "the keeper did not step down")
             # The other's record is never renewed: once stale, the lease is taken back.
-            await until(lambda: candidate.lease.held and candidate.gained == 2, "the stale lease was not taken back")
+            await until(
+                lambda: candidate.lease.held and candidate.gained == 2,
+                TAKEN_WITHIN_S,
+                "the stale lease was not taken back",
+            )
         finally:
             await candidate.die()
             await candidate.lease.release()
@@ -139,8 +145,11 @@ def test_a_worker_that_cannot_keep_watch_gives_the_lease_up_and_takes_it_again(p
         try:
             await candidate.start()
             # Its first watch of the fleet failed: the record went at once (no lease to wait out), then came back.
-            await until(lambda: candidate.lease.held and candidate.gained == 2, "the lease was not taken again")
+            await until(
+                lambda: candidate.lease.held and candidate.gained == 2, TAKEN_WITHIN_S, "the lease was not taken again"
+            )
             assert candidate.lost == 1
+            assert None in candidate.records  # the record was deleted, not left to go stale
             standing = await record(bus)
             assert standing is not None and standing.worker_id == "keeper-unlucky"
         finally:
@@ -169,6 +178,19 @@ def heartbeat_watches(url: str) -> int:
     return asyncio.run(_heartbeat_watches(url))
 
 
+def beating(url: str) -> set[str]:
+    """The keys of the heartbeats standing now."""
+
+    async def read() -> set[str]:
+        bus = await Bus.open(url, name="keeper-test-beats")
+        try:
+            return {key for key, value in (await bus.read_heartbeats()).items() if value is not None}
+        finally:
+            await bus.close()
+
+    return asyncio.run(read())
+
+
 def keeper_of(url: str) -> str:
     async def read() -> str:
         bus = await Bus.open(url, name="keeper-test-read")
@@ -192,6 +214,9 @@ def test_only_the_keeper_watches_the_fleet_and_another_takes_over_when_it_is_kil
     try:
         wait_for(lambda: keeper_of(url) in procs, timeout=STARTUP_S, what="one of the workers keeping watch")
         keeper = keeper_of(url)
+        # Every worker started (each would have made its watch by now, before the keeper's design), then counted.
+        wait_for(lambda: {names.alive_key(name) for name in names_} <= beating(url), timeout=STARTUP_S,
+                 what="all three workers beating")  # fmt: skip
         # Three workers, no gateway on this server: one watch of the heartbeats, the keeper's (three before it).
         wait_for(lambda: heartbeat_watches(url) == 1, timeout=TAKEN_WITHIN_S, what="one watch of the heartbeats")
         procs[keeper].kill()  # SIGKILL: its record stays until judged stale by the others
@@ -200,6 +225,7 @@ def test_only_the_keeper_watches_the_fleet_and_another_takes_over_when_it_is_kil
         # The dead keeper's watch lost its reader with its connection: again exactly one, the new keeper's.
         wait_for(lambda: heartbeat_watches(url) == 1, timeout=TAKEN_WITHIN_S * 2, what="one watch again")
         assert keeper_of(url) in procs and keeper_of(url) != keeper
+        assert heartbeat_watches(url) == 1
     finally:
         for proc in procs.values():
             stop_process(proc)
