@@ -449,7 +449,7 @@ class Bus:
         try:
             info = await self._js.stream_info(f"KV_{bucket_name}", subjects_filter=f"{prefix}>")
             listed = [subject[len(prefix) :] for subject in info.state.subjects or {}]
-            out = await _last_values(bucket) if listed else {}
+            out = await _last_values(bucket, len(listed)) if listed else {}
             missed = [key for key in listed if key not in out]
             values = await asyncio.gather(*(_latest_value(bucket, key) for key in missed))
         except (nats.errors.Error, TimeoutError) as exc:
@@ -578,16 +578,26 @@ SNAPSHOT_TIMEOUT_S = 10.0
 reads the keys it is missing one by one)."""
 
 
-async def _last_values(bucket: KeyValue) -> dict[str, bytes | None]:
-    """Every key's latest value as one KV watch delivers them, up to its "initial values done" mark."""
+async def _last_values(bucket: KeyValue, listed: int) -> dict[str, bytes | None]:
+    """Every key's latest value as one KV watch delivers them, up to its "initial values done" mark (the bucket's
+    subjects listed `listed` keys just before)."""
     out: dict[str, bytes | None] = {}
+    marked_early = False
     watcher = await bucket.watchall()
     try:
         async with asyncio.timeout(SNAPSHOT_TIMEOUT_S):
             async for entry in watcher:
                 if entry is None:
-                    break
+                    if out:
+                        break
+                    # nats-py marks the end at once when its consumer info says nothing is pending and nothing has
+                    # been received yet, which the first deliveries can race (about one pass in 60 here): every
+                    # key would then be read by itself. The pass goes on until the keys listed are in.
+                    marked_early = True
+                    continue
                 out[entry.key] = None if entry.operation in KV_DELETE_OPS else (entry.value or None)
+                if marked_early and len(out) >= listed:
+                    break
     except TimeoutError:
         log.info("a read of bucket %s did not finish in one pass; reading the rest key by key", bucket._name)
     finally:
